@@ -1,0 +1,189 @@
+"""What every attack is and returns.
+
+An attack is a small object configured once (steps, restarts, norm, seed...) and
+called on a model adapter with a batch::
+
+    result = PGD(norm="linf", steps=40)(model, x, y, epsilon=0.3)
+    result.x_adv      # inside the bounds and the epsilon ball, always
+    result.success    # per-sample: misclassified (untargeted) / hit target (targeted)
+
+The base class does everything that is the same for all attacks: argument and
+input checks, device and dtype, leaving already-misclassified samples alone,
+the final clip to bounds and epsilon ball, the success check on the returned
+points, and query accounting. A subclass implements :meth:`Attack._run` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from advguard.attacks.norms import Norm, norm_of, parse_norm, project
+from advguard.errors import InputError
+from advguard.models.base import Classifier, check_inputs, check_labels, is_white_box
+
+
+@dataclass
+class AttackResult:
+    """Outcome of one attack call on one batch (tensors on the input's device)."""
+
+    x_adv: torch.Tensor
+    """Adversarial inputs, clipped to the bounds and (if given) the epsilon ball."""
+    success: torch.Tensor
+    """Bool per sample: the returned input is misclassified (or hits the target)."""
+    raw: torch.Tensor
+    """What the attack produced before clipping (min-norm attacks may exceed epsilon)."""
+    attacked: torch.Tensor
+    """Bool per sample: False where the sample was already adversarial and skipped."""
+    forward_evals: int = 0
+    """Samples sent through the model (forward passes, counted per sample)."""
+    gradient_evals: int = 0
+    """Per-sample gradients computed."""
+    queries: torch.Tensor | None = None
+    """Per-sample model queries where the attack tracks them (black-box attacks)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def perturbation(self, x: torch.Tensor, norm: Norm | str) -> torch.Tensor:
+        """Per-sample size of ``x_adv - x`` in the given norm."""
+        return norm_of(self.x_adv - x.to(self.x_adv), parse_norm(norm))
+
+
+class Attack:
+    """Base class. Subclasses set the class variables and implement ``_run``."""
+
+    name: ClassVar[str] = "attack"
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    needs_gradients: ClassVar[bool] = True
+    minimum_norm: ClassVar[bool] = False
+    """Minimum-norm attacks (CW, DeepFool) take ``epsilon`` as optional: without it
+    they return their smallest adversarial; with it, the result is clipped to the ball."""
+    supports_targeted: ClassVar[bool] = True
+
+    def __init__(self, *, norm: str | float = "linf", seed: int = 0) -> None:
+        self.norm: Norm = parse_norm(norm, self.norms)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+
+    # -- public entry point ---------------------------------------------------
+    def __call__(
+        self,
+        model: Classifier,
+        x: torch.Tensor | np.ndarray,
+        y: torch.Tensor | np.ndarray,
+        *,
+        epsilon: float | None = None,
+        targets: torch.Tensor | np.ndarray | None = None,
+    ) -> AttackResult:
+        if self.needs_gradients and not is_white_box(model):
+            raise InputError(
+                f"{self.name} needs gradients; {type(model).__name__} is black-box. "
+                "Use a TorchClassifier or a black-box attack."
+            )
+        eps = self._check_epsilon(epsilon)
+        device = getattr(model, "device", torch.device("cpu"))
+        x_in = torch.as_tensor(x)
+        orig_device = x_in.device
+        x0 = x_in.detach().to(device=device, dtype=torch.float32).clone()
+        check_inputs(model, x0)
+        y0 = torch.as_tensor(y).to(device)
+        check_labels(model, y0, len(x0))
+        y0 = y0.long()
+        t0 = None
+        if targets is not None:
+            if not self.supports_targeted:
+                raise InputError(f"{self.name} does not support targeted attacks")
+            t0 = torch.as_tensor(targets).to(device)
+            check_labels(model, t0, len(x0), "targets")
+            t0 = t0.long()
+
+        f0, g0 = model.queries.snapshot()
+        n = len(x0)
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.bool, device=orig_device)
+            return AttackResult(x0.to(orig_device), empty, x0.to(orig_device), empty)
+
+        pred = model.logits(x0).argmax(1)
+        already = (pred == t0) if t0 is not None else (pred != y0)
+        active = ~already
+        if eps == 0.0:
+            active[:] = False
+        raw = x0.clone()
+        if active.any():
+            idx = active.nonzero().squeeze(1)
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            out = self._run(
+                model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], gen
+            )
+            raw[idx] = out.detach().to(raw.dtype)
+
+        x_adv = self._clip(x0, raw, eps, model.bounds)
+        if active.any():
+            idx = active.nonzero().squeeze(1)
+            p = model.logits(x_adv[idx]).argmax(1)
+            ok = (p == t0[idx]) if t0 is not None else (p != y0[idx])
+            success = already.clone()
+            success[idx] = ok
+        else:
+            success = already.clone()
+        f1, g1 = model.queries.snapshot()
+        return AttackResult(
+            x_adv=x_adv.to(orig_device),
+            success=success.to(orig_device),
+            raw=raw.to(orig_device),
+            attacked=active.to(orig_device),
+            forward_evals=f1 - f0,
+            gradient_evals=g1 - g0,
+        )
+
+    # -- to implement -------------------------------------------------------
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Return adversarial candidates for the (not yet fooled) samples ``x``."""
+        raise NotImplementedError  # pragma: no cover
+
+    # -- helpers ------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """The attack's configuration, for reports (everything needed to re-run it)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_epsilon(self, epsilon: float | None) -> float | None:
+        if epsilon is None:
+            if self.minimum_norm:
+                return None
+            raise InputError(f"{self.name} needs an epsilon (the perturbation budget)")
+        try:
+            eps = float(epsilon)
+        except (TypeError, ValueError):
+            raise InputError(f"epsilon must be a number, got {epsilon!r}") from None
+        if not np.isfinite(eps) or eps < 0:
+            raise InputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+        return eps
+
+    def _clip(
+        self, x0: torch.Tensor, x: torch.Tensor, eps: float | None, bounds: tuple[float, float]
+    ) -> torch.Tensor:
+        """Project into the epsilon ball, then clip to bounds.
+
+        Clipping a point of the ball to the box moves every coordinate of the
+        perturbation towards zero (x0 is inside the box), so the result stays in
+        the ball for every Lp norm.
+        """
+        delta = x - x0
+        if eps is not None:
+            delta = project(delta, self.norm, eps) if self.norm != "l0" else delta
+        return (x0 + delta).clamp(bounds[0], bounds[1])

@@ -1,0 +1,6 @@
+"""White-box evasion attacks. Each takes a model adapter and a batch, returns an AttackResult."""
+
+from advguard.attacks.evasion.fgsm import FGSM
+from advguard.attacks.evasion.pgd import PGD
+
+__all__ = ["FGSM", "PGD"]

@@ -1,0 +1,20 @@
+"""Model adapters: one protocol for white-box and black-box models."""
+
+from advguard.models.base import (
+    Classifier,
+    ClassifierBase,
+    QueryCounter,
+    WhiteBoxClassifier,
+    is_white_box,
+)
+from advguard.models.torch_model import Normalize, TorchClassifier
+
+__all__ = [
+    "Classifier",
+    "ClassifierBase",
+    "Normalize",
+    "QueryCounter",
+    "TorchClassifier",
+    "WhiteBoxClassifier",
+    "is_white_box",
+]
