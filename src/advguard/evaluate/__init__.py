@@ -1,0 +1,1 @@
+"""Evaluation: threat models, runner, metrics, sanity checks, reports."""
