@@ -7,13 +7,17 @@ from advguard.models.base import (
     WhiteBoxClassifier,
     is_white_box,
 )
+from advguard.models.onnx_model import OnnxClassifier
+from advguard.models.sklearn_model import SklearnClassifier
 from advguard.models.torch_model import Normalize, TorchClassifier
 
 __all__ = [
     "Classifier",
     "ClassifierBase",
     "Normalize",
+    "OnnxClassifier",
     "QueryCounter",
+    "SklearnClassifier",
     "TorchClassifier",
     "WhiteBoxClassifier",
     "is_white_box",

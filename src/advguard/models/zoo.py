@@ -30,7 +30,9 @@ def small_cnn(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -
     return nn.Sequential(*layers)
 
 
-def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)) -> nn.Module:
+def mlp(
+    input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)
+) -> nn.Module:
     """A ReLU multilayer perceptron for tabular or flattened inputs."""
     n_in = 1
     for d in input_shape:
