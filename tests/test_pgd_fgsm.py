@@ -132,7 +132,7 @@ def test_bad_inputs(digits_model, digits_eval):
         pgd(digits_model, x, y + 10, epsilon=0.1)
     with pytest.raises(InputError, match="labels"):
         pgd(digits_model, x, y[:-1], epsilon=0.1)
-    with pytest.raises(InputError, match="FGSM does not|does not support"):
+    with pytest.raises(InputError, match="does not support"):
         FGSM.supports_targeted = False
         try:
             FGSM()(digits_model, x, y, epsilon=0.1, targets=y)

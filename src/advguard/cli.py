@@ -65,40 +65,286 @@ def version() -> None:
     console.print(__version__)
 
 
+report_app = typer.Typer(help="Work with robustness reports.", no_args_is_help=True)
+tm_app = typer.Typer(help="Threat models: presets and files.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+app.add_typer(tm_app, name="threat-model")
+
+STAGE_LABELS = {
+    "train": "Training CNN on digits",
+    "suite": "Attack suite (batches)",
+    "sanity": "Sanity checks",
+    "escalation": "Escalation (epsilons)",
+}
+
+
+def _progress_callback(bar: Progress) -> Callable[[str, int, int], None]:
+    tasks: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(STAGE_LABELS.get(stage, stage), total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return on_progress
+
+
+def _summary(report: Any, json_path: Path, html_path: Path | None) -> None:
+    colour = {"pass": "green", "fail": "red", "untrustworthy": "dark_orange", "no-slo": "grey50"}
+    v = report.verdict
+    table = Table(
+        title=f"Robustness under {report.threat_model['name']} "
+        f"({report.threat_model['norm']}, {report.data['n_evaluated']} samples)"
+    )
+    table.add_column("epsilon", justify="right")
+    table.add_column("robust accuracy [95% CI]", justify="right")
+    table.add_column("fooling rate", justify="right")
+    table.add_column("median perturbation", justify="right")
+    table.add_column("before escalation", justify="right")
+    norm = report.threat_model["norm"]
+    key = norm if norm in ("linf", "l2", "l0") else "l2"
+    for r in report.results:
+        med = r.perturbation[key].median
+        table.add_row(
+            f"{r.epsilon:g}",
+            str(r.robust_accuracy),
+            f"{r.fooling_rate.value:.1%}" if r.fooling_rate.value is not None else "n/a",
+            f"{med:.4g}" if med is not None else "-",
+            f"{r.first_robust_accuracy.value:.1%}" if r.first_robust_accuracy else "-",
+        )
+    console.print(f"Clean accuracy: {report.clean_accuracy}")
+    console.print(table)
+    for c in report.sanity_checks:
+        if c.status in ("warn", "fail"):
+            style = "red" if c.status == "fail" else "yellow"
+            console.print(f"[{style}]{c.status.upper()}[/] {c.title}: {c.explanation}")
+            if c.escalation:
+                console.print(f"      escalation: {c.escalation}")
+    for s in v.slos:
+        console.print(
+            f"  SLO {s.slo}: {s.holds}" + (f" (value {s.value:.4g})" if s.value is not None else "")
+        )
+    console.print(f"Verdict: [bold {colour[v.status]}]{v.status.upper()}[/] - {v.summary}")
+    console.print(
+        f"Report: [bold]{json_path}[/]" + (f" and [bold]{html_path}[/]" if html_path else "")
+    )
+
+
+def _parse_floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise AdvguardError(
+            f"--epsilons must be numbers separated by commas, got {text!r}"
+        ) from None
+
+
+def _kv(pairs: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise AdvguardError(f"expected KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model file: .onnx, .skops, .safetensors (with --factory or saved metadata), .pt",
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Data: digits|breast_cancer|wine, a "
+        ".npz, a .csv/.parquet (?target=COL) or an image folder",
+    ),
+]
+
+
 @app.command()
 @friendly_errors
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Directory for the results.")] = Path("advguard-report"),
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("advguard-report"),
+    threat_model: Annotated[str, typer.Option(help="Preset or YAML file.")] = "linf-standard",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
-    steps: Annotated[int, typer.Option(min=1, help="PGD steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Train a small CNN on the built-in digits set, attack it (FGSM, PGD-Linf), print results."""
-    from advguard.evaluate.quickstart import run_quickstart
+    """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
+    from advguard.evaluate.job import run_quickstart
 
     with progress_bar() as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            label = {"train": "Training CNN on digits", "attack": "Attacking (FGSM, PGD)"}[stage]
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(label, total=total)
-            bar.update(tasks[stage], completed=done)
-
-        res = run_quickstart(out, epochs=epochs, pgd_steps=steps, seed=seed, progress=on_progress)
-
-    table = Table(title=f"Digits CNN: clean accuracy {res.clean_accuracy:.1%} on {res.n_test} test images")
-    table.add_column("epsilon (Linf)", justify="right")
-    table.add_column("robust accuracy, FGSM", justify="right")
-    table.add_column(f"robust accuracy, PGD-{steps}", justify="right")
-    table.add_column("PGD time", justify="right")
-    for r in res.rows:
-        table.add_row(
-            f"{r.epsilon:g}", f"{r.fgsm_robust_accuracy:.1%}", f"{r.pgd_robust_accuracy:.1%}",
-            f"{r.pgd_seconds:.2f}s",
+        res = run_quickstart(
+            out,
+            threat_model=threat_model,
+            epochs=epochs,
+            seed=seed,
+            progress=_progress_callback(bar),
         )
-    console.print(table)
-    console.print(f"Model and results written to [bold]{res.out_dir}/[/]")
+    _summary(res.report, res.json_path, res.html_path)
+
+
+@app.command(name="evaluate")
+@friendly_errors
+def evaluate_cmd(
+    model: ModelOpt,
+    data: DataOpt,
+    threat_model: Annotated[
+        str,
+        typer.Option(
+            "--threat-model", "-t", help="Preset (linf-standard, l2-standard, quick) or YAML file"
+        ),
+    ] = "linf-standard",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-report"),
+    factory: Annotated[
+        str | None, typer.Option(help="module:callable building the torch model")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
+    epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="Baseline report.json for drop SLOs.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
+    from advguard.evaluate.job import load_model_and_data, run_evaluation
+    from advguard.evaluate.threat_model import load_threat_model
+
+    tm = load_threat_model(threat_model).with_overrides(
+        samples=samples, epsilons=_parse_floats(epsilons), seed=seed
+    )
+    mkw = {"factory": factory} if factory else {}
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    with progress_bar() as bar:
+        res = run_evaluation(
+            m,
+            d,
+            tm,
+            out,
+            model_info=info,
+            baseline=baseline,
+            progress=_progress_callback(bar),
+            resume=resume,
+        )
+    _summary(res.report, res.json_path, res.html_path)
+    if res.report.verdict.status in ("fail", "untrustworthy"):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def attack(
+    model: ModelOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Output .npz with adversarial examples.")],
+    name: Annotated[
+        str, typer.Option("--attack", "-a", help="Attack name, e.g. pgd, apgd-ce")
+    ] = "pgd",
+    norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
+    epsilon: Annotated[float, typer.Option(help="Perturbation budget.")] = 0.1,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Attack parameter KEY=VALUE")
+    ] = None,
+    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Attack only the first N samples.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write adversarial examples (with labels and metadata) to an .npz file."""
+    from advguard.attacks.export import attack_dataset
+    from advguard.evaluate.job import load_model_and_data
+
+    mkw = {"factory": factory} if factory else {}
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    with progress_bar() as bar:
+        cb = _progress_callback(bar)
+        summary = attack_dataset(
+            m,
+            d,
+            out,
+            attack=name,
+            norm=norm,
+            epsilon=epsilon,
+            params=_kv(param),
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            model_info=info,
+            progress=lambda done, total: cb("attack", done, total),
+        )
+    console.print(
+        f"{summary['n']} samples attacked with {name} ({norm}, eps {epsilon:g}): "
+        f"success rate {summary['success_rate']:.1%}, robust accuracy "
+        f"{summary['robust_accuracy']:.1%}"
+    )
+    console.print(f"Adversarial examples written to [bold]{out}[/]")
+
+
+@report_app.command("compare")
+@friendly_errors
+def report_compare(
+    a: Annotated[Path, typer.Argument(help="Reference report.json (e.g. production)")],
+    b: Annotated[Path, typer.Argument(help="Candidate report.json")],
+    markdown: Annotated[bool, typer.Option(help="Print Markdown (for PR comments).")] = False,
+) -> None:
+    """Compare two reports side by side; regressions are marked. Exit 1 if B regressed."""
+    from advguard.evaluate.compare import compare_reports, comparison_markdown, comparison_table
+    from advguard.evaluate.report import load_report
+
+    cmp = compare_reports(load_report(a), load_report(b))
+    if markdown:
+        console.print(comparison_markdown(cmp), markup=False, highlight=False)
+    else:
+        tab = comparison_table(cmp)
+        table = Table(title=f"{a} vs {b}")
+        for h in tab.columns:
+            table.add_column(h)
+        styles = {"regression": "bold red", "improvement": "green", "only-one": "dim"}
+        for row, style in zip(tab.rows, tab.styles, strict=True):
+            table.add_row(*[str(c) for c in row], style=styles.get(style))
+        console.print(table)
+        for w in cmp.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+    if cmp.has_regression:
+        raise typer.Exit(1)
+
+
+@tm_app.command("list")
+def tm_list() -> None:
+    """List the threat-model presets shipped with advguard."""
+    from advguard.evaluate.threat_model import PRESETS, load_threat_model
+
+    for name in PRESETS:
+        tm = load_threat_model(name)
+        console.print(
+            f"[bold]{name}[/]: {tm.norm}, eps {tm.epsilons}, "
+            f"attacks {', '.join(s.attack for s in tm.attacks)}"
+        )
+
+
+@tm_app.command("show")
+@friendly_errors
+def tm_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file")]) -> None:
+    """Validate a threat model and print it in full."""
+    import yaml
+
+    from advguard.evaluate.threat_model import load_threat_model
+
+    tm = load_threat_model(name)
+    console.print(yaml.safe_dump(tm.model_dump(), sort_keys=False), markup=False, highlight=False)
 
 
 def main() -> None:  # console-script entry point

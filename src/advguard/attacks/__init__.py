@@ -1,6 +1,6 @@
 """Attacks: evasion (white- and black-box), and later poisoning, extraction, inference."""
 
 from advguard.attacks.base import Attack, AttackResult
-from advguard.attacks.evasion import FGSM, PGD
+from advguard.attacks.evasion import APGD, FGSM, PGD
 
-__all__ = ["FGSM", "PGD", "Attack", "AttackResult"]
+__all__ = ["APGD", "FGSM", "PGD", "Attack", "AttackResult"]

@@ -115,9 +115,7 @@ class Attack:
         if active.any():
             idx = active.nonzero().squeeze(1)
             gen = torch.Generator(device=device).manual_seed(self.seed)
-            out = self._run(
-                model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], gen
-            )
+            out = self._run(model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], gen)
             raw[idx] = out.detach().to(raw.dtype)
 
         x_adv = self._clip(x0, raw, eps, model.bounds)

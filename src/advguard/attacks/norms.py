@@ -12,10 +12,19 @@ from advguard.errors import InputError
 Norm = Literal["linf", "l2", "l1", "l0"]
 
 _ALIASES: dict[str, Norm] = {
-    "linf": "linf", "inf": "linf", "l_inf": "linf", "infinity": "linf",
-    "l2": "l2", "2": "l2", "l_2": "l2",
-    "l1": "l1", "1": "l1", "l_1": "l1",
-    "l0": "l0", "0": "l0", "l_0": "l0",
+    "linf": "linf",
+    "inf": "linf",
+    "l_inf": "linf",
+    "infinity": "linf",
+    "l2": "l2",
+    "2": "l2",
+    "l_2": "l2",
+    "l1": "l1",
+    "1": "l1",
+    "l_1": "l1",
+    "l0": "l0",
+    "0": "l0",
+    "l_0": "l0",
 }
 
 
@@ -123,7 +132,9 @@ def random_in_ball(
         return g * _view(r, g) * e
     if norm == "l1":
         # uniform in the L1 ball: Laplace direction, radius ~ U^(1/n)
-        lap = -torch.log(torch.rand(shape, generator=generator, device=dev, dtype=dt).clamp_min(1e-12))
+        lap = -torch.log(
+            torch.rand(shape, generator=generator, device=dev, dtype=dt).clamp_min(1e-12)
+        )
         sign = torch.randint(0, 2, shape, generator=generator, device=dev).to(dt) * 2 - 1
         v = lap * sign
         v = v / _view(flat(v).abs().sum(dim=1).clamp_min(1e-12), v)

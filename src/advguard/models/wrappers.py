@@ -23,8 +23,9 @@ class EOTClassifier(ClassifierBase):
             raise InputError("EOT needs a white-box (gradient) model")
         if int(samples) < 1:
             raise InputError(f"samples must be >= 1, got {samples}")
-        super().__init__(num_classes=model.num_classes, input_shape=model.input_shape,
-                         bounds=model.bounds)
+        super().__init__(
+            num_classes=model.num_classes, input_shape=model.input_shape, bounds=model.bounds
+        )
         self.inner = model
         self.samples = int(samples)
         self.device = model.device

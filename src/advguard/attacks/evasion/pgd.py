@@ -76,9 +76,13 @@ class PGD(Attack):
 
     def _loss_fn(self, y: torch.Tensor, t: torch.Tensor | None):
         if self.loss == "ce":
-            return (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
-        return (lambda z: losses.margin(z, y)) if t is None else (
-            lambda z: losses.margin_targeted(z, t)
+            return (
+                (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
+            )
+        return (
+            (lambda z: losses.margin(z, y))
+            if t is None
+            else (lambda z: losses.margin_targeted(z, t))
         )
 
     def _direction(self, g: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -88,7 +92,7 @@ class PGD(Attack):
         g = g.clone()
         g[((x <= lo) & (g < 0)) | ((x >= hi) & (g > 0))] = 0
         a = flat(g).abs()
-        k = max(1, int(round((1 - self.l1_sparsity) * a.shape[1])))
+        k = max(1, round((1 - self.l1_sparsity) * a.shape[1]))
         thresh = a.topk(k, dim=1).values[:, -1:]
         d = flat(g).sign() * (a >= thresh).to(g.dtype) * (a > 0).to(g.dtype)
         return normalize(d.view_as(g), "l1")

@@ -1,0 +1,323 @@
+"""Auto-PGD (APGD), Croce & Hein 2020, "Reliable evaluation of adversarial robustness
+with an ensemble of diverse parameter-free attacks" (ICML 2020), Linf and L2.
+
+APGD is PGD without a step-size parameter: it starts with step ``2 * epsilon``, adds
+momentum, and at fixed checkpoints halves the step size of every sample whose
+optimisation stalls, restarting it from the best point found so far. With
+``loss="dlr"`` and targets it is APGD-T; :meth:`APGD.targeted_sweep` (or
+:func:`apgd_targeted_sweep`) runs AutoAttack's APGD-T over the top runner-up classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from advguard.attacks import losses
+from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.norms import normalize, project, random_in_ball
+from advguard.errors import InputError
+from advguard.models.base import Classifier, check_inputs, check_labels
+
+_LOSSES = ("ce", "dlr")
+_MOMENTUM = 0.75
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations after which the step size may be halved: ``w_j = ceil(p_j * steps)``.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``; only
+    checkpoints strictly inside ``(0, steps)`` matter (none is needed after the last step).
+    """
+    p = [0.0, 0.22]
+    while p[-1] < 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    ws = {math.ceil(round(q * steps, 6)) for q in p[1:]}
+    return sorted(w for w in ws if 0 < w < steps)
+
+
+class APGD(Attack):
+    """APGD-CE / APGD-DLR (untargeted) and APGD-T (targeted), for Linf and L2.
+
+    Parameters
+    ----------
+    norm:
+        ``"linf"`` or ``"l2"``.
+    steps:
+        Iterations per restart (``N_iter``; one gradient per iteration).
+    restarts:
+        Independent random starts; each runs on the samples not fooled so far.
+    loss:
+        ``"ce"`` (cross-entropy; targeted calls use the targeted cross-entropy) or
+        ``"dlr"`` (Difference of Logits Ratio; targeted calls use the targeted DLR,
+        i.e. APGD-T).
+    rho:
+        Condition 1 threshold: the step size is halved at a checkpoint when the loss
+        increased in fewer than ``rho`` of the iterations since the previous one.
+    n_target_classes:
+        Runner-up classes tried by :meth:`targeted_sweep` (AutoAttack uses 9).
+
+    A sample leaves the batch at the first iterate that fools the model (that
+    iterate is returned); the others return the point with the highest loss seen
+    over all restarts.
+    """
+
+    name = "apgd"
+    norms = ("linf", "l2")
+
+    def __init__(
+        self,
+        *,
+        norm: str | float = "linf",
+        steps: int = 100,
+        restarts: int = 1,
+        loss: str = "ce",
+        rho: float = 0.75,
+        n_target_classes: int = 9,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(norm=norm, seed=seed)
+        if not _is_int(steps) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if not _is_int(restarts) or restarts < 1:
+            raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
+        if loss not in _LOSSES:
+            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)}")
+        try:
+            rho_f = float(rho)
+        except (TypeError, ValueError):
+            raise InputError(f"rho must be a number in (0, 1), got {rho!r}") from None
+        if not 0.0 < rho_f < 1.0:
+            raise InputError(f"rho must be in (0, 1) (paper: 0.75), got {rho!r}")
+        if not _is_int(n_target_classes) or n_target_classes < 1:
+            raise InputError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+        self.name = f"apgd-{loss}"  # type: ignore[misc]  # per-instance display name
+        self.steps = int(steps)
+        self.restarts = int(restarts)
+        self.loss = loss
+        self.rho = rho_f
+        self.n_target_classes = int(n_target_classes)
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        p.pop("name", None)  # derived from ``loss``, not a constructor argument
+        return p
+
+    # -- algorithm ----------------------------------------------------------
+    def _loss_fn(self, y: torch.Tensor, t: torch.Tensor | None):
+        if self.loss == "ce":
+            return (
+                (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
+            )
+        return (
+            (lambda z: losses.dlr(z, y)) if t is None else (lambda z: losses.dlr_targeted(z, y, t))
+        )
+
+    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        out_loss = torch.full((len(x),), float("-inf"), device=x.device)
+        done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        ckpts = checkpoints(self.steps)
+        for _ in range(self.restarts):
+            idx = (~done).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            t = None if targets is None else targets[idx]
+            xr, lr, fooled = self._single_run(model, x[idx], y[idx], t, epsilon, generator, ckpts)
+            better = fooled | (lr > out_loss[idx])
+            out[idx[better]] = xr[better]
+            out_loss[idx[better]] = torch.where(fooled, torch.full_like(lr, float("inf")), lr)[
+                better
+            ]
+            done[idx[fooled]] = True
+        return out
+
+    def _single_run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor | None,
+        eps: float,
+        generator: torch.Generator,
+        ckpts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One APGD run from a random start: (points, their loss, fooled mask)."""
+        lo, hi = model.bounds
+        norm = self.norm
+        n = len(x)
+        res_x = x.clone()
+        res_loss = torch.full((n,), float("-inf"), device=x.device)
+        res_fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+        def proj(v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+            return (x0 + project(v - x0, norm, eps)).clamp(lo, hi)
+
+        def fooled_of(logits: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+            pred = logits.argmax(1)
+            return (pred == s["t"]) if s["t"] is not None else (pred != s["y"])
+
+        def drop(s: dict[str, Any], fooled: torch.Tensor) -> dict[str, Any]:
+            """Record the fooling iterates and remove those samples from the state."""
+            if not fooled.any():
+                return s
+            res_x[s["idx"][fooled]] = s["xc"][fooled]
+            res_fooled[s["idx"][fooled]] = True
+            keep = ~fooled
+            return {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+
+        xc = proj(x + random_in_ball(x, norm, eps, generator), x)
+        loss_fn = self._loss_fn(y, t)
+        logits, loss, grad = model.value_and_grad(xc, loss_fn)
+        s: dict[str, Any] = {
+            "idx": torch.arange(n, device=x.device),
+            "x0": x,
+            "y": y,
+            "t": t,
+            "xc": xc,
+            "x_prev": xc.clone(),
+            "grad": grad,
+            "loss_cur": loss,
+            "eta": torch.full((n,), 2.0 * eps, device=x.device, dtype=x.dtype),
+            "x_max": xc.clone(),
+            "f_max": loss.clone(),
+            "g_max": grad.clone(),
+            "n_incr": torch.zeros(n, device=x.device),
+            "f_max_ckpt": loss.clone(),
+            "reduced_last": torch.zeros(n, dtype=torch.bool, device=x.device),
+        }
+        s = drop(s, fooled_of(logits, s))
+        last_ckpt = 0
+        view = (-1,) + (1,) * (x.ndim - 1)
+
+        for k in range(self.steps):
+            if len(s["idx"]) == 0:
+                break
+            xc, x0 = s["xc"], s["x0"]
+            a = 1.0 if k == 0 else _MOMENTUM
+            z = proj(xc + s["eta"].view(view) * normalize(s["grad"], norm), x0)
+            x_new = proj(xc + a * (z - xc) + (1.0 - a) * (xc - s["x_prev"]), x0)
+            s["x_prev"], s["xc"] = xc, x_new
+
+            loss_fn = self._loss_fn(s["y"], s["t"])
+            last = k == self.steps - 1
+            if last:  # no further step: the gradient would be wasted
+                logits = model.logits(x_new)
+                loss = loss_fn(logits)
+            else:
+                logits, loss, grad = model.value_and_grad(x_new, loss_fn)
+                s["grad"] = grad
+            s["n_incr"] = s["n_incr"] + (loss > s["loss_cur"]).to(s["n_incr"].dtype)
+            s["loss_cur"] = loss
+            imp = loss > s["f_max"]
+            s["x_max"] = torch.where(imp.view(view), x_new, s["x_max"])
+            s["f_max"] = torch.where(imp, loss, s["f_max"])
+            if not last:
+                s["g_max"] = torch.where(imp.view(view), s["grad"], s["g_max"])
+            s = drop(s, fooled_of(logits, s))
+
+            w = k + 1
+            if w in ckpts:
+                # Condition 1: too few loss increases since the last checkpoint.
+                c1 = s["n_incr"] < self.rho * (w - last_ckpt)
+                # Condition 2: step not reduced at the last checkpoint and no progress.
+                c2 = ~s["reduced_last"] & (s["f_max"] <= s["f_max_ckpt"])
+                red = c1 | c2
+                rv = red.view(view)
+                s["eta"] = torch.where(red, s["eta"] / 2, s["eta"])
+                s["xc"] = torch.where(rv, s["x_max"], s["xc"])
+                s["grad"] = torch.where(rv, s["g_max"], s["grad"])
+                s["loss_cur"] = torch.where(red, s["f_max"], s["loss_cur"])
+                s["reduced_last"] = red
+                s["f_max_ckpt"] = s["f_max"].clone()
+                s["n_incr"] = torch.zeros_like(s["n_incr"])
+                last_ckpt = w
+
+        res_x[s["idx"]] = s["x_max"]
+        res_loss[s["idx"]] = s["f_max"]
+        return res_x, res_loss, res_fooled
+
+    # -- AutoAttack's APGD-T ------------------------------------------------
+    def targeted_sweep(
+        self,
+        model: Classifier,
+        x: torch.Tensor | np.ndarray,
+        y: torch.Tensor | np.ndarray,
+        *,
+        epsilon: float,
+    ) -> AttackResult:
+        """Targeted APGD against each of the top ``n_target_classes`` runner-up classes.
+
+        Targets are ranked by the clean logits; each run attacks only the samples no
+        earlier run has fooled. ``success`` is untargeted (prediction != ``y``);
+        ``x_adv`` is the first successful point, or for samples never fooled the
+        best-loss point against the most likely runner-up. Uses this attack's loss
+        (``loss="dlr"`` is AutoAttack's APGD-T), norm, steps, restarts and seed.
+        """
+        eps = self._check_epsilon(epsilon)
+        device = getattr(model, "device", torch.device("cpu"))
+        x_in = torch.as_tensor(x)
+        orig_device = x_in.device
+        x0 = x_in.detach().to(device=device, dtype=torch.float32).clone()
+        check_inputs(model, x0)
+        y0 = torch.as_tensor(y).to(device)
+        check_labels(model, y0, len(x0))
+        y0 = y0.long()
+        f0, g0 = model.queries.snapshot()
+        n = len(x0)
+        k = min(self.n_target_classes, model.num_classes - 1)
+        x_adv = x0.clone()
+        success = torch.zeros(n, dtype=torch.bool, device=device)
+        attacked = torch.zeros(n, dtype=torch.bool, device=device)
+        per_rank: list[int] = []
+        if n > 0:
+            logits = model.logits(x0)
+            success = logits.argmax(1) != y0
+            attacked = ~success if eps > 0 else torch.zeros_like(success)
+            ranked = logits.argsort(dim=1, descending=True)
+            for r in range(1, k + 1) if eps > 0 else ():
+                idx = (~success).nonzero().squeeze(1)
+                if len(idx) == 0:
+                    break
+                res = self(model, x0[idx], y0[idx], epsilon=eps, targets=ranked[idx, r])
+                ok = res.success.clone()
+                if (~ok).any():  # missed the target but maybe left class y anyway
+                    miss = (~ok).nonzero().squeeze(1)
+                    ok[miss] = model.logits(res.x_adv[miss]).argmax(1) != y0[idx[miss]]
+                upd = ok if r > 1 else torch.ones_like(ok)
+                x_adv[idx[upd]] = res.x_adv[upd]
+                success[idx[ok]] = True
+                per_rank.append(int(ok.sum()))
+        f1, g1 = model.queries.snapshot()
+        return AttackResult(
+            x_adv=x_adv.to(orig_device),
+            success=success.to(orig_device),
+            raw=x_adv.to(orig_device),
+            attacked=attacked.to(orig_device),
+            forward_evals=f1 - f0,
+            gradient_evals=g1 - g0,
+            info={"target_classes": k, "fooled_per_target_rank": per_rank},
+        )
+
+
+def apgd_targeted_sweep(
+    model: Classifier,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    *,
+    epsilon: float,
+    norm: str | float = "linf",
+    steps: int = 100,
+    n_target_classes: int = 9,
+    seed: int = 0,
+) -> AttackResult:
+    """AutoAttack's APGD-T: targeted APGD-DLR against the top runner-up classes."""
+    attack = APGD(norm=norm, steps=steps, loss="dlr", n_target_classes=n_target_classes, seed=seed)
+    return attack.targeted_sweep(model, x, y, epsilon=epsilon)

@@ -1,0 +1,166 @@
+"""Attack names usable in threat-model files, and how to build each one.
+
+Each entry states the norms it supports, what the attacker needs (white-box gradients or
+only queries) and the MITRE ATLAS technique it exercises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from advguard.attacks.base import Attack, AttackResult
+from advguard.errors import InputError
+
+ATLAS_VERSION = "5.0.0"
+"""ATLAS data release the technique IDs below were taken from (IDs are stable across 4.x-5.x)."""
+
+ATLAS_TECHNIQUES = {
+    "AML.T0015": "Evade AI Model",
+    "AML.T0043": "Craft Adversarial Data",
+    "AML.T0043.000": "Craft Adversarial Data: White-Box Optimization",
+    "AML.T0043.001": "Craft Adversarial Data: Black-Box Optimization",
+    "AML.T0043.002": "Craft Adversarial Data: Black-Box Transfer",
+}
+
+
+@dataclass(frozen=True)
+class RegisteredAttack:
+    name: str
+    build: Callable[..., Attack]
+    norms: tuple[str, ...]
+    knowledge: str  # "white-box" | "black-box"
+    atlas: tuple[str, ...]
+    description: str
+    sweep_targets: bool = False  # untargeted goal reached by sweeping targeted runs (APGD-T)
+
+
+class SuiteAttack:
+    """An attack configured for one suite entry: ``run(model, x, y, epsilon, targets)``."""
+
+    def __init__(self, entry: RegisteredAttack, attack: Attack, spec_params: dict[str, Any]):
+        self.entry = entry
+        self.attack = attack
+        self.spec_params = spec_params
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float,
+        targets: torch.Tensor | None = None,
+    ) -> AttackResult:
+        if self.entry.sweep_targets and targets is None:
+            return self.attack.targeted_sweep(model, x, y, epsilon=epsilon)  # type: ignore[attr-defined]
+        return self.attack(model, x, y, epsilon=epsilon, targets=targets)
+
+    def params(self) -> dict[str, Any]:
+        return {"class": type(self.attack).__name__, **self.attack.params()}
+
+
+def _apgd(loss: str) -> Callable[..., Attack]:
+    def build(**kw: Any) -> Attack:
+        from advguard.attacks.evasion.apgd import APGD
+
+        return APGD(loss=loss, **kw)
+
+    return build
+
+
+def _lazy(module: str, cls: str) -> Callable[..., Attack]:
+    def build(**kw: Any) -> Attack:
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(**kw)
+
+    return build
+
+
+_WB = ("AML.T0015", "AML.T0043.000")
+ATTACKS: dict[str, RegisteredAttack] = {
+    a.name: a
+    for a in [
+        RegisteredAttack(
+            "fgsm",
+            _lazy("advguard.attacks.evasion.fgsm", "FGSM"),
+            ("linf", "l2"),
+            "white-box",
+            _WB,
+            "Fast Gradient Sign Method (one step)",
+        ),
+        RegisteredAttack(
+            "pgd",
+            _lazy("advguard.attacks.evasion.pgd", "PGD"),
+            ("linf", "l2", "l1"),
+            "white-box",
+            _WB,
+            "Projected Gradient Descent with random start",
+        ),
+        RegisteredAttack(
+            "apgd-ce",
+            _apgd("ce"),
+            ("linf", "l2"),
+            "white-box",
+            _WB,
+            "Auto-PGD with cross-entropy loss (Croce & Hein 2020)",
+        ),
+        RegisteredAttack(
+            "apgd-dlr",
+            _apgd("dlr"),
+            ("linf", "l2"),
+            "white-box",
+            _WB,
+            "Auto-PGD with the DLR loss (Croce & Hein 2020)",
+        ),
+        RegisteredAttack(
+            "apgd-t",
+            _apgd("dlr"),
+            ("linf", "l2"),
+            "white-box",
+            _WB,
+            "targeted Auto-PGD-DLR against the top runner-up classes",
+            sweep_targets=True,
+        ),
+        RegisteredAttack(
+            "cw-l2",
+            _lazy("advguard.attacks.evasion.cw", "CarliniWagnerL2"),
+            ("l2",),
+            "white-box",
+            _WB,
+            "Carlini-Wagner L2 (minimum norm)",
+        ),
+        RegisteredAttack(
+            "deepfool",
+            _lazy("advguard.attacks.evasion.deepfool", "DeepFool"),
+            ("l2", "linf"),
+            "white-box",
+            _WB,
+            "DeepFool (minimum norm)",
+        ),
+    ]
+}
+
+
+def build_attack(name: str, *, norm: str, seed: int, **params: Any) -> SuiteAttack:
+    """Build a registered attack with threat-model parameters (bad ones give InputError)."""
+    entry = ATTACKS.get(name)
+    if entry is None:
+        raise InputError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    if norm not in entry.norms:
+        raise InputError(f"attack {name!r} does not support norm {norm}")
+    kw = dict(params)
+    if name == "apgd-t":
+        kw.setdefault("n_target_classes", 9)
+    try:
+        attack = entry.build(norm=norm, seed=seed, **kw)
+    except TypeError as e:
+        raise InputError(f"bad parameters for attack {name!r}: {e}") from None
+    return SuiteAttack(entry, attack, params)

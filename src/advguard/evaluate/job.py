@@ -1,0 +1,152 @@
+"""Whole jobs behind the CLI: load model and data from files, evaluate, write the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advguard.errors import InputError
+from advguard.evaluate.report import Report, load_report
+from advguard.evaluate.runner import Progress, evaluate
+from advguard.evaluate.threat_model import ThreatModel, load_threat_model
+
+
+@dataclass
+class JobResult:
+    report: Report
+    json_path: Path
+    html_path: Path | None
+
+
+def load_model_and_data(
+    model_path: str | Path,
+    data_spec: str,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    from advguard.data import load_dataset
+    from advguard.models.io import file_sha256, load_model
+
+    model = load_model(model_path, **(model_kwargs or {}))
+    data = load_dataset(data_spec, **(data_kwargs or {}))
+    info = {
+        "path": str(model_path),
+        "sha256": file_sha256(model_path) if Path(model_path).is_file() else None,
+    }
+    return model, data, info
+
+
+def data_info(data: Any) -> dict[str, Any]:
+    return {
+        "name": data.name,
+        "source": data.source,
+        "sha256": data.sha256(),
+        "modality": data.modality,
+        "class_names": data.class_names,
+    }
+
+
+def run_evaluation(
+    model: Any,
+    data: Any,
+    threat_model: ThreatModel | str | Path,
+    out_dir: str | Path,
+    *,
+    model_info: dict[str, Any] | None = None,
+    baseline: str | Path | Report | None = None,
+    progress: Progress | None = None,
+    resume: bool = False,
+    html: bool = True,
+) -> JobResult:
+    """Evaluate ``model`` on a :class:`advguard.data.Dataset`; write report.json (+ .html).
+
+    Per-batch checkpoints go to ``out_dir/.checkpoint``; ``resume=True`` continues from them.
+    """
+    tm = threat_model if isinstance(threat_model, ThreatModel) else load_threat_model(threat_model)
+    base = load_report(baseline) if isinstance(baseline, (str, Path)) else baseline
+    out = Path(out_dir)
+    if tuple(data.input_shape) != tuple(model.input_shape):
+        raise InputError(
+            f"data samples have shape {tuple(data.input_shape)} but the model expects "
+            f"{tuple(model.input_shape)}"
+        )
+    report = evaluate(
+        model,
+        data.x,
+        data.y,
+        tm,
+        model_info=model_info,
+        data_info=data_info(data),
+        feature_names=data.feature_names if data.modality == "tabular" else None,
+        baseline=base,
+        progress=progress,
+        checkpoint_dir=out / ".checkpoint",
+        resume=resume,
+    )
+    json_path = report.write(out)
+    html_path = None
+    if html:
+        from advguard.evaluate.html import write_html
+
+        html_path = write_html(report, out)
+    return JobResult(report, json_path, html_path)
+
+
+def run_quickstart(
+    out_dir: str | Path = "advguard-report",
+    *,
+    threat_model: str = "linf-standard",
+    epochs: int = 15,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> JobResult:
+    """Train a small CNN on built-in digits, evaluate it under ``threat_model``, write a report."""
+    from advguard.data import load_builtin
+    from advguard.models import TorchClassifier
+    from advguard.models.fit import fit
+    from advguard.models.io import file_sha256, save_torch
+    from advguard.models.zoo import small_cnn
+
+    report_progress = progress or (lambda stage, done, total: None)
+    torch.manual_seed(seed)
+    data = load_builtin("digits")
+    train, test = data.split(test_size=397, seed=seed)
+    t0 = time.perf_counter()
+    module = fit(
+        small_cnn((1, 8, 8), 10),
+        train.x,
+        train.y,
+        epochs=epochs,
+        seed=seed,
+        progress=lambda e, n, loss: report_progress("train", e, n),
+    )
+    train_s = time.perf_counter() - t0
+    model = TorchClassifier(module, input_shape=(1, 8, 8), num_classes=10, bounds=(0.0, 1.0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_torch(
+        model,
+        out / "model.safetensors",
+        factory="advguard.models.zoo:small_cnn",
+        factory_kwargs={"input_shape": [1, 8, 8], "num_classes": 10},
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        bounds=(0.0, 1.0),
+    )
+    np.savez_compressed(out / "test-data.npz", x=test.x, y=test.y)
+    tm = load_threat_model(threat_model)
+    info = {
+        "path": str(weights),
+        "sha256": file_sha256(weights),
+        "name": "digits small_cnn",
+        "train_seconds": train_s,
+        "trained_on": f"digits ({len(train)} images)",
+    }
+    return run_evaluation(model, test, tm, out, model_info=info, progress=progress)

@@ -1,0 +1,237 @@
+"""Threat-model files: what the attacker knows, wants and may change, and the SLOs to judge.
+
+A threat model is YAML validated with pydantic; errors name the file, line and field::
+
+    name: my-model-linf
+    knowledge: white-box        # white-box | black-box | transfer
+    goal: untargeted            # untargeted | targeted
+    norm: linf                  # linf | l2 | l1 | l0
+    epsilons: [0.05, 0.1, 0.2]  # in raw input units (the model's bounds)
+    samples: 1000
+    seed: 0
+    batch_size: 256
+    attacks:                    # run in this order, as a cascade
+      - attack: apgd-ce
+        steps: 100
+      - attack: apgd-t
+        steps: 100
+    slos:
+      - robust_accuracy >= 0.80 at eps 0.1
+      - clean_accuracy_drop <= 0.02
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from advguard.attacks.norms import parse_norm
+from advguard.errors import InputError
+
+METRICS = (
+    "robust_accuracy",
+    "clean_accuracy",
+    "clean_accuracy_drop",
+    "robust_accuracy_drop",
+    "fooling_rate",
+)
+OPS = (">=", "<=", ">", "<")
+_SLO_RE = re.compile(
+    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op>>=|<=|>|<)\s*(?P<thr>[-+0-9.eE%]+)"
+    r"(\s+at\s+(eps|epsilon)\s*=?\s*(?P<eps>[-+0-9.eE]+))?\s*$"
+)
+
+
+class SLO(BaseModel):
+    """One service-level objective, e.g. ``robust_accuracy >= 0.80 at eps 0.1``."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: Literal[
+        "robust_accuracy",
+        "clean_accuracy",
+        "clean_accuracy_drop",
+        "robust_accuracy_drop",
+        "fooling_rate",
+    ]
+    op: Literal[">=", "<=", ">", "<"]
+    threshold: float
+    epsilon: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = _SLO_RE.match(v)
+            if not m:
+                raise ValueError(
+                    f"cannot read SLO {v!r}; write e.g. 'robust_accuracy >= 0.8 at eps 0.1'"
+                )
+            thr = m["thr"]
+            value = float(thr[:-1]) / 100 if thr.endswith("%") else float(thr)
+            return {
+                "metric": m["metric"],
+                "op": m["op"],
+                "threshold": value,
+                "epsilon": float(m["eps"]) if m["eps"] else None,
+            }
+        return v
+
+    @model_validator(mode="after")
+    def _needs_eps(self) -> SLO:
+        per_eps = self.metric in ("robust_accuracy", "robust_accuracy_drop", "fooling_rate")
+        if per_eps and self.epsilon is None:
+            raise ValueError(f"SLO on {self.metric} needs an epsilon: '... at eps 0.1'")
+        if not per_eps and self.epsilon is not None:
+            raise ValueError(f"SLO on {self.metric} takes no epsilon")
+        return self
+
+    def __str__(self) -> str:
+        s = f"{self.metric} {self.op} {self.threshold:g}"
+        return s + (f" at eps {self.epsilon:g}" if self.epsilon is not None else "")
+
+
+class AttackSpec(BaseModel):
+    """An attack of the suite: its registry name and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    attack: str
+
+    @field_validator("attack")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from advguard.attacks.registry import ATTACKS
+
+        if v not in ATTACKS:
+            raise ValueError(f"unknown attack {v!r}; known: {', '.join(sorted(ATTACKS))}")
+        return v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ThreatModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    description: str = ""
+    knowledge: Literal["white-box", "black-box", "transfer"] = "white-box"
+    goal: Literal["untargeted", "targeted"] = "untargeted"
+    norm: str = "linf"
+    epsilons: list[float] = Field(min_length=1)
+    samples: int = Field(default=1000, ge=1)
+    seed: int = 0
+    batch_size: int = Field(default=256, ge=1)
+    target_classes: int = Field(default=1, ge=1, description="targeted goal: top-k runner-ups")
+    attacks: list[AttackSpec] = Field(min_length=1)
+    slos: list[SLO] = Field(default_factory=list)
+    sanity_checks: bool = True
+    escalate: bool = True
+    sanity_samples: int = Field(default=100, ge=8)
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        try:
+            return parse_norm(v)
+        except InputError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("epsilons")
+    @classmethod
+    def _eps(cls, v: list[float]) -> list[float]:
+        if any(e < 0 or e != e for e in v):
+            raise ValueError("epsilons must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("epsilons must be distinct")
+        return sorted(float(e) for e in v)
+
+    @model_validator(mode="after")
+    def _slo_eps_listed(self) -> ThreatModel:
+        from advguard.attacks.registry import ATTACKS
+
+        for slo in self.slos:
+            if slo.epsilon is not None and not any(
+                abs(slo.epsilon - e) < 1e-12 for e in self.epsilons
+            ):
+                raise ValueError(
+                    f"SLO '{slo}' uses eps {slo.epsilon:g}, not in epsilons {self.epsilons}"
+                )
+        for spec in self.attacks:
+            entry = ATTACKS[spec.attack]
+            if self.norm not in entry.norms:
+                raise ValueError(
+                    f"attack {spec.attack!r} does not support norm {self.norm}; "
+                    f"it supports {', '.join(entry.norms)}"
+                )
+        return self
+
+    def with_overrides(self, **kw: Any) -> ThreatModel:
+        data = self.model_dump()
+        data.update({k: v for k, v in kw.items() if v is not None})
+        return parse_threat_model(
+            yaml.safe_dump(data), f"threat model {self.name!r} with overrides"
+        )
+
+
+PRESETS = ("linf-standard", "l2-standard", "quick")
+
+
+def load_threat_model(spec: str | Path) -> ThreatModel:
+    """Load a preset by name (``linf-standard``, ``l2-standard``, ``quick``) or a YAML file."""
+    text: str
+    source: str
+    if str(spec) in PRESETS:
+        source = f"preset {spec}"
+        text = resources.files("advguard.evaluate.presets").joinpath(f"{spec}.yaml").read_text()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise InputError(
+                f"threat model {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+            )
+        source, text = str(path), path.read_text()
+    return parse_threat_model(text, source)
+
+
+def parse_threat_model(text: str, source: str = "<string>") -> ThreatModel:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: a threat model is a YAML mapping (key: value lines)")
+    try:
+        return ThreatModel.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(node, loc)
+            at = f"line {line}, " if line else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {at}field '{where}': {msg}")
+        raise InputError(f"{source}: invalid threat model\n" + "\n".join(lines)) from None
+
+
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    """1-based line of the YAML node at ``loc`` (or of its nearest existing parent)."""
+    best = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            nxt = node.value[key]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        best = node.start_mark.line + 1
+    return best
