@@ -26,5 +26,7 @@ def test_two_setup_commands_and_ci_runs_the_second():
 def test_python_examples_run():
     blocks = _blocks("python")
     assert blocks, "README has Python examples"
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    namespace: dict = {"__name__": "__readme__"}
+    for code in blocks:  # later examples may reuse names from earlier ones, as a reader would
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"].results

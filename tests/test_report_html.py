@@ -367,3 +367,14 @@ def test_compare_clean_drop_norms_and_missing_eps():
     assert compare_reports(a, b, clean_tolerance=0.02).rows[0].regression is False
     with pytest.raises(ValueError, match="robust_tolerance"):
         compare_reports(a, b, robust_tolerance=5)
+
+
+def test_documented_schema_is_current():
+    from pathlib import Path
+
+    from advguard.evaluate.report import json_schema
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "report-schema-1.0.json"
+    assert json.loads(doc.read_text()) == json.loads(json.dumps(json_schema())), (
+        "regenerate docs/report-schema-1.0.json from advguard.evaluate.report.json_schema()"
+    )
