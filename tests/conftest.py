@@ -11,6 +11,9 @@ from advguard.models import TorchClassifier
 from advguard.models.fit import fit
 from advguard.models.zoo import small_cnn
 
+# Tests run in two xdist workers on two cores: one torch thread each avoids oversubscription.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -34,10 +34,8 @@ def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     top_is_y = (idx[:, -1] == y).to(logits.dtype)
     best_other = zs[:, -2] * top_is_y + zs[:, -1] * (1 - top_is_y)
-    if logits.shape[1] >= 3:
-        denom = zs[:, -1] - zs[:, -3]
-    else:  # two classes: fall back to the logit spread
-        denom = (zs[:, -1] - zs[:, 0]).abs()
+    # with two classes there is no third logit: fall back to the logit spread
+    denom = zs[:, -1] - zs[:, -3] if logits.shape[1] >= 3 else (zs[:, -1] - zs[:, 0]).abs()
     return -(z_y - best_other) / (denom + 1e-12)
 
 
