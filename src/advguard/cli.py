@@ -3,6 +3,7 @@ module renders (rich) and maps errors to exit codes: 0 ok, 1 check failed, 2 bad
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -291,6 +292,131 @@ def attack(
         f"{summary['robust_accuracy']:.1%}"
     )
     console.print(f"Adversarial examples written to [bold]{out}[/]")
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(t) for t in text.replace("x", ",").replace(" ", "").split(",") if t)
+    except ValueError:
+        raise AdvguardError(f"--input-shape must be integers like 1,28,28, got {text!r}") from None
+    if not shape:
+        raise AdvguardError(f"--input-shape must be integers like 1,28,28, got {text!r}")
+    return shape
+
+
+def _parse_bounds(text: str | None) -> tuple[float, float] | None:
+    vals = _parse_floats(text)
+    if vals is None:
+        return None
+    if len(vals) != 2:
+        raise AdvguardError(f"--bounds must be two numbers LOW,HIGH, got {text!r}")
+    return vals[0], vals[1]
+
+
+@app.command()
+@friendly_errors
+def redteam(
+    url: Annotated[
+        str, typer.Option(help="http(s) endpoint taking POST JSON (docs/http-contract.md)")
+    ],
+    data: DataOpt,
+    threat_model: Annotated[
+        str, typer.Option("--threat-model", "-t", help="Black-box threat-model YAML file")
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-redteam"),
+    input_shape: Annotated[
+        str | None, typer.Option(help="One input's shape, e.g. 1,28,28 (default: the data's)")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(min=2, help="Classes (default: the data's)")
+    ] = None,
+    bounds: Annotated[
+        str | None, typer.Option(help="Input range LOW,HIGH (default: the data's)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Name of the environment variable holding the API key (never the key)"),
+    ] = None,
+    api_key_header: Annotated[
+        str, typer.Option(help="Header carrying the key, e.g. Authorization or X-API-Key")
+    ] = "Authorization",
+    api_key_prefix: Annotated[
+        str | None,
+        typer.Option(help="Prefix before the key (default 'Bearer ' for Authorization, else none)"),
+    ] = None,
+    query_budget: Annotated[
+        int | None, typer.Option(min=0, help="Most samples the endpoint may answer in this run")
+    ] = None,
+    output: Annotated[
+        str, typer.Option(help="What the endpoint returns: probabilities or logits")
+    ] = "probabilities",
+    input_field: Annotated[str, typer.Option(help="JSON field of the inputs")] = "inputs",
+    output_field: Annotated[
+        str | None, typer.Option(help="JSON field of the scores (default: --output's value)")
+    ] = None,
+    flatten: Annotated[bool, typer.Option(help="Send each input as a flat list.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most samples per request.")] = 64,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 30.0,
+    retries: Annotated[int, typer.Option(min=0, help="Retries on errors, 5xx and 429.")] = 3,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
+    epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
+    from advguard.evaluate.redteam import run_redteam
+    from advguard.evaluate.threat_model import load_threat_model
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise AdvguardError(
+                f"environment variable {api_key_env} (from --api-key-env) is not set or empty"
+            )
+    tm = load_threat_model(threat_model).with_overrides(
+        samples=samples, epsilons=_parse_floats(epsilons), seed=seed
+    )
+    with progress_bar() as bar:
+        res = run_redteam(
+            url,
+            data,
+            tm,
+            out,
+            input_shape=_parse_shape(input_shape),
+            num_classes=num_classes,
+            bounds=_parse_bounds(bounds),
+            api_key=api_key,
+            api_key_header=api_key_header,
+            api_key_prefix=api_key_prefix,
+            query_budget=query_budget,
+            output=output,  # type: ignore[arg-type]
+            input_field=input_field,
+            output_field=output_field,
+            flatten=flatten,
+            batch_size=batch_size,
+            timeout=timeout,
+            retries=retries,
+            progress=_progress_callback(bar),
+            resume=resume,
+        )
+    _summary(res.report, res.json_path, res.html_path)
+    q = res.report.model.get("queries", {})
+    console.print(
+        f"Endpoint answered {q.get('samples_answered')} samples in {q.get('requests_sent')} "
+        f"requests ({q.get('retries')} retries)"
+        + (f"; budget left {q['budget_left']}" if q.get("budget_left") is not None else "")
+    )
+    if res.report.model.get("query_budget_exhausted"):
+        console.print(
+            "[dark_orange]Query budget exhausted[/]: the report covers "
+            f"{res.report.data['n_evaluated']} of {res.report.data.get('n_requested')} samples; "
+            "re-run with --resume and a larger --query-budget"
+        )
+    if res.report.verdict.status in ("fail", "untrustworthy"):
+        raise typer.Exit(1)
 
 
 @report_app.command("compare")

@@ -145,6 +145,30 @@ ATTACKS: dict[str, RegisteredAttack] = {
             _WB,
             "DeepFool (minimum norm)",
         ),
+        RegisteredAttack(
+            "transfer",
+            _lazy("advguard.attacks.transfer", "TransferAttack"),
+            ("linf", "l2", "l1"),
+            "black-box",
+            ("AML.T0015", "AML.T0043.002"),
+            "Transfer: white-box attack on surrogates trained on the target's answers",
+        ),
+        RegisteredAttack(
+            "constrained-pgd",
+            _lazy("advguard.attacks.tabular.constrained_pgd", "ConstrainedPGD"),
+            ("linf", "l2"),
+            "white-box",
+            _WB,
+            "PGD under tabular feature constraints (schema)",
+        ),
+        RegisteredAttack(
+            "constrained-search",
+            _lazy("advguard.attacks.tabular.constrained_search", "ConstrainedSearch"),
+            ("linf", "l2", "l1"),
+            "black-box",
+            ("AML.T0015", "AML.T0043.001"),
+            "Black-box coordinate search under tabular feature constraints",
+        ),
     ]
 }
 

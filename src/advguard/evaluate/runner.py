@@ -242,7 +242,11 @@ class Evaluator:
             np.arange(i, min(i + tm.batch_size, len(idx)))
             for i in range(0, len(idx), tm.batch_size)
         ]
-        done = self._load_checkpoint(state, idx) if self.resume else set()
+        if self.resume:
+            done = self._load_checkpoint(state, idx)
+        else:
+            self.clear_checkpoint()
+            done = set()
         self.progress("suite", 0, len(batches))
         for b, pos in enumerate(batches):
             if b in done:
@@ -344,6 +348,12 @@ class Evaluator:
         if fooled.any():
             fi = fooled.nonzero().squeeze(1)
             check = self._verify(x_adv[fi], xs[fi], ys[fi], eps)
+            schema = getattr(attack.attack, "schema", None)
+            if schema is not None:  # tabular constraints: an invalid row is no adversarial
+                valid = schema.validate_rows(
+                    xs[fi].numpy(), x_adv[fi].numpy(), epsilon=eps, norm=self.tm.norm
+                )
+                check &= torch.as_tensor(np.asarray(valid, dtype=bool))
             fooled[fi[~check]] = False
         n_new = int(fooled.sum())
         st.add(
@@ -434,6 +444,15 @@ class Evaluator:
             )
 
     # -- checkpoints ----------------------------------------------------------
+    def clear_checkpoint(self) -> None:
+        """Drop an earlier run's checkpoint files (a fresh run must not list stale batches)."""
+        d = self.checkpoint_dir
+        if d is None or not d.is_dir():
+            return
+        for p in [*d.glob("batch-*.npz"), d / "state.json"]:
+            if p.is_file():
+                p.unlink()
+
     def _run_key(self, idx: np.ndarray) -> str:
         h = hashlib.sha256()
         h.update(self.tm.model_dump_json().encode())

@@ -179,6 +179,8 @@ class ThreatModel(BaseModel):
 
 
 PRESETS = ("linf-standard", "l2-standard", "quick")
+PATH_PARAMS = ("schema", "surrogate_data")
+"""Attack parameters that name files; relative ones are read from the threat model's folder."""
 
 
 def load_threat_model(spec: str | Path) -> ThreatModel:
@@ -195,6 +197,16 @@ def load_threat_model(spec: str | Path) -> ThreatModel:
                 f"threat model {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
             )
         source, text = str(path), path.read_text()
+        tm = parse_threat_model(text, source)
+        for spec in tm.attacks:  # file parameters are relative to the threat-model file
+            extra = spec.model_extra or {}
+            for key in PATH_PARAMS:
+                value = extra.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute():
+                    candidate = path.parent / value.split("?", 1)[0]
+                    if candidate.exists():
+                        extra[key] = str(path.parent / value)
+        return tm
     return parse_threat_model(text, source)
 
 

@@ -7,6 +7,12 @@ from advguard.models.base import (
     WhiteBoxClassifier,
     is_white_box,
 )
+from advguard.models.http_model import (
+    EndpointError,
+    EndpointResponseError,
+    HttpClassifier,
+    QueryBudgetExceeded,
+)
 from advguard.models.onnx_model import OnnxClassifier
 from advguard.models.sklearn_model import SklearnClassifier
 from advguard.models.torch_model import Normalize, TorchClassifier
@@ -14,8 +20,12 @@ from advguard.models.torch_model import Normalize, TorchClassifier
 __all__ = [
     "Classifier",
     "ClassifierBase",
+    "EndpointError",
+    "EndpointResponseError",
+    "HttpClassifier",
     "Normalize",
     "OnnxClassifier",
+    "QueryBudgetExceeded",
     "QueryCounter",
     "SklearnClassifier",
     "TorchClassifier",

@@ -142,9 +142,9 @@ class CarliniWagnerL2(Attack):
                 c = const[idx]
                 if step < self.steps:
                     # value_and_grad maximises nothing here: it returns d(c * f)/dx'
-                    z, f_c, g_f = model.value_and_grad(xa, lambda z, c=c, yi=yi, ti=ti: (
-                        c * self._f(z, yi, ti)
-                    ))
+                    z, f_c, g_f = model.value_and_grad(
+                        xa, lambda z, c=c, yi=yi, ti=ti: c * self._f(z, yi, ti)
+                    )
                 else:  # only check the last iterate
                     z = model.logits(xa)
                     f_c = c * self._f(z, yi, ti)

@@ -1,0 +1,425 @@
+"""Square Attack, Andriushchenko, Croce, Flammarion & Hein, ECCV 2020.
+
+"Square Attack: a query-efficient black-box adversarial attack via random search"
+(https://arxiv.org/abs/1912.00049). Score-based black-box: the attack only reads the
+model's scores through ``model.logits`` and never asks for gradients.
+
+The algorithm follows the paper and its reference implementation
+(github.com/max-andr/square-attack):
+
+* Loss to *minimise*: untargeted, the margin ``z_y - max_{j != y} z_j``; targeted, the
+  cross-entropy of the target class ``-log p_t`` (the paper's choice for targeted
+  attacks). ``loss="margin"`` / ``loss="ce"`` overrides the default.
+* Linf: initialisation with vertical stripes of ``+-eps`` (one random sign per channel and
+  column); each iteration sets one random ``s x s`` window of the perturbation to ``+-eps``
+  (one random sign per channel), resampling the signs while the window would leave the
+  current iterate unchanged.
+* L2: initialisation with a grid of the paper's "meta pseudo-Gaussian" squares (two
+  halves of opposite sign, random sign per channel), rescaled to norm ``eps``; each
+  iteration moves the mass of a second random window into a new pattern on the first
+  window (Algorithm 3 of the paper) and rescales the perturbation to norm ``eps``.
+* ``p`` (fraction of pixels changed) is piecewise constant: ``p_init`` halved at
+  iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a 10 000-query run,
+  rescaled to the actual budget (``it -> int(it / budget * 10000)``) as in the reference
+  code. The window side is ``s = round(sqrt(p * n_features / c))`` (Linf: clipped to
+  ``[1, min(h, w) - 1]``; L2: at least 3 and odd, at most ``min(h, w)``).
+* A candidate replaces the current iterate only if it lowers the loss (or fools the
+  model); a sample leaves the batch, and is no longer queried, as soon as it is fooled.
+
+Window positions are drawn independently for every sample and uniformly over all
+``h - s + 1`` positions (the paper's ``U({0, ..., w - h})``).
+
+Query accounting: ``max_queries`` is the per-sample budget over all restarts, the
+initialisation query included; it is split evenly over ``restarts`` (each restart
+re-initialises the samples not yet fooled). ``AttackResult.queries`` gives the queries the
+attack spent on each sample (0 for samples the base class skipped). The base class's own
+clean prediction and final success check are not included.
+
+Inputs must be image-shaped: ``(C, H, W)``, or ``(H, W)`` treated as one channel, with
+``H, W >= 2``. Flat ``(D,)`` inputs raise :class:`~advguard.errors.InputError`; use
+HopSkipJump (any shape) for tabular models, or give the adapter an image ``input_shape``
+(``SklearnClassifier`` flattens for the estimator).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from advguard.attacks import losses
+from advguard.attacks.base import Attack, AttackResult
+from advguard.errors import InputError
+
+_LOSSES = ("margin", "ce")
+_P_INIT_DEFAULT = {"linf": 0.8, "l2": 0.1}
+_MAX_SIGN_RESAMPLES = 100  # reference: unbounded while loop (ends with probability 1)
+
+
+def p_selection(p_init: float, it: int, n_iters: int) -> float:
+    """Piecewise-constant schedule of ``p`` (reference ``p_selection``), rescaled to the budget."""
+    it = int(it / n_iters * 10000)
+    if 10 < it <= 50:
+        return p_init / 2
+    if 50 < it <= 200:
+        return p_init / 4
+    if 200 < it <= 500:
+        return p_init / 8
+    if 500 < it <= 1000:
+        return p_init / 16
+    if 1000 < it <= 2000:
+        return p_init / 32
+    if 2000 < it <= 4000:
+        return p_init / 64
+    if 4000 < it <= 6000:
+        return p_init / 128
+    if 6000 < it <= 8000:
+        return p_init / 256
+    if it > 8000:
+        return p_init / 512
+    return p_init
+
+
+def _pseudo_gaussian_rectangle(x: int, y: int) -> np.ndarray:
+    """Reference ``pseudo_gaussian_pert_rectangles``: nested rectangles, weight 1/(k+1)^2."""
+    delta = np.zeros([x, y])
+    x_c, y_c = x // 2 + 1, y // 2 + 1
+    c2 = [x_c - 1, y_c - 1]
+    for counter in range(max(x_c, y_c)):
+        delta[
+            max(c2[0], 0) : min(c2[0] + (2 * counter + 1), x),
+            max(0, c2[1]) : min(c2[1] + (2 * counter + 1), y),
+        ] += 1.0 / (counter + 1) ** 2
+        c2[0] -= 1
+        c2[1] -= 1
+    nrm = np.sqrt(np.sum(delta**2))
+    return delta / nrm if nrm > 0 else delta
+
+
+@lru_cache(maxsize=64)
+def meta_pattern(s: int) -> np.ndarray:
+    """Reference ``meta_pseudo_gaussian_pert`` (without its random transpose): two halves of
+    nested squares with opposite signs, unit L2 norm, shape ``(s, s)``."""
+    delta = np.zeros([s, s])
+    delta[: s // 2] = _pseudo_gaussian_rectangle(s // 2, s)
+    delta[s // 2 :] = -_pseudo_gaussian_rectangle(s - s // 2, s)
+    delta /= np.sqrt(np.sum(delta**2))
+    return delta
+
+
+class SquareAttack(Attack):
+    """Square Attack (score-based black-box random search), Linf and L2, (un)targeted.
+
+    Parameters
+    ----------
+    norm:
+        ``"linf"`` or ``"l2"``.
+    max_queries:
+        Per-sample query budget (all restarts together, the initialisation query
+        included). Never exceeded.
+    p_init:
+        Initial fraction of pixels changed per iteration. Default 0.8 (Linf) / 0.1 (L2),
+        the paper's values.
+    restarts:
+        Random restarts; the budget is split evenly over them (the first restarts get the
+        remainder). Each restart re-initialises the samples not yet fooled.
+    loss:
+        ``"margin"`` or ``"ce"``; default margin for untargeted and cross-entropy for
+        targeted attacks, as in the paper.
+    seed:
+        Seed of the attack's random generator.
+
+    ``result.queries`` holds the per-sample queries the attack used. Unfooled samples
+    return the iterate with the lowest loss (best over restarts).
+    """
+
+    name = "square"
+    norms = ("linf", "l2")
+    needs_gradients = False
+    minimum_norm = False
+    supports_targeted = True
+
+    def __init__(
+        self,
+        *,
+        norm: str | float = "linf",
+        max_queries: int = 1000,
+        p_init: float | None = None,
+        restarts: int = 1,
+        loss: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(norm=norm, seed=seed)
+        if not _is_int(max_queries) or max_queries < 1:
+            raise InputError(f"max_queries must be an integer >= 1, got {max_queries!r}")
+        if not _is_int(restarts) or restarts < 1:
+            raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
+        if restarts > max_queries:
+            raise InputError(
+                f"restarts ({restarts}) cannot exceed max_queries ({max_queries}): "
+                "every restart needs at least its initialisation query"
+            )
+        if p_init is None:
+            p_init = _P_INIT_DEFAULT[self.norm]
+        try:
+            p = float(p_init)
+        except (TypeError, ValueError):
+            raise InputError(f"p_init must be a number in (0, 1], got {p_init!r}") from None
+        if not 0.0 < p <= 1.0:
+            raise InputError(f"p_init must be in (0, 1], got {p_init!r}")
+        if loss is not None and loss not in _LOSSES:
+            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)} (or None)")
+        self.max_queries = int(max_queries)
+        self.p_init = p
+        self.restarts = int(restarts)
+        self.loss = loss
+        self._last_queries: torch.Tensor | None = None
+
+    # -- entry point: the base class plus per-sample query counts ---------------
+    def __call__(self, model, x, y, *, epsilon=None, targets=None) -> AttackResult:  # type: ignore[override]
+        _image_dims(tuple(model.input_shape))  # clear error before any work
+        self._last_queries = None
+        result = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
+        result.queries = _scatter_queries(result, self._last_queries)
+        result.info["max_queries"] = self.max_queries
+        self._last_queries = None
+        return result
+
+    # -- the attack ---------------------------------------------------------------
+    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+        n = len(x)
+        c, h, w = _image_dims(tuple(x.shape[1:]))
+        x4 = x.reshape(n, c, h, w)
+        goal = targets if targets is not None else y
+        best = x4.clone()
+        best_loss = torch.full((n,), float("inf"), device=x.device)
+        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        queries = torch.zeros(n, dtype=torch.long, device=x.device)
+        base, extra = divmod(self.max_queries, self.restarts)
+        for r in range(self.restarts):
+            budget = base + (1 if r < extra else 0)
+            idx = (~fooled).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            xb, lb, fb, qb = self._single_run(
+                model, x4[idx], goal[idx], targets is not None, float(epsilon), budget, generator
+            )
+            queries[idx] += qb
+            better = fb | (lb < best_loss[idx])
+            best[idx[better]] = xb[better]
+            best_loss[idx[better]] = torch.where(
+                fb[better], torch.full_like(lb[better], float("-inf")), lb[better]
+            )
+            fooled[idx[fb]] = True
+        self._last_queries = queries
+        return best.reshape(x.shape)
+
+    def _objective(
+        self, logits: torch.Tensor, goal: torch.Tensor, targeted: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, fooled mask) from the scores."""
+        kind = self.loss or ("ce" if targeted else "margin")
+        if targeted:
+            loss = (
+                -losses.ce_targeted(logits, goal) if kind == "ce" else losses.margin(logits, goal)
+            )
+            fooled = logits.argmax(1) == goal
+        else:
+            loss = -losses.ce(logits, goal) if kind == "ce" else -losses.margin(logits, goal)
+            fooled = logits.argmax(1) != goal
+        return loss, fooled
+
+    def _single_run(self, model, x, goal, targeted, eps, budget, gen):
+        """One restart on ``x`` (N, C, H, W) with ``budget`` queries per sample."""
+        lo, hi = model.bounds
+        n, c, _, w = x.shape
+        dev = x.device
+        if self.norm == "linf":
+            init = eps * _signs((n, c, 1, w), gen, dev, x.dtype)
+            x_best = (x + init).clamp(lo, hi)
+        else:
+            x_best = self._l2_init(x, eps, lo, hi, gen)
+        loss, fooled = self._objective(model.logits(x_best), goal, targeted)
+        queries = torch.ones(n, dtype=torch.long, device=dev)
+
+        # compact working set of the samples still to fool
+        a = (~fooled).nonzero().squeeze(1)
+        xa, xba, ga, la = x[a], x_best[a], goal[a], loss[a]
+        iters = 0  # candidate queries so far for every sample still in the working set
+        for i_iter in range(budget - 1):
+            if len(a) == 0:
+                break
+            p = p_selection(self.p_init, i_iter, budget)
+            if self.norm == "linf":
+                x_new = self._linf_candidate(xa, xba, p, eps, lo, hi, gen)
+            else:
+                x_new = self._l2_candidate(xa, xba, p, eps, lo, hi, gen)
+            loss_new, fool_new = self._objective(model.logits(x_new), ga, targeted)
+            iters += 1
+            improved = (loss_new < la) | fool_new
+            xba = torch.where(improved[:, None, None, None], x_new, xba)
+            la = torch.where(improved, loss_new, la)
+            if fool_new.any():
+                done = a[fool_new]
+                x_best[done] = xba[fool_new]
+                loss[done] = la[fool_new]
+                fooled[done] = True
+                queries[done] = 1 + iters
+                keep = ~fool_new
+                a, xa, xba, ga, la = a[keep], xa[keep], xba[keep], ga[keep], la[keep]
+        if len(a):
+            x_best[a] = xba
+            loss[a] = la
+            queries[a] = 1 + iters
+        return x_best, loss, fooled, queries
+
+    # -- Linf -----------------------------------------------------------------
+    @staticmethod
+    def _linf_candidate(x, x_best, p, eps, lo, hi, gen):
+        n, c, h, w = x.shape
+        s = round(math.sqrt(p * h * w))  # sqrt(p * n_features / c)
+        s = min(max(s, 1), min(h, w) - 1)
+        mask = _window_mask(n, h, w, s, gen, x.device)
+        out = torch.where(
+            mask, (x + eps * _signs((n, c, 1, 1), gen, x.device, x.dtype)).clamp(lo, hi), x_best
+        )
+        # reference: resample the signs while the window leaves the iterate unchanged
+        unchanged = ~(((out - x_best).abs() >= 1e-7) & mask).flatten(1).any(1)
+        if not unchanged.any():
+            return out
+        need = unchanged.nonzero().squeeze(1)
+        for _ in range(_MAX_SIGN_RESAMPLES):
+            m = mask[need]
+            signs = _signs((len(need), c, 1, 1), gen, x.device, x.dtype)
+            cand = torch.where(m, (x[need] + eps * signs).clamp(lo, hi), x_best[need])
+            out[need] = cand
+            unchanged = ~(((cand - x_best[need]).abs() >= 1e-7) & m).flatten(1).any(1)
+            if not unchanged.any():
+                break
+            need = need[unchanged]
+        return out
+
+    # -- L2 -------------------------------------------------------------------
+    @staticmethod
+    def _patterns(n: int, s: int, gen, dev, dtype) -> torch.Tensor:
+        """``n`` meta patterns of side ``s``, each transposed with probability 1/2."""
+        pat = torch.as_tensor(meta_pattern(s), dtype=dtype, device=dev)
+        flip = torch.rand(n, generator=gen, device=dev) > 0.5
+        return torch.where(flip[:, None, None], pat.T, pat)
+
+    def _l2_init(self, x, eps, lo, hi, gen):
+        n, c, h, w = x.shape
+        delta = torch.zeros_like(x)
+        s = max(h // 5, 1)
+        sp_init = max((h - s * 5) // 2, 0)
+        ch = sp_init
+        for _ in range(h // s):
+            cw = sp_init
+            for _ in range(w // s):
+                pat = self._patterns(n, s, gen, x.device, x.dtype)[:, None]
+                bump = pat * _signs((n, c, 1, 1), gen, x.device, x.dtype)
+                win = delta[:, :, ch : ch + s, cw : cw + s]
+                win += bump[:, :, : win.shape[2], : win.shape[3]]
+                cw += s
+            ch += s
+        nrm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        return (x + delta / nrm * eps).clamp(lo, hi)
+
+    def _l2_candidate(self, x, x_best, p, eps, lo, hi, gen):
+        n, c, h, w = x.shape
+        dev, dt = x.device, x.dtype
+        s = max(round(math.sqrt(p * h * w)), 3)
+        if s % 2 == 0:
+            s += 1
+        s = min(s, h, w)
+        delta = x_best - x
+        r1, c1 = _window_coords(n, h, w, s, gen, dev)
+        r2, c2 = _window_coords(n, h, w, s, gen, dev)
+        ni = torch.arange(n, device=dev)[:, None, None, None]
+        ci = torch.arange(c, device=dev)[None, :, None, None]
+        i1 = (ni, ci, r1[:, None, :, None], c1[:, None, None, :])
+        i2 = (ni, ci, r2[:, None, :, None], c2[:, None, None, :])
+        win1 = delta[i1]  # (n, c, s, s)
+        mask1 = _coords_mask(r1, c1, h, w)
+        mask2 = _coords_mask(r2, c2, h, w)
+        norm_win1 = win1.pow(2).sum((2, 3), keepdim=True).sqrt()
+        norm_img = delta.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
+        norm_wins = (delta * (mask1 | mask2)).pow(2).sum((2, 3), keepdim=True).sqrt()
+
+        new = self._patterns(n, s, gen, dev, dt)[:, None] * _signs((n, c, 1, 1), gen, dev, dt)
+        new = new + win1 / (1e-10 + norm_win1)
+        budget = ((eps**2 - norm_img.pow(2)).clamp_min(0) / c + norm_wins.pow(2)).sqrt()
+        new = new / new.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
+        delta = delta.clone()
+        delta[i2] = 0.0
+        delta[i1] = new
+        nrm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        return (x + delta / nrm * eps).clamp(lo, hi)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _image_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) == 3:
+        c, h, w = shape
+    elif len(shape) == 2:
+        c, (h, w) = 1, shape
+    else:
+        raise InputError(
+            f"Square Attack needs image-shaped inputs (C, H, W) or (H, W); the model's inputs "
+            f"have shape {shape}. Use HopSkipJump for flat/tabular inputs, or declare the "
+            "adapter's input_shape as an image."
+        )
+    if min(h, w) < 2:
+        raise InputError(f"Square Attack needs images of at least 2x2 pixels, got {shape}")
+    return int(c), int(h), int(w)
+
+
+def _signs(shape, gen, dev, dtype) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=gen, device=dev).to(dtype) * 2 - 1
+
+
+def _window_coords(n, h, w, s, gen, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices (n, s) of one random s x s window per sample."""
+    vh = torch.randint(0, h - s + 1, (n,), generator=gen, device=dev)
+    vw = torch.randint(0, w - s + 1, (n,), generator=gen, device=dev)
+    ar = torch.arange(s, device=dev)
+    return vh[:, None] + ar, vw[:, None] + ar
+
+
+def _coords_mask(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Boolean (n, 1, h, w) mask of the windows starting at rows[:, 0], cols[:, 0]."""
+    s = rows.shape[1]
+    dev = rows.device
+    rh = torch.arange(h, device=dev)[None]
+    rw = torch.arange(w, device=dev)[None]
+    mh = (rh >= rows[:, :1]) & (rh < rows[:, :1] + s)
+    mw = (rw >= cols[:, :1]) & (rw < cols[:, :1] + s)
+    return (mh[:, :, None] & mw[:, None, :])[:, None]
+
+
+def _window_mask(n, h, w, s, gen, dev) -> torch.Tensor:
+    vh = torch.randint(0, h - s + 1, (n, 1), generator=gen, device=dev)
+    vw = torch.randint(0, w - s + 1, (n, 1), generator=gen, device=dev)
+    rh = torch.arange(h, device=dev)[None]
+    rw = torch.arange(w, device=dev)[None]
+    mh = (rh >= vh) & (rh < vh + s)
+    mw = (rw >= vw) & (rw < vw + s)
+    return (mh[:, :, None] & mw[:, None, :])[:, None]
+
+
+def _scatter_queries(result: AttackResult, per_active: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample queries over the whole batch (0 where the sample was not attacked)."""
+    attacked = result.attacked
+    q = torch.zeros(len(attacked), dtype=torch.long)
+    if per_active is not None and bool(attacked.any()):
+        q[attacked.cpu()] = per_active.detach().cpu().long()
+    return q.to(attacked.device)

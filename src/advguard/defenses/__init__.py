@@ -1,0 +1,1 @@
+"""Defenses: input transforms, detectors and hardening."""

@@ -1,0 +1,1 @@
+"""Input transforms applied before a model (e.g. text normalization in ``text``)."""

@@ -1,0 +1,566 @@
+"""Black-box adapter around a live HTTP prediction endpoint.
+
+The endpoint receives batches of raw inputs as JSON and answers class probabilities or
+logits (the contract is in ``docs/http-contract.md``)::
+
+    POST <url>     {"inputs": [[...], ...]}
+    200 OK         {"probabilities": [[...], ...]}     (or {"logits": [[...], ...]})
+
+Only the standard library is used (``urllib.request``). Every answered sample counts in
+``queries.forward``; a hard ``query_budget`` stops a request *before* it is sent when it
+would answer more samples than allowed. The API key is sent in a configurable header and
+never appears in ``repr``, error messages or :meth:`HttpClassifier.describe`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import math
+import random
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from advguard.errors import AdvguardError, InputError
+from advguard.models.base import ClassifierBase
+
+#: Added to probabilities before the log when ``output="probabilities"``.
+PROBA_EPS = 1e-12
+#: How far a row of probabilities may be from summing to 1.
+PROBA_SUM_TOL = 1e-3
+#: Characters of a response body quoted in error messages.
+BODY_EXCERPT = 200
+#: HTTP statuses retried (besides connection errors and time-outs).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDACTED = "***"
+
+
+class QueryBudgetExceeded(AdvguardError):
+    """The next request would answer more samples than the endpoint's ``query_budget``.
+
+    Raised *before* the request is sent, so the budget is never exceeded.
+    """
+
+    def __init__(self, budget: int, used: int, requested: int, message: str | None = None):
+        self.budget = int(budget)
+        self.used = int(used)
+        self.requested = int(requested)
+        super().__init__(
+            message
+            or f"query budget exhausted: {used} of {budget} samples already answered, the "
+            f"next request needs {requested} more; raise the query budget to continue"
+        )
+
+
+class EndpointError(AdvguardError):
+    """The endpoint could not be reached or answered with an error status (after retries)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class EndpointResponseError(EndpointError, ValueError):
+    """The endpoint answered 2xx but the body breaks the JSON contract."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, with query-string values and the fragment replaced.
+
+    ``https://u:p@host/predict?key=abc`` -> ``https://host/predict?key=***``.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    query = urlencode([(k, REDACTED) for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        secs = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ref = time.time() if now is None else now
+        secs = when.timestamp() - ref
+    if not math.isfinite(secs):
+        return None
+    return max(0.0, secs)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow redirects: they would resend the API key to another location."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+class HttpClassifier(ClassifierBase):
+    """Query a classifier served over HTTP(S) as a black box.
+
+    Parameters
+    ----------
+    url:
+        ``http://`` or ``https://`` endpoint that accepts ``POST`` with a JSON body.
+    input_shape, num_classes, bounds:
+        What the endpoint takes and returns: one raw input's shape (no batch dimension),
+        the number of classes, the valid input range. Inputs are sent in that raw space.
+    output:
+        ``"probabilities"`` (rows must be finite, >= 0 and sum to 1; turned into
+        ``log(p + 1e-12)``) or ``"logits"`` (any finite scores).
+    input_field, output_field:
+        JSON keys of the request inputs and the response scores. ``output_field``
+        defaults to the value of ``output`` (``"probabilities"`` or ``"logits"``).
+    flatten:
+        Send each input as a flat list of ``prod(input_shape)`` numbers instead of
+        nested lists of shape ``input_shape``.
+    api_key, api_key_header, api_key_prefix:
+        Credential sent with every request as ``<api_key_header>: <prefix><api_key>``.
+        The prefix defaults to ``"Bearer "`` for ``Authorization`` and to nothing for
+        other headers (e.g. ``X-API-Key``). The key is never logged nor reported.
+    headers:
+        Extra (non-secret) request headers.
+    extra_fields:
+        Extra constant top-level fields of the request body (e.g. a model name).
+    timeout:
+        Seconds to wait for a connection and for the response.
+    retries:
+        Further attempts after a connection error, a time-out, a 5xx or a 429
+        (so at most ``1 + retries`` requests per batch).
+    backoff, max_backoff:
+        Exponential backoff: before retry ``k`` (from 0) wait
+        ``d = min(max_backoff, backoff * 2**k)`` with jitter, uniformly in ``[d/2, d]``.
+    max_retry_after:
+        Cap (seconds) on a 429's ``Retry-After`` (seconds or HTTP date); without that
+        header a 429 backs off like a 5xx.
+    batch_size:
+        Most samples per request.
+    query_budget:
+        Most samples this adapter may have answered in total (None: unlimited). A
+        :meth:`logits` call that would go over it raises :class:`QueryBudgetExceeded`
+        before sending anything.
+    seed:
+        Seed of the backoff jitter (deterministic waits); None draws from the OS.
+    ssl_context:
+        For ``https``: a custom :class:`ssl.SSLContext` (e.g. a private CA). Certificates
+        are verified by default.
+    proxies:
+        ``None`` uses the ``http(s)_proxy`` environment variables like ``urllib``;
+        ``{}`` disables proxies; or a ``{"http": ..., "https": ...}`` mapping.
+
+    ``queries.forward`` counts samples actually answered; :attr:`requests_sent`,
+    :attr:`retries_done`, :attr:`seconds_waited` and :attr:`samples_answered` (never reset)
+    describe the traffic (see :meth:`usage`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        output: Literal["probabilities", "logits"] = "probabilities",
+        input_field: str = "inputs",
+        output_field: str | None = None,
+        flatten: bool = False,
+        api_key: str | None = None,
+        api_key_header: str = "Authorization",
+        api_key_prefix: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra_fields: Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 60.0,
+        batch_size: int = 64,
+        query_budget: int | None = None,
+        seed: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(num_classes=num_classes, input_shape=tuple(input_shape), bounds=bounds)
+        self.url = self._check_url(url)
+        self.endpoint = redact_url(self.url)
+        if output not in ("probabilities", "logits"):
+            raise InputError(f"output must be 'probabilities' or 'logits', got {output!r}")
+        self.output: str = output
+        for name, val in (("input_field", input_field), ("output_field", output_field)):
+            if val is not None and (not isinstance(val, str) or not val):
+                raise InputError(f"{name} must be a non-empty string, got {val!r}")
+        self.input_field = input_field
+        self.output_field = output_field if output_field is not None else output
+        self.flatten = bool(flatten)
+        self.extra_fields = dict(extra_fields or {})
+        if self.input_field in self.extra_fields:
+            raise InputError(f"extra_fields must not contain the input field {input_field!r}")
+        for name, val, lo in (
+            ("timeout", timeout, 0.0),
+            ("backoff", backoff, -1.0),
+            ("max_backoff", max_backoff, -1.0),
+            ("max_retry_after", max_retry_after, -1.0),
+        ):
+            if not isinstance(val, int | float) or not math.isfinite(val) or val <= lo:
+                rule = "> 0" if lo == 0.0 else ">= 0"
+                raise InputError(f"{name} must be a finite number {rule}, got {val!r}")
+        self.timeout = float(timeout)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise InputError(f"retries must be an integer >= 0, got {retries!r}")
+        self.retries = retries
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        if query_budget is not None and (
+            not isinstance(query_budget, int | np.integer)
+            or isinstance(query_budget, bool)
+            or query_budget < 0
+        ):
+            raise InputError(f"query_budget must be an integer >= 0 or None, got {query_budget!r}")
+        self.query_budget = None if query_budget is None else int(query_budget)
+
+        # The credential lives only in this private header dict; never in repr/describe.
+        self._headers: dict[str, str] = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "advguard-http-client",
+        }
+        for k, v in (headers or {}).items():
+            self._headers[str(k)] = str(v)
+        self.api_key_header: str | None = None
+        self._secret: str | None = None
+        if api_key is not None:
+            if not isinstance(api_key, str) or not api_key.strip():
+                raise InputError("api_key must be a non-empty string (or None)")
+            if not api_key_header or any(c in api_key_header for c in ":\r\n "):
+                raise InputError(f"api_key_header must be a header name, got {api_key_header!r}")
+            if any(c in api_key for c in "\r\n"):
+                raise InputError("api_key must not contain line breaks")
+            if api_key_prefix is None:
+                api_key_prefix = "Bearer " if api_key_header.lower() == "authorization" else ""
+            self.api_key_header = api_key_header
+            self._secret = api_key
+            self._headers[api_key_header] = f"{api_key_prefix}{api_key}"
+
+        handlers: list[Any] = [_NoRedirect()]
+        if proxies is not None:
+            handlers.append(urllib.request.ProxyHandler(dict(proxies)))
+        if ssl_context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
+        self._opener = urllib.request.build_opener(*handlers)
+        self._rng = random.Random(seed)
+        self._sleep: Callable[[float], None] = time.sleep
+        self._lock = threading.Lock()
+
+        self.samples_answered = 0
+        self.requests_sent = 0
+        self.retries_done = 0
+        self.seconds_waited = 0.0
+
+    # -- construction helpers ---------------------------------------------
+    @staticmethod
+    def _check_url(url: str) -> str:
+        if not isinstance(url, str) or not url.strip():
+            raise InputError(f"url must be a non-empty string, got {url!r}")
+        url = url.strip()
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise InputError(
+                f"only http:// and https:// endpoints are supported, got {redact_url(url)!r}"
+            )
+        if not parts.hostname:
+            raise InputError(f"url has no host: {redact_url(url)!r}")
+        if parts.username is not None or parts.password is not None:
+            raise InputError(
+                "do not put credentials in the URL; pass the key as api_key "
+                "(sent in a header, never reported)"
+            )
+        try:
+            _ = parts.port
+        except ValueError:
+            raise InputError(f"url has an invalid port: {redact_url(url)!r}") from None
+        return url
+
+    # -- budget ---------------------------------------------------------------
+    @property
+    def remaining_budget(self) -> int | None:
+        """Samples that may still be answered (None: unlimited)."""
+        if self.query_budget is None:
+            return None
+        return max(0, self.query_budget - self.samples_answered)
+
+    def _reserve(self, n: int) -> None:
+        if self.query_budget is not None and self.samples_answered + n > self.query_budget:
+            raise QueryBudgetExceeded(self.query_budget, self.samples_answered, n)
+
+    # -- queries ----------------------------------------------------------------
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores for a batch (float32, on ``x``'s device); probabilities become logs.
+
+        Raises :class:`QueryBudgetExceeded` (nothing sent) when ``len(x)`` samples would
+        exceed the budget, :class:`EndpointError` / :class:`EndpointResponseError` when
+        the endpoint fails or breaks the contract.
+        """
+        n = len(x)
+        if n == 0:
+            return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
+        with self._lock:
+            self._reserve(n)  # the whole call must fit: no half-answered batches
+            arr = x.detach().to("cpu", torch.float32).numpy()
+            outs = []
+            for i in range(0, n, self.batch_size):
+                chunk = arr[i : i + self.batch_size]
+                scores = self._query(chunk)
+                self.samples_answered += len(chunk)
+                self.queries.forward += len(chunk)
+                outs.append(scores)
+        out = np.concatenate(outs)
+        if self.output == "probabilities":
+            out = np.log(out + PROBA_EPS)
+        return torch.from_numpy(out.astype(np.float32)).to(x.device)
+
+    def _payload(self, chunk: np.ndarray) -> bytes:
+        rows = chunk.reshape(len(chunk), -1) if self.flatten else chunk
+        body = dict(self.extra_fields)
+        body[self.input_field] = rows.tolist()
+        return json.dumps(body, allow_nan=False).encode("utf-8")
+
+    def _query(self, chunk: np.ndarray) -> np.ndarray:
+        data = self._payload(chunk)
+        status, body = self._post(data)
+        return self._parse(status, body, len(chunk))
+
+    def _redact(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, REDACTED)
+        return text
+
+    def _excerpt(self, body: bytes) -> str:
+        text = body[:BODY_EXCERPT].decode("utf-8", errors="replace")
+        text = self._redact(text).replace("\n", " ").strip()
+        return repr(text) + ("..." if len(body) > BODY_EXCERPT else "")
+
+    def _backoff_delay(self, attempt: int) -> float:
+        d = min(self.max_backoff, self.backoff * (2.0**attempt))
+        return d / 2.0 + self._rng.uniform(0.0, d / 2.0)
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self._sleep(seconds)
+            self.seconds_waited += seconds
+
+    def _post(self, data: bytes) -> tuple[int, bytes]:
+        """POST with retries; returns (2xx status, body) or raises EndpointError."""
+        attempts = 1 + self.retries
+        last = ""
+        last_status: int | None = None
+        for attempt in range(attempts):
+            req = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
+            retry_after: float | None = None
+            self.requests_sent += 1
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    return int(resp.status), resp.read()
+            except urllib.error.HTTPError as exc:
+                status = int(exc.code)
+                try:
+                    body = exc.read()
+                except (OSError, http.client.HTTPException):
+                    body = b""
+                finally:
+                    exc.close()
+                if 300 <= status < 400:
+                    where = exc.headers.get("Location", "") if exc.headers else ""
+                    raise EndpointError(
+                        f"{self.endpoint} answered HTTP {status} (redirect to "
+                        f"{redact_url(where) if where else 'an unknown location'}); redirects "
+                        "are not followed so the API key stays with the configured endpoint. "
+                        "Pass the final URL.",
+                        status=status,
+                    ) from None
+                if status not in RETRY_STATUSES:
+                    hint = ""
+                    if status in (401, 403):
+                        hint = (
+                            " Check the API key and the header it is sent in "
+                            f"({self.api_key_header or 'no key was given'})."
+                        )
+                    elif status in (400, 415, 422):
+                        hint = (
+                            f" Check the request contract: input field {self.input_field!r}, "
+                            f"flatten={self.flatten}, input shape {self.input_shape}."
+                        )
+                    raise EndpointError(
+                        f"{self.endpoint} answered HTTP {status} {exc.reason}: "
+                        f"{self._excerpt(body)}.{hint}",
+                        status=status,
+                    ) from None
+                last_status = status
+                last = f"HTTP {status} {exc.reason}: {self._excerpt(body)}"
+                if status == 429:
+                    header = exc.headers.get("Retry-After") if exc.headers else None
+                    ra = parse_retry_after(header)
+                    if ra is not None:
+                        retry_after = min(ra, self.max_retry_after)
+            except TimeoutError as exc:
+                last_status = None
+                last = f"no response within {self.timeout:g} s ({exc or 'timed out'})"
+            except urllib.error.URLError as exc:
+                last_status = None
+                reason = exc.reason
+                if isinstance(reason, TimeoutError):
+                    last = f"no response within {self.timeout:g} s ({reason or 'timed out'})"
+                elif isinstance(reason, ssl.SSLError):
+                    raise EndpointError(
+                        f"TLS error talking to {self.endpoint}: {self._redact(str(reason))}"
+                    ) from None
+                else:
+                    last = self._redact(str(reason))
+            except (http.client.HTTPException, ConnectionError, OSError) as exc:
+                last_status = None
+                last = self._redact(f"{type(exc).__name__}: {exc}")
+            if attempt + 1 < attempts:
+                self.retries_done += 1
+                self._wait(retry_after if retry_after is not None else self._backoff_delay(attempt))
+        if last_status is not None:
+            raise EndpointError(
+                f"{self.endpoint} still failing after {attempts} attempt(s): {last}",
+                status=last_status,
+            )
+        raise EndpointError(
+            f"could not reach {self.endpoint} after {attempts} attempt(s): {last}. "
+            "Check that the service is up and the URL, port and network are right."
+        )
+
+    def _parse(self, status: int, body: bytes, n: int) -> np.ndarray:
+        where = f"{self.endpoint} (HTTP {status})"
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EndpointResponseError(
+                f"{where} did not answer valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                f"body starts with {self._excerpt(body)}"
+            ) from None
+        if not isinstance(payload, dict):
+            raise EndpointResponseError(
+                f"{where} answered a JSON {type(payload).__name__}, expected an object with "
+                f"the field {self.output_field!r}"
+            )
+        if self.output_field not in payload:
+            keys = ", ".join(repr(k) for k in list(payload)[:10]) or "none"
+            raise EndpointResponseError(
+                f"{where} answered no field {self.output_field!r} (fields: {keys}); set "
+                "output_field to the key that holds the scores"
+            )
+        raw = payload[self.output_field]
+        try:
+            arr = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise EndpointResponseError(
+                f"{where}: field {self.output_field!r} is not a rectangular list of numbers"
+            ) from None
+        if arr.ndim != 2 or arr.shape[0] != n:
+            got = f"{arr.shape[0]} row(s)" if arr.ndim >= 1 else "a single number"
+            if arr.ndim == 1 and len(arr) == n:
+                got = f"{n} single numbers (labels?) instead of rows of scores"
+            raise EndpointResponseError(
+                f"{where}: field {self.output_field!r} has {got} with shape "
+                f"{arr.shape} for {n} input(s); expected shape ({n}, {self.num_classes})"
+            )
+        if arr.shape[1] != self.num_classes:
+            raise EndpointResponseError(
+                f"{where}: {arr.shape[1]} scores per input but num_classes is "
+                f"{self.num_classes}; declare the right num_classes or check the endpoint"
+            )
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            row = int(np.nonzero(bad.any(1))[0][0])
+            raise EndpointResponseError(
+                f"{where}: {int(bad.any(1).sum())} row(s) of {self.output_field!r} contain "
+                f"NaN/Inf/null (first row {row})"
+            )
+        if self.output == "probabilities":
+            if (arr < 0).any():
+                row = int(np.nonzero((arr < 0).any(1))[0][0])
+                raise EndpointResponseError(
+                    f"{where}: negative probabilities in {int((arr < 0).any(1).sum())} row(s) "
+                    f"(first row {row}, min {arr.min():.4g}); if the endpoint returns scores, "
+                    "use output='logits'"
+                )
+            sums = arr.sum(1)
+            off = np.abs(sums - 1.0) > PROBA_SUM_TOL
+            if off.any():
+                row = int(np.nonzero(off)[0][0])
+                raise EndpointResponseError(
+                    f"{where}: probabilities must sum to 1 per row; {int(off.sum())} row(s) do "
+                    f"not (row {row} sums to {sums[row]:.6g}); if the endpoint returns scores, "
+                    "use output='logits'"
+                )
+        return arr
+
+    # -- description ----------------------------------------------------------
+    def usage(self) -> dict[str, Any]:
+        """Traffic so far: samples answered, requests, retries, seconds waited, budget."""
+        return {
+            "samples_answered": self.samples_answered,
+            "requests_sent": self.requests_sent,
+            "retries": self.retries_done,
+            "seconds_waited": round(self.seconds_waited, 3),
+            "query_budget": self.query_budget,
+            "budget_left": self.remaining_budget,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Report-safe description: the URL without credentials or query values, no key."""
+        return {
+            "endpoint": self.endpoint,
+            "output": self.output,
+            "input_field": self.input_field,
+            "output_field": self.output_field,
+            "flatten": self.flatten,
+            "authenticated": self._secret is not None,
+            "api_key_header": self.api_key_header,
+            "batch_size": self.batch_size,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "query_budget": self.query_budget,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"HttpClassifier({self.endpoint!r}, num_classes={self.num_classes}, "
+            f"input_shape={self.input_shape}, bounds={self.bounds}, output={self.output!r})"
+        )
