@@ -77,7 +77,10 @@ def test_confidence_margin(digits_model, digits_eval):
 def test_uses_model_bounds_not_unit_box(digits_module, digits_eval):
     """Inputs in [-1, 1]: the tanh box follows model.bounds; background pixels at -1 stay put."""
     model = TorchClassifier(
-        digits_module, input_shape=(1, 8, 8), num_classes=10, bounds=(-1.0, 1.0),
+        digits_module,
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        bounds=(-1.0, 1.0),
         preprocess=Normalize(-1.0, 2.0),  # (x + 1) / 2 back to [0, 1]
     )
     x, y = _subset(digits_eval, 16)

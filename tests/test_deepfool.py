@@ -57,7 +57,10 @@ def test_epsilon_bound_and_robust_accuracy(digits_model, digits_eval, norm, eps)
 
 def test_uses_model_bounds(digits_module, digits_eval):
     model = TorchClassifier(
-        digits_module, input_shape=(1, 8, 8), num_classes=10, bounds=(-1.0, 1.0),
+        digits_module,
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        bounds=(-1.0, 1.0),
         preprocess=Normalize(-1.0, 2.0),  # (x + 1) / 2 back to [0, 1]
     )
     x, y = _subset(digits_eval, 40)
