@@ -291,6 +291,10 @@ def test_resume_skips_finished_batches(tmp_path, digits_module, digits_split):
         r.robust_accuracy.k for r in full.results
     ]
     assert resumed_model.queries.forward < full_model.queries.forward / 2
+    # a fresh run in the same directory ignores (and removes) the old checkpoint
+    again_model = fresh()
+    evaluate(again_model, x, y, t, checkpoint_dir=ck)
+    assert again_model.queries.forward == full_model.queries.forward
     other = tm(sanity_checks=False, samples=192, batch_size=64, seed=5)
     with pytest.raises(InputError, match="different run"):
         evaluate(fresh(), x, y, other, checkpoint_dir=ck, resume=True)
