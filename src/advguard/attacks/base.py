@@ -84,14 +84,7 @@ class Attack:
                 "Use a TorchClassifier or a black-box attack."
             )
         eps = self._check_epsilon(epsilon)
-        device = getattr(model, "device", torch.device("cpu"))
-        x_in = torch.as_tensor(x)
-        orig_device = x_in.device
-        x0 = x_in.detach().to(device=device, dtype=torch.float32).clone()
-        check_inputs(model, x0)
-        y0 = torch.as_tensor(y).to(device)
-        check_labels(model, y0, len(x0))
-        y0 = y0.long()
+        x0, y0, device, orig_device = self._prepare(model, x, y)
         t0 = None
         if targets is not None:
             if not self.supports_targeted:
@@ -151,6 +144,19 @@ class Attack:
         raise NotImplementedError  # pragma: no cover
 
     # -- helpers ------------------------------------------------------------
+    @staticmethod
+    def _prepare(
+        model: Classifier, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.device, torch.device]:
+        """Check and copy a batch onto the model's device: ``(x0, y0, device, input_device)``."""
+        device = getattr(model, "device", torch.device("cpu"))
+        x_in = torch.as_tensor(x)
+        x0 = x_in.detach().to(device=device, dtype=torch.float32).clone()
+        check_inputs(model, x0)
+        y0 = torch.as_tensor(y).to(device)
+        check_labels(model, y0, len(x0))
+        return x0, y0.long(), device, x_in.device
+
     def params(self) -> dict[str, Any]:
         """The attack's configuration, for reports (everything needed to re-run it)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -20,7 +20,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackResult
 from advguard.attacks.norms import normalize, project, random_in_ball
 from advguard.errors import InputError
-from advguard.models.base import Classifier, check_inputs, check_labels
+from advguard.models.base import Classifier
 
 _LOSSES = ("ce", "dlr")
 _MOMENTUM = 0.75
@@ -262,14 +262,7 @@ class APGD(Attack):
         (``loss="dlr"`` is AutoAttack's APGD-T), norm, steps, restarts and seed.
         """
         eps = self._check_epsilon(epsilon)
-        device = getattr(model, "device", torch.device("cpu"))
-        x_in = torch.as_tensor(x)
-        orig_device = x_in.device
-        x0 = x_in.detach().to(device=device, dtype=torch.float32).clone()
-        check_inputs(model, x0)
-        y0 = torch.as_tensor(y).to(device)
-        check_labels(model, y0, len(x0))
-        y0 = y0.long()
+        x0, y0, device, orig_device = self._prepare(model, x, y)
         f0, g0 = model.queries.snapshot()
         n = len(x0)
         k = min(self.n_target_classes, model.num_classes - 1)
