@@ -151,11 +151,17 @@ def git_info() -> dict[str, Any]:
     try:
         out["commit"] = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
-            capture_output=True, text=True, check=True, timeout=10,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.splitlines()
         out["dirty_src_files"] = [line[3:] for line in dirty]
     except (OSError, subprocess.SubprocessError):
@@ -190,8 +196,12 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "packages": {
             name: pkg_version(name)
             for name in (
-                "advguard", "torchattacks", "adversarial-robustness-toolbox", "numpy",
-                "scipy", "safetensors",
+                "advguard",
+                "torchattacks",
+                "adversarial-robustness-toolbox",
+                "numpy",
+                "scipy",
+                "safetensors",
             )
         },
         "torchvision_installed": importlib.util.find_spec("torchvision") is not None,
@@ -231,7 +241,10 @@ def load_data(data_path: Path) -> dict[str, Any]:
         "name": "sklearn-digits-upsampled-28x28",
         "source": f"sklearn.datasets.load_digits (fallback: {data_path} not found)",
         "sha256": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
-        "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
+        "x_train": x[tr],
+        "y_train": y[tr],
+        "x_test": x[te],
+        "y_test": y[te],
     }
 
 
@@ -285,8 +298,14 @@ def get_model(data: dict[str, Any], epochs: int | None, device: str) -> dict[str
     module = build_module()
     t0 = time.perf_counter()
     fit(
-        module, data["x_train"], data["y_train"], epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"], device=device,
+        module,
+        data["x_train"],
+        data["y_train"],
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        seed=cfg["seed"],
+        device=device,
     )
     train_s = time.perf_counter() - t0
     module = module.cpu().eval()
@@ -338,6 +357,31 @@ def plain_pgd(model, x, y, eps: float, alpha: float, steps: int):
     return xa.detach()
 
 
+def result_header(schema: str, env: dict[str, Any]) -> dict[str, Any]:
+    """The fields every benchmark result starts with: schema, time, command, environment."""
+    return {
+        "schema": schema,
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "environment": env,
+    }
+
+
+def art_estimator(module, device: str = "cpu"):
+    """ART's PyTorch wrapper around the benchmark CNN (MNIST shape, pixels in [0, 1])."""
+    import torch
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(
+        model=module,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if device.startswith("cuda") else "cpu",
+    )
+
+
 def make_runner(impl: str, workload: str, eps: float, module, device: str, seed: int, bs: int):
     """Return (run(xb, yb, xb_np, yb_np) -> adv tensor, params-dict)."""
     import torch
@@ -354,13 +398,15 @@ def make_runner(impl: str, workload: str, eps: float, module, device: str, seed:
     if impl == "advguard":
         from advguard.models.torch_model import TorchClassifier
 
-        clf = TorchClassifier(module, input_shape=(1, 28, 28), num_classes=10, bounds=(0.0, 1.0),
-                              device=device)
+        clf = TorchClassifier(
+            module, input_shape=(1, 28, 28), num_classes=10, bounds=(0.0, 1.0), device=device
+        )
         if workload == "pgd":
             from advguard.attacks.evasion.pgd import PGD
 
-            atk = PGD(norm="linf", steps=PGD_STEPS, step_size=PGD_STEP_SIZE, random_start=True,
-                      seed=seed)
+            atk = PGD(
+                norm="linf", steps=PGD_STEPS, step_size=PGD_STEP_SIZE, random_start=True, seed=seed
+            )
         else:
             from advguard.attacks.evasion.apgd import APGD
 
@@ -371,33 +417,40 @@ def make_runner(impl: str, workload: str, eps: float, module, device: str, seed:
         import torchattacks
 
         if workload == "pgd":
-            atk = torchattacks.PGD(module, eps=eps, alpha=PGD_STEP_SIZE, steps=PGD_STEPS,
-                                   random_start=True)
+            atk = torchattacks.PGD(
+                module, eps=eps, alpha=PGD_STEP_SIZE, steps=PGD_STEPS, random_start=True
+            )
         else:
-            atk = torchattacks.APGD(module, norm="Linf", eps=eps, steps=APGD_STEPS, n_restarts=1,
-                                    loss="ce", seed=seed)
+            atk = torchattacks.APGD(
+                module, norm="Linf", eps=eps, steps=APGD_STEPS, n_restarts=1, loss="ce", seed=seed
+            )
         return (lambda xb, yb, xn, yn: atk(xb, yb)), {"repr": repr(atk)}
 
     if impl == "art":
-        from art.estimators.classification import PyTorchClassifier
-
-        est = PyTorchClassifier(
-            model=module, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-            nb_classes=10, clip_values=(0.0, 1.0),
-            device_type="gpu" if device.startswith("cuda") else "cpu",
-        )
+        est = art_estimator(module, device)
         if workload == "pgd":
             from art.attacks.evasion import ProjectedGradientDescentPyTorch
 
-            params = {"eps": eps, "eps_step": PGD_STEP_SIZE, "max_iter": PGD_STEPS,
-                      "num_random_init": 1, "batch_size": bs}
+            params = {
+                "eps": eps,
+                "eps_step": PGD_STEP_SIZE,
+                "max_iter": PGD_STEPS,
+                "num_random_init": 1,
+                "batch_size": bs,
+            }
             atk = ProjectedGradientDescentPyTorch(est, norm=np.inf, verbose=False, **params)
         else:
             from art.attacks.evasion import AutoProjectedGradientDescent
 
             # ART's APGD starts from eta = eps_step; the paper (and advguard/torchattacks) use 2*eps
-            params = {"eps": eps, "eps_step": 2 * eps, "max_iter": APGD_STEPS, "nb_random_init": 1,
-                      "batch_size": bs, "loss_type": "cross_entropy"}
+            params = {
+                "eps": eps,
+                "eps_step": 2 * eps,
+                "max_iter": APGD_STEPS,
+                "nb_random_init": 1,
+                "batch_size": bs,
+                "loss_type": "cross_entropy",
+            }
             atk = AutoProjectedGradientDescent(est, norm=np.inf, verbose=False, **params)
 
         def run(xb, yb, xn, yn):
@@ -431,16 +484,21 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def child_main(spec_path: str, out_path: str) -> int:
+def child_main(spec_path: str, out_path: str, child=None) -> int:
+    """Run one measurement (``child``, default this file's ``_child``) and write its JSON;
+    failures of a peer are recorded, never raised. Shared by the other benchmark scripts."""
     spec = json.loads(Path(spec_path).read_text())
     result: dict[str, Any] = {"status": "error"}
     try:
-        result = _child(spec)
+        result = (child or _child)(spec)
     except ImportError as e:
         result = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
     except Exception as e:  # record any failure of a peer in the JSON
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()[-4000:]}
+        result = {
+            "status": "error",
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     Path(out_path).write_text(json.dumps(result))
     return 0
 
@@ -503,11 +561,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         adv = torch.cat([o.detach() for o in outs])
     attack_peak = _proc_status_mb("VmHWM")
 
-    with torch.no_grad():
-        pred_adv = torch.cat([module(adv[i : i + 1000]).argmax(1) for i in range(0, n, 1000)])
-        pred_clean = torch.cat([module(x[i : i + 1000]).argmax(1) for i in range(0, n, 1000)])
+    pred_adv = predict_chunked(module, adv)
+    pred_clean = predict_chunked(module, x)
     robust = (pred_adv == y).cpu().numpy()
-    delta = (adv - x).abs().flatten(1).amax(1)
     out = {
         "status": "ok",
         "params": params,
@@ -516,19 +572,36 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "clean_accuracy": round(100.0 * float((pred_clean == y).float().mean()), 2),
         "robust_accuracy": round(100.0 * float(robust.mean()), 2),
-        "max_linf": float(delta.max()),
-        "linf_ok": bool(float(delta.max()) <= eps + 1e-6),
-        "in_bounds": bool(float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0),
+        **linf_checks(adv, x, eps),
         "forward_samples_per_example": round(float(np.median(forwards)) / n, 2),
         "rss_before_attack_mb": _round(rss_before),
         "attack_peak_rss_mb": _round(attack_peak) if hwm_reset else None,
         "peak_rss_mb": _round(max(v for v in (setup_peak, attack_peak) if v is not None))
-        if (setup_peak or attack_peak) else None,
+        if (setup_peak or attack_peak)
+        else None,
         "robust_mask": np.packbits(robust.astype(np.uint8)).tobytes().hex(),
     }
     if device.startswith("cuda"):
         out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def predict_chunked(module, x, chunk: int = 1000):
+    """Labels for ``x`` in chunks (no gradients)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([module(x[i : i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
+
+
+def linf_checks(adv, x, eps: float) -> dict[str, Any]:
+    """Largest Linf perturbation, whether it respects ``eps``, whether ``adv`` stays in [0, 1]."""
+    delta = (adv - x).abs().flatten(1).amax(1)
+    return {
+        "max_linf": float(delta.max()),
+        "linf_ok": bool(float(delta.max()) <= eps + 1e-6),
+        "in_bounds": bool(float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0),
+    }
 
 
 def _round(v: float | None, k: int = 1) -> float | None:
@@ -542,13 +615,26 @@ def _unpack(hexmask: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(hexmask), dtype=np.uint8))[:n].astype(bool)
 
 
-def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]:
-    tag = f"{spec['workload']}_{spec['eps']}_{spec['impl']}"
+def run_child(
+    spec: dict[str, Any],
+    tmp: Path,
+    timeout: float,
+    tag: str | None = None,
+    script: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``script --child spec`` (default this file) in a fresh process; return its JSON."""
+    tag = tag or f"{spec['workload']}_{spec['eps']}_{spec['impl']}"
     spec_path, out_path = tmp / f"{tag}.spec.json", tmp / f"{tag}.out.json"
     out_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path),
-           "--child-out", str(out_path)]
+    cmd = [
+        sys.executable,
+        str(Path(script or __file__).resolve()),
+        "--child",
+        str(spec_path),
+        "--child-out",
+        str(out_path),
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -558,8 +644,11 @@ def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]
     if out_path.exists():
         res = json.loads(out_path.read_text())
     else:
-        res = {"status": "error", "error": f"child exited {proc.returncode}",
-               "stderr_tail": proc.stderr[-3000:]}
+        res = {
+            "status": "error",
+            "error": f"child exited {proc.returncode}",
+            "stderr_tail": proc.stderr[-3000:],
+        }
     res["child_wall_s"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -585,25 +674,44 @@ def merge_rounds(parts: list[dict[str, Any]], n: int) -> dict[str, Any]:
         deterministic=len({p["robust_mask"] for p in parts}) == 1,
         child_wall_s=round(sum(p.get("child_wall_s", 0.0) for p in parts), 2),
     )
-    for k in ("peak_rss_mb", "attack_peak_rss_mb", "rss_before_attack_mb",
-              "cuda_peak_allocated_mb"):
+    for k in (
+        "peak_rss_mb",
+        "attack_peak_rss_mb",
+        "rss_before_attack_mb",
+        "cuda_peak_allocated_mb",
+    ):
         vals = [p[k] for p in parts if p.get(k) is not None]
         last[k] = max(vals) if vals else None
     if last.get("attack_peak_rss_mb") is not None and last.get("rss_before_attack_mb"):
-        last["rss_attack_delta_mb"] = round(last["attack_peak_rss_mb"]
-                                            - last["rss_before_attack_mb"], 1)
+        last["rss_attack_delta_mb"] = round(
+            last["attack_peak_rss_mb"] - last["rss_before_attack_mb"], 1
+        )
     return last
 
 
 def fmt_table(rows: list[dict[str, Any]]) -> str:
-    head = ("workload", "eps", "impl", "time_s", "ex/s", "rob_acc%", "max_linf", "fwd/ex",
-            "peakMB", "atkMB", "x_plain", "x_ta")
+    head = (
+        "workload",
+        "eps",
+        "impl",
+        "time_s",
+        "ex/s",
+        "rob_acc%",
+        "max_linf",
+        "fwd/ex",
+        "peakMB",
+        "atkMB",
+        "x_plain",
+        "x_ta",
+    )
     row_fmt = "{:<8} {:>5} {:<13} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>7} {:>6}"
     lines = [row_fmt.format(*head)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['workload']:<8} {r['eps']:>5} {r['impl']:<13} {r['status']}: "
-                         f"{r.get('error', '')[:70]}")
+            lines.append(
+                f"{r['workload']:<8} {r['eps']:>5} {r['impl']:<13} {r['status']}: "
+                f"{r.get('error', '')[:70]}"
+            )
             continue
 
         def f(v, spec):
@@ -611,11 +719,18 @@ def fmt_table(rows: list[dict[str, Any]]) -> str:
 
         lines.append(
             row_fmt.format(
-                r["workload"], r["eps"], r["impl"], f(r["time_s"], ".3f"),
-                f(r["examples_per_s"], ".0f"), f(r["robust_accuracy"], ".2f"),
-                f(r["max_linf"], ".4f"), f(r["forward_samples_per_example"], ".1f"),
-                f(r["peak_rss_mb"], ".0f"), f(r.get("rss_attack_delta_mb"), ".0f"),
-                f(r.get("time_vs_plain"), ".2f"), f(r.get("time_vs_torchattacks"), ".2f"),
+                r["workload"],
+                r["eps"],
+                r["impl"],
+                f(r["time_s"], ".3f"),
+                f(r["examples_per_s"], ".0f"),
+                f(r["robust_accuracy"], ".2f"),
+                f(r["max_linf"], ".4f"),
+                f(r["forward_samples_per_example"], ".1f"),
+                f(r["peak_rss_mb"], ".0f"),
+                f(r.get("rss_attack_delta_mb"), ".0f"),
+                f(r.get("time_vs_plain"), ".2f"),
+                f(r.get("time_vs_torchattacks"), ".2f"),
             )
         )
     return "\n".join(lines)
@@ -627,9 +742,11 @@ def add_ratios(rows: list[dict[str, Any]], n: int) -> None:
     for r in rows:
         if r.get("status") != "ok":
             continue
-        same = {o["impl"]: o for o in rows
-                if o["workload"] == r["workload"] and o["eps"] == r["eps"]
-                and o.get("status") == "ok"}
+        same = {
+            o["impl"]: o
+            for o in rows
+            if o["workload"] == r["workload"] and o["eps"] == r["eps"] and o.get("status") == "ok"
+        }
         for ref in ("plain", "torchattacks"):
             for field, prefix in (("time_s", "time"), ("cpu_time_s", "cpu_time")):
                 ok = ref in same and r.get(field) and same[ref].get(field)
@@ -658,21 +775,46 @@ def evaluate_targets(
         checks = []
         if ok(adv) and ok(plain):
             v = adv[field] / plain[field]
-            checks.append((f"advguard_pgd_{field[:-2]}_vs_plain", round(v, 3),
-                           f"<= {TIME_VS_PLAIN_MAX}", v <= TIME_VS_PLAIN_MAX))
+            checks.append(
+                (
+                    f"advguard_pgd_{field[:-2]}_vs_plain",
+                    round(v, 3),
+                    f"<= {TIME_VS_PLAIN_MAX}",
+                    v <= TIME_VS_PLAIN_MAX,
+                )
+            )
             dv = abs(adv["robust_accuracy"] - plain["robust_accuracy"])
-            checks.append(("advguard_pgd_robust_acc_diff_vs_plain_points", round(dv, 2),
-                           f"<= {ROBUST_ACC_TOL_POINTS}", dv <= ROBUST_ACC_TOL_POINTS))
+            checks.append(
+                (
+                    "advguard_pgd_robust_acc_diff_vs_plain_points",
+                    round(dv, 2),
+                    f"<= {ROBUST_ACC_TOL_POINTS}",
+                    dv <= ROBUST_ACC_TOL_POINTS,
+                )
+            )
         if ok(adv) and ok(ta):
             v = adv[field] / ta[field]
-            checks.append((f"advguard_pgd_{field[:-2]}_vs_torchattacks", round(v, 3),
-                           f"<= {TIME_VS_TORCHATTACKS_MAX}", v <= TIME_VS_TORCHATTACKS_MAX))
+            checks.append(
+                (
+                    f"advguard_pgd_{field[:-2]}_vs_torchattacks",
+                    round(v, 3),
+                    f"<= {TIME_VS_TORCHATTACKS_MAX}",
+                    v <= TIME_VS_TORCHATTACKS_MAX,
+                )
+            )
         if not checks:
-            out.append({"eps": eps, "target": "all", "pass": None,
-                        "note": "advguard, plain or torchattacks row missing"})
+            out.append(
+                {
+                    "eps": eps,
+                    "target": "all",
+                    "pass": None,
+                    "note": "advguard, plain or torchattacks row missing",
+                }
+            )
         for name, value, thr, passed in checks:
-            out.append({"eps": eps, "target": name, "value": value, "threshold": thr,
-                        "pass": bool(passed)})
+            out.append(
+                {"eps": eps, "target": name, "value": value, "threshold": thr, "pass": bool(passed)}
+            )
     return out
 
 
@@ -684,8 +826,10 @@ def print_report(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> N
         if t["pass"] is None:
             print(f"target eps={t['eps']}: not decided ({t['note']})")
         else:
-            print(f"target eps={t['eps']} {t['target']}: {t['value']} {t['threshold']} -> "
-                  f"{'PASS' if t['pass'] else 'FAIL'}")
+            print(
+                f"target eps={t['eps']} {t['target']}: {t['value']} {t['threshold']} -> "
+                f"{'PASS' if t['pass'] else 'FAIL'}"
+            )
 
 
 def rescore(path: Path) -> int:
@@ -721,27 +865,41 @@ def write_json(result: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=1024, help="first N test images (default 1024)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed passes; best is reported")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.1], help="Linf budgets")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--impls", nargs="+", default=None,
-                   help="subset of plain advguard torchattacks art (default all)")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        help="subset of plain advguard torchattacks art (default all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2 MNIST)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--schedule", choices=("interleaved", "grouped"), default="interleaved",
-                   help="interleaved (default): one timed pass per child, rows alternate over "
-                        "--repeats rounds; grouped: one child per row runs all passes")
+    p.add_argument(
+        "--schedule",
+        choices=("interleaved", "grouped"),
+        default="interleaved",
+        help="interleaved (default): one timed pass per child, rows alternate over "
+        "--repeats rounds; grouped: one child per row runs all passes",
+    )
     p.add_argument("--child-timeout", type=float, default=3600.0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "attacks_cpu.json")
-    p.add_argument("--rescore", type=Path, default=None, metavar="JSON",
-                   help="recompute ratios/targets/notes of an existing result file and exit")
+    p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="recompute ratios/targets/notes of an existing result file and exit",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -756,9 +914,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]
     if threads > 1 and load > 0.5:
-        print(f"note: load average {load:.2f} on {n_cores()} cores before starting. When other "
-              f"processes share the CPU, {threads} torch threads can be far slower and noisier "
-              "than one (OpenMP workers wait for each other); consider --threads 1.", flush=True)
+        print(
+            f"note: load average {load:.2f} on {n_cores()} cores before starting. When other "
+            f"processes share the CPU, {threads} torch threads can be far slower and noisier "
+            "than one (OpenMP workers wait for each other); consider --threads 1.",
+            flush=True,
+        )
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
 
@@ -766,15 +927,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data['name']} ({data['source']})", flush=True)
     model = get_model(data, a.epochs, a.device)
     how = "cached" if model["cached"] else f"trained in {model['train_time_s']} s"
-    print(f"model: small_cnn, test accuracy {100 * model['test_accuracy']:.2f}% "
-          f"({how}: {Path(model['weights']).name})", flush=True)
+    print(
+        f"model: small_cnn, test accuracy {100 * model['test_accuracy']:.2f}% "
+        f"({how}: {Path(model['weights']).name})",
+        flush=True,
+    )
 
     env = environment(a.device, threads)  # source hashes as the children will load them
     n = min(a.n, len(data["x_test"]))
     x_s, y_s = data["x_test"][:n].copy(), data["y_test"][:n].copy()
 
-    keys = [(w, e, i) for w in a.workloads for e in a.eps for i in WORKLOADS[w]
-            if not a.impls or i in a.impls]
+    keys = [
+        (w, e, i)
+        for w in a.workloads
+        for e in a.eps
+        for i in WORKLOADS[w]
+        if not a.impls or i in a.impls
+    ]
     # interleaved: R rounds, each runs every row once (1 timed pass per child), so that
     # bursts of load from other processes spread over all implementations alike;
     # grouped: one child per row doing all R timed passes back to back
@@ -790,21 +959,36 @@ def main(argv: list[str] | None = None) -> int:
                 workload, eps, impl = key
                 if parts[key] and parts[key][-1].get("status") != "ok":
                     continue  # failed or unavailable in an earlier round
-                spec = {"workload": workload, "eps": eps, "impl": impl, "seed": a.seed,
-                        "batch_size": a.batch_size, "repeats": per_child,
-                        "device": a.device, "threads": threads,
-                        "weights": model["weights"], "samples": str(samples)}
-                print(f"[round {rnd + 1}/{rounds}] {workload} eps={eps} {impl} ...", end=" ",
-                      flush=True)
+                spec = {
+                    "workload": workload,
+                    "eps": eps,
+                    "impl": impl,
+                    "seed": a.seed,
+                    "batch_size": a.batch_size,
+                    "repeats": per_child,
+                    "device": a.device,
+                    "threads": threads,
+                    "weights": model["weights"],
+                    "samples": str(samples),
+                }
+                print(
+                    f"[round {rnd + 1}/{rounds}] {workload} eps={eps} {impl} ...",
+                    end=" ",
+                    flush=True,
+                )
                 res = run_child(spec, tmp, a.child_timeout)
                 parts[key].append(res)
                 if res["status"] == "ok":
-                    print(f"{min(res['times_s']):.3f} s, robust {res['robust_accuracy']:.2f}%",
-                          flush=True)
+                    print(
+                        f"{min(res['times_s']):.3f} s, robust {res['robust_accuracy']:.2f}%",
+                        flush=True,
+                    )
                 else:
                     print(f"{res['status']}: {res.get('error', '')[:200]}", flush=True)
-    rows = [{"workload": w, "eps": e, "impl": i, **merge_rounds(parts[(w, e, i)], n)}
-            for (w, e, i) in keys]
+    rows = [
+        {"workload": w, "eps": e, "impl": i, **merge_rounds(parts[(w, e, i)], n)}
+        for (w, e, i) in keys
+    ]
 
     add_ratios(rows, n)
 
@@ -820,17 +1004,25 @@ def main(argv: list[str] | None = None) -> int:
     clean_acc = next((r["clean_accuracy"] for r in rows if r.get("status") == "ok"), None)
 
     result = {
-        "schema": SCHEMA,
-        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "environment": env,
+        **result_header(SCHEMA, env),
         "config": {
-            "n": n, "n_requested": a.n, "batch_size": a.batch_size, "repeats": a.repeats,
+            "n": n,
+            "n_requested": a.n,
+            "batch_size": a.batch_size,
+            "repeats": a.repeats,
             "schedule": a.schedule,
-            "warmup": "one batch per child process, untimed", "timing": "best of repeats",
-            "seed": a.seed, "device": a.device, "eps": a.eps, "norm": "linf",
-            "pgd": {"steps": PGD_STEPS, "step_size": PGD_STEP_SIZE, "random_start": True,
-                    "restarts": 1},
+            "warmup": "one batch per child process, untimed",
+            "timing": "best of repeats",
+            "seed": a.seed,
+            "device": a.device,
+            "eps": a.eps,
+            "norm": "linf",
+            "pgd": {
+                "steps": PGD_STEPS,
+                "step_size": PGD_STEP_SIZE,
+                "random_start": True,
+                "restarts": 1,
+            },
             "apgd": {"steps": APGD_STEPS, "restarts": 1, "loss": "ce", "rho": 0.75},
             "samples": f"first {n} test images ({data['name']}), correctly classified or not",
         },

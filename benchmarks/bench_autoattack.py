@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -36,8 +34,9 @@ def robust_accuracy(module, x, y, device) -> float:
     import torch
 
     with torch.no_grad():
-        pred = torch.cat([module(x[i : i + 512].to(device)).argmax(1).cpu()
-                          for i in range(0, len(x), 512)])
+        pred = torch.cat(
+            [module(x[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(x), 512)]
+        )
     return float((pred == y).float().mean())
 
 
@@ -72,25 +71,35 @@ def main(argv: list[str] | None = None) -> int:
         tm = load_threat_model("linf-standard").with_overrides(
             epsilons=[eps], samples=args.n, batch_size=args.batch_size, sanity_checks=False
         )
-        model = TorchClassifier(module, input_shape=(1, 28, 28), num_classes=10,
-                                device=args.device)
+        model = TorchClassifier(module, input_shape=(1, 28, 28), num_classes=10, device=args.device)
         # evaluate() samples a seeded subset; pass exactly the N samples so both see the same
         t0 = time.perf_counter()
         rep = evaluate(model, x.numpy(), y.numpy(), tm)
         t_adv = time.perf_counter() - t0
         r = rep.results[0]
-        row = {"epsilon": eps, "clean_accuracy": clean,
-               "advguard": {"suite": [s.attack for s in rep.suite],
-                            "robust_accuracy": r.robust_accuracy.value,
-                            "robust_ci": [r.robust_accuracy.ci_low, r.robust_accuracy.ci_high],
-                            "seconds": round(t_adv, 2),
-                            "gradient_evals": sum(a.gradient_evals for a in r.per_attack),
-                            "forward_evals": sum(a.forward_evals for a in r.per_attack)}}
+        row = {
+            "epsilon": eps,
+            "clean_accuracy": clean,
+            "advguard": {
+                "suite": [s.attack for s in rep.suite],
+                "robust_accuracy": r.robust_accuracy.value,
+                "robust_ci": [r.robust_accuracy.ci_low, r.robust_accuracy.ci_high],
+                "seconds": round(t_adv, 2),
+                "gradient_evals": sum(a.gradient_evals for a in r.per_attack),
+                "forward_evals": sum(a.forward_evals for a in r.per_attack),
+            },
+        }
         if args.sanity:
             tm2 = tm.with_overrides(sanity_checks=True)
             t0 = time.perf_counter()
-            rep2 = evaluate(TorchClassifier(module, input_shape=(1, 28, 28), num_classes=10,
-                                            device=args.device), x.numpy(), y.numpy(), tm2)
+            rep2 = evaluate(
+                TorchClassifier(
+                    module, input_shape=(1, 28, 28), num_classes=10, device=args.device
+                ),
+                x.numpy(),
+                y.numpy(),
+                tm2,
+            )
             row["advguard_with_sanity"] = {
                 "robust_accuracy": rep2.results[0].robust_accuracy.value,
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -99,25 +108,32 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_torchattacks:
             import torchattacks
 
-            aa = torchattacks.AutoAttack(module, norm="Linf", eps=eps, version="standard",
-                                         n_classes=10, seed=0)
+            aa = torchattacks.AutoAttack(
+                module, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0
+            )
             t0 = time.perf_counter()
-            advs = [aa(x[i : i + args.batch_size].to(args.device),
-                       y[i : i + args.batch_size].to(args.device)).cpu()
-                    for i in range(0, len(x), args.batch_size)]
+            advs = [
+                aa(
+                    x[i : i + args.batch_size].to(args.device),
+                    y[i : i + args.batch_size].to(args.device),
+                ).cpu()
+                for i in range(0, len(x), args.batch_size)
+            ]
             t_ta = time.perf_counter() - t0
             x_adv = torch.cat(advs)
             linf = float((x_adv - x).abs().amax())
             row["torchattacks_autoattack"] = {
                 "suite": ["apgd-ce", "apgd-t", "fab-t", "square(5000)"],
                 "robust_accuracy": robust_accuracy(module, x_adv, y, args.device),
-                "seconds": round(t_ta, 2), "max_linf": linf,
+                "seconds": round(t_ta, 2),
+                "max_linf": linf,
             }
             ta = row["torchattacks_autoattack"]
             row["ratios"] = {
                 "time_advguard_over_torchattacks": round(t_adv / t_ta, 3) if t_ta else None,
                 "robust_accuracy_difference_points": round(
-                    100 * (row["advguard"]["robust_accuracy"] - ta["robust_accuracy"]), 2),
+                    100 * (row["advguard"]["robust_accuracy"] - ta["robust_accuracy"]), 2
+                ),
             }
             row["targets"] = {
                 "robust_accuracy_no_higher": row["advguard"]["robust_accuracy"]
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "notes": "advguard runs linf-standard (APGD-CE 100 steps, APGD-T 9 targets x 100 steps) "
-                 "as a cascade; torchattacks AutoAttack standard adds FAB-T and Square-5000.",
+        "as a cascade; torchattacks AutoAttack standard adds FAB-T and Square-5000.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

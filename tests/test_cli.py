@@ -145,6 +145,8 @@ def test_attack_writes_npz(quickstart_dir, tmp_path):
 def test_threat_model_commands():
     res = runner.invoke(app, ["threat-model", "list"])
     assert res.exit_code == 0 and "linf-standard" in res.output
+    for name in ("square", "hopskipjump", "apgd-t", "AML.T0043.001"):
+        assert name in res.output
     res = runner.invoke(app, ["threat-model", "show", "quick"])
     assert res.exit_code == 0 and "attacks" in res.output
 

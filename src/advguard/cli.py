@@ -450,7 +450,10 @@ def report_compare(
 
 @tm_app.command("list")
 def tm_list() -> None:
-    """List the threat-model presets shipped with advguard."""
+    """List the threat-model presets and the attacks a threat model can use."""
+    from rich.table import Table
+
+    from advguard.attacks.registry import ATLAS_VERSION, ATTACKS
     from advguard.evaluate.threat_model import PRESETS, load_threat_model
 
     for name in PRESETS:
@@ -459,6 +462,12 @@ def tm_list() -> None:
             f"[bold]{name}[/]: {tm.norm}, eps {tm.epsilons}, "
             f"attacks {', '.join(s.attack for s in tm.attacks)}"
         )
+    table = Table(title=f"Attacks (MITRE ATLAS {ATLAS_VERSION} technique IDs)")
+    for col in ("attack", "norms", "knowledge", "ATLAS", "what it does"):
+        table.add_column(col)
+    for a in ATTACKS.values():
+        table.add_row(a.name, ", ".join(a.norms), a.knowledge, " ".join(a.atlas), a.description)
+    console.print(table)
 
 
 @tm_app.command("show")

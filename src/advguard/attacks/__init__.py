@@ -1,6 +1,24 @@
 """Attacks: evasion (white- and black-box), and later poisoning, extraction, inference."""
 
 from advguard.attacks.base import Attack, AttackResult
-from advguard.attacks.evasion import APGD, FGSM, PGD, CarliniWagnerL2, DeepFool
+from advguard.attacks.evasion import (
+    APGD,
+    FGSM,
+    PGD,
+    CarliniWagnerL2,
+    DeepFool,
+    HopSkipJump,
+    SquareAttack,
+)
 
-__all__ = ["APGD", "FGSM", "PGD", "Attack", "AttackResult", "CarliniWagnerL2", "DeepFool"]
+__all__ = [
+    "APGD",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AttackResult",
+    "CarliniWagnerL2",
+    "DeepFool",
+    "HopSkipJump",
+    "SquareAttack",
+]

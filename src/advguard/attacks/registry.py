@@ -85,6 +85,7 @@ def _lazy(module: str, cls: str) -> Callable[..., Attack]:
 
 
 _WB = ("AML.T0015", "AML.T0043.000")
+_BB = ("AML.T0015", "AML.T0043.001")
 ATTACKS: dict[str, RegisteredAttack] = {
     a.name: a
     for a in [
@@ -168,6 +169,22 @@ ATTACKS: dict[str, RegisteredAttack] = {
             "black-box",
             ("AML.T0015", "AML.T0043.001"),
             "Black-box coordinate search under tabular feature constraints",
+        ),
+        RegisteredAttack(
+            "square",
+            _lazy("advguard.attacks.evasion.square", "SquareAttack"),
+            ("linf", "l2"),
+            "black-box",
+            _BB,
+            "Square Attack: score-based random search (Andriushchenko et al. 2020)",
+        ),
+        RegisteredAttack(
+            "hopskipjump",
+            _lazy("advguard.attacks.evasion.hopskipjump", "HopSkipJump"),
+            ("l2", "linf"),
+            "black-box",
+            _BB,
+            "HopSkipJump: decision-based (labels only), minimum norm (Chen et al. 2020)",
         ),
     ]
 }

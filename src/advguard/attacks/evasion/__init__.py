@@ -1,9 +1,24 @@
-"""White-box evasion attacks. Each takes a model adapter and a batch, returns an AttackResult."""
+"""Evasion attacks. Each takes a model adapter and a batch, returns an AttackResult.
+
+White-box (gradients): FGSM, PGD, APGD, CarliniWagnerL2, DeepFool.
+Black-box (queries only): SquareAttack (scores), HopSkipJump (labels).
+"""
 
 from advguard.attacks.evasion.apgd import APGD, apgd_targeted_sweep
 from advguard.attacks.evasion.cw import CarliniWagnerL2
 from advguard.attacks.evasion.deepfool import DeepFool
 from advguard.attacks.evasion.fgsm import FGSM
+from advguard.attacks.evasion.hopskipjump import HopSkipJump
 from advguard.attacks.evasion.pgd import PGD
+from advguard.attacks.evasion.square import SquareAttack
 
-__all__ = ["APGD", "FGSM", "PGD", "CarliniWagnerL2", "DeepFool", "apgd_targeted_sweep"]
+__all__ = [
+    "APGD",
+    "FGSM",
+    "PGD",
+    "CarliniWagnerL2",
+    "DeepFool",
+    "HopSkipJump",
+    "SquareAttack",
+    "apgd_targeted_sweep",
+]

@@ -287,16 +287,17 @@ class SquareAttack(Attack):
             mask, (x + eps * _signs((n, c, 1, 1), gen, x.device, x.dtype)).clamp(lo, hi), x_best
         )
         # reference: resample the signs while the window leaves the iterate unchanged
-        unchanged = ~(((out - x_best).abs() >= 1e-7) & mask).flatten(1).any(1)
+        # (``out`` equals ``x_best`` outside the window by construction)
+        unchanged = ~(out != x_best).flatten(1).any(1)
         if not unchanged.any():
             return out
         need = unchanged.nonzero().squeeze(1)
         for _ in range(_MAX_SIGN_RESAMPLES):
-            m = mask[need]
             signs = _signs((len(need), c, 1, 1), gen, x.device, x.dtype)
-            cand = torch.where(m, (x[need] + eps * signs).clamp(lo, hi), x_best[need])
+            xb = x_best[need]
+            cand = torch.where(mask[need], (x[need] + eps * signs).clamp(lo, hi), xb)
             out[need] = cand
-            unchanged = ~(((cand - x_best[need]).abs() >= 1e-7) & m).flatten(1).any(1)
+            unchanged = ~(cand != xb).flatten(1).any(1)
             if not unchanged.any():
                 break
             need = need[unchanged]
@@ -407,13 +408,18 @@ def _coords_mask(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torc
 
 
 def _window_mask(n, h, w, s, gen, dev) -> torch.Tensor:
+    """Boolean (n, 1, h, w) mask of one random s x s window per sample."""
     vh = torch.randint(0, h - s + 1, (n, 1), generator=gen, device=dev)
     vw = torch.randint(0, w - s + 1, (n, 1), generator=gen, device=dev)
-    rh = torch.arange(h, device=dev)[None]
-    rw = torch.arange(w, device=dev)[None]
+    rh, rw = _aranges(h, w, dev)
     mh = (rh >= vh) & (rh < vh + s)
     mw = (rw >= vw) & (rw < vw + s)
     return (mh[:, :, None] & mw[:, None, :])[:, None]
+
+
+@lru_cache(maxsize=16)
+def _aranges(h: int, w: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
 
 
 def _scatter_queries(result: AttackResult, per_active: torch.Tensor | None) -> torch.Tensor:
