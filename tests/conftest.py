@@ -30,6 +30,7 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def digits_module(digits_split) -> torch.nn.Module:
     x_tr, y_tr, _, _ = digits_split
+    torch.manual_seed(0)  # the initial weights too, whatever ran before in this worker
     return fit(small_cnn((1, 8, 8), 10), x_tr, y_tr, epochs=15, seed=0)
 
 

@@ -76,6 +76,9 @@ STAGE_LABELS = {
     "suite": "Attack suite (batches)",
     "sanity": "Sanity checks",
     "escalation": "Escalation (epsilons)",
+    "selection": "Smoothing: selection (noise samples)",
+    "estimation": "Smoothing: estimation (noise samples)",
+    "ibp": "IBP (epsilons)",
 }
 
 
@@ -131,15 +134,13 @@ def _summary(report: Any, json_path: Path, html_path: Path | None) -> None:
     )
 
 
-def _parse_floats(text: str | None) -> list[float] | None:
+def _parse_floats(text: str | None, option: str = "--epsilons") -> list[float] | None:
     if text is None:
         return None
     try:
         return [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise AdvguardError(
-            f"--epsilons must be numbers separated by commas, got {text!r}"
-        ) from None
+        raise AdvguardError(f"{option} must be numbers separated by commas, got {text!r}") from None
 
 
 def _kv(pairs: list[str] | None) -> dict[str, Any]:
@@ -307,7 +308,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _parse_bounds(text: str | None) -> tuple[float, float] | None:
-    vals = _parse_floats(text)
+    vals = _parse_floats(text, "--bounds")
     if vals is None:
         return None
     if len(vals) != 2:
@@ -419,6 +420,116 @@ def redteam(
         raise typer.Exit(1)
 
 
+@app.command(name="train")
+@friendly_errors
+def train_cmd(
+    defense: Annotated[str, typer.Option(help="pgd-at, trades or fast-at")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="module:factory (e.g. advguard.models.zoo:small_cnn) or an advguard "
+            ".safetensors to fine-tune",
+        ),
+    ],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Directory for model.safetensors + manifest.json")],
+    epsilon: Annotated[float, typer.Option(help="Training perturbation budget.")] = 0.3,
+    norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
+    lr_schedule: Annotated[str, typer.Option(help="none, cosine, step or cyclic")] = "none",
+    steps: Annotated[int, typer.Option(min=1, help="Inner attack steps (pgd-at, trades)")] = 10,
+    step_size: Annotated[
+        float | None, typer.Option(help="Inner step (default 2.5 eps/steps)")
+    ] = None,
+    beta: Annotated[float, typer.Option(help="TRADES trade-off.")] = 6.0,
+    mix: Annotated[float, typer.Option(help="pgd-at: weight of the clean loss [0,1]")] = 0.0,
+    ramp_epochs: Annotated[
+        int | None, typer.Option(help="Epsilon warm-up epochs (default: auto)")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share of the data.")] = 0.1,
+    eval_samples: Annotated[
+        int, typer.Option(min=1, help="Held-out samples for clean/robust accuracy")
+    ] = 512,
+    patience: Annotated[int | None, typer.Option(min=1, help="Early-stopping patience.")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="Factory input shape, e.g. 1,28,28 (default: the data's)")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(min=2, help="Classes (default: the data's)")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Adversarially train (or fine-tune) a torch model; writes model.safetensors + manifest."""
+    from advguard.data import load_dataset
+    from advguard.defenses.training import adversarial_train, load_trainable
+
+    ds = load_dataset(data)
+    shape = _parse_shape(input_shape) or tuple(ds.x.shape[1:])
+    module, factory, factory_kwargs = load_trainable(
+        model, input_shape=shape, num_classes=num_classes or ds.num_classes
+    )
+    labels = {"train": f"{defense} training (batches)", "epoch": "Epochs"}
+    with progress_bar() as bar:
+        cb = _progress_callback(bar)
+        res = adversarial_train(
+            module,
+            ds.x,
+            ds.y,
+            method=defense,
+            epsilon=epsilon,
+            norm=norm,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            steps=steps,
+            step_size=step_size,
+            beta=beta,
+            mix=mix,
+            ramp_epochs=ramp_epochs,
+            val_fraction=val_fraction,
+            val_samples=eval_samples,
+            patience=patience,
+            bounds=ds.bounds,
+            factory=factory,
+            factory_kwargs=factory_kwargs,
+            seed=seed,
+            out_dir=out,
+            progress=lambda s, d, t: cb(labels.get(s, s), d, t),
+        )
+    man = res.manifest
+    table = Table(
+        title=f"{defense} at {norm} eps {epsilon:g}: held-out accuracy "
+        f"({man['data']['n_val_evaluated']} samples, PGD-{man['config']['eval_steps']})"
+    )
+    for col in ("epoch", "train eps", "loss", "clean acc", "robust acc"):
+        table.add_column(col, justify="right")
+    for r in man["epochs"]:
+        best = r["epoch"] == man["best_epoch"]
+        table.add_row(
+            f"{r['epoch']}" + (" *" if best else ""),
+            f"{r['epsilon']:.3g}",
+            f"{r['loss']:.4f}",
+            f"{r['val_clean_acc']:.1%}",
+            f"{r['val_robust_acc']:.1%}",
+            style="bold" if best else None,
+        )
+    console.print(table)
+    for ev in man["co_events"]:
+        console.print(f"[dark_orange]catastrophic overfitting[/]: {ev['reason']}; rolled back")
+    console.print(f"Stopped: {man['stop_reason']} after {man['total_time_s']:.1f} s")
+    console.print(
+        f"Model: [bold]{res.checkpoint_path}[/] (best epoch {man['best_epoch']}), "
+        f"manifest: [bold]{res.manifest_path}[/]"
+    )
+
+
 @report_app.command("compare")
 @friendly_errors
 def report_compare(
@@ -480,6 +591,454 @@ def tm_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file")
 
     tm = load_threat_model(name)
     console.print(yaml.safe_dump(tm.model_dump(), sort_keys=False), markup=False, highlight=False)
+
+
+@app.command(name="certify")
+@friendly_errors
+def certify_cmd(
+    model: ModelOpt,
+    data: DataOpt,
+    method: Annotated[str, typer.Option(help="smoothing (L2) or ibp (Linf)")] = "smoothing",
+    sigma: Annotated[float, typer.Option(help="Smoothing noise std (raw units).")] = 0.25,
+    n: Annotated[int, typer.Option("--n", min=1, help="Estimation noise samples.")] = 10000,
+    n0: Annotated[int, typer.Option("--n0", min=1, help="Selection noise samples.")] = 100,
+    alpha: Annotated[float, typer.Option(help="Failure probability per sample.")] = 0.001,
+    samples: Annotated[int, typer.Option(min=1, help="Number of samples to certify.")] = 500,
+    epsilon: Annotated[str, typer.Option(help="IBP: Linf epsilon(s), comma-separated.")] = "0.01",
+    radii: Annotated[
+        str, typer.Option(help="Smoothing: L2 radii to report, comma-separated.")
+    ] = "0,0.25,0.5,0.75,1.0",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-certify"),
+    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Noisy inputs per forward.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
+) -> None:
+    """Certify robustness: randomized smoothing (L2) or interval bound propagation (Linf)."""
+    from advguard.defenses.certify.report import certify_dataset
+    from advguard.evaluate.job import data_info, load_model_and_data
+
+    if method not in ("smoothing", "ibp"):
+        raise AdvguardError(f"--method must be 'smoothing' or 'ibp', got {method!r}")
+    try:
+        grid = [float(t) for t in radii.replace(" ", "").split(",") if t]
+        eps_list = [float(t) for t in epsilon.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise AdvguardError(
+            f"--radii/--epsilon need comma-separated numbers, got {radii!r} and {epsilon!r}"
+        ) from None
+    mkw = {"factory": factory} if factory else {}
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    if tuple(d.input_shape) != tuple(m.input_shape):
+        raise AdvguardError(
+            f"data samples have shape {tuple(d.input_shape)} but the model expects "
+            f"{tuple(m.input_shape)}"
+        )
+    with progress_bar() as bar:
+        run = certify_dataset(
+            m,
+            d.x,
+            d.y,
+            out,
+            method=method,
+            sigma=sigma,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            radii=grid,
+            epsilons=eps_list,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            model_info=info,
+            data_info=data_info(d),
+            progress=_progress_callback(bar),
+        )
+    rep = run.report
+    unit = "L2 radius" if rep.norm == "l2" else "Linf epsilon"
+    params = (
+        f"sigma {rep.sigma:g}, n0 {rep.n0}, n {rep.n}, alpha {rep.alpha:g}"
+        if rep.method == "smoothing"
+        else "IBP"
+    )
+    table = Table(title=f"Certified accuracy ({params}, {rep.n_samples} samples)")
+    table.add_column(unit, justify="right")
+    table.add_column("certified accuracy [95% CI]", justify="right")
+    for p in rep.results:
+        table.add_row(f"{p.radius:g}", str(p.certified_accuracy))
+    console.print(f"Clean accuracy (base model): {rep.clean_accuracy}")
+    if rep.abstain_rate is not None:
+        console.print(f"Abstain rate: {rep.abstain_rate}")
+    console.print(table)
+    console.print(f"Report: [bold]{run.json_path}[/] and [bold]{run.html_path}[/]")
+
+
+@app.command()
+@friendly_errors
+def gate(
+    report: Annotated[Path, typer.Option(help="Candidate report.json (from advguard evaluate).")],
+    policy: Annotated[Path, typer.Option(help="Gate policy YAML (see docs/gate.md).")],
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Baseline report.json, or 'production' (needs --registry-model)."),
+    ] = None,
+    registry_model: Annotated[
+        str | None, typer.Option(help="Registered model whose production report is the baseline.")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write a Markdown summary (PR comment) here.")
+    ] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Release gate: exit 0 if the report meets the policy, 1 if not, 2 on bad input."""
+    from advguard.evaluate.report import load_report
+    from advguard.registry.gate import gate_junit, gate_markdown, resolve_baseline, run_gate
+    from advguard.registry.policy import load_policy
+
+    pol = load_policy(policy)
+    rep = load_report(report)
+    base = (
+        resolve_baseline(
+            baseline, registry_model=registry_model, threat_model=rep.threat_model.get("name")
+        )
+        if baseline
+        else None
+    )
+    res = run_gate(rep, pol, base)
+    if markdown:
+        markdown.write_text(gate_markdown(res))
+    if junit:
+        junit.write_text(gate_junit(res))
+    if json_out:
+        console.print_json(res.model_dump_json())
+    else:
+        table = Table(title=f"advguard gate: {res.report} vs policy {res.policy}")
+        for h in ("check", "expected", "actual", "status"):
+            table.add_column(h)
+        colour = {"pass": "green", "fail": "bold red", "skip": "dim"}
+        for c in res.checks:
+            table.add_row(
+                c.name, c.expected, c.actual, f"[{colour[c.status]}]{c.status.upper()}[/]"
+            )
+        console.print(table)
+        for c in res.failures:
+            console.print(f"[red]fail:[/] {c.name}: {c.message}", highlight=False)
+        for w in res.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        outcome = "[bold green]PASSED[/]" if res.passed else "[bold red]FAILED[/]"
+        console.print(f"Gate {outcome}")
+    if not res.passed:
+        raise typer.Exit(1)
+
+
+# -- model registry ------------------------------------------------------------------
+registry_app = typer.Typer(
+    help="Model registry: push, pull, verify, promote and audit model versions.",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app, name="registry")
+
+RootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--root", help="Registry root (default $ADVGUARD_REGISTRY or ~/.advguard/registry)"
+    ),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url", help="Database URL (default sqlite in the root; or postgresql+psycopg://)"
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _registry(root: Path | None, db_url: str | None) -> Any:
+    from advguard.registry.store import Registry
+
+    return Registry(root, db_url=db_url)
+
+
+def _print_json(obj: Any) -> None:
+    import json
+
+    console.print_json(json.dumps(obj, default=str))
+
+
+@registry_app.command("keygen")
+@friendly_errors
+def registry_keygen(
+    out: Annotated[Path, typer.Option(help="Directory for private.pem and public.pem")],
+    curve: Annotated[str, typer.Option(help="P-256 or P-384")] = "P-256",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a signing key pair (private key file mode 0600)."""
+    from advguard.registry.signing import generate_keypair
+
+    private, public = generate_keypair(out, curve=curve)
+    if as_json:
+        _print_json({"private_key": str(private), "public_key": str(public)})
+    else:
+        console.print(f"private key: {private} (keep secret)\npublic key:  {public}")
+
+
+@registry_app.command("push")
+@friendly_errors
+def registry_push(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    model: Annotated[Path, typer.Option("--model", help="Model file (safetensors, onnx, ...)")],
+    factory: Annotated[
+        str | None, typer.Option(help="module:callable building the torch model")
+    ] = None,
+    report: Annotated[
+        list[Path] | None, typer.Option("--report", help="report.json to attach (repeatable)")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Private key: sign the model")] = None,
+    data_hash: Annotated[
+        str | None, typer.Option(help="sha256 of the training data (provenance)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Training config (YAML/JSON) recorded as provenance")
+    ] = None,
+    code_rev: Annotated[
+        str | None, typer.Option(help="Code revision (default: git rev-parse HEAD)")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Accept plain tensor pickles after an opcode scan")
+    ] = False,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scan, store (and sign) a new model version; it starts in stage 'candidate'."""
+    training_config = None
+    if config is not None:
+        import yaml
+
+        if not config.is_file():
+            raise FileNotFoundError(f"training config {config} does not exist")
+        training_config = yaml.safe_load(config.read_text())
+    reg = _registry(root, db_url)
+    try:
+        info = reg.push(
+            name,
+            model,
+            factory=factory,
+            reports=report or [],
+            private_key=key,
+            data_hash=data_hash,
+            training_config=training_config,
+            code_revision=code_rev,
+            allow_pickle=allow_pickle,
+        )
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(info.to_dict())
+        return
+    console.print(
+        f"pushed [bold]{info.ref}[/] ({info.format}, sha256:{info.model_digest[:16]}..., "
+        f"{'signed' if info.signature else 'unsigned'}, {len(info.reports)} report(s))"
+    )
+    for s in info.scan:
+        for w in s["warnings"]:
+            console.print(f"[yellow]warning:[/] {s['path']}: {w}")
+
+
+@registry_app.command("list")
+@friendly_errors
+def registry_list(root: RootOpt = None, db_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List models, their latest and production versions."""
+    reg = _registry(root, db_url)
+    try:
+        models = reg.list_models()
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(models)
+        return
+    table = Table(title="Registry models")
+    for col in ("name", "versions", "latest", "production"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m["name"], str(m["versions"]), str(m["latest"]), str(m["production"] or "-"))
+    console.print(table)
+
+
+@registry_app.command("show")
+@friendly_errors
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@STAGE")],
+    public_key: Annotated[
+        Path | None, typer.Option(help="Verify the signature for the card")
+    ] = None,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a version's metadata as a Markdown model card (or JSON)."""
+    from advguard.registry.card import render_model_card
+
+    reg = _registry(root, db_url)
+    try:
+        info = reg.get(ref)
+        if as_json:
+            data = info.to_dict()
+            data["history"] = [e.__dict__ for e in reg.history(info.name)]
+            _print_json(data)
+            return
+        reports = [reg.report(info, i) for i in range(len(info.reports))]
+        status = "unsigned" if info.signature is None else "signed (not checked)"
+        if public_key is not None:
+            status = reg.verify(info.ref, public_key=public_key).signature[info.ref]
+    finally:
+        reg.close()
+    console.print(render_model_card(info, reports, status), markup=False, highlight=False)
+
+
+@registry_app.command("pull")
+@friendly_errors
+def registry_pull(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@STAGE")],
+    out: Annotated[Path, typer.Option(help="Output directory")],
+    public_key: Annotated[
+        Path | None, typer.Option(help="Verify the signature and report attestations")
+    ] = None,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a version's files out, verifying every hash (and the signature with a key)."""
+    reg = _registry(root, db_url)
+    try:
+        res = reg.pull(ref, out, public_key=public_key)
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(
+            {
+                "ref": res.version.ref,
+                "signature": res.signature,
+                "files": [str(f) for f in res.files],
+            }
+        )
+        return
+    console.print(f"pulled [bold]{res.version.ref}[/] into {res.out} (signature: {res.signature})")
+
+
+@registry_app.command("verify")
+@friendly_errors
+def registry_verify(
+    ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME:VERSION or NAME@STAGE")],
+    public_key: Annotated[
+        Path | None, typer.Option(help="Also verify signatures and attestations")
+    ] = None,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every stored object of the version(s); exit 1 if anything changed."""
+    reg = _registry(root, db_url)
+    try:
+        res = reg.verify(ref, public_key=public_key)
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        for version, status in res.signature.items():
+            console.print(f"{version}: signature {status}")
+        for p in res.problems:
+            console.print(f"[bold red]FAIL:[/] {p}")
+        if res.ok:
+            console.print(f"[green]ok[/]: {res.checked} object(s) match their digests")
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+@registry_app.command("promote")
+@friendly_errors
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[int, typer.Argument(help="Version number")],
+    stage: Annotated[str, typer.Option(help="candidate, canary, production or archived")] = (
+        "production"
+    ),
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a version to a stage; the previous production version is archived."""
+    reg = _registry(root, db_url)
+    try:
+        info = reg.promote(name, version, stage)
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(info.to_dict())
+    else:
+        console.print(f"{info.ref} is now [bold]{info.stage}[/]")
+
+
+@registry_app.command("rollback")
+@friendly_errors
+def registry_rollback(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Return the previous production version to production (current one is archived)."""
+    reg = _registry(root, db_url)
+    try:
+        info = reg.rollback(name)
+    finally:
+        reg.close()
+    if as_json:
+        _print_json(info.to_dict())
+    else:
+        console.print(f"rolled back: {info.ref} is [bold]production[/] again")
+
+
+@registry_app.command("audit")
+@friendly_errors
+def registry_audit(
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Recompute the hash chain; exit 1 if broken")
+    ] = False,
+    subject: Annotated[
+        str | None, typer.Option(help="Only entries about this model (or NAME:VERSION)")
+    ] = None,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the append-only audit log; --verify checks its hash chain."""
+    reg = _registry(root, db_url)
+    try:
+        check = reg.verify_audit() if verify else None
+        entries = reg.audit_log(subject=subject) if not verify else []
+    finally:
+        reg.close()
+    if check is not None:
+        if as_json:
+            _print_json(check.__dict__)
+        elif check.ok:
+            console.print(f"[green]audit chain ok[/]: {check.entries} entries, head {check.head}")
+        else:
+            console.print(f"[bold red]audit chain broken[/] at {check.reason}")
+        if not check.ok:
+            raise typer.Exit(1)
+        return
+    if as_json:
+        _print_json([e.__dict__ for e in entries])
+        return
+    table = Table(title="Registry audit log")
+    for col in ("seq", "time", "actor", "action", "subject"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(str(e.seq), e.ts, e.actor, e.action, e.subject)
+    console.print(table)
 
 
 def main() -> None:  # console-script entry point

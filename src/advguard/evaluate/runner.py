@@ -47,6 +47,7 @@ from advguard.evaluate.report import (
 )
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models.base import check_inputs, is_white_box
+from advguard.models.wrappers import EOTClassifier
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "suite", "sanity", "escalation"."""
@@ -163,6 +164,42 @@ def select_samples(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.sort(perm[: min(n, n_total)])
 
 
+def declared_defense(model: Any) -> tuple[list[str], bool]:
+    """(non-differentiable transform names, randomized?) that ``model`` declares."""
+    return list(getattr(model, "nondifferentiable", None) or []), bool(
+        getattr(model, "randomized", False)
+    )
+
+
+def adaptive_models(model: Any, tm: ThreatModel) -> tuple[Any, Any, dict[str, Any]]:
+    """The model the attacks differentiate/query, the model that judges, and what was adapted.
+
+    A model that declares non-differentiable input transforms is attacked through BPDA
+    (straight-through gradients, Athalye et al. 2018); one that declares randomness is
+    attacked with EOT over ``tm.eot_samples`` draws. A randomized model is always judged (clean
+    and adversarial predictions) on its logits averaged over as many draws, so one lucky draw
+    neither hides nor fakes an adversarial example.
+    """
+    nondiff, randomized = declared_defense(model)
+    attack_model, judge, used = model, model, []
+    if randomized:  # measuring, not attacking: always judge on the mean over draws
+        judge = EOTClassifier(model, samples=tm.eot_samples)
+    if tm.adaptive:
+        if nondiff and is_white_box(model) and hasattr(model, "with_bpda"):
+            attack_model = model.with_bpda()
+            used.append(f"BPDA (straight-through gradients) through {', '.join(nondiff)}")
+        if randomized:
+            attack_model = EOTClassifier(attack_model, samples=tm.eot_samples)
+            used.append(f"EOT: gradients and scores averaged over {tm.eot_samples} draws")
+    info = {
+        "declared_nondifferentiable": nondiff,
+        "declared_randomized": randomized,
+        "enabled": tm.adaptive,
+        "used": used,
+    }
+    return attack_model, judge, info
+
+
 class Evaluator:
     """Configure once, then :meth:`run`. See :func:`evaluate` for the one-call form."""
 
@@ -195,6 +232,7 @@ class Evaluator:
         self.resume = resume
         self.keep_examples = keep_examples
         self._validate()
+        self.attack_model, self.judge_model, self.adaptive = adaptive_models(model, threat_model)
 
     # -- set-up ---------------------------------------------------------------
     def _validate(self) -> None:
@@ -230,6 +268,16 @@ class Evaluator:
 
     # -- main loop --------------------------------------------------------------
     def run(self) -> Report:
+        """Run the suite and the sanity checks; returns the report.
+
+        The global torch RNG is seeded with the threat model's seed for the run (randomized
+        defenses draw from it) and restored afterwards.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.tm.seed)
+            return self._run()
+
+    def _run(self) -> Report:
         t_start = time.perf_counter()
         tm = self.tm
         idx = select_samples(len(self.x), tm.samples, tm.seed)
@@ -285,7 +333,7 @@ class Evaluator:
         return x, y
 
     def _run_batch(self, state: RunState, pos: np.ndarray, stage: str) -> None:
-        rec, model = state.records, self.model
+        rec, model = state.records, self.judge_model
         x, y = self._tensor(pos, state)
         probs = torch.softmax(model.logits(x).double(), 1).cpu()
         rec.clean_pred[pos] = probs.argmax(1).numpy()
@@ -323,7 +371,7 @@ class Evaluator:
         ``x``/``y`` are the inputs for ``pos``. Returns the number of newly fooled samples.
         """
         rec = state.records
-        model = model if model is not None else self.model
+        model = model if model is not None else self.attack_model
         alive = rec.robust_at(e)[pos]
         st = state.stat(e, label, stage)
         if not alive.any() or eps == 0:
@@ -392,7 +440,7 @@ class Evaluator:
             & (x_adv.flatten(1).amin(1) >= lo - 1e-6)
             & (x_adv.flatten(1).amax(1) <= hi + 1e-6)
         )
-        pred = self.model.logits(x_adv).argmax(1).cpu()
+        pred = self.judge_model.logits(x_adv).argmax(1).cpu()
         return ok & (pred != y)  # for a targeted goal the target is one of the wrong classes
 
     def _record(
@@ -409,7 +457,7 @@ class Evaluator:
     ) -> None:
         rec = state.records
         d = x_adv - x
-        probs = torch.softmax(self.model.logits(x_adv).double(), 1).cpu()
+        probs = torch.softmax(self.judge_model.logits(x_adv).double(), 1).cpu()
         rec.fooled_eps[pos] = e
         rec.fooled_by[pos] = key
         rec.row_at[pos, e] = np.minimum(rec.row_at[pos, e], key)
@@ -606,6 +654,12 @@ class Evaluator:
                 "input_shape": list(self.model.input_shape),
                 "bounds": list(self.model.bounds),
                 "white_box": is_white_box(self.model),
+                **(
+                    {"defense": self.model.describe(), "adaptive_attacks": self.adaptive}
+                    if declared_defense(self.model) != ([], False)
+                    and hasattr(self.model, "describe")
+                    else {}
+                ),
                 **self.model_info,
             },
             data={

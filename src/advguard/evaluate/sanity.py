@@ -15,6 +15,8 @@ Each check follows published advice; see ``docs/sanity-checks.md`` for the refer
   (Carlini et al. 2019, sec. 5.2; Mosbach et al. 2018; Croce & Hein 2020).
 * ``black-box-vs-white-box`` - black-box attacks must not beat white-box ones
   (Carlini et al. 2019, sec. 5.7; Athalye et al. 2018).
+* ``adaptive-attacks`` - a model that declares non-differentiable or randomized input
+  transforms must be attacked with BPDA / EOT (Athalye et al. 2018; Tramer et al. 2020).
 
 Every adversarial example a check finds is a real one (it is verified in bounds, in the ball
 and misclassified), so it is merged into the results: checks can only make the numbers more
@@ -49,6 +51,8 @@ REF = {
     "outperform single-step attacks)",
     "convergence": "Carlini et al. 2019, sec. 5.2 (run attacks to convergence); "
     "Croce & Hein 2020 (AutoAttack)",
+    "adaptive-attacks": "Athalye, Carlini & Wagner 2018 (BPDA, EOT); Tramer et al. 2020 (On "
+    "Adaptive Attacks to Adversarial Example Defenses); Carlini et al. 2019, sec. 4.3",
     "black-box-vs-white-box": "Carlini et al. 2019, sec. 5.7 (white-box attacks must beat "
     "black-box ones); Athalye et al. 2018",
 }
@@ -60,7 +64,7 @@ def run_sanity_checks(ev: Evaluator, state: RunState) -> list[SanityCheck]:
     subset = correct_pos[: ev.tm.sanity_samples]
     white = is_white_box(ev.model)
     checks: list[SanityCheck] = []
-    steps_total = 7
+    steps_total = 8
     done = 0
     ev.progress("sanity", 0, steps_total)
 
@@ -96,6 +100,8 @@ def run_sanity_checks(ev: Evaluator, state: RunState) -> list[SanityCheck]:
     checks.append(_convergence(ev, state, subset, x, y))
     tick()
     checks.append(_black_vs_white(ev, state))
+    tick()
+    checks.append(_adaptive(ev))
     tick()
     return checks
 
@@ -170,6 +176,17 @@ def _randomness(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor
             "The same input gives the same output twice.",
             max_logit_difference=diff,
         )
+    if isinstance(ev.attack_model, EOTClassifier):  # declared randomness, attacked with EOT
+        return _check(
+            "randomness",
+            "Deterministic model outputs",
+            "pass",
+            f"The model is randomized, as it declares ({flips} of {len(x)} predictions changed "
+            f"between two calls); every attack used EOT over {ev.attack_model.samples} draws and "
+            "predictions were judged on the mean logits over as many draws.",
+            max_logit_difference=diff,
+            prediction_flips=flips,
+        )
     c = _check(
         "randomness",
         "Deterministic model outputs",
@@ -183,11 +200,14 @@ def _randomness(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor
     )
     if ev.tm.escalate and is_white_box(ev.model):
         c.status_before_escalation = "fail"
-        eot = EOTClassifier(ev.model, samples=10)
+        eot = EOTClassifier(ev.attack_model, samples=ev.tm.eot_samples)
         n_new = _escalate(
-            ev, state, [(f"{a.name}+eot10", a) for a in _white_attacks(state)], model=eot
+            ev,
+            state,
+            [(f"{a.name}+eot{eot.samples}", a) for a in _white_attacks(state)],
+            model=eot,
         )
-        c.escalation = _escalation_text(n_new, "EOT over 10 draws per gradient")
+        c.escalation = _escalation_text(n_new, f"EOT over {eot.samples} draws per gradient")
         c.status = "warn"
         c.explanation += " The runner re-ran the white-box attacks with EOT; numbers include it."
     return c
@@ -196,11 +216,11 @@ def _randomness(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor
 def _gradients(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor) -> SanityCheck:
     from advguard.attacks import losses
 
-    dev = ev.model.device
+    dev = ev.attack_model.device
     yd = y.to(dev)
 
     def stats(loss_fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, _, g = ev.model.value_and_grad(x.to(dev), loss_fn)
+        logits, _, g = ev.attack_model.value_and_grad(x.to(dev), loss_fn)
         return logits, g.flatten(1).norm(dim=1).cpu()
 
     logits, gn = stats(lambda z: losses.ce(z, yd))
@@ -295,7 +315,7 @@ def _independent(
     Returns robust counts per epsilon; every adversarial found is merged into the results.
     """
     robust = []
-    model = ev.model
+    model = ev.attack_model
     for e, eps in enumerate(state.epsilons):
         t0 = time.perf_counter()
         f0, g0 = model.queries.snapshot()
@@ -399,7 +419,7 @@ def _large_epsilon(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Ten
         if name == "pgd":
             p.update(restarts=restarts, steps=100 * steps_mult)
         a = build_attack(name, norm=norm, seed=ev.tm.seed + 3, **p)
-        res = a.run(ev.model, x, y, big)
+        res = a.run(ev.attack_model, x, y, big)
         return 1.0 - float(res.success.float().mean())
 
     ra = measure(1, 1)
@@ -566,4 +586,40 @@ def _black_vs_white(ev: Evaluator, state: RunState) -> SanityCheck:
         "their gradients are probably masked.",
         "Investigate gradient masking (BPDA/EOT) before trusting the white-box numbers.",
         **details,
+    )
+
+
+def _adaptive(ev: Evaluator) -> SanityCheck:
+    """A declared defense must be attacked through (BPDA) and over (EOT) its transforms."""
+    info = ev.adaptive
+    nondiff, randomized = info["declared_nondifferentiable"], info["declared_randomized"]
+    title = "Declared defenses attacked adaptively"
+    if not nondiff and not randomized:
+        return _check(
+            "adaptive-attacks", title, "skip", "The model declares no input-transform defense."
+        )
+    missing = []
+    if nondiff and is_white_box(ev.model) and not any("BPDA" in u for u in info["used"]):
+        missing.append(f"BPDA through the non-differentiable {', '.join(nondiff)}")
+    if randomized and not any("EOT" in u for u in info["used"]):
+        missing.append("EOT over the randomized transforms")
+    if not missing:
+        return _check(
+            "adaptive-attacks",
+            title,
+            "pass",
+            "The attacks saw the defense: " + "; ".join(info["used"]) + ".",
+            **info,
+        )
+    return _check(
+        "adaptive-attacks",
+        title,
+        "fail",
+        "The model declares a defense that the attacks did not account for (missing: "
+        + "; ".join(missing)
+        + "). Gradients through a non-differentiable transform are zero or meaningless, and "
+        "one random draw is not what an attacker averaging over draws sees: the robust "
+        "accuracy above is very likely overstated.",
+        "Re-run with `adaptive: true` in the threat model (the default).",
+        **info,
     )

@@ -132,6 +132,12 @@ class ThreatModel(BaseModel):
     sanity_checks: bool = True
     escalate: bool = True
     sanity_samples: int = Field(default=100, ge=8)
+    adaptive: bool = Field(
+        default=True,
+        description="attack declared defenses adaptively: BPDA through non-differentiable "
+        "input transforms, EOT over randomized ones",
+    )
+    eot_samples: int = Field(default=10, ge=1, description="draws per EOT gradient/prediction")
 
     @field_validator("norm")
     @classmethod

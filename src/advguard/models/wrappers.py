@@ -15,12 +15,11 @@ class EOTClassifier(ClassifierBase):
 
     ``logits`` are averaged over ``samples`` draws, and ``value_and_grad`` returns the mean
     loss and mean gradient over ``samples`` draws, so gradient attacks optimise the expected
-    loss instead of one noisy draw. Queries are counted by the wrapped model.
+    loss instead of one noisy draw. Queries are counted by the wrapped model. Around a
+    black-box model only the averaged ``logits`` exist (score-based attacks, judging).
     """
 
     def __init__(self, model: Any, samples: int = 10) -> None:
-        if not is_white_box(model):
-            raise InputError("EOT needs a white-box (gradient) model")
         if int(samples) < 1:
             raise InputError(f"samples must be >= 1, got {samples}")
         super().__init__(
@@ -28,17 +27,21 @@ class EOTClassifier(ClassifierBase):
         )
         self.inner = model
         self.samples = int(samples)
-        self.device = model.device
+        self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
+        if is_white_box(model):  # gradient path only when the wrapped model has one
+            self.forward = self._forward  # type: ignore[method-assign]
+            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.inner.forward(x) for _ in range(self.samples)]).mean(0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.forward(x.to(self.device, self.dtype))
+            x = x.to(self.device, self.dtype)
+            return torch.stack([self.inner.logits(x) for _ in range(self.samples)]).mean(0)
 
-    def value_and_grad(
+    def _value_and_grad(
         self, x: torch.Tensor, loss_fn: LossFn
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z_sum = loss_sum = g_sum = None

@@ -1,0 +1,40 @@
+"""Adversarial-example detectors: fit on benign data, calibrate a threshold, flag inputs.
+
+Every detector has ``fit(x_benign, y_benign=None)``, ``score(x)`` (higher = more
+suspicious), ``calibrate(x_benign_heldout, fpr)`` (split-conformal threshold) and
+``detect(x)``. :func:`evaluate_detector` measures ROC-AUC and TPR at fixed FPRs;
+:func:`adversarial_examples` produces the positives with a threat model's attacks.
+None of them survives an adaptive attacker on its own: see docs/transforms-and-detectors.md.
+"""
+
+from advguard.defenses.detectors.base import (
+    AdversarialSet,
+    Detector,
+    DetectorEvaluation,
+    adversarial_examples,
+    conformal_threshold,
+    evaluate_detector,
+    roc_auc,
+    tpr_at_fpr,
+)
+from advguard.defenses.detectors.mahalanobis import MahalanobisDetector
+from advguard.defenses.detectors.scores import (
+    ConfidenceDetector,
+    DisagreementDetector,
+    FeatureSqueezingDetector,
+)
+
+__all__ = [
+    "AdversarialSet",
+    "ConfidenceDetector",
+    "Detector",
+    "DetectorEvaluation",
+    "DisagreementDetector",
+    "FeatureSqueezingDetector",
+    "MahalanobisDetector",
+    "adversarial_examples",
+    "conformal_threshold",
+    "evaluate_detector",
+    "roc_auc",
+    "tpr_at_fpr",
+]

@@ -1,0 +1,42 @@
+"""Adversarial training: PGD-AT, TRADES and fast adversarial training (with
+catastrophic-overfitting detection), epsilon ramp-up, early stopping on held-out
+robust accuracy, safetensors checkpoints and a JSON training manifest.
+
+>>> from advguard.defenses.training import adversarial_train
+>>> res = adversarial_train(module, x, y, method="pgd-at", epsilon=0.3, epochs=10,
+...                         out_dir="runs/at")  # doctest: +SKIP
+"""
+
+from advguard.defenses.training.trainer import (
+    CHECKPOINT_NAME,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    METHODS,
+    TrainConfig,
+    TrainResult,
+    adversarial_train,
+    data_sha256,
+    detect_catastrophic_overfitting,
+    fgsm_perturb,
+    load_manifest,
+    load_trainable,
+    pgd_perturb,
+    trades_perturb,
+)
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
+    "METHODS",
+    "TrainConfig",
+    "TrainResult",
+    "adversarial_train",
+    "data_sha256",
+    "detect_catastrophic_overfitting",
+    "fgsm_perturb",
+    "load_manifest",
+    "load_trainable",
+    "pgd_perturb",
+    "trades_perturb",
+]

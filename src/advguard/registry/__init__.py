@@ -1,0 +1,1 @@
+"""Model registry: signed models, robustness attestations and the CI release gate."""

@@ -1,0 +1,153 @@
+"""Registry metadata database: SQLAlchemy Core schema, engine set-up and migrations.
+
+SQLite (the default, ``sqlite:///<root>/registry.db``) runs in WAL mode with
+``synchronous=FULL``, foreign keys on and a busy timeout; every transaction is
+``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing half-way.
+PostgreSQL works through a ``postgresql+psycopg://`` URL (extra ``postgres``).
+The schema is created and upgraded by Alembic (``upgrade head``) each time a
+registry is opened; the migration scripts ship inside the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+
+from advguard.errors import InputError, MissingDependencyError
+
+#: Stages a version can be in.
+STAGES = ("candidate", "canary", "production", "archived")
+
+#: SQLite busy timeout (ms): how long a writer waits for the lock before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+metadata = MetaData()
+
+models = Table(
+    "models",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+versions = Table(
+    "versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("format", String(40), nullable=False),
+    Column("artifacts", JSON, nullable=False),
+    Column("model_digest", String(64), nullable=False),
+    Column("input_spec", JSON, nullable=False),
+    Column("provenance", JSON, nullable=False),
+    Column("stage", String(20), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("signature_path", Text, nullable=True),
+    UniqueConstraint("model_id", "version", name="uq_versions_model_version"),
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("version_id", Integer, ForeignKey("versions.id"), nullable=False),
+    Column("threat_model", String(200), nullable=False),
+    Column("report_digest", String(64), nullable=False),
+    Column("attestation_path", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+stage_events = Table(
+    "stage_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("version_id", Integer, ForeignKey("versions.id"), nullable=False),
+    Column("from_stage", String(20), nullable=True),
+    Column("to_stage", String(20), nullable=False),
+    Column("reason", String(20), nullable=False),  # push, promote, archive, rollback
+    Column("actor", String(200), nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("ts", String(40), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("subject", String(300), nullable=False),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own is deferred)
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine for ``url`` (SQLite gets WAL/FULL/foreign keys/busy timeout)."""
+    if url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url[len("postgres://") :]
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            _sqlite_setup(engine)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(
+            exc.name or "psycopg", "postgres", f"The registry database {url.split(':')[0]}"
+        ) from exc
+    except Exception as exc:  # bad URL syntax, unknown dialect
+        raise InputError(f"cannot use registry database URL {url!r}: {exc}") from exc
+
+
+def upgrade(engine: Engine) -> None:
+    """Run Alembic ``upgrade head`` on ``engine`` with the packaged migration scripts."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # serialise concurrent first opens (advisory lock, released at commit)
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7324001)")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")

@@ -1,0 +1,93 @@
+"""Release-gate policies: what a robustness report must show before a model ships.
+
+A policy is YAML validated with pydantic; errors name the file, line and field::
+
+    name: release
+    require_trustworthy: true       # cannot be turned off: untrustworthy never passes
+    slo_mode: confidence            # confidence | point-estimate
+    report_slos: true               # also judge the SLOs of the report's threat model
+    slos:                           # extra SLOs, same syntax as threat-model SLOs
+      - robust_accuracy >= 0.60 at eps 0.1
+      - clean_accuracy >= 0.95
+    min_samples: 500                # evaluated samples (clean accuracy n) at least this
+    # regression limits vs --baseline, in percentage points
+    max_robust_accuracy_drop: 1.0   # at every epsilon evaluated in both reports
+    max_clean_accuracy_drop: 0.5
+    require_same_threat_model: true # else the gate fails: the numbers are not comparable
+    require_baseline: false         # true: fail when no --baseline is given
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from advguard.errors import InputError
+from advguard.evaluate.threat_model import SLO, _line_of
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "policy"
+    description: str = ""
+    require_trustworthy: bool = True
+    slo_mode: Literal["confidence", "point-estimate"] = "confidence"
+    report_slos: bool = Field(True, description="judge the report's threat-model SLOs too")
+    slos: list[SLO] = Field(default_factory=list)
+    min_samples: int | None = Field(None, ge=1)
+    # regression limits against --baseline (e.g. the model now in production)
+    max_robust_accuracy_drop: float | None = Field(
+        1.0, ge=0, lt=100, description="points, at every epsilon in both; null: no limit"
+    )
+    max_clean_accuracy_drop: float | None = Field(
+        0.5, ge=0, lt=100, description="points; null: no limit"
+    )
+    require_same_threat_model: bool = Field(
+        True, description="baseline must use the same norm, knowledge, goal, attacks, epsilons"
+    )
+    require_baseline: bool = Field(False, description="fail when no baseline is given")
+
+    @field_validator("require_trustworthy")
+    @classmethod
+    def _always(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError(
+                "cannot be false: an untrustworthy evaluation (failed sanity checks) never "
+                "passes the gate; fix the evaluation instead"
+            )
+        return v
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"policy {str(p)!r} does not exist (see docs/ci/policy.yaml)")
+    return parse_policy(p.read_text(), str(p))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate policy YAML; errors give the line and field of each problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: a gate policy is a YAML mapping (key: value lines)")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(node, loc)
+            at = f"line {line}, " if line else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {at}field '{where}': {msg}")
+        raise InputError(f"{source}: invalid gate policy\n" + "\n".join(lines)) from None
