@@ -108,3 +108,55 @@ def test_eot_wraps_black_box_models_for_judging(digits_model, digits_split):
 def test_eot_samples_validated(bad):
     with pytest.raises(Exception, match="eot_samples"):
         parse_threat_model(TM + f"eot_samples: {bad}\n")
+
+
+def test_detector_and_classifier_attacked_jointly(digits_model, digits_split):
+    """Feature squeezing catches plain PGD; a joint attack (BPDA) evades detector and model."""
+    from advguard.attacks import PGD
+    from advguard.defenses.detectors import DetectorGuardedClassifier, FeatureSqueezingDetector
+
+    x_tr, _, x_te, y_te = digits_split
+    det = FeatureSqueezingDetector(digits_model, [BitDepthReduction(2)])
+    det.calibrate(x_tr[1000:1400], fpr=0.05)
+    guarded = DetectorGuardedClassifier(digits_model, det)
+    x, y = torch.tensor(x_te[:80]), torch.tensor(y_te[:80])
+    # non-adaptive: attack the classifier alone, then pass the result through the guard
+    res = PGD(norm="linf", steps=20)(digits_model, x, y, epsilon=0.2)
+    assert res.success.float().mean() > 0.9
+    pred = guarded.logits(res.x_adv).argmax(1)
+    assert (pred == guarded.reject_class)[res.success].float().mean() > 0.7  # mostly caught
+    clean_ok = guarded.logits(x).argmax(1) == y
+    naive_robust = float((clean_ok & ((pred == y) | (pred == guarded.reject_class))).float().mean())
+
+    tm = parse_threat_model(
+        """
+name: joint
+norm: linf
+epsilons: [0.2]
+samples: 80
+sanity_samples: 16
+attacks:
+  - attack: apgd-t
+    steps: 20
+    n_target_classes: 3
+"""
+    )
+    report = evaluate(guarded, x_te[:80], y_te[:80], tm.with_overrides(samples=80))
+    joint_robust = report.results[0].robust_accuracy.value
+    assert joint_robust <= naive_robust - 0.4, (joint_robust, naive_robust)
+    # the detector's false positives are a cost: rejected benign inputs count as errors
+    assert report.clean_accuracy.value <= float(
+        (digits_model.logits(x).argmax(1) == y).float().mean()
+    )
+    assert report.model["defense"]["reject_class"] == 10
+    # every counted adversarial is accepted by the detector and misclassified
+    for ex in report.examples:
+        assert ex.adversarial_prediction not in (ex.label, 10)
+
+
+def test_guard_needs_a_calibrated_detector(digits_model):
+    from advguard.defenses.detectors import DetectorGuardedClassifier, FeatureSqueezingDetector
+    from advguard.errors import InputError
+
+    with pytest.raises(InputError, match="calibrate"):
+        DetectorGuardedClassifier(digits_model, FeatureSqueezingDetector(digits_model))

@@ -246,10 +246,10 @@ class Evaluator:
                 f"data samples have shape {tuple(self.x.shape[1:])} but the model expects "
                 f"{tuple(m.input_shape)}"
             )
-        if self.y.dtype.kind not in "iu" or self.y.min() < 0 or self.y.max() >= m.num_classes:
+        n_labels = getattr(m, "reject_class", None) or m.num_classes
+        if self.y.dtype.kind not in "iu" or self.y.min() < 0 or self.y.max() >= n_labels:
             raise InputError(
-                f"labels must be integers in [0, {m.num_classes - 1}] for a "
-                f"{m.num_classes}-class model"
+                f"labels must be integers in [0, {n_labels - 1}] for a {n_labels}-class model"
             )
         check_inputs(m, torch.as_tensor(self.x[: min(len(self.x), 4096)], dtype=torch.float32))
         self.attacks = [
@@ -349,6 +349,9 @@ class Evaluator:
         k = min(self.tm.target_classes, self.model.num_classes - 1)
         p = probs.clone()
         p[torch.arange(len(y)), y] = -1.0
+        reject = getattr(self.model, "reject_class", None)
+        if reject is not None:
+            p[:, reject] = -2.0  # never a target
         ranked = p.argsort(1, descending=True)
         return [ranked[:, r] for r in range(k)]
 
@@ -441,6 +444,9 @@ class Evaluator:
             & (x_adv.flatten(1).amax(1) <= hi + 1e-6)
         )
         pred = self.judge_model.logits(x_adv).argmax(1).cpu()
+        reject = getattr(self.model, "reject_class", None)
+        if reject is not None:  # a guarded model that rejects the input was not fooled
+            ok &= pred != reject
         return ok & (pred != y)  # for a targeted goal the target is one of the wrong classes
 
     def _record(
@@ -656,7 +662,10 @@ class Evaluator:
                 "white_box": is_white_box(self.model),
                 **(
                     {"defense": self.model.describe(), "adaptive_attacks": self.adaptive}
-                    if declared_defense(self.model) != ([], False)
+                    if (
+                        declared_defense(self.model) != ([], False)
+                        or hasattr(self.model, "reject_class")
+                    )
                     and hasattr(self.model, "describe")
                     else {}
                 ),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,9 @@ _SLO_RE = re.compile(
     r"^\s*(?P<metric>[a-z_]+)\s*(?P<op>>=|<=|>|<)\s*(?P<thr>[-+0-9.eE%]+)"
     r"(\s+at\s+(eps|epsilon)\s*=?\s*(?P<eps>[-+0-9.eE]+))?\s*$"
 )
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class SLO(BaseModel):
@@ -216,16 +219,25 @@ def load_threat_model(spec: str | Path) -> ThreatModel:
     return parse_threat_model(text, source)
 
 
-def parse_threat_model(text: str, source: str = "<string>") -> ThreatModel:
+def parse_yaml_model(
+    text: str, source: str, model: type[M], what: str, *, empty: dict[str, Any] | None = None
+) -> M:
+    """Validate YAML ``text`` as pydantic ``model``; errors name the line and field at fault.
+
+    ``what`` names the document in messages ("threat model", "gate policy"); ``empty`` is
+    used for an empty document (``None``: an empty document is an error).
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise InputError(f"{source}: not valid YAML: {e}") from None
+    if data is None and empty is not None:
+        data = dict(empty)
     if not isinstance(data, dict):
-        raise InputError(f"{source}: a threat model is a YAML mapping (key: value lines)")
+        raise InputError(f"{source}: a {what} is a YAML mapping (key: value lines)")
     try:
-        return ThreatModel.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -235,7 +247,11 @@ def parse_threat_model(text: str, source: str = "<string>") -> ThreatModel:
             at = f"line {line}, " if line else ""
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {at}field '{where}': {msg}")
-        raise InputError(f"{source}: invalid threat model\n" + "\n".join(lines)) from None
+        raise InputError(f"{source}: invalid {what}\n" + "\n".join(lines)) from None
+
+
+def parse_threat_model(text: str, source: str = "<string>") -> ThreatModel:
+    return parse_yaml_model(text, source, ThreatModel, "threat model")
 
 
 def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:

@@ -24,10 +24,13 @@ def fit(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``module`` with Adam and cross-entropy; returns it in eval mode.
 
-    ``progress(epoch, epochs, mean_loss)`` is called after each epoch.
+    ``progress(epoch, epochs, mean_loss)`` is called after each epoch. ``augment(xb, gen)``
+    transforms each raw batch before the step (e.g. Gaussian noise for randomized smoothing),
+    drawing its randomness from ``gen`` so training stays deterministic for a seed.
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y).long()
@@ -48,7 +51,8 @@ def fit(
         total, count = 0.0, 0
         for i in range(0, len(xt), batch_size):
             b = perm[i : i + batch_size]
-            xb, yb = xt[b].to(dev), yt[b].to(dev)
+            xb = xt[b] if augment is None else augment(xt[b], g)
+            xb, yb = xb.to(dev), yt[b].to(dev)
             loss = nn.functional.cross_entropy(module(pre(xb)), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,11 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from advguard.errors import InputError
-from advguard.evaluate.threat_model import SLO, _line_of
+from advguard.evaluate.threat_model import SLO, parse_yaml_model
 
 
 class Policy(BaseModel):
@@ -70,24 +69,4 @@ def load_policy(path: str | Path) -> Policy:
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     """Validate policy YAML; errors give the line and field of each problem."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InputError(f"{source}: not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: a gate policy is a YAML mapping (key: value lines)")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-            where = ".".join(str(p) for p in loc) or "(top level)"
-            line = _line_of(node, loc)
-            at = f"line {line}, " if line else ""
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {at}field '{where}': {msg}")
-        raise InputError(f"{source}: invalid gate policy\n" + "\n".join(lines)) from None
+    return parse_yaml_model(text, source, Policy, "gate policy", empty={})

@@ -265,7 +265,9 @@ class APGD(Attack):
         x0, y0, device, orig_device = self._prepare(model, x, y)
         f0, g0 = model.queries.snapshot()
         n = len(x0)
-        k = min(self.n_target_classes, model.num_classes - 1)
+        # a detector-guarded model's reject class is neither a target nor a success
+        reject = getattr(model, "reject_class", None)
+        k = min(self.n_target_classes, model.num_classes - 1 - (reject is not None))
         x_adv = x0.clone()
         success = torch.zeros(n, dtype=torch.bool, device=device)
         attacked = torch.zeros(n, dtype=torch.bool, device=device)
@@ -274,6 +276,9 @@ class APGD(Attack):
             logits = model.logits(x0)
             success = logits.argmax(1) != y0
             attacked = ~success if eps > 0 else torch.zeros_like(success)
+            if reject is not None:
+                logits = logits.clone()
+                logits[:, reject] = -torch.inf
             ranked = logits.argsort(dim=1, descending=True)
             for r in range(1, k + 1) if eps > 0 else ():
                 idx = (~success).nonzero().squeeze(1)
@@ -283,7 +288,10 @@ class APGD(Attack):
                 ok = res.success.clone()
                 if (~ok).any():  # missed the target but maybe left class y anyway
                     miss = (~ok).nonzero().squeeze(1)
-                    ok[miss] = model.logits(res.x_adv[miss]).argmax(1) != y0[idx[miss]]
+                    pred = model.logits(res.x_adv[miss]).argmax(1)
+                    ok[miss] = (pred != y0[idx[miss]]) & (
+                        pred != (-1 if reject is None else reject)
+                    )
                 upd = ok if r > 1 else torch.ones_like(ok)
                 x_adv[idx[upd]] = res.x_adv[upd]
                 success[idx[ok]] = True

@@ -267,39 +267,25 @@ def train_with_noise(
 
     ``progress(epoch, epochs, mean_loss)`` is called after each epoch.
     """
+    from advguard.models.fit import fit
+
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma < 0:
         raise InputError(f"sigma must be >= 0, got {sigma}")
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    yt = torch.as_tensor(y).long()
-    if len(xt) == 0 or len(xt) != len(yt):
-        raise InputError(f"need as many labels as inputs and at least one, got {len(xt)}/{len(yt)}")
-    if epochs < 1 or batch_size < 1:
-        raise InputError("epochs and batch_size must be >= 1")
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    module.to(dev).train()
-    pre = preprocess.to(dev) if preprocess is not None else nn.Identity()
-    for p in module.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        total, count = 0.0, 0
-        for i in range(0, len(xt), batch_size):
-            b = perm[i : i + batch_size]
-            xb = xt[b] + torch.randn(xt[b].shape, generator=g) * sigma
-            xb, yb = xb.to(dev), yt[b].to(dev)
-            loss = nn.functional.cross_entropy(module(pre(xb)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(b)
-            count += len(b)
-        if progress is not None:
-            progress(epoch + 1, epochs, total / count)
-    return module.eval()
+    return fit(
+        module,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        preprocess=preprocess,
+        seed=seed,
+        device=device,
+        progress=progress,
+        augment=lambda xb, g: xb + torch.randn(xb.shape, generator=g) * sigma,
+    )
 
 
 def _check_alpha(alpha: float) -> None:

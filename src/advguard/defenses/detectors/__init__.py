@@ -17,6 +17,7 @@ from advguard.defenses.detectors.base import (
     roc_auc,
     tpr_at_fpr,
 )
+from advguard.defenses.detectors.guarded import DetectorGuardedClassifier
 from advguard.defenses.detectors.mahalanobis import MahalanobisDetector
 from advguard.defenses.detectors.scores import (
     ConfidenceDetector,
@@ -29,6 +30,7 @@ __all__ = [
     "ConfidenceDetector",
     "Detector",
     "DetectorEvaluation",
+    "DetectorGuardedClassifier",
     "DisagreementDetector",
     "FeatureSqueezingDetector",
     "MahalanobisDetector",

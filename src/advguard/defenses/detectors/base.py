@@ -74,6 +74,7 @@ class Detector:
     name: str = "detector"
     needs_fit: bool = False
     batch_size: int = 512
+    differentiable: bool = False  # True: ``_score(x, grad=True)`` keeps the autograd graph
 
     def __init__(self, model: Any) -> None:
         for attr in ("input_shape", "bounds", "num_classes", "logits"):
@@ -105,6 +106,21 @@ class Detector:
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def score_tensor(self, x: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """Scores of a checked tensor batch; ``grad=True`` gives a differentiable score
+        (white-box models, BPDA through non-differentiable squeezers) for adaptive attacks."""
+        if not self.fitted:
+            raise InputError(f"{type(self).__name__} is not fitted; call fit(x_benign) first")
+        if not grad:
+            with torch.no_grad():
+                return self._score(x)
+        if not self.differentiable:
+            raise InputError(
+                f"{type(self).__name__} has no differentiable score; attack the guarded model "
+                "with black-box attacks (square, hopskipjump) instead"
+            )
+        return self._score(x, grad=True)  # type: ignore[call-arg]
 
     # -- public API -----------------------------------------------------------------
     def fit(self, x_benign: ArrayLike, y_benign: ArrayLike | None = None) -> Self:

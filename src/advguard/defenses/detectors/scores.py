@@ -9,11 +9,20 @@ from typing import Any
 import torch
 
 from advguard.defenses.detectors.base import Detector
-from advguard.defenses.transforms.base import InputTransform
+from advguard.defenses.transforms.base import InputTransform, bpda
 from advguard.errors import InputError
+from advguard.models.base import is_white_box
 
 
-def _proba(model: Any, x: torch.Tensor) -> torch.Tensor:
+def _proba(model: Any, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Probabilities; with ``grad`` through the model's differentiable ``forward``."""
+    if grad:
+        if not is_white_box(model):
+            raise InputError(
+                f"a differentiable detector score needs white-box models, got "
+                f"{type(model).__name__}"
+            )
+        return torch.softmax(model.forward(x).double(), dim=1)
     return torch.softmax(model.logits(x).double(), dim=1)
 
 
@@ -29,6 +38,7 @@ class FeatureSqueezingDetector(Detector):
     """
 
     name = "feature-squeezing"
+    differentiable = True
 
     def __init__(self, model: Any, squeezers: Sequence[InputTransform] | None = None) -> None:
         super().__init__(model)
@@ -44,10 +54,15 @@ class FeatureSqueezingDetector(Detector):
                 raise InputError(f"not an InputTransform: {s!r}")
         self.squeezers = squeezers
 
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
+    def _score(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         lo, hi = self.model.bounds
-        p = _proba(self.model, x)
-        dist = [(p - _proba(self.model, s(x).clamp(lo, hi))).abs().sum(1) for s in self.squeezers]
+        p = _proba(self.model, x, grad)
+
+        def squeeze(s: InputTransform) -> torch.Tensor:
+            # for attacks: BPDA through the non-differentiable squeezers
+            return (bpda(s, x) if grad and not s.differentiable else s(x)).clamp(lo, hi)
+
+        dist = [(p - _proba(self.model, squeeze(s), grad)).abs().sum(1) for s in self.squeezers]
         return torch.stack(dist).amax(0)
 
     def params(self) -> dict[str, Any]:
@@ -63,6 +78,7 @@ class DisagreementDetector(Detector):
     """
 
     name = "disagreement"
+    differentiable = True
 
     def __init__(self, models: Sequence[Any]) -> None:
         models = list(models)
@@ -83,8 +99,10 @@ class DisagreementDetector(Detector):
                 )
         self.models = models
 
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        ps = [_proba(m, x.to(getattr(m, "device", x.device))).to(x.device) for m in self.models]
+    def _score(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        ps = [
+            _proba(m, x.to(getattr(m, "device", x.device)), grad).to(x.device) for m in self.models
+        ]
         total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         pairs = 0
         for i in range(len(ps)):
@@ -107,6 +125,7 @@ class ConfidenceDetector(Detector):
     """
 
     name = "confidence"
+    differentiable = True
     KINDS = ("entropy", "max_prob")
 
     def __init__(self, model: Any, kind: str = "entropy") -> None:
@@ -116,8 +135,8 @@ class ConfidenceDetector(Detector):
         self.kind = kind
         self.name = f"confidence-{kind}"
 
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        p = _proba(self.model, x)
+    def _score(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        p = _proba(self.model, x, grad)
         if self.kind == "entropy":
             return -(p * torch.log(p.clamp_min(1e-300))).sum(1)
         return 1.0 - p.amax(1)
