@@ -818,8 +818,7 @@ def registry_push(
         if not config.is_file():
             raise FileNotFoundError(f"training config {config} does not exist")
         training_config = yaml.safe_load(config.read_text())
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         info = reg.push(
             name,
             model,
@@ -831,8 +830,6 @@ def registry_push(
             code_revision=code_rev,
             allow_pickle=allow_pickle,
         )
-    finally:
-        reg.close()
     if as_json:
         _print_json(info.to_dict())
         return
@@ -849,11 +846,8 @@ def registry_push(
 @friendly_errors
 def registry_list(root: RootOpt = None, db_url: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List models, their latest and production versions."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         models = reg.list_models()
-    finally:
-        reg.close()
     if as_json:
         _print_json(models)
         return
@@ -879,8 +873,7 @@ def registry_show(
     """Show a version's metadata as a Markdown model card (or JSON)."""
     from advguard.registry.card import render_model_card
 
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         info = reg.get(ref)
         if as_json:
             data = info.to_dict()
@@ -891,8 +884,6 @@ def registry_show(
         status = "unsigned" if info.signature is None else "signed (not checked)"
         if public_key is not None:
             status = reg.verify(info.ref, public_key=public_key).signature[info.ref]
-    finally:
-        reg.close()
     console.print(render_model_card(info, reports, status), markup=False, highlight=False)
 
 
@@ -909,11 +900,8 @@ def registry_pull(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a version's files out, verifying every hash (and the signature with a key)."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         res = reg.pull(ref, out, public_key=public_key)
-    finally:
-        reg.close()
     if as_json:
         _print_json(
             {
@@ -938,11 +926,8 @@ def registry_verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every stored object of the version(s); exit 1 if anything changed."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         res = reg.verify(ref, public_key=public_key)
-    finally:
-        reg.close()
     if as_json:
         _print_json(res.to_dict())
     else:
@@ -969,11 +954,8 @@ def registry_promote(
     as_json: JsonOpt = False,
 ) -> None:
     """Move a version to a stage; the previous production version is archived."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         info = reg.promote(name, version, stage)
-    finally:
-        reg.close()
     if as_json:
         _print_json(info.to_dict())
     else:
@@ -989,11 +971,8 @@ def registry_rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Return the previous production version to production (current one is archived)."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         info = reg.rollback(name)
-    finally:
-        reg.close()
     if as_json:
         _print_json(info.to_dict())
     else:
@@ -1014,12 +993,9 @@ def registry_audit(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the append-only audit log; --verify checks its hash chain."""
-    reg = _registry(root, db_url)
-    try:
+    with _registry(root, db_url) as reg:
         check = reg.verify_audit() if verify else None
         entries = reg.audit_log(subject=subject) if not verify else []
-    finally:
-        reg.close()
     if check is not None:
         if as_json:
             _print_json(check.__dict__)

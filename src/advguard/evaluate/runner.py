@@ -46,7 +46,7 @@ from advguard.evaluate.report import (
     SuiteEntry,
 )
 from advguard.evaluate.threat_model import ThreatModel
-from advguard.models.base import check_inputs, is_white_box
+from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
 from advguard.models.wrappers import EOTClassifier
 
 Progress = Callable[[str, int, int], None]
@@ -246,7 +246,7 @@ class Evaluator:
                 f"data samples have shape {tuple(self.x.shape[1:])} but the model expects "
                 f"{tuple(m.input_shape)}"
             )
-        n_labels = getattr(m, "reject_class", None) or m.num_classes
+        n_labels = label_count(m)
         if self.y.dtype.kind not in "iu" or self.y.min() < 0 or self.y.max() >= n_labels:
             raise InputError(
                 f"labels must be integers in [0, {n_labels - 1}] for a {n_labels}-class model"
@@ -347,11 +347,8 @@ class Evaluator:
         if self.tm.goal != "targeted":
             return None
         k = min(self.tm.target_classes, self.model.num_classes - 1)
-        p = probs.clone()
+        p = mask_reject(self.model, probs, -2.0)  # the reject class is never a target
         p[torch.arange(len(y)), y] = -1.0
-        reject = getattr(self.model, "reject_class", None)
-        if reject is not None:
-            p[:, reject] = -2.0  # never a target
         ranked = p.argsort(1, descending=True)
         return [ranked[:, r] for r in range(k)]
 
@@ -444,10 +441,9 @@ class Evaluator:
             & (x_adv.flatten(1).amax(1) <= hi + 1e-6)
         )
         pred = self.judge_model.logits(x_adv).argmax(1).cpu()
-        reject = getattr(self.model, "reject_class", None)
-        if reject is not None:  # a guarded model that rejects the input was not fooled
-            ok &= pred != reject
-        return ok & (pred != y)  # for a targeted goal the target is one of the wrong classes
+        # a rejection by a guarded model is no evasion; for a targeted goal the target is one
+        # of the wrong classes
+        return ok & is_evasion(self.model, pred, y)
 
     def _record(
         self,

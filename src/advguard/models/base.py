@@ -86,6 +86,26 @@ def is_white_box(model: object) -> bool:
     return hasattr(model, "value_and_grad") and hasattr(model, "forward")
 
 
+def label_count(model: object) -> int:
+    """Real classes of ``model``: a detector-guarded model's extra reject class is not one."""
+    reject = getattr(model, "reject_class", None)
+    return int(reject) if reject is not None else int(model.num_classes)  # type: ignore[attr-defined]
+
+
+def is_evasion(model: object, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Prediction ``pred`` is an evasion of label ``y``: wrong, and not a rejection."""
+    return (pred != y) & (pred < label_count(model))
+
+
+def mask_reject(model: object, scores: torch.Tensor, fill: float = -torch.inf) -> torch.Tensor:
+    """``scores`` (batch x classes) with the reject column, if any, set to ``fill``."""
+    if getattr(model, "reject_class", None) is None:
+        return scores
+    scores = scores.clone()
+    scores[:, label_count(model) :] = fill
+    return scores
+
+
 class ClassifierBase:
     """Shared numpy conveniences and input checks for adapters.
 

@@ -20,7 +20,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackResult
 from advguard.attacks.norms import normalize, project, random_in_ball
 from advguard.errors import InputError
-from advguard.models.base import Classifier
+from advguard.models.base import Classifier, is_evasion, label_count, mask_reject
 
 _LOSSES = ("ce", "dlr")
 _MOMENTUM = 0.75
@@ -266,8 +266,7 @@ class APGD(Attack):
         f0, g0 = model.queries.snapshot()
         n = len(x0)
         # a detector-guarded model's reject class is neither a target nor a success
-        reject = getattr(model, "reject_class", None)
-        k = min(self.n_target_classes, model.num_classes - 1 - (reject is not None))
+        k = min(self.n_target_classes, label_count(model) - 1)
         x_adv = x0.clone()
         success = torch.zeros(n, dtype=torch.bool, device=device)
         attacked = torch.zeros(n, dtype=torch.bool, device=device)
@@ -276,10 +275,7 @@ class APGD(Attack):
             logits = model.logits(x0)
             success = logits.argmax(1) != y0
             attacked = ~success if eps > 0 else torch.zeros_like(success)
-            if reject is not None:
-                logits = logits.clone()
-                logits[:, reject] = -torch.inf
-            ranked = logits.argsort(dim=1, descending=True)
+            ranked = mask_reject(model, logits).argsort(dim=1, descending=True)
             for r in range(1, k + 1) if eps > 0 else ():
                 idx = (~success).nonzero().squeeze(1)
                 if len(idx) == 0:
@@ -289,9 +285,7 @@ class APGD(Attack):
                 if (~ok).any():  # missed the target but maybe left class y anyway
                     miss = (~ok).nonzero().squeeze(1)
                     pred = model.logits(res.x_adv[miss]).argmax(1)
-                    ok[miss] = (pred != y0[idx[miss]]) & (
-                        pred != (-1 if reject is None else reject)
-                    )
+                    ok[miss] = is_evasion(model, pred, y0[idx[miss]])
                 upd = ok if r > 1 else torch.ones_like(ok)
                 x_adv[idx[upd]] = res.x_adv[upd]
                 success[idx[ok]] = True

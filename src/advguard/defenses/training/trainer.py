@@ -922,18 +922,3 @@ def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
         raise InputError(f"{p} is not an advguard training manifest ({MANIFEST_SCHEMA})")
     return data
-
-
-__all__: Sequence[str] = (
-    "METHODS",
-    "TrainConfig",
-    "TrainResult",
-    "adversarial_train",
-    "data_sha256",
-    "detect_catastrophic_overfitting",
-    "fgsm_perturb",
-    "load_manifest",
-    "load_trainable",
-    "pgd_perturb",
-    "trades_perturb",
-)
