@@ -423,3 +423,17 @@ def test_sklearn_class_mapping():
         SklearnClassifier(sub)  # default num_classes = 2 cannot hold label 7
     clf2 = SklearnClassifier(sub, num_classes=10)
     np.testing.assert_array_equal(clf2.predict(x[keep]), sub.predict(x[keep]))
+
+
+def test_trades_cnn_shapes_and_errors():
+    from advguard.models.zoo import trades_cnn
+
+    for shape in [(1, 28, 28), (3, 32, 32), (1, 16, 16)]:
+        net = trades_cnn(shape, 7)
+        assert net(torch.rand(2, *shape)).shape == (2, 7)
+    # 4 conv layers (the TRADES SmallCNN), not the 2 of small_cnn
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in trades_cnn().modules()) == 4
+    with pytest.raises(InputError, match="at least 16x16"):
+        trades_cnn((1, 8, 8), 10)
+    with pytest.raises(InputError, match="channels, height, width"):
+        trades_cnn((784,), 10)
