@@ -297,3 +297,42 @@ def test_cli_train_end_to_end(tmp_path):
          str(tmp_path / "x")],
     )  # fmt: skip
     assert bad.exit_code == 2 and "unknown" in bad.output
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_matches_uninterrupted_run(digits_split, tmp_path):
+    x_tr, y_tr, _, _ = digits_split
+    x, y = x_tr[:400], y_tr[:400]
+    kw = dict(method="fast-at", epsilon=EPS, epochs=3, batch_size=64, eval_steps=3, seed=1)
+    init = _cnn()
+    ref = adversarial_train(copy.deepcopy(init), x, y, out_dir=tmp_path / "ref", **kw)
+    assert not (tmp_path / "ref" / "resume-state.json").exists()  # a finished run cleans up
+
+    def crash_in_epoch_2(stage: str, done: int, total: int) -> None:
+        if stage == "train" and done == 8:  # 6 batches per epoch: batch 2 of epoch 2
+            raise _Crash
+
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        adversarial_train(copy.deepcopy(init), x, y, out_dir=out, progress=crash_in_epoch_2, **kw)
+    state = json.loads((out / "resume-state.json").read_text())
+    assert state["epochs_done"] == 1 and (out / "resume-state.safetensors").is_file()
+    # a different configuration or different data cannot resume this run
+    with pytest.raises(InputError, match=r"configuration differs.*epsilon"):
+        adversarial_train(_cnn(), x, y, out_dir=out, resume=True, **{**kw, "epsilon": 0.2})
+    with pytest.raises(InputError, match="data differ"):
+        adversarial_train(_cnn(), x[:-1], y[:-1], out_dir=out, resume=True, **kw)
+    # resuming (from fresh weights: the saved ones are loaded) gives the uninterrupted result
+    res = adversarial_train(_cnn(seed=9), x, y, out_dir=out, resume=True, **kw)
+    assert res.manifest["resumed_from_epoch"] == 1
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in ref.history]
+    for (ka, va), (kb, vb) in zip(
+        ref.module.state_dict().items(), res.module.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(va, vb)
+    assert not (out / "resume-state.json").exists()
+    with pytest.raises(InputError, match="needs out_dir"):
+        adversarial_train(_cnn(), x, y, resume=True, **kw)

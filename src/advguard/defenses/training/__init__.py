@@ -1,12 +1,19 @@
 """Adversarial training: PGD-AT, TRADES and fast adversarial training (with
 catastrophic-overfitting detection), epsilon ramp-up, early stopping on held-out
-robust accuracy, safetensors checkpoints and a JSON training manifest.
+robust accuracy, resumable runs, safetensors checkpoints and a JSON training manifest;
+and differentially private training (DP-SGD through Opacus, extra ``privacy``).
 
 >>> from advguard.defenses.training import adversarial_train
 >>> res = adversarial_train(module, x, y, method="pgd-at", epsilon=0.3, epochs=10,
 ...                         out_dir="runs/at")  # doctest: +SKIP
 """
 
+from advguard.defenses.training.private import (
+    ACCOUNTANTS,
+    DP_MANIFEST_SCHEMA,
+    dp_train,
+    holdout_split,
+)
 from advguard.defenses.training.trainer import (
     CHECKPOINT_NAME,
     MANIFEST_NAME,
@@ -25,7 +32,9 @@ from advguard.defenses.training.trainer import (
 )
 
 __all__ = [
+    "ACCOUNTANTS",
     "CHECKPOINT_NAME",
+    "DP_MANIFEST_SCHEMA",
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA",
     "METHODS",
@@ -34,7 +43,9 @@ __all__ = [
     "adversarial_train",
     "data_sha256",
     "detect_catastrophic_overfitting",
+    "dp_train",
     "fgsm_perturb",
+    "holdout_split",
     "load_manifest",
     "load_trainable",
     "pgd_perturb",

@@ -36,6 +36,9 @@ Progress = Callable[[str, int, int], None]
 MANIFEST_SCHEMA = "advguard-adv-training/1"
 CHECKPOINT_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
+STATE_NAME = "resume-state.safetensors"
+STATE_META_NAME = "resume-state.json"
+STATE_SCHEMA = "advguard-train-state/1"
 
 
 # -- configuration and results -------------------------------------------------------
@@ -332,6 +335,70 @@ def _int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def _check_choices(optimizer: str, lr_schedule: str) -> None:
+    if optimizer not in ("adam", "sgd"):
+        raise InputError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if lr_schedule not in ("none", "cosine", "step", "cyclic"):
+        raise InputError(
+            f"lr_schedule must be one of none, cosine, step, cyclic; got {lr_schedule!r}"
+        )
+
+
+def _check_module(
+    net: nn.Module, xt: torch.Tensor, yt: torch.Tensor, num_classes: int | None
+) -> int:
+    """The module's class count, after checking it maps the inputs to logits for the labels."""
+    with torch.no_grad():
+        try:
+            out = net.eval()(xt[:2])
+        except RuntimeError as exc:
+            raise InputError(
+                f"module cannot process inputs of shape {tuple(xt.shape[1:])}: {exc}"
+            ) from None
+    if out.ndim != 2:
+        raise InputError(f"module must output logits (N, classes), got {tuple(out.shape)}")
+    n_classes = int(out.shape[1]) if num_classes is None else int(num_classes)
+    if n_classes != out.shape[1]:
+        raise InputError(f"num_classes={num_classes} but the module outputs {out.shape[1]} logits")
+    if int(yt.min()) < 0 or int(yt.max()) >= n_classes:
+        raise InputError(
+            f"labels must lie in [0, {n_classes - 1}], got [{int(yt.min())}, {int(yt.max())}]"
+        )
+    return n_classes
+
+
+def _model_meta(
+    factory: str | None,
+    factory_kwargs: Mapping[str, Any] | None,
+    input_shape: list[int],
+    n_classes: int,
+    bounds: tuple[float, float],
+    preprocess: nn.Module | None,
+) -> dict[str, Any]:
+    """The manifest's ``model`` section."""
+    return {
+        "factory": factory,
+        "factory_kwargs": dict(factory_kwargs) if factory_kwargs is not None else None,
+        "input_shape": input_shape,
+        "num_classes": n_classes,
+        "bounds": [bounds[0], bounds[1]],
+        "preprocess": repr(preprocess) if preprocess is not None else None,
+    }
+
+
+def _save_checkpoint(module: nn.Module, path: Path, model_meta: Mapping[str, Any]) -> None:
+    """Atomically save ``module`` with the metadata ``load_model`` needs to rebuild it."""
+    meta: dict[str, Any] = {
+        "input_shape": model_meta["input_shape"],
+        "num_classes": model_meta["num_classes"],
+        "bounds": tuple(model_meta["bounds"]),
+    }
+    if model_meta["factory"] is not None:
+        meta["factory"] = model_meta["factory"]
+        meta["factory_kwargs"] = model_meta["factory_kwargs"]
+    _atomic_save_torch(module, path, **meta)
+
+
 def _prepare_data(
     x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, bounds: tuple[float, float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,6 +431,83 @@ def _prepare_data(
             f"max {float(xt.max()):.4g}); scale the data or pass bounds="
         )
     return xt, yt
+
+
+# -- resume state: tensors in safetensors, the rest in JSON (nothing is unpickled) -------
+def _save_state(
+    out: Path,
+    *,
+    module: nn.Module,
+    best_state: Mapping[str, torch.Tensor] | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    meta: dict[str, Any],
+) -> None:
+    """Write the end-of-epoch training state atomically (tensors first, then the JSON)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in module.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    for k, v in (best_state or {}).items():
+        tensors[f"best.{k}"] = v.detach().cpu().contiguous()
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                opt_scalars.setdefault(str(idx), {})[k] = v
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp.safetensors", dir=out)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, out / STATE_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    from advguard.models.io import file_sha256
+
+    doc = {
+        "schema": STATE_SCHEMA,
+        **meta,
+        "optimizer_scalars": opt_scalars,
+        "has_best": best_state is not None,
+        "tensors_sha256": file_sha256(out / STATE_NAME),
+    }
+    _atomic_write_text(out / STATE_META_NAME, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def _load_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The saved state of an interrupted run in ``out``, or None when there is none."""
+    meta_p, tens_p = out / STATE_META_NAME, out / STATE_NAME
+    if not meta_p.exists() or not tens_p.exists():
+        return None
+    from safetensors.torch import load_file
+
+    from advguard.models.io import file_sha256
+
+    try:
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the resume state {meta_p}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("schema") != STATE_SCHEMA:
+        raise InputError(f"{meta_p} is not an advguard training state ({STATE_SCHEMA})")
+    if file_sha256(tens_p) != meta.get("tensors_sha256"):
+        raise InputError(
+            f"{tens_p} does not match {meta_p} (interrupted while saving?); delete both to "
+            "start over"
+        )
+    return meta, load_file(str(tens_p))
+
+
+def _clear_state(out: Path | None) -> None:
+    if out is not None:
+        (out / STATE_META_NAME).unlink(missing_ok=True)
+        (out / STATE_NAME).unlink(missing_ok=True)
 
 
 # -- the trainer ----------------------------------------------------------------------
@@ -407,6 +551,7 @@ def adversarial_train(
     seed: int = 0,
     max_time_s: float | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> TrainResult:
     """Adversarially train ``module`` on raw inputs ``x`` (N, ...) in ``bounds`` with labels ``y``.
@@ -442,6 +587,13 @@ def adversarial_train(
     ``out_dir/manifest.json``. Deterministic for a given ``seed`` on CPU (the initial
     weights are the caller's). ``max_time_s`` stops training (after evaluating the
     current, partial epoch) once the wall-clock budget is spent.
+
+    Nothing is lost on a crash: with ``out_dir``, the full training state (current and
+    best weights, optimizer moments, RNG states, history) is saved after every epoch to
+    ``resume-state.safetensors`` + ``resume-state.json`` (no pickle). ``resume=True``
+    continues an interrupted run from its last finished epoch, with the same result as an
+    uninterrupted run on CPU; the configuration and the data must be the same (checked). A
+    run that finishes removes its resume state; ``resume=True`` without one starts afresh.
     """
     t_start = time.perf_counter()
     if not isinstance(module, nn.Module):
@@ -473,12 +625,7 @@ def adversarial_train(
             f"val_fraction must be in (0, 1): a held-out split is needed for robust "
             f"accuracy, early stopping and overfitting checks; got {val_fraction}"
         )
-    if optimizer not in ("adam", "sgd"):
-        raise InputError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    if lr_schedule not in ("none", "cosine", "step", "cyclic"):
-        raise InputError(
-            f"lr_schedule must be one of none, cosine, step, cyclic; got {lr_schedule!r}"
-        )
+    _check_choices(optimizer, lr_schedule)
     if patience is not None:
         patience = _int("patience", patience, 1)
     if co_check_every is not None:
@@ -499,6 +646,8 @@ def adversarial_train(
                 "reaches the full epsilon"
             )
     detect = (method == "fast-at") if detect_co is None else bool(detect_co)
+    if resume and out_dir is None:
+        raise InputError("resume=True needs out_dir (where the interrupted run saved its state)")
 
     xt, yt = _prepare_data(x, y, (lo, hi))
     cfg = TrainConfig(
@@ -538,22 +687,7 @@ def adversarial_train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = _Net(module, preprocess.eval() if preprocess is not None else None).cpu()
-    with torch.no_grad():
-        try:
-            out = net.eval()(xt[:2])
-        except RuntimeError as exc:
-            raise InputError(
-                f"module cannot process inputs of shape {tuple(xt.shape[1:])}: {exc}"
-            ) from None
-    if out.ndim != 2:
-        raise InputError(f"module must output logits (N, classes), got {tuple(out.shape)}")
-    n_classes = int(out.shape[1]) if num_classes is None else int(num_classes)
-    if n_classes != out.shape[1]:
-        raise InputError(f"num_classes={num_classes} but the module outputs {out.shape[1]} logits")
-    if int(yt.min()) < 0 or int(yt.max()) >= n_classes:
-        raise InputError(
-            f"labels must lie in [0, {n_classes - 1}], got [{int(yt.min())}, {int(yt.max())}]"
-        )
+    n_classes = _check_module(net, xt, yt, num_classes)
 
     # held-out split (seeded)
     perm = torch.randperm(len(xt), generator=gen)
@@ -580,14 +714,7 @@ def adversarial_train(
     ckpt_path = out_path / CHECKPOINT_NAME if out_path is not None else None
     man_path = out_path / MANIFEST_NAME if out_path is not None else None
     input_shape = [int(d) for d in xt.shape[1:]]
-    model_meta = {
-        "factory": factory,
-        "factory_kwargs": dict(factory_kwargs) if factory_kwargs is not None else None,
-        "input_shape": input_shape,
-        "num_classes": n_classes,
-        "bounds": [lo, hi],
-        "preprocess": repr(preprocess) if preprocess is not None else None,
-    }
+    model_meta = _model_meta(factory, factory_kwargs, input_shape, n_classes, (lo, hi), preprocess)
     manifest: dict[str, Any] = {
         "schema": MANIFEST_SCHEMA,
         "status": "running",
@@ -616,17 +743,8 @@ def adversarial_train(
     }
 
     def save_best() -> None:
-        if ckpt_path is None:
-            return
-        meta: dict[str, Any] = {
-            "input_shape": input_shape,
-            "num_classes": n_classes,
-            "bounds": (lo, hi),
-        }
-        if factory is not None:
-            meta["factory"] = factory
-            meta["factory_kwargs"] = dict(factory_kwargs) if factory_kwargs is not None else None
-        _atomic_save_torch(module, ckpt_path, **meta)
+        if ckpt_path is not None:
+            _save_checkpoint(module, ckpt_path, model_meta)
 
     def write_manifest() -> None:
         if man_path is None:
@@ -679,12 +797,70 @@ def adversarial_train(
         manifest["co_events"].append(event)
         stop_reason = "catastrophic-overfitting"
 
-    if detect:  # baseline probe: a fine-tuned model that collapses at once is caught too
+    start_epoch, time_before = 0, 0.0
+    saved = _load_state(out_path) if resume and out_path is not None else None
+    if saved is not None:
+        meta, tensors = saved
+        old_cfg = {k: v for k, v in meta["config"].items() if k != "max_time_s"}
+        new_cfg = {
+            k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "max_time_s"
+        }
+        diff = sorted(k for k in new_cfg if old_cfg.get(k) != new_cfg[k])
+        if diff:
+            raise InputError(
+                "cannot resume: the configuration differs from the interrupted run in "
+                + ", ".join(f"{k} ({old_cfg.get(k)!r} -> {new_cfg[k]!r})" for k in diff)
+            )
+        if meta["data_sha256"] != manifest["data"]["sha256"]:
+            raise InputError("cannot resume: the training data differ from the interrupted run")
+        try:
+            module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError as exc:
+            raise InputError(
+                f"cannot resume: the saved weights do not fit the model ({exc})"
+            ) from None
+        if meta["has_best"]:
+            best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = v
+        for idx, scal in meta["optimizer_scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(scal)
+        opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
+        gen.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        start_epoch, step_count = int(meta["epochs_done"]), int(meta["step_count"])
+        best_acc, best_epoch = float(meta["best_acc"]), meta["best_epoch"]
+        best_probe, since_best = meta["best_probe"], int(meta["since_best"])
+        manifest["epochs"][:] = meta["history"]
+        manifest["co_initial_probe"] = meta["co_initial_probe"]
+        manifest["co_events"] = meta["co_events"]
+        manifest["best_epoch"], manifest["best_val_robust_acc"] = best_epoch, best_acc
+        manifest["resumed_from_epoch"] = start_epoch
+        time_before = float(meta["time_s"])
+    elif detect:  # baseline probe: a fine-tuned model that collapses at once is caught too
         pgd0, fgsm0 = probe()
         manifest["co_initial_probe"] = {"pgd_acc": pgd0, "fgsm_acc": fgsm0}
         best_probe = pgd0
 
-    for epoch in range(epochs):
+    def save_state(epochs_done: int) -> None:
+        if out_path is None:
+            return
+        _save_state(
+            out_path, module=module, best_state=best_state, opt=opt, gen=gen,
+            meta={
+                "config": asdict(cfg), "data_sha256": manifest["data"]["sha256"],
+                "epochs_done": epochs_done, "step_count": step_count, "best_acc": best_acc,
+                "best_epoch": best_epoch, "best_probe": best_probe, "since_best": since_best,
+                "history": history, "co_initial_probe": manifest["co_initial_probe"],
+                "co_events": manifest["co_events"],
+                "time_s": time_before + time.perf_counter() - t_start,
+            },
+        )  # fmt: skip
+
+    for epoch in range(start_epoch, epochs):
         t_epoch = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen)
         sums = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
@@ -822,6 +998,7 @@ def adversarial_train(
         manifest["best_epoch"] = best_epoch
         manifest["best_val_robust_acc"] = best_acc if best_epoch is not None else None
         write_manifest()
+        save_state(epoch + 1)
         if patience is not None and since_best >= patience:
             stop_reason = f"early stopping: no robust-accuracy gain for {patience} epoch(s)"
             break
@@ -841,12 +1018,13 @@ def adversarial_train(
     manifest["stop_reason"] = stop_reason or "completed all epochs"
     manifest["best_epoch"] = best_epoch
     manifest["best_val_robust_acc"] = best_acc if best_epoch is not None else None
-    manifest["total_time_s"] = time.perf_counter() - t_start
+    manifest["total_time_s"] = time_before + time.perf_counter() - t_start
     if ckpt_path is not None:
         from advguard.models.io import file_sha256
 
         manifest["checkpoint"] = {"path": CHECKPOINT_NAME, "sha256": file_sha256(ckpt_path)}
     write_manifest()
+    _clear_state(out_path)
     return TrainResult(
         module=module,
         manifest=manifest,
