@@ -141,3 +141,13 @@ def test_cli_dp_sgd(tmp_path):
          "--epsilon", "0.3", "--out", str(tmp_path / "x")],
     )  # fmt: skip
     assert bad.exit_code == 2 and "--dp-epsilon" in bad.output
+
+
+def test_empty_poisson_batches_are_noise_only_steps(digits_split):
+    x_tr, y_tr, _, _ = digits_split
+    # expected batch 1 of 36 examples: about a third of the Poisson batches are empty
+    res = dp_train(_mlp(), x_tr[:40], y_tr[:40], noise_multiplier=1.0, delta=1e-3, epochs=2,
+                   batch_size=1, val_fraction=0.1, seed=0)  # fmt: skip
+    assert res.manifest["privacy"]["steps"] == 2 * 36
+    assert all(np.isfinite(v.numpy()).all() for v in res.module.state_dict().values())
+    assert sum(r["samples"] for r in res.history) < 2 * 36 + 15  # Poisson, not fixed batches

@@ -313,13 +313,15 @@ def dp_train(
                     for group in dp_opt.param_groups:
                         group["lr"] = lr * _lr_factor(lr_schedule, step / total)
                     dp_opt.zero_grad(set_to_none=True)
-                    if len(xb) > 0:  # Poisson sampling can draw an empty batch: noise-only step
-                        logits = dp_net(xb)
+                    logits = dp_net(xb)
+                    if len(xb) > 0:
                         loss = F.cross_entropy(logits, yb)
-                        loss.backward()
                         loss_sum += float(loss.detach()) * len(xb)
                         correct += int((logits.detach().argmax(1) == yb).sum())
                         seen += len(xb)
+                    else:  # Poisson sampling drew no example: a noise-only step (Opacus)
+                        loss = logits.sum() * 0.0
+                    loss.backward()
                     dp_opt.step()
                     step += 1
                     if progress is not None:
