@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from advguard import __version__
+from advguard.atomic import atomic_path
 from advguard.attacks.registry import build_attack
 from advguard.errors import InputError
 
@@ -76,17 +76,16 @@ def attack_dataset(
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        x_adv=np.concatenate(advs),
-        x=x_all,
-        y=y_all,
-        success=success,
-        adversarial_prediction=pred,
-        metadata=np.array(json.dumps(meta)),
-    )
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        np.savez_compressed(
+            tmp,
+            x_adv=np.concatenate(advs),
+            x=x_all,
+            y=y_all,
+            success=success,
+            adversarial_prediction=pred,
+            metadata=np.array(json.dumps(meta)),
+        )
     robust = float(((pred == y_all) & ~success).mean()) if n else 0.0
     return {
         "n": int(n),

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from advguard.atomic import atomic_write_text
 from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import EpsilonResult, Example, Report
 
@@ -286,13 +285,4 @@ def write_html(report: Report, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    text = render_html(report)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.", suffix=".html.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, render_html(report))

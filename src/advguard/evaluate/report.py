@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from advguard.atomic import atomic_write_text
 from advguard.errors import InputError
 from advguard.evaluate.metrics import Proportion
 
@@ -157,10 +158,7 @@ class Report(_M):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "report.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, self.model_dump_json(indent=2))
 
 
 def load_report(path: str | Path) -> Report:

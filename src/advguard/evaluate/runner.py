@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from advguard import __version__
+from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.norms import norm_of
 from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack, build_attack
 from advguard.errors import InputError
@@ -516,9 +517,8 @@ class Evaluator:
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)
         rec = {k: v[pos] for k, v in state.records.as_dict().items()}
-        tmp = d / f"batch-{b:05d}.tmp.npz"
-        np.savez(tmp, pos=pos, **rec)
-        os.replace(tmp, d / f"batch-{b:05d}.npz")
+        with atomic_path(d / f"batch-{b:05d}.npz") as tmp:
+            np.savez(tmp, pos=pos, **rec)
         stats = {f"{e}|{a}|{s}": vars(v) for (e, a, s), v in state.stats.items()}
         meta = {
             "run_key": self._run_key(idx),
@@ -529,9 +529,7 @@ class Evaluator:
             "order": [[a, b, o] for (a, b), o in state.order.items()],
             "examples": {str(e): [x.model_dump() for x in v] for e, v in state.examples.items()},
         }
-        tmpj = d / "state.json.tmp"
-        tmpj.write_text(json.dumps(meta))
-        os.replace(tmpj, d / "state.json")
+        atomic_write_text(d / "state.json", json.dumps(meta))
 
     def _load_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
         if self.checkpoint_dir is None or not (self.checkpoint_dir / "state.json").exists():

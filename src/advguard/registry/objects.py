@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
+from advguard.atomic import atomic_path
 from advguard.errors import InputError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -100,20 +100,13 @@ def _mismatch(name: str, digest: str, actual: str) -> CorruptObjectError:
 
 def atomic_write(dest: Path, chunks: Iterator[bytes]) -> str:
     """Write ``chunks`` to ``dest`` atomically and durably; return the sha256 hex written."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for block in chunks:
-                h.update(block)
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        for block in chunks:
+            h.update(block)
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(dest.parent)
     return h.hexdigest()
 

@@ -33,13 +33,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from advguard.atomic import atomic_write_text
 from advguard.defenses.training.trainer import (
     CHECKPOINT_NAME,
     MANIFEST_NAME,
     Progress,
     TrainResult,
     _accuracy,
-    _atomic_write_text,
     _check_choices,
     _check_module,
     _int,
@@ -298,7 +298,7 @@ def dp_train(
     def save() -> None:
         if ckpt_path is not None and man_path is not None:
             _save_checkpoint(module, ckpt_path, manifest["model"])
-            _atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
+            atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
 
     n_batches = len(dp_loader)
     total = epochs * n_batches
@@ -368,7 +368,7 @@ def dp_train(
         from advguard.models.io import file_sha256
 
         manifest["checkpoint"] = {"path": CHECKPOINT_NAME, "sha256": file_sha256(ckpt_path)}
-        _atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
     return TrainResult(
         module=module,
         manifest=manifest,

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.norms import Norm, normalize, parse_norm, project, random_in_ball
 from advguard.errors import InputError
 
@@ -264,32 +264,11 @@ def data_sha256(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> d
     return {"sha256": both, "x_sha256": hx, "y_sha256": hy}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_torch(module: nn.Module, path: Path, **meta: Any) -> Path:
     from advguard.models.io import save_torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_torch(module, tmp, **meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -460,15 +439,8 @@ def _save_state(
                 opt_scalars.setdefault(str(idx), {})[k] = v
     tensors["rng.generator"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp.safetensors", dir=out)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, out / STATE_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out / STATE_NAME) as tmp:
+        save_file(tensors, str(tmp))
     from advguard.models.io import file_sha256
 
     doc = {
@@ -478,7 +450,7 @@ def _save_state(
         "has_best": best_state is not None,
         "tensors_sha256": file_sha256(out / STATE_NAME),
     }
-    _atomic_write_text(out / STATE_META_NAME, json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(out / STATE_META_NAME, json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def _load_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
@@ -749,7 +721,7 @@ def adversarial_train(
     def write_manifest() -> None:
         if man_path is None:
             return
-        _atomic_write_text(man_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(man_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
     def probe() -> tuple[float, float]:
         """(PGD acc, FGSM acc) on the small held-out CO batch at full epsilon."""
