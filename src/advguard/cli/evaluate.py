@@ -1,0 +1,311 @@
+"""advguard quickstart / evaluate / attack / redteam, and the report and threat-model groups."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from advguard.cli._common import (
+    Commands,
+    DataOpt,
+    ModelOpt,
+    console,
+    parse_bounds,
+    parse_floats,
+    parse_kv,
+    parse_shape,
+    progress_bar,
+    progress_callback,
+    render_summary,
+)
+from advguard.errors import AdvguardError
+
+commands = Commands()
+report_commands = Commands("report", "Work with robustness reports.")
+threat_model_commands = Commands("threat-model", "Threat models: presets and files.")
+
+
+@commands.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("advguard-report"),
+    threat_model: Annotated[str, typer.Option(help="Preset or YAML file.")] = "linf-standard",
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
+    from advguard.evaluate.job import run_quickstart
+
+    with progress_bar() as bar:
+        res = run_quickstart(
+            out,
+            threat_model=threat_model,
+            epochs=epochs,
+            seed=seed,
+            progress=progress_callback(bar),
+        )
+    render_summary(res.report, res.json_path, res.html_path)
+
+
+@commands.command(name="evaluate")
+def evaluate_cmd(
+    model: ModelOpt,
+    data: DataOpt,
+    threat_model: Annotated[
+        str,
+        typer.Option(
+            "--threat-model", "-t", help="Preset (linf-standard, l2-standard, quick) or YAML file"
+        ),
+    ] = "linf-standard",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-report"),
+    factory: Annotated[
+        str | None, typer.Option(help="module:callable building the torch model")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
+    epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="Baseline report.json for drop SLOs.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
+    from advguard.evaluate.job import load_model_and_data, run_evaluation
+    from advguard.evaluate.threat_model import load_threat_model
+
+    tm = load_threat_model(threat_model).with_overrides(
+        samples=samples, epsilons=parse_floats(epsilons), seed=seed
+    )
+    mkw = {"factory": factory} if factory else {}
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    with progress_bar() as bar:
+        res = run_evaluation(
+            m,
+            d,
+            tm,
+            out,
+            model_info=info,
+            baseline=baseline,
+            progress=progress_callback(bar),
+            resume=resume,
+        )
+    render_summary(res.report, res.json_path, res.html_path)
+    if res.report.verdict.status in ("fail", "untrustworthy"):
+        raise typer.Exit(1)
+
+
+@commands.command()
+def attack(
+    model: ModelOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Output .npz with adversarial examples.")],
+    name: Annotated[
+        str, typer.Option("--attack", "-a", help="Attack name, e.g. pgd, apgd-ce")
+    ] = "pgd",
+    norm: Annotated[str, typer.Option(help="linf, l2 or l1")] = "linf",
+    epsilon: Annotated[float, typer.Option(help="Perturbation budget.")] = 0.1,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Attack parameter KEY=VALUE")
+    ] = None,
+    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Attack only the first N samples.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write adversarial examples (with labels and metadata) to an .npz file."""
+    from advguard.attacks.export import attack_dataset
+    from advguard.evaluate.job import load_model_and_data
+
+    mkw = {"factory": factory} if factory else {}
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    with progress_bar() as bar:
+        cb = progress_callback(bar)
+        summary = attack_dataset(
+            m,
+            d,
+            out,
+            attack=name,
+            norm=norm,
+            epsilon=epsilon,
+            params=parse_kv(param),
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            model_info=info,
+            progress=lambda done, total: cb("attack", done, total),
+        )
+    console.print(
+        f"{summary['n']} samples attacked with {name} ({norm}, eps {epsilon:g}): "
+        f"success rate {summary['success_rate']:.1%}, robust accuracy "
+        f"{summary['robust_accuracy']:.1%}"
+    )
+    console.print(f"Adversarial examples written to [bold]{out}[/]")
+
+
+@commands.command()
+def redteam(
+    url: Annotated[
+        str, typer.Option(help="http(s) endpoint taking POST JSON (docs/http-contract.md)")
+    ],
+    data: DataOpt,
+    threat_model: Annotated[
+        str, typer.Option("--threat-model", "-t", help="Black-box threat-model YAML file")
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-redteam"),
+    input_shape: Annotated[
+        str | None, typer.Option(help="One input's shape, e.g. 1,28,28 (default: the data's)")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(min=2, help="Classes (default: the data's)")
+    ] = None,
+    bounds: Annotated[
+        str | None, typer.Option(help="Input range LOW,HIGH (default: the data's)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Name of the environment variable holding the API key (never the key)"),
+    ] = None,
+    api_key_header: Annotated[
+        str, typer.Option(help="Header carrying the key, e.g. Authorization or X-API-Key")
+    ] = "Authorization",
+    api_key_prefix: Annotated[
+        str | None,
+        typer.Option(help="Prefix before the key (default 'Bearer ' for Authorization, else none)"),
+    ] = None,
+    query_budget: Annotated[
+        int | None, typer.Option(min=0, help="Most samples the endpoint may answer in this run")
+    ] = None,
+    output: Annotated[
+        str, typer.Option(help="What the endpoint returns: probabilities or logits")
+    ] = "probabilities",
+    input_field: Annotated[str, typer.Option(help="JSON field of the inputs")] = "inputs",
+    output_field: Annotated[
+        str | None, typer.Option(help="JSON field of the scores (default: --output's value)")
+    ] = None,
+    flatten: Annotated[bool, typer.Option(help="Send each input as a flat list.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most samples per request.")] = 64,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 30.0,
+    retries: Annotated[int, typer.Option(min=0, help="Retries on errors, 5xx and 429.")] = 3,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
+    epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
+    from advguard.evaluate.redteam import run_redteam
+    from advguard.evaluate.threat_model import load_threat_model
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise AdvguardError(
+                f"environment variable {api_key_env} (from --api-key-env) is not set or empty"
+            )
+    tm = load_threat_model(threat_model).with_overrides(
+        samples=samples, epsilons=parse_floats(epsilons), seed=seed
+    )
+    with progress_bar() as bar:
+        res = run_redteam(
+            url,
+            data,
+            tm,
+            out,
+            input_shape=parse_shape(input_shape),
+            num_classes=num_classes,
+            bounds=parse_bounds(bounds),
+            api_key=api_key,
+            api_key_header=api_key_header,
+            api_key_prefix=api_key_prefix,
+            query_budget=query_budget,
+            output=output,  # type: ignore[arg-type]
+            input_field=input_field,
+            output_field=output_field,
+            flatten=flatten,
+            batch_size=batch_size,
+            timeout=timeout,
+            retries=retries,
+            progress=progress_callback(bar),
+            resume=resume,
+        )
+    render_summary(res.report, res.json_path, res.html_path)
+    q = res.report.model.get("queries", {})
+    console.print(
+        f"Endpoint answered {q.get('samples_answered')} samples in {q.get('requests_sent')} "
+        f"requests ({q.get('retries')} retries)"
+        + (f"; budget left {q['budget_left']}" if q.get("budget_left") is not None else "")
+    )
+    if res.report.model.get("query_budget_exhausted"):
+        console.print(
+            "[dark_orange]Query budget exhausted[/]: the report covers "
+            f"{res.report.data['n_evaluated']} of {res.report.data.get('n_requested')} samples; "
+            "re-run with --resume and a larger --query-budget"
+        )
+    if res.report.verdict.status in ("fail", "untrustworthy"):
+        raise typer.Exit(1)
+
+
+@report_commands.command("compare")
+def report_compare(
+    a: Annotated[Path, typer.Argument(help="Reference report.json (e.g. production)")],
+    b: Annotated[Path, typer.Argument(help="Candidate report.json")],
+    markdown: Annotated[bool, typer.Option(help="Print Markdown (for PR comments).")] = False,
+) -> None:
+    """Compare two reports side by side; regressions are marked. Exit 1 if B regressed."""
+    from advguard.evaluate.compare import compare_reports, comparison_markdown, comparison_table
+    from advguard.evaluate.report import load_report
+
+    cmp = compare_reports(load_report(a), load_report(b))
+    if markdown:
+        console.print(comparison_markdown(cmp), markup=False, highlight=False)
+    else:
+        tab = comparison_table(cmp)
+        table = Table(title=f"{a} vs {b}")
+        for h in tab.columns:
+            table.add_column(h)
+        styles = {"regression": "bold red", "improvement": "green", "only-one": "dim"}
+        for row, style in zip(tab.rows, tab.styles, strict=True):
+            table.add_row(*[str(c) for c in row], style=styles.get(style))
+        console.print(table)
+        for w in cmp.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+    if cmp.has_regression:
+        raise typer.Exit(1)
+
+
+@threat_model_commands.command("list")
+def tm_list() -> None:
+    """List the threat-model presets and the attacks a threat model can use."""
+    from rich.table import Table
+
+    from advguard.attacks.registry import ATLAS_VERSION, ATTACKS
+    from advguard.evaluate.threat_model import PRESETS, load_threat_model
+
+    for name in PRESETS:
+        tm = load_threat_model(name)
+        console.print(
+            f"[bold]{name}[/]: {tm.norm}, eps {tm.epsilons}, "
+            f"attacks {', '.join(s.attack for s in tm.attacks)}"
+        )
+    table = Table(title=f"Attacks (MITRE ATLAS {ATLAS_VERSION} technique IDs)")
+    for col in ("attack", "norms", "knowledge", "ATLAS", "what it does"):
+        table.add_column(col)
+    for a in ATTACKS.values():
+        table.add_row(a.name, ", ".join(a.norms), a.knowledge, " ".join(a.atlas), a.description)
+    console.print(table)
+
+
+@threat_model_commands.command("show")
+def tm_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file")]) -> None:
+    """Validate a threat model and print it in full."""
+    import yaml
+
+    from advguard.evaluate.threat_model import load_threat_model
+
+    tm = load_threat_model(name)
+    console.print(yaml.safe_dump(tm.model_dump(), sort_keys=False), markup=False, highlight=False)

@@ -1,0 +1,194 @@
+"""advguard train: adversarial training and DP-SGD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from advguard.cli._common import (
+    Commands,
+    DataOpt,
+    console,
+    parse_shape,
+    progress_bar,
+    progress_callback,
+)
+from advguard.errors import InputError
+
+commands = Commands()
+
+
+@commands.command(name="train")
+def train_cmd(
+    defense: Annotated[str, typer.Option(help="pgd-at, trades, fast-at or dp-sgd")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="module:factory (e.g. advguard.models.zoo:small_cnn) or an advguard "
+            ".safetensors to fine-tune",
+        ),
+    ],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Directory for model.safetensors + manifest.json")],
+    epsilon: Annotated[
+        float | None, typer.Option(help="Training perturbation budget (default 0.3).")
+    ] = None,
+    norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Batch size (dp-sgd: expected Poisson batch size)")
+    ] = 128,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default 1e-3; dp-sgd 0.5).")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adam or sgd (default adam; dp-sgd sgd)")
+    ] = None,
+    lr_schedule: Annotated[str, typer.Option(help="none, cosine, step or cyclic")] = "none",
+    steps: Annotated[int, typer.Option(min=1, help="Inner attack steps (pgd-at, trades)")] = 10,
+    step_size: Annotated[
+        float | None, typer.Option(help="Inner step (default 2.5 eps/steps)")
+    ] = None,
+    beta: Annotated[float, typer.Option(help="TRADES trade-off.")] = 6.0,
+    mix: Annotated[float, typer.Option(help="pgd-at: weight of the clean loss [0,1]")] = 0.0,
+    ramp_epochs: Annotated[
+        int | None, typer.Option(help="Epsilon warm-up epochs (default: auto)")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share of the data.")] = 0.1,
+    eval_samples: Annotated[
+        int, typer.Option(min=1, help="Held-out samples for clean/robust accuracy")
+    ] = 512,
+    patience: Annotated[int | None, typer.Option(min=1, help="Early-stopping patience.")] = None,
+    dp_epsilon: Annotated[
+        float | None, typer.Option(help="dp-sgd: privacy budget epsilon (default 8).")
+    ] = None,
+    dp_delta: Annotated[
+        float | None, typer.Option(help="dp-sgd: delta (default min(1e-5, 0.1/n)).")
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None, typer.Option(help="dp-sgd: fixed noise (instead of --dp-epsilon).")
+    ] = None,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="dp-sgd: per-example gradient clipping norm.")
+    ] = 1.0,
+    input_shape: Annotated[
+        str | None, typer.Option(help="Factory input shape, e.g. 1,28,28 (default: the data's)")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(min=2, help="Classes (default: the data's)")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its state in --out.")
+    ] = False,
+) -> None:
+    """Adversarially train (or fine-tune) a torch model, or train it with DP-SGD.
+
+    Writes model.safetensors + manifest.json to --out. Adversarial training saves its
+    state after every epoch; after a crash or Ctrl-C, run the same command again with
+    --resume to continue from the last finished epoch.
+    """
+    from advguard.data import load_dataset
+    from advguard.defenses.training import METHODS, adversarial_train, dp_train, load_trainable
+
+    if defense not in (*METHODS, "dp-sgd"):
+        raise InputError(
+            f"unknown defense {defense!r}; use one of {', '.join((*METHODS, 'dp-sgd'))}"
+        )
+    dp = defense == "dp-sgd"
+    if dp:
+        given = [f for f, v in (("--epsilon", epsilon), ("--resume", resume or None)) if v]
+        if given:
+            raise InputError(
+                f"{' and '.join(given)} do not apply to dp-sgd (--epsilon is the attack "
+                "budget of adversarial training; the privacy budget is --dp-epsilon; a DP "
+                "run cannot be resumed)"
+            )
+    else:
+        given = [
+            f
+            for f, v in (("--dp-epsilon", dp_epsilon), ("--dp-delta", dp_delta),
+                         ("--noise-multiplier", noise_multiplier))
+            if v is not None
+        ]  # fmt: skip
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --defense dp-sgd")
+    ds = load_dataset(data)
+    shape = parse_shape(input_shape) or tuple(ds.x.shape[1:])
+    module, factory, factory_kwargs = load_trainable(
+        model, input_shape=shape, num_classes=num_classes or ds.num_classes
+    )
+    labels = {"train": f"{defense} training (batches)", "epoch": "Epochs"}
+    with progress_bar() as bar:
+        cb = progress_callback(bar)
+        common: dict[str, Any] = dict(
+            epochs=epochs, batch_size=batch_size, lr_schedule=lr_schedule,
+            val_fraction=val_fraction, val_samples=eval_samples, bounds=ds.bounds,
+            factory=factory, factory_kwargs=factory_kwargs, seed=seed, out_dir=out,
+            progress=lambda s, d, t: cb(labels.get(s, s), d, t),
+        )  # fmt: skip
+        if dp:
+            res = dp_train(
+                module, ds.x, ds.y, target_epsilon=dp_epsilon, delta=dp_delta,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                lr=0.5 if lr is None else lr, optimizer=optimizer or "sgd", **common,
+            )  # fmt: skip
+        else:
+            res = adversarial_train(
+                module, ds.x, ds.y, method=defense, epsilon=0.3 if epsilon is None else epsilon,
+                norm=norm, lr=1e-3 if lr is None else lr, optimizer=optimizer or "adam",
+                steps=steps, step_size=step_size, beta=beta, mix=mix, ramp_epochs=ramp_epochs,
+                patience=patience, resume=resume, **common,
+            )  # fmt: skip
+    man = res.manifest
+    if dp:
+        priv = man["privacy"]
+        table = Table(
+            title=f"DP-SGD: noise multiplier {priv['noise_multiplier']:.3g}, clipping "
+            f"{priv['max_grad_norm']:g}, delta {priv['delta']:.2g} "
+            f"({man['data']['n_val_evaluated']} held-out samples)"
+        )
+        for col in ("epoch", "loss", "train acc", "clean acc", "epsilon spent"):
+            table.add_column(col, justify="right")
+        for r in man["epochs"]:
+            table.add_row(
+                f"{r['epoch']}", f"{r['loss']:.4f}", f"{r['train_acc']:.1%}",
+                f"{r['val_clean_acc']:.1%}", f"{r['epsilon_spent']:.3g}",
+            )  # fmt: skip
+        console.print(table)
+        console.print(
+            f"Privacy: ([bold]epsilon {priv['epsilon']:.3g}[/], delta {priv['delta']:.2g})-DP "
+            f"for each training example ({priv['accountant']} accountant, {priv['steps']} steps)"
+        )
+    else:
+        table = Table(
+            title=f"{defense} at {norm} eps {man['config']['epsilon']:g}: held-out accuracy "
+            f"({man['data']['n_val_evaluated']} samples, PGD-{man['config']['eval_steps']})"
+        )
+        for col in ("epoch", "train eps", "loss", "clean acc", "robust acc"):
+            table.add_column(col, justify="right")
+        for r in man["epochs"]:
+            best = r["epoch"] == man["best_epoch"]
+            table.add_row(
+                f"{r['epoch']}" + (" *" if best else ""),
+                f"{r['epsilon']:.3g}",
+                f"{r['loss']:.4f}",
+                f"{r['val_clean_acc']:.1%}",
+                f"{r['val_robust_acc']:.1%}",
+                style="bold" if best else None,
+            )
+        console.print(table)
+        if man.get("resumed_from_epoch") is not None:
+            console.print(f"Resumed after epoch {man['resumed_from_epoch']} of an interrupted run")
+        for ev in man["co_events"]:
+            console.print(f"[dark_orange]catastrophic overfitting[/]: {ev['reason']}; rolled back")
+    console.print(f"Stopped: {man['stop_reason']} after {man['total_time_s']:.1f} s")
+    best_note = "" if dp else f" (best epoch {man['best_epoch']})"
+    console.print(
+        f"Model: [bold]{res.checkpoint_path}[/]{best_note}, manifest: [bold]{res.manifest_path}[/]"
+    )
