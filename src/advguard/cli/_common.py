@@ -145,7 +145,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model file: .onnx, .skops, .safetensors (with --factory or saved metadata), .pt",
+        help="Model file: .onnx, .skops, .safetensors (advguard zoo metadata or --factory), "
+        ".pt state dict (--factory, --input-shape, --num-classes) or TorchScript (--torchscript)",
     ),
 ]
 DataOpt = Annotated[
@@ -178,3 +179,48 @@ def parse_bounds(text: str | None) -> tuple[float, float] | None:
     if len(vals) != 2:
         raise AdvguardError(f"--bounds must be two numbers LOW,HIGH, got {text!r}")
     return vals[0], vals[1]
+
+
+# -- how to build a model from a file (evaluate, attack, certify) ---------------------------
+FactoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="pkg.module:callable building the torch model for .safetensors/.pt weights "
+        "(code you trust; a model file never chooses code to run)"
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(help="One input's shape, e.g. 1,28,28 (.pt state dicts and TorchScript)"),
+]
+NumClassesOpt = Annotated[
+    int | None, typer.Option(min=2, help="Number of classes (.pt state dicts and TorchScript)")
+]
+BoundsOpt = Annotated[str | None, typer.Option(help="Input range LOW,HIGH (default 0,1)")]
+TorchScriptOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Load a TorchScript .pt archive: its TorchScript code runs in torch's interpreter "
+        "(no Python imports); only for archives you trust"
+    ),
+]
+
+
+def model_options(
+    factory: str | None,
+    input_shape: str | None,
+    num_classes: int | None,
+    bounds: str | None,
+    torchscript: bool,
+) -> dict[str, Any]:
+    """Keyword arguments for ``advguard.models.io.load_model`` from the model options."""
+    kw: dict[str, Any] = {
+        "factory": factory,
+        "input_shape": parse_shape(input_shape),
+        "num_classes": num_classes,
+        "bounds": parse_bounds(bounds),
+    }
+    out = {k: v for k, v in kw.items() if v is not None}
+    if torchscript:
+        out["torchscript"] = True
+    return out

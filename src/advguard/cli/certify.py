@@ -9,10 +9,16 @@ import typer
 from rich.table import Table
 
 from advguard.cli._common import (
+    BoundsOpt,
     Commands,
     DataOpt,
+    FactoryOpt,
+    InputShapeOpt,
     ModelOpt,
+    NumClassesOpt,
+    TorchScriptOpt,
     console,
+    model_options,
     progress_bar,
     progress_callback,
 )
@@ -36,7 +42,11 @@ def certify_cmd(
         str, typer.Option(help="Smoothing: L2 radii to report, comma-separated.")
     ] = "0,0.25,0.5,0.75,1.0",
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-certify"),
-    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    factory: FactoryOpt = None,
+    input_shape: InputShapeOpt = None,
+    num_classes: NumClassesOpt = None,
+    bounds: BoundsOpt = None,
+    torchscript: TorchScriptOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Noisy inputs per forward.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
 ) -> None:
@@ -53,8 +63,8 @@ def certify_cmd(
         raise AdvguardError(
             f"--radii/--epsilon need comma-separated numbers, got {radii!r} and {epsilon!r}"
         ) from None
-    mkw = {"factory": factory} if factory else {}
-    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if tuple(d.input_shape) != tuple(m.input_shape):
         raise AdvguardError(
             f"data samples have shape {tuple(d.input_shape)} but the model expects "

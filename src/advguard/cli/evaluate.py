@@ -10,10 +10,16 @@ import typer
 from rich.table import Table
 
 from advguard.cli._common import (
+    BoundsOpt,
     Commands,
     DataOpt,
+    FactoryOpt,
+    InputShapeOpt,
     ModelOpt,
+    NumClassesOpt,
+    TorchScriptOpt,
     console,
+    model_options,
     parse_bounds,
     parse_floats,
     parse_kv,
@@ -61,9 +67,11 @@ def evaluate_cmd(
         ),
     ] = "linf-standard",
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-report"),
-    factory: Annotated[
-        str | None, typer.Option(help="module:callable building the torch model")
-    ] = None,
+    factory: FactoryOpt = None,
+    input_shape: InputShapeOpt = None,
+    num_classes: NumClassesOpt = None,
+    bounds: BoundsOpt = None,
+    torchscript: TorchScriptOpt = False,
     samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
     seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
@@ -79,8 +87,8 @@ def evaluate_cmd(
     tm = load_threat_model(threat_model).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
-    mkw = {"factory": factory} if factory else {}
-    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
         res = run_evaluation(
             m,
@@ -110,7 +118,11 @@ def attack(
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="Attack parameter KEY=VALUE")
     ] = None,
-    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    factory: FactoryOpt = None,
+    input_shape: InputShapeOpt = None,
+    num_classes: NumClassesOpt = None,
+    bounds: BoundsOpt = None,
+    torchscript: TorchScriptOpt = False,
     samples: Annotated[
         int | None, typer.Option(min=1, help="Attack only the first N samples.")
     ] = None,
@@ -121,8 +133,8 @@ def attack(
     from advguard.attacks.export import attack_dataset
     from advguard.evaluate.job import load_model_and_data
 
-    mkw = {"factory": factory} if factory else {}
-    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
         cb = progress_callback(bar)
         summary = attack_dataset(

@@ -35,6 +35,13 @@ def train_cmd(
     ],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Directory for model.safetensors + manifest.json")],
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            help="module:callable for a .safetensors --model whose factory is not "
+            "advguard's zoo (a model file never chooses code to run)"
+        ),
+    ] = None,
     epsilon: Annotated[
         float | None, typer.Option(help="Training perturbation budget (default 0.3).")
     ] = None,
@@ -95,6 +102,7 @@ def train_cmd(
     """
     from advguard.data import load_dataset
     from advguard.defenses.training import METHODS, adversarial_train, dp_train, load_trainable
+    from advguard.models.io import CLI_OPTION_NAMES, option_names
 
     if defense not in (*METHODS, "dp-sgd"):
         raise InputError(
@@ -120,9 +128,10 @@ def train_cmd(
             raise InputError(f"{', '.join(given)} only apply to --defense dp-sgd")
     ds = load_dataset(data)
     shape = parse_shape(input_shape) or tuple(ds.x.shape[1:])
-    module, factory, factory_kwargs = load_trainable(
-        model, input_shape=shape, num_classes=num_classes or ds.num_classes
-    )
+    with option_names(CLI_OPTION_NAMES):
+        module, factory, factory_kwargs = load_trainable(
+            model, input_shape=shape, num_classes=num_classes or ds.num_classes, factory=factory
+        )
     labels = {"train": f"{defense} training (batches)", "epoch": "Epochs"}
     with progress_bar() as bar:
         cb = progress_callback(bar)

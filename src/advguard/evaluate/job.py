@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,19 @@ def load_model_and_data(
     *,
     model_kwargs: dict[str, Any] | None = None,
     data_kwargs: dict[str, Any] | None = None,
+    cli: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the model (never running code the file names) and the data, then check the
+    model's outputs on the first batch: NaN/Inf or wrongly shaped outputs stop the job here
+    with an :class:`InputError`. ``cli=True`` makes loader errors name CLI options."""
     from advguard.data import load_dataset
-    from advguard.models.io import file_sha256, load_model
+    from advguard.models.checks import check_model_outputs
+    from advguard.models.io import CLI_OPTION_NAMES, file_sha256, load_model, option_names
 
-    model = load_model(model_path, **(model_kwargs or {}))
+    with option_names(CLI_OPTION_NAMES) if cli else nullcontext():
+        model = load_model(model_path, **(model_kwargs or {}))
     data = load_dataset(data_spec, **(data_kwargs or {}))
+    check_model_outputs(model, data.x)
     info = {
         "path": str(model_path),
         "sha256": file_sha256(model_path) if Path(model_path).is_file() else None,

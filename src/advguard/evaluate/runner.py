@@ -48,6 +48,7 @@ from advguard.evaluate.report import (
 )
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
+from advguard.models.checks import check_finite_logits
 from advguard.models.wrappers import EOTClassifier
 
 Progress = Callable[[str, int, int], None]
@@ -336,7 +337,9 @@ class Evaluator:
     def _run_batch(self, state: RunState, pos: np.ndarray, stage: str) -> None:
         rec, model = state.records, self.judge_model
         x, y = self._tensor(pos, state)
-        probs = torch.softmax(model.logits(x).double(), 1).cpu()
+        logits = model.logits(x)
+        check_finite_logits(logits)  # NaN/Inf outputs: stop now, not after a misleading run
+        probs = torch.softmax(logits.double(), 1).cpu()
         rec.clean_pred[pos] = probs.argmax(1).numpy()
         rec.clean_conf[pos] = probs.gather(1, y[:, None]).squeeze(1).numpy()
         targets = self._targets(probs, y)

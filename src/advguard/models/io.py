@@ -20,6 +20,23 @@ TorchScript archives
     set are refused unless listed in ``trusted_types``.
 ``.pkl`` / ``.pickle`` / ``.joblib``
     Always refused, without opening the file.
+
+Security: a model file is data
+------------------------------
+No code named by a model file is ever imported or called. A safetensors file
+may *record* the factory it was saved with (``advguard.factory``), but only the
+factories of advguard's own zoo (:data:`ZOO_FACTORIES`) are built from that
+record, and without ``importlib``. Any other factory must be passed explicitly
+by the caller (``factory=`` / ``--factory``); a file that names one is refused
+with a message saying how. Explicit factory strings must be dotted identifiers
+(``pkg.mod:callable``). The metadata (shape, classes, bounds, factory keyword
+arguments) is validated as plain JSON data; the architecture a file's keyword
+arguments describe is first built on the ``meta`` device and checked against
+the stored tensors, so a file cannot make advguard allocate memory it does not
+hold. Weights with NaN/Inf are refused. TorchScript archives run TorchScript
+code in torch's TorchScript interpreter, which cannot import Python modules or
+call Python functions; they are loaded only on explicit request
+(``torchscript=True`` / ``--torchscript``).
 """
 
 from __future__ import annotations
@@ -28,10 +45,13 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -127,46 +147,154 @@ def is_torchscript_archive(path: PathType) -> bool:
     return has_constants and has_code
 
 
-def resolve_factory(factory: Factory) -> Callable[..., nn.Module]:
-    """Turn ``"package.module:callable"`` into the callable (imports the module).
+#: The only factories a model file's metadata may name: advguard's own zoo. They are
+#: looked up in this table, never imported by a name read from the file.
+ZOO_MODULE = "advguard.models.zoo"
+ZOO_FACTORIES = frozenset({"small_cnn", "trades_cnn", "mlp"})
 
-    The module is imported, i.e. its code runs: name only code you trust.
+#: A factory spec: dotted identifiers ``pkg.mod:callable`` (ASCII only, bounded length).
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FACTORY_SPEC = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*$")
+_MAX_SPEC_LEN = 300
+
+#: Option names used in error messages; the CLI swaps in its own (``--factory``...).
+PY_OPTION_NAMES: dict[str, str] = {
+    "factory": "factory=",
+    "factory_kwargs": "factory_kwargs=",
+    "input_shape": "input_shape=",
+    "num_classes": "num_classes=",
+    "bounds": "bounds=",
+    "torchscript": "torchscript=True",
+}
+CLI_OPTION_NAMES: dict[str, str] = {
+    "factory": "--factory",
+    "factory_kwargs": "(factory keyword arguments are not settable from the CLI)",
+    "input_shape": "--input-shape",
+    "num_classes": "--num-classes",
+    "bounds": "--bounds",
+    "torchscript": "--torchscript",
+}
+_option_names: ContextVar[Mapping[str, str]] = ContextVar(
+    "advguard_option_names", default=PY_OPTION_NAMES
+)
+
+
+@contextmanager
+def option_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, loader error messages name options as in ``names``.
+
+    The CLI uses ``option_names(CLI_OPTION_NAMES)`` so a message says ``--input-shape``
+    rather than the Python keyword ``input_shape=``.
+    """
+    token = _option_names.set({**PY_OPTION_NAMES, **names})
+    try:
+        yield
+    finally:
+        _option_names.reset(token)
+
+
+def _opt(name: str) -> str:
+    return _option_names.get().get(name, name)
+
+
+def is_zoo_factory(spec: object) -> bool:
+    """True when ``spec`` is exactly ``"advguard.models.zoo:<name>"`` for a zoo factory."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        return False
+    mod, attr = spec.split(":")
+    return mod == ZOO_MODULE and attr in ZOO_FACTORIES
+
+
+def check_factory_spec(spec: object) -> str:
+    """Validate a factory spec's *syntax* (dotted identifiers ``pkg.mod:callable``)."""
+    if not isinstance(spec, str) or len(spec) > _MAX_SPEC_LEN or not _FACTORY_SPEC.fullmatch(spec):
+        shown = repr(spec)[:80] if isinstance(spec, str) else type(spec).__name__
+        raise InputError(
+            f"{_opt('factory')} must be 'package.module:callable' made of Python identifiers "
+            f"(e.g. advguard.models.zoo:small_cnn), got {shown}"
+        )
+    return spec
+
+
+def _zoo_callable(spec: str) -> Callable[..., nn.Module]:
+    from advguard.models import zoo
+
+    table: dict[str, Callable[..., nn.Module]] = {
+        "small_cnn": zoo.small_cnn,
+        "trades_cnn": zoo.trades_cnn,
+        "mlp": zoo.mlp,
+    }
+    return table[spec.split(":")[1]]
+
+
+def resolve_factory(factory: Factory) -> Callable[..., nn.Module]:
+    """Turn a factory the *caller chose* into the callable.
+
+    ``factory`` is a callable, or ``"package.module:callable"`` (dotted identifiers only),
+    which imports the module, i.e. its code runs: name only code you trust, and never pass
+    a string read from a file here (zoo factories are resolved without importing).
     """
     if callable(factory):
         return factory
-    if not isinstance(factory, str) or factory.count(":") != 1:
-        raise InputError(
-            f"factory must be 'package.module:callable' (e.g. 'advguard.models.zoo:small_cnn') "
-            f"or a callable, got {factory!r}"
-        )
-    mod_name, attr = (s.strip() for s in factory.split(":"))
-    if not mod_name or not attr:
-        raise InputError(f"factory {factory!r} must name both a module and a callable")
+    spec = check_factory_spec(factory)
+    if is_zoo_factory(spec):
+        return _zoo_callable(spec)
+    mod_name, attr = spec.split(":")
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise InputError(f"factory {factory!r}: cannot import module {mod_name!r} ({exc})") from exc
+        raise InputError(
+            f"factory {spec!r}: cannot import module {mod_name!r} ({str(exc)[:200]})"
+        ) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
-        except AttributeError as exc:
+        except AttributeError:
             raise InputError(
-                f"factory {factory!r}: module {mod_name!r} has no attribute {attr!r}"
-            ) from exc
+                f"factory {spec!r}: module {mod_name!r} has no attribute {attr!r}"
+            ) from None
     if not callable(obj):
-        raise InputError(f"factory {factory!r} is not callable ({type(obj).__name__})")
+        raise InputError(f"factory {spec!r} is not callable ({type(obj).__name__})")
     return obj
 
 
-def _build_module(factory: Factory, factory_kwargs: Mapping[str, Any] | None) -> nn.Module:
-    fn = resolve_factory(factory)
+def _call_factory(fn: Callable[..., nn.Module], label: str, kwargs: Mapping[str, Any]) -> Any:
     try:
-        module = fn(**dict(factory_kwargs or {}))
+        return fn(**dict(kwargs))
     except TypeError as exc:
-        raise InputError(f"factory {factory!r} rejected factory_kwargs ({exc})") from exc
+        raise InputError(f"factory {label!r} rejected its keyword arguments ({exc})") from None
+    except InputError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"factory {label!r} failed: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _build_module(
+    factory: Factory,
+    factory_kwargs: Mapping[str, Any] | None,
+    *,
+    expected: Mapping[str, torch.Tensor] | None = None,
+    path: Path | None = None,
+) -> nn.Module:
+    """Call the factory; with ``expected`` (keyword arguments came from a file), first build
+    the architecture on the ``meta`` device and check it against the stored tensors, so a
+    file's keyword arguments cannot make us allocate more memory than the file holds."""
+    fn = resolve_factory(factory)
+    label = factory if isinstance(factory, str) else getattr(factory, "__name__", "factory")
+    kwargs = dict(factory_kwargs or {})
+    if expected is not None:
+        with torch.device("meta"):
+            probe = _call_factory(fn, label, kwargs)
+        if not isinstance(probe, nn.Module):
+            raise InputError(
+                f"factory {label!r} returned {type(probe).__name__}, not a torch.nn.Module"
+            )
+        _check_against(probe, expected, path or Path("<weights>"))
+        del probe
+    module = _call_factory(fn, label, kwargs)
     if not isinstance(module, nn.Module):
         raise InputError(
-            f"factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module"
+            f"factory {label!r} returned {type(module).__name__}, not a torch.nn.Module"
         )
     return module
 
@@ -270,9 +398,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     if is_torchscript_archive(path):
         raise InputError(
-            f"{path} is a TorchScript archive, not a state dict. It contains code that runs "
-            "when loaded; if you trust it, load it explicitly with "
-            "advguard.models.io.load_torchscript (or load_model(..., torchscript=True))."
+            f"{path} is a TorchScript archive, not a state dict. It carries TorchScript code "
+            f"that runs when loaded; if you trust it, load it with {_opt('torchscript')} "
+            f"(plus {_opt('input_shape')} and {_opt('num_classes')}) instead of {_opt('factory')}"
         )
     _check_torch_version()
     try:
@@ -306,31 +434,154 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _apply_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    expected = set(module.state_dict().keys())
-    got = set(state.keys())
+def _key_mismatch(expected: set[str], got: set[str]) -> str | None:
     missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
+    if not missing and not unexpected:
+        return None
 
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
 
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {show(unexpected)}")
+    return "; ".join(parts)
+
+
+def _check_against(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Keys and shapes of ``module``'s state dict must equal the stored tensors'."""
+    mine = module.state_dict()
+    problem = _key_mismatch(set(mine), set(state))
+    if problem is None:
+        bad = [k for k, t in mine.items() if tuple(t.shape) != tuple(state[k].shape)]
+        if bad:
+            k = bad[0]
+            problem = (
+                f"{len(bad)} tensor(s) differ in shape, e.g. {k!r}: architecture "
+                f"{tuple(mine[k].shape)}, file {tuple(state[k].shape)}"
+            )
+    if problem is not None:
         raise InputError(
-            f"weights in {path} do not match the factory's architecture; "
-            + "; ".join(parts)
-            + ". Check the factory and factory_kwargs."
+            f"weights in {path} do not match the factory's architecture; {problem}. "
+            f"Check {_opt('factory')} and the factory's keyword arguments."
         )
+
+
+def _apply_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    _check_against(module, state, path)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise InputError(
-            f"weights in {path} do not match the factory's architecture: {exc}"
-        ) from exc
+            f"weights in {path} do not match the factory's architecture: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from None
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse weights holding NaN or Inf: such a model's outputs are meaningless."""
+    bad = [
+        k
+        for k, t in state.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise InputError(
+            f"weights in {where} contain NaN or Inf ({', '.join(bad[:5])}{more}); the model is "
+            "broken, so advguard refuses to evaluate it. Retrain or fix the weights."
+        )
+
+
+# -- metadata of a safetensors file: plain data, validated ---------------------------
+_MAX_DIMS = 8
+_MAX_DIM = 1 << 20
+_MAX_INPUT_ELEMENTS = 1 << 28
+_MAX_CLASSES = 1_000_000
+_MAX_KWARGS_CHARS = 10_000
+
+
+def _meta_error(path: Path, key: str, expected: str, value: object) -> InputError:
+    return InputError(
+        f"{path}: malformed metadata advguard.{key}: expected {expected}, got {repr(value)[:60]}"
+    )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_depth(v: object, depth: int = 0) -> int:
+    if isinstance(v, dict):
+        return max((_json_depth(x, depth + 1) for x in v.values()), default=depth + 1)
+    if isinstance(v, list):
+        return max((_json_depth(x, depth + 1) for x in v), default=depth + 1)
+    return depth
+
+
+def validated_metadata(meta: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """Check the advguard metadata of a safetensors file; raise a one-line InputError.
+
+    Returns only the keys advguard uses, with checked types: ``factory`` (syntax only; whether
+    it may be *built* is decided by :func:`load_torch`), ``factory_kwargs`` (a small JSON
+    object), ``input_shape`` (1-8 positive ints), ``num_classes`` (int >= 2) and ``bounds``
+    (two finite numbers, low < high).
+    """
+    out: dict[str, Any] = {}
+    if "factory" in meta:
+        f = meta["factory"]
+        if not isinstance(f, str) or len(f) > _MAX_SPEC_LEN or not _FACTORY_SPEC.fullmatch(f):
+            raise _meta_error(path, "factory", "'package.module:callable'", f)
+        out["factory"] = f
+    if "factory_kwargs" in meta and meta["factory_kwargs"] is not None:
+        kw = meta["factory_kwargs"]
+        if (
+            not isinstance(kw, dict)
+            or not all(isinstance(k, str) and k.isidentifier() for k in kw)
+            or len(json.dumps(kw)) > _MAX_KWARGS_CHARS
+            or _json_depth(kw) > 4
+        ):
+            raise _meta_error(path, "factory_kwargs", "a small JSON object of keywords", kw)
+        out["factory_kwargs"] = kw
+    if "input_shape" in meta:
+        shape = meta["input_shape"]
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= _MAX_DIMS
+            or not all(_is_int(d) and 1 <= d <= _MAX_DIM for d in shape)
+            or math.prod(shape) > _MAX_INPUT_ELEMENTS
+        ):
+            raise _meta_error(path, "input_shape", "a list of 1-8 positive integers", shape)
+        out["input_shape"] = tuple(shape)
+    if "num_classes" in meta:
+        n = meta["num_classes"]
+        if not _is_int(n) or not 2 <= n <= _MAX_CLASSES:
+            raise _meta_error(path, "num_classes", f"an integer in [2, {_MAX_CLASSES}]", n)
+        out["num_classes"] = n
+    if "bounds" in meta:
+        b = meta["bounds"]
+        ok = (
+            isinstance(b, list)
+            and len(b) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in b)
+            and all(math.isfinite(float(v)) for v in b)
+            and float(b[0]) < float(b[1])
+        )
+        if not ok:
+            raise _meta_error(path, "bounds", "[low, high] with finite low < high", b)
+        out["bounds"] = (float(b[0]), float(b[1]))
+    return out
+
+
+def _missing(**values: object) -> list[str]:
+    return [name for name, v in values.items() if v is None]
+
+
+def _explicit(name: str, value: str) -> str:
+    flag = _opt(name)
+    return f"{flag} {value}" if flag.startswith("--") else f"{name}={value!r}"
 
 
 def load_torch(
@@ -348,31 +599,65 @@ def load_torch(
 
     ``weights`` is a ``.safetensors`` file, or a ``.pt/.pth/.ckpt/.bin`` state
     dict read with ``torch.load(weights_only=True)`` only (never a fallback).
-    ``factory``, ``factory_kwargs``, ``input_shape``, ``num_classes`` and
-    ``bounds`` default to the metadata :func:`save_torch` stored in a
-    safetensors file; ``bounds`` finally defaults to ``(0, 1)``.
+    ``input_shape``, ``num_classes`` and ``bounds`` default to the metadata
+    :func:`save_torch` stored in a safetensors file; ``bounds`` finally defaults
+    to ``(0, 1)``.
+
+    ``factory`` defaults to the file's recorded factory **only if it is one of
+    advguard's zoo factories** (:data:`ZOO_FACTORIES`); any other recorded
+    factory is refused (:class:`UnsafeFileError`) until the caller passes it
+    explicitly: a model file never chooses code to run. The recorded
+    ``factory_kwargs`` (JSON data) are used when the factory in effect is the
+    recorded one; the architecture they describe is checked on the ``meta``
+    device against the stored tensors before anything is allocated.
     """
     _refuse_pickle(weights)
     path = _existing_file(weights)
-    meta = read_safetensors_metadata(path) if path.suffix.lower() == SAFETENSORS_SUFFIX else {}
-    factory = factory if factory is not None else meta.get("factory")
+    meta = (
+        validated_metadata(read_safetensors_metadata(path), path)
+        if path.suffix.lower() == SAFETENSORS_SUFFIX
+        else {}
+    )
+    recorded = meta.get("factory")
     if factory is None:
+        if recorded is None:
+            raise InputError(
+                f"{path} needs {_opt('factory')} ('package.module:callable' building the "
+                "nn.Module): none given and none recorded in the file"
+            )
+        if not is_zoo_factory(recorded):
+            raise UnsafeFileError(
+                f"{path} names the factory {recorded!r} in its metadata; advguard never runs "
+                "code named by a model file (only advguard.models.zoo factories are built from "
+                f"metadata). If you trust that code, pass it explicitly: "
+                f"{_explicit('factory', recorded)}"
+            )
+        factory = recorded
+    elif isinstance(factory, str):
+        check_factory_spec(factory)
+    elif not callable(factory):
         raise InputError(
-            f"load_torch needs a factory ('package.module:callable' building the nn.Module) "
-            f"for {path}; none given and none stored in the file"
+            f"{_opt('factory')} must be a 'package.module:callable' string or a callable"
         )
-    if factory_kwargs is None and factory == meta.get("factory"):
+    kwargs_from_file = False
+    if factory_kwargs is None and isinstance(factory, str) and factory == recorded:
         factory_kwargs = meta.get("factory_kwargs")
+        kwargs_from_file = factory_kwargs is not None
     input_shape = input_shape if input_shape is not None else meta.get("input_shape")
     num_classes = num_classes if num_classes is not None else meta.get("num_classes")
     bounds = bounds if bounds is not None else meta.get("bounds", (0.0, 1.0))
-    if input_shape is None or num_classes is None:
+    missing = _missing(input_shape=input_shape, num_classes=num_classes)
+    if missing:
         raise InputError(
-            f"load_torch needs input_shape and num_classes for {path} (not stored in the file)"
+            f"{path} does not record {' and '.join(missing)}; pass "
+            + " and ".join(_opt(n) for n in missing)
         )
 
     state = _load_state_dict(path)
-    module = _build_module(factory, factory_kwargs)
+    check_finite_weights(state, path)
+    module = _build_module(
+        factory, factory_kwargs, expected=state if kwargs_from_file else None, path=path
+    )
     _apply_state_dict(module, state, path)
     return TorchClassifier(
         module,
@@ -387,35 +672,50 @@ def load_torch(
 def load_torchscript(
     path: PathType,
     *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    bounds: tuple[float, float] | None = None,
     preprocess: nn.Module | None = None,
     device: str | torch.device | None = None,
 ) -> TorchClassifier:
     """Load a TorchScript archive (``torch.jit.save``) as a white-box classifier.
 
-    TorchScript's loader restores only TorchScript types, but the archive ships
-    the model's code and that code runs: load only archives you trust.
+    What runs: the archive's TorchScript code, in torch's TorchScript interpreter. Its
+    unpickler restores only TorchScript types, and TorchScript cannot import Python modules
+    or call Python functions, so no Python code named by the file runs. It can still call
+    any TorchScript operator (which includes ops that read files into tensors) and
+    exercises a large C++ parser, so load only archives you trust; advguard asks for an
+    explicit opt-in (``torchscript=True`` in :func:`load_model`, ``--torchscript`` on the
+    CLI). ``input_shape`` and ``num_classes`` are required (an archive records neither).
     """
     _refuse_pickle(path)
     p = _existing_file(path)
     if not is_torchscript_archive(p):
         raise InputError(
             f"{p} is not a TorchScript archive (no constants.pkl and code/ inside); "
-            "for a state dict use load_torch with a factory"
+            f"for a state dict pass {_opt('factory')} instead of {_opt('torchscript')}"
         )
+    missing = _missing(input_shape=input_shape, num_classes=num_classes)
+    if missing:
+        raise InputError(
+            f"TorchScript archive {p} records no {' or '.join(missing)}; pass "
+            + " and ".join(_opt(n) for n in missing)
+        )
+    assert input_shape is not None and num_classes is not None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(p), map_location=device or "cpu")
     except Exception as exc:
-        raise InputError(f"could not load TorchScript archive {p} ({exc})") from exc
+        raise InputError(
+            f"could not load TorchScript archive {p} ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    check_finite_weights(module.state_dict(), p)
     return TorchClassifier(
         module,
         input_shape=tuple(input_shape),
         num_classes=num_classes,
-        bounds=bounds,
+        bounds=bounds if bounds is not None else (0.0, 1.0),
         preprocess=preprocess,
         device=device,
     )
@@ -539,7 +839,6 @@ def load_sklearn(
 
 
 # -- one entry point ---------------------------------------------------------------
-_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
@@ -562,6 +861,7 @@ def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
         weights = kwargs.pop("weights", None)
         if weights is None:
             raise InputError(f"factory spec {spec!r} needs weights=PATH (a .safetensors file)")
+        check_factory_spec(spec)
         _check_kwargs(load_torch, kwargs, "torch weights")
         return load_torch(spec, weights, **kwargs)
     p = _existing_file(p)
@@ -581,12 +881,13 @@ def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
     if suffix in TORCH_SUFFIXES:
         if is_torchscript_archive(p):
             raise InputError(
-                f"{p} is a TorchScript archive; it contains code that runs when loaded. "
-                "If you trust it, pass torchscript=True."
+                f"{p} is a TorchScript archive; it carries TorchScript code that runs when "
+                f"loaded. If you trust it, pass {_opt('torchscript')} (plus "
+                f"{_opt('input_shape')} and {_opt('num_classes')})."
             )
         raise InputError(
-            f"{p} is a torch weights file; pass factory='package.module:callable' "
-            "(plus input_shape and num_classes) to rebuild the architecture"
+            f"{p} is a torch state dict; pass {_explicit('factory', 'package.module:callable')} "
+            f"(plus {_opt('input_shape')} and {_opt('num_classes')}) to rebuild the architecture"
         )
     raise InputError(
         f"unsupported model file {p}: expected .onnx, .skops, .safetensors, "
@@ -602,6 +903,11 @@ def _check_kwargs(
     allowed.update(extra)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
+        names = _option_names.get()
+        if names is PY_OPTION_NAMES or names.get("factory") == PY_OPTION_NAMES["factory"]:
+            raise InputError(
+                f"option(s) {unknown} do not apply to {what}; valid options: {sorted(allowed)}"
+            )
         raise InputError(
-            f"option(s) {unknown} do not apply to {what}; valid options: {sorted(allowed)}"
+            f"{', '.join(names.get(k, k) for k in unknown)} do(es) not apply to {what}"
         )

@@ -16,7 +16,10 @@ Policy
   imports that cannot be resolved statically, copyreg extensions (EXT*) and
   REDUCE/OBJ/NEWOBJ/BUILD on a callable that is not an allowed import are refused;
 * safetensors: the header must be JSON whose tensors' data offsets lie inside
-  the file and match dtype x shape;
+  the file and match dtype x shape; advguard metadata must be well formed, and a
+  factory recorded in it that is not one of advguard's zoo factories is refused
+  (a model file never chooses code to run) unless the pusher passed exactly that
+  factory explicitly (``--factory``), which is then recorded with a warning;
 * ONNX: must parse; external data may only name files pushed alongside it;
 * skops: every type must be in skops' trusted set;
 * TorchScript archives are accepted but flagged: their code runs when loaded.
@@ -352,10 +355,50 @@ def validate_skops(path: Path) -> None:
         )
 
 
+def check_safetensors_factory(
+    path: Path, meta: Mapping[str, str], factory: str | None = None
+) -> list[str]:
+    """Validate advguard metadata; refuse a recorded non-zoo factory unless ``factory``
+    (passed explicitly by the pusher) names exactly it. Returns warnings."""
+    from advguard.models.io import META_PREFIX, is_zoo_factory, validated_metadata
+
+    decoded: dict[str, Any] = {}
+    for key, value in meta.items():
+        if not key.startswith(META_PREFIX):
+            continue
+        name = key[len(META_PREFIX) :]
+        try:
+            decoded[name] = value if name in ("factory", "format") else json.loads(value)
+        except json.JSONDecodeError:
+            decoded[name] = value
+    checked = validated_metadata(decoded, path)
+    recorded = checked.get("factory")
+    if recorded is None or is_zoo_factory(recorded):
+        return []
+    if factory is not None and factory == recorded:
+        return [
+            f"metadata names the non-zoo factory {recorded!r}; accepted because --factory "
+            "names it explicitly. Loaders never import it from the file: whoever loads this "
+            f"model must pass --factory {recorded} too"
+        ]
+    raise UnsafeFileError(
+        f"{path}: metadata names the factory {recorded!r}, which is not an advguard zoo "
+        "factory; advguard never runs code named by a model file. If you trust that code, "
+        f"push with --factory {recorded}"
+    )
+
+
 def scan_file(
-    path: Path, *, allow_pickle: bool = False, siblings: Iterable[str] = ()
+    path: Path,
+    *,
+    allow_pickle: bool = False,
+    siblings: Iterable[str] = (),
+    factory: str | None = None,
 ) -> ScanResult:
-    """Scan one artifact; raise :class:`UnsafeFileError`/:class:`InputError` if refused."""
+    """Scan one artifact; raise :class:`UnsafeFileError`/:class:`InputError` if refused.
+
+    ``factory`` is the factory the pusher passed explicitly (``--factory``); it is compared
+    with a factory recorded in a safetensors file, never imported here."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"artifact not found: {path}")
@@ -364,7 +407,7 @@ def scan_file(
         return _scan_pickle_file(path, fmt, allow_pickle)
     res = ScanResult(str(path), fmt)
     if fmt == "safetensors":
-        validate_safetensors(path)
+        res.warnings.extend(check_safetensors_factory(path, validate_safetensors(path), factory))
     elif fmt == "onnx":
         validate_onnx(path, siblings)
     elif fmt == "skops":
@@ -374,7 +417,16 @@ def scan_file(
     return res
 
 
-def scan_files(files: Mapping[str, Path], *, allow_pickle: bool = False) -> list[ScanResult]:
+def scan_files(
+    files: Mapping[str, Path], *, allow_pickle: bool = False, factory: str | None = None
+) -> list[ScanResult]:
     """Scan every file of a push (``files`` maps stored name -> path)."""
+    if factory is not None:
+        from advguard.models.io import check_factory_spec
+
+        check_factory_spec(factory)
     names = list(files)
-    return [scan_file(p, allow_pickle=allow_pickle, siblings=names) for p in files.values()]
+    return [
+        scan_file(p, allow_pickle=allow_pickle, siblings=names, factory=factory)
+        for p in files.values()
+    ]

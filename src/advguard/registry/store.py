@@ -395,7 +395,7 @@ class Registry:
         step = progress or (lambda stage, done, total: None)
         total = len(files) + len(reports) + 2
 
-        scans = scan_files(files, allow_pickle=allow_pickle)
+        scans = scan_files(files, allow_pickle=allow_pickle, factory=factory)
         step("scan", 1, total)
         primary_name, primary = next(iter(files.items()))
         fmt, spec = self._format_and_spec(scans[0], primary, factory)

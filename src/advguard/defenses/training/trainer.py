@@ -1012,37 +1012,47 @@ def load_trainable(
     *,
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
+    factory: str | None = None,
 ) -> tuple[nn.Module, str | None, dict[str, Any] | None]:
     """Build the module to train from ``"package.module:factory"`` or an advguard safetensors.
 
     A factory is called as ``factory(input_shape=..., num_classes=...)`` (the zoo's
-    signature). A ``.safetensors`` written by :func:`advguard.models.io.save_torch` with
-    factory metadata is rebuilt and its weights loaded (fine-tuning). Returns
-    ``(module, factory, factory_kwargs)`` so the trained weights can be saved reloadable.
+    signature). A ``.safetensors`` written by :func:`advguard.models.io.save_torch` is
+    rebuilt and its weights loaded (fine-tuning): with the factory it records only if that
+    is an advguard zoo factory, otherwise with ``factory`` given explicitly by the caller
+    (a model file never chooses code to run). Returns ``(module, factory, factory_kwargs)``
+    so the trained weights can be saved reloadable.
     """
-    from advguard.models.io import _FACTORY_SPEC, read_safetensors_metadata, resolve_factory
+    from advguard.models.io import (
+        check_factory_spec,
+        load_torch,
+        read_safetensors_metadata,
+        resolve_factory,
+        validated_metadata,
+    )
 
     text = os.fspath(spec)
     p = Path(text)
     if p.suffix.lower() == ".safetensors":
         if not p.is_file():
             raise InputError(f"model file not found: {p}")
-        from advguard.models.io import load_torch
-
-        meta = read_safetensors_metadata(p)
-        if not meta.get("factory"):
+        meta = validated_metadata(read_safetensors_metadata(p), p)
+        chosen = check_factory_spec(factory) if factory is not None else meta.get("factory")
+        if not chosen:
             raise InputError(
                 f"{p} has no factory metadata; fine-tuning needs a safetensors file written by "
-                "advguard (save_torch(..., factory=...)) or start from 'module:factory'"
+                "advguard (save_torch(..., factory=...)), an explicit factory, or start from "
+                "'module:factory'"
             )
-        clf = load_torch(None, p)
-        kwargs = meta.get("factory_kwargs")
-        return clf.module, str(meta["factory"]), dict(kwargs) if kwargs is not None else None
-    if p.exists() or not _FACTORY_SPEC.match(text):
+        clf = load_torch(factory, p)
+        kwargs = meta.get("factory_kwargs") if chosen == meta.get("factory") else None
+        return clf.module, str(chosen), dict(kwargs) if kwargs is not None else None
+    if p.exists():
         raise InputError(
             f"--model must be 'package.module:factory' (e.g. advguard.models.zoo:small_cnn) or "
             f"a .safetensors file written by advguard, got {text!r}"
         )
+    text = check_factory_spec(text)
     if input_shape is None or num_classes is None:
         raise InputError(f"factory {text!r} needs input_shape and num_classes")
     fn = resolve_factory(text)
