@@ -77,6 +77,65 @@ def _labels_1d(y: np.ndarray, where: str) -> tuple[np.ndarray, str | None]:
     return y, note
 
 
+#: Largest array (bytes, decompressed) an .npz may hold; more is refused before reading.
+MAX_NPZ_ARRAY_BYTES = 16 * 1024**3
+_MAX_NPY_HEADER = 10_000
+
+
+def _check_npz_headers(p: Path, keys: Sequence[str], where: str) -> None:
+    """Read only the ``.npy`` headers of ``keys`` in the zip and refuse, before allocating
+    anything, an array whose header claims more bytes than its member holds or than
+    :data:`MAX_NPZ_ARRAY_BYTES` (a small file must not make us allocate gigabytes)."""
+    from numpy.lib import format as npy_format
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = {i.filename: i for i in zf.infolist()}
+            for key in keys:
+                info = members.get(f"{key}.npy")
+                if info is None:
+                    continue  # a missing key is reported later with the available keys
+                with zf.open(info) as fh:
+                    version = npy_format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = npy_format.read_array_header_1_0(
+                            fh, max_header_size=_MAX_NPY_HEADER
+                        )
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npy_format.read_array_header_2_0(
+                            fh, max_header_size=_MAX_NPY_HEADER
+                        )
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    header_len = fh.tell()
+                if dtype.hasobject:
+                    raise UnsafeFileError(
+                        f"{where}array {key!r} is a pickled object array; pickled arrays "
+                        "are refused because loading them can run code. Store plain "
+                        "numeric arrays (e.g. np.savez with x.astype(np.float32))."
+                    )
+                if any(int(d) < 0 for d in shape):
+                    raise ValueError(f"negative dimension in shape {shape}")
+                nbytes = int(np.prod([int(d) for d in shape], dtype=object)) * dtype.itemsize
+                held = info.file_size - header_len
+                if nbytes > held or nbytes > MAX_NPZ_ARRAY_BYTES:
+                    limit = (
+                        f"its member holds only {held} bytes"
+                        if nbytes > held
+                        else f"the limit is {MAX_NPZ_ARRAY_BYTES} bytes"
+                    )
+                    raise InputError(
+                        f"{where}array {key!r} claims shape {tuple(shape)} of {dtype} "
+                        f"({nbytes} bytes) but {limit}; refused before reading"
+                    )
+    except (InputError, UnsafeFileError):
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise InputError(
+            f"{where}cannot read as a NumPy .npz archive: {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
 def load_npz(
     path: PathLike,
     x_key: str = "x",
@@ -111,11 +170,17 @@ def load_npz(
             f"{where}the file is a pickle, which could run code when loaded; advguard "
             "refuses pickled data. Save plain numeric arrays with np.savez(path, x=x, y=y)."
         )
-    if not head.startswith((b"PK", b"\x93NUMPY")):
+    if head.startswith(b"\x93NUMPY"):
+        raise InputError(
+            f"{where}this is a single .npy array, not an .npz archive with inputs and "
+            f"labels. Save both with np.savez(path, {x_key}=x, {y_key}=y)."
+        )
+    if not head.startswith(b"PK"):
         raise InputError(
             f"{where}cannot read as a NumPy .npz archive (no zip signature). Save the "
             "arrays with np.savez(path, x=x, y=y)."
         )
+    _check_npz_headers(p, (x_key, y_key), where)
     try:
         archive = np.load(p, allow_pickle=False)
     except ValueError as exc:

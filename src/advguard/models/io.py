@@ -575,6 +575,24 @@ def validated_metadata(meta: Mapping[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
+def _shape_kwargs(
+    factory: Factory, input_shape: Sequence[int], num_classes: int
+) -> dict[str, Any] | None:
+    """``{input_shape, num_classes}`` when the factory takes both (the zoo's convention)."""
+    try:
+        params = inspect.signature(resolve_factory(factory)).parameters
+    except (TypeError, ValueError):
+        return None
+    if "input_shape" in params and "num_classes" in params:
+        return {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}
+    return None
+
+
+def _what(names: list[str]) -> str:
+    human = {"input_shape": "the input shape", "num_classes": "the number of classes"}
+    return " and ".join(human.get(n, n) for n in names)
+
+
 def _missing(**values: object) -> list[str]:
     return [name for name, v in values.items() if v is None]
 
@@ -649,10 +667,12 @@ def load_torch(
     missing = _missing(input_shape=input_shape, num_classes=num_classes)
     if missing:
         raise InputError(
-            f"{path} does not record {' and '.join(missing)}; pass "
+            f"{path} does not record {_what(missing)}; pass "
             + " and ".join(_opt(n) for n in missing)
         )
 
+    if factory_kwargs is None:
+        factory_kwargs = _shape_kwargs(factory, input_shape, num_classes)
     state = _load_state_dict(path)
     check_finite_weights(state, path)
     module = _build_module(
@@ -698,7 +718,7 @@ def load_torchscript(
     missing = _missing(input_shape=input_shape, num_classes=num_classes)
     if missing:
         raise InputError(
-            f"TorchScript archive {p} records no {' or '.join(missing)}; pass "
+            f"TorchScript archive {p} does not record {_what(missing)}; pass "
             + " and ".join(_opt(n) for n in missing)
         )
     assert input_shape is not None and num_classes is not None
