@@ -640,8 +640,8 @@ def load_torch(
     if factory is None:
         if recorded is None:
             raise InputError(
-                f"{path} needs {_opt('factory')} ('package.module:callable' building the "
-                "nn.Module): none given and none recorded in the file"
+                f"{path} needs a factory ('package.module:callable' building the nn.Module): "
+                f"none recorded in the file, pass {_opt('factory')}"
             )
         if not is_zoo_factory(recorded):
             raise UnsafeFileError(
