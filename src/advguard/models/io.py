@@ -671,6 +671,7 @@ def load_torch(
             + " and ".join(_opt(n) for n in missing)
         )
 
+    assert input_shape is not None and num_classes is not None
     if factory_kwargs is None:
         factory_kwargs = _shape_kwargs(factory, input_shape, num_classes)
     state = _load_state_dict(path)
