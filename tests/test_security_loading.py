@@ -35,6 +35,10 @@ from advguard.models.io import (
 from advguard.models.zoo import mlp
 from advguard.registry.scan import scan_file, scan_files
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning"),
+]
 runner = CliRunner()
 SHAPE = [1, 8, 8]
 
