@@ -1157,28 +1157,35 @@ class Registry:
         )
         return str(row.stage)
 
-    @staticmethod
-    def _production_stack(conn: Connection, model_id: int) -> list[int]:
-        """Versions that were production, oldest first, with rolled-back ones popped.
-
-        Replays the stage events: a promotion to production pushes the version, a
-        rollback pops the version it replaced; the top is the current production.
-        """
-        rows = conn.execute(
-            select(db.stage_events.c.reason, db.stage_events.c.to_stage, db.versions.c.version)
-            .join(db.versions, db.versions.c.id == db.stage_events.c.version_id)
-            .where(db.versions.c.model_id == model_id)
-            .order_by(db.stage_events.c.id)
-        ).all()
+    def _production_stack(self, name: str) -> list[int]:
+        """Versions of ``name`` that were production, oldest first, rolled-back ones popped,
+        replayed from the verified audit log (not from the editable stage table): a
+        promotion to production pushes the version, a rollback pops the version it
+        replaced and pushes the one it restored; the top is the current production."""
+        rows = self._audit_rows()
+        check = self._check_chain(rows)
+        if not check.ok:
+            raise InputError(
+                f"the registry audit log is broken at {check.reason}; refusing to roll back "
+                "(run `advguard registry audit --verify`)"
+            )
         stack: list[int] = []
         for r in rows:
-            if r.to_stage != "production":
+            subject = str(r.subject)
+            if subject.rsplit(":", 1)[0] != name or ":" not in subject:
                 continue
-            if r.reason == "rollback" and stack:
-                stack.pop()  # the version that was rolled back
-            if r.version in stack:
-                stack.remove(r.version)
-            stack.append(int(r.version))
+            version = int(subject.rsplit(":", 1)[1])
+            d = db.bounded_json_loads(r.details, what="audit details")
+            if r.action == "promote" and d.get("to") == "production":
+                pass
+            elif r.action == "rollback":
+                if stack:
+                    stack.pop()  # the version that was rolled back
+            else:
+                continue
+            if version in stack:
+                stack.remove(version)
+            stack.append(version)
         return stack
 
     def promotion_checks(
@@ -1340,8 +1347,12 @@ class Registry:
 
     @_db_errors
     def rollback(self, name: str) -> VersionInfo:
-        """Put the previous production version back into production (current -> archived)."""
+        """Put the previous production version back into production (current -> archived).
+
+        The production history comes from the audit log, and the current production
+        version must agree with it."""
         check_name(name)
+        history = self._production_stack(name)
 
         def txn() -> int:
             with self.engine.begin() as conn:
@@ -1353,7 +1364,14 @@ class Registry:
                 ).first()
                 if cur is None:
                     raise InputError(f"{name} has no production version to roll back from")
-                stack = self._production_stack(conn, mid)
+                cur_info = self._info(conn, name, cur)
+                if not history or history[-1] != cur_info.version:
+                    raise InputError(
+                        f"{name}:{cur_info.version} is production in the database, but the audit "
+                        "log says otherwise; refusing to roll back (run `advguard registry "
+                        "audit --verify`)"
+                    )
+                stack = list(history)
                 if stack and stack[-1] == cur.version:
                     stack.pop()
                 prev = None
@@ -1652,6 +1670,7 @@ def resolve_baseline(
 
     with Registry(root, db_url=db_url) as reg:
         info = reg.get(f"{name}@production")
+        reg._require_consistent(info)  # a stage edited in the database is not production
         if not info.reports:
             raise InputError(
                 f"{info.ref} is in production but has no robustness report attached; push one "
