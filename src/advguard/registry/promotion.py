@@ -36,7 +36,8 @@ class PromotionRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     stages: list[StageName] = Field(
-        default_factory=lambda: ["production"], description="stages the rules apply to"
+        default_factory=lambda: list[StageName](["production"]),
+        description="stages the rules apply to",
     )
     require_signature: bool = True
     require_report: bool = True

@@ -689,7 +689,6 @@ class Registry:
         signature_ref: str | None = None
         report_rows: list[dict[str, Any]] = []
         key = Path(private_key) if private_key is not None else None
-        signing = None
         if key is not None:
             from advguard.registry import signing
 
@@ -699,7 +698,9 @@ class Registry:
         for data, raw in parsed:
             digest = self.objects.put_bytes(raw)
             att_ref = None
-            if signing is not None and key is not None:
+            if key is not None:
+                from advguard.registry import signing
+
                 env = signing.attest_report(model_digest, data, key)
                 att_ref = self.objects.ref(self.objects.put_bytes(env))
             report_rows.append(
@@ -1257,7 +1258,7 @@ class Registry:
 
         if not reports:
             return PromotionCheck("gate", False, "no readable report to judge")
-        policy = gate_policy if gate_policy is not None else Policy()
+        policy = gate_policy if gate_policy is not None else Policy()  # type: ignore[call-arg]
         try:
             prod = self.get(f"{info.name}@production")
         except InputError:
