@@ -321,6 +321,37 @@ def test_pull_refuses_file_names_from_the_database(
 
 
 @pytest.mark.parametrize(
+    "name",
+    [
+        *("/etc/x", "../x", "a/../../x", "a//b", "./a", "a\\b", "C:x", "a\nb"),
+        *("MODEL_CARD.md", "version.json", "reports/01-x.json", "x" * 256, "/".join("a" * 17)),
+    ],
+)
+def test_push_refuses_unsafe_artifact_names(reg: Registry, tmp_path: Path, name: str) -> None:
+    model = _model_file(tmp_path / "m.safetensors")
+    with pytest.raises(InputError, match="artifact name"):
+        reg.push("digits", {name: model})
+    assert reg.list_models() == []
+
+
+def test_bounded_json_loads_refuses_before_parsing() -> None:
+    from advguard.registry.db import MAX_JSON_DEPTH, bounded_json_loads
+
+    ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert bounded_json_loads(ok) is not None
+    with pytest.raises(InputError, match="nested 33 levels"):
+        bounded_json_loads("[" * 33 + "]" * 33)
+    # brackets inside strings do not count, escaped quotes do not end a string
+    assert bounded_json_loads(json.dumps({"k": "[[[[" * 50 + '\\"{{'})) == {
+        "k": "[[[[" * 50 + '\\"{{'
+    }
+    with pytest.raises(InputError, match="characters"):
+        bounded_json_loads('"' + "a" * (1 << 20) + '"')
+    with pytest.raises(InputError, match="not valid JSON"):
+        bounded_json_loads("{")
+
+
+@pytest.mark.parametrize(
     ("column", "value", "match"),
     [
         ("model_digest", "'not-a-digest'", "model_digest"),
