@@ -391,6 +391,15 @@ if mode == "crash":
     def die(*a, **k):
         os._exit(1)  # killed after the objects are written, inside the DB transaction
     store._append_audit = die
+if mode == "midwrite":
+    from advguard.registry import objects
+    real_write = objects.atomic_write
+    def killed_write(dest, chunks):
+        def first_kb():
+            yield next(iter(chunks))[:1000]
+            os._exit(1)  # killed while the object's temporary file is half written
+        return real_write(dest, first_kb())
+    objects.atomic_write = killed_write
 reg = store.Registry(root, db_url=db_url, actor="proc%d" % os.getpid())
 if mode == "race":
     while not (root / "go").exists():
@@ -693,6 +702,24 @@ def test_gc_finds_and_removes_orphans_and_stale_temp_files(reg: Registry, tmp_pa
     # with no grace period the rest goes too, but never a referenced object
     res = reg.gc(delete=True, grace_seconds=0)
     assert res.removed == 2 and reg.verify("digits").ok
+
+
+def test_gc_finds_the_partial_file_of_a_killed_push(reg: Registry, tmp_path: Path) -> None:
+    model = _model_file(tmp_path / "m.safetensors")
+    proc = _child(reg.root, model, "midwrite")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    store = reg.objects
+    assert isinstance(store, LocalObjectStore)
+    (partial,) = store.temp_files()
+    assert partial.size <= 1000 and not store.exists(_sha(model))  # (unflushed bytes are lost)
+    assert reg.gc().removable == []  # fresh: it could be a push in progress
+    res = reg.gc(now=partial.mtime + 2 * 3600)
+    assert [(i.kind, i.path) for i in res.removable] == [("temp", partial.path)]
+    assert Path(partial.path).exists()  # a dry run
+    reg.gc(delete=True, now=partial.mtime + 2 * 3600)
+    assert list(store.temp_files()) == []
+    assert reg.push("digits", model).version == 1 and reg.verify("digits").ok
 
 
 def test_push_removes_stale_temp_files(reg: Registry, tmp_path: Path) -> None:
