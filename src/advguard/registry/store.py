@@ -1466,9 +1466,19 @@ class Registry:
                 kept += 1
         res = GcResult(not delete, grace_seconds, removable, kept)
         if delete and removable:
+            deleted: list[str] = []
             for item in removable:
                 if item.kind == "orphan" and item.digest is not None:
+                    # a push may have reused (and so touched) it since it was listed
+                    try:
+                        fresh = t - store.object_info(item.digest).mtime <= grace_seconds
+                    except FileNotFoundError:  # removed meanwhile (another gc)
+                        continue
+                    if fresh:
+                        res.kept_recent += 1
+                        continue
                     store.delete(item.digest)
+                    deleted.append(item.digest)
                 else:
                     store.remove_temp(StoredFile(item.path, item.size, t - item.age_seconds))
                 res.removed += 1
@@ -1484,7 +1494,7 @@ class Registry:
                         {
                             "removed": res.removed,
                             "freed_bytes": res.freed_bytes,
-                            "orphans": sorted(i.digest for i in removable if i.digest),
+                            "orphans": sorted(deleted),
                         },
                     )
 
