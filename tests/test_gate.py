@@ -307,10 +307,17 @@ def test_baseline_production_from_the_registry(real_report, tmp_path, monkeypatc
         factory="advguard.models.zoo:mlp",
         factory_kwargs={"input_shape": [4], "num_classes": 3, "hidden": [8]},
     )
-    prod_report = edit(real_report, robust={0.05: ra(real_report, 0.05) + 0.04})
+    from advguard.models.io import file_sha256
+
+    # the registry only attaches a report to the model it evaluated (model.sha256)
+    prod_report = edit(
+        real_report,
+        robust={0.05: ra(real_report, 0.05) + 0.04},
+        model={**real_report.model, "sha256": file_sha256(weights)},
+    )
     with Registry(root) as reg:
         reg.push("digits-cnn", weights, reports=[prod_report.write(tmp_path / "prod")])
-        reg.promote("digits-cnn", 1)
+        reg.promote("digits-cnn", 1, force=True, reason="unsigned test model")
     base = resolve_baseline("production", registry_model="digits-cnn", threat_model="gate-test")
     assert ra(base, 0.05) == pytest.approx(ra(prod_report, 0.05))
     with pytest.raises(InputError, match="no report for threat model"):

@@ -14,6 +14,7 @@ from advguard.cli._common import (
     console,
     print_json,
 )
+from advguard.errors import InputError
 
 commands = Commands(
     "registry", "Model registry: push, pull, verify, promote and audit model versions."
@@ -141,21 +142,16 @@ def registry_show(
     db_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a version's metadata as a Markdown model card (or JSON)."""
-    from advguard.registry.card import render_model_card
-
+    """Show a version's metadata as a Markdown model card (or JSON); refuses a version whose
+    objects fail their hash or whose row disagrees with the audit log."""
     with _registry(root, db_url) as reg:
-        info = reg.get(ref)
+        info, card = reg.model_card(ref, public_key=public_key)
         if as_json:
             data = info.to_dict()
             data["history"] = [e.__dict__ for e in reg.history(info.name)]
             print_json(data)
             return
-        reports = [reg.report(info, i) for i in range(len(info.reports))]
-        status = "unsigned" if info.signature is None else "signed (not checked)"
-        if public_key is not None:
-            status = reg.verify(info.ref, public_key=public_key).signature[info.ref]
-    console.print(render_model_card(info, reports, status), markup=False, highlight=False)
+    console.print(card, markup=False, highlight=False)
 
 
 @commands.command("pull")
@@ -213,21 +209,74 @@ def registry_verify(
 @commands.command("promote")
 def registry_promote(
     name: Annotated[str, typer.Argument(help="Model name")],
-    version: Annotated[int, typer.Argument(help="Version number")],
+    version: Annotated[str, typer.Argument(help="Version number")],
     stage: Annotated[str, typer.Option(help="candidate, canary, production or archived")] = (
         "production"
     ),
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Public key: the signature must verify (required for production)"),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Gate policy YAML the reports must pass (default policy)")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Override a refused promotion (needs --reason)")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Why the override is needed (recorded in the audit log)")
+    ] = None,
     root: RootOpt = None,
     db_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move a version to a stage; the previous production version is archived."""
+    """Move a version to a stage; the previous production version is archived.
+
+    Production needs a verified signature, trustworthy reports bound to the model digest and
+    a passed gate (exit 1 when refused); --force --reason overrides, recorded in the audit log.
+    """
+    from advguard.registry.promotion import PromotionRefusedError
+    from advguard.registry.store import check_version
+
+    if not version.isascii() or not version.isdigit() or len(version) > 19:
+        raise InputError(f"version {version!r} must be a positive integer below 2^63")
+    number = check_version(int(version))
+    gate_policy = None
+    if policy is not None:
+        from advguard.registry.policy import load_policy
+
+        gate_policy = load_policy(policy)
     with _registry(root, db_url) as reg:
-        info = reg.promote(name, version, stage)
+        try:
+            info = reg.promote(
+                name,
+                number,
+                stage,
+                public_key=public_key,
+                gate_policy=gate_policy,
+                force=force,
+                reason=reason,
+            )
+        except PromotionRefusedError as exc:
+            if as_json:
+                print_json(
+                    {
+                        "ref": exc.ref,
+                        "stage": exc.stage,
+                        "refused": True,
+                        "failed": [c.to_dict() for c in exc.failed],
+                    }
+                )
+            else:
+                console.print(f"[bold red]refused:[/] {exc.ref} -> {exc.stage}", highlight=False)
+                for c in exc.failed:
+                    console.print(f"[red]fail:[/] {c.name}: {c.message}", highlight=False)
+                console.print('override with --force --reason "..." (recorded in the audit log)')
+            raise typer.Exit(1) from None
     if as_json:
         print_json(info.to_dict())
     else:
-        console.print(f"{info.ref} is now [bold]{info.stage}[/]")
+        console.print(f"{info.ref} is now [bold]{info.stage}[/]" + (" (forced)" if force else ""))
 
 
 @commands.command("rollback")
@@ -266,9 +315,15 @@ def registry_audit(
         if as_json:
             print_json(check.__dict__)
         elif check.ok:
-            console.print(f"[green]audit chain ok[/]: {check.entries} entries, head {check.head}")
+            console.print(
+                f"[green]audit chain ok[/]: {check.entries} entries, head {check.head}; "
+                "registry state matches the log"
+            )
         else:
-            console.print(f"[bold red]audit chain broken[/] at {check.reason}")
+            if check.broken_seq is not None:
+                console.print(f"[bold red]audit chain broken[/] at {check.reason}")
+            for p in check.state_problems:
+                console.print(f"[bold red]state differs from the audit log:[/] {p}")
         if not check.ok:
             raise typer.Exit(1)
         return
@@ -281,3 +336,39 @@ def registry_audit(
     for e in entries:
         table.add_row(str(e.seq), e.ts, e.actor, e.action, e.subject)
     console.print(table)
+
+
+@commands.command("gc")
+def registry_gc(
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Remove them (default: only list them, a dry run)")
+    ] = False,
+    grace_hours: Annotated[
+        float,
+        typer.Option(min=0, help="Leave files younger than this (a push may be writing them)"),
+    ] = 1.0,
+    root: RootOpt = None,
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find objects no version references and partial files of interrupted pushes (dry run
+    by default; --delete removes them and records it in the audit log)."""
+    with _registry(root, db_url) as reg:
+        res = reg.gc(delete=delete, grace_seconds=grace_hours * 3600)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    table = Table(title="Registry garbage" + (" (dry run)" if res.dry_run else ""))
+    for col in ("kind", "bytes", "age (h)", "path"):
+        table.add_column(col)
+    for item in res.removable:
+        table.add_row(item.kind, str(item.size), f"{item.age_seconds / 3600:.1f}", item.path)
+    console.print(table)
+    total = sum(i.size for i in res.removable)
+    if res.dry_run:
+        console.print(
+            f"{len(res.removable)} file(s), {total} bytes could be removed "
+            f"({res.kept_recent} younger than the grace period kept); run with --delete"
+        )
+    else:
+        console.print(f"removed {res.removed} file(s), freed {res.freed_bytes} bytes")

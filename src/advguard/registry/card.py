@@ -9,7 +9,24 @@ from advguard.registry.store import VersionInfo
 
 
 def _pct(v: Any) -> str:
-    return f"{100 * float(v):.1f}%" if isinstance(v, int | float) else "n/a"
+    """A rate as a percentage. Reports hold proportions ``{k, n, value, ci_low, ci_high}``
+    (:class:`advguard.evaluate.metrics.Proportion`); those show the 95% interval and k/n."""
+    if isinstance(v, bool):
+        return "n/a"
+    if isinstance(v, int | float):
+        return f"{100 * float(v):.1f}%"
+    if isinstance(v, dict):
+        value, k, n = v.get("value"), v.get("k"), v.get("n")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"n/a (n={n})" if isinstance(n, int) else "n/a"
+        text = f"{100 * float(value):.1f}%"
+        lo, hi = v.get("ci_low"), v.get("ci_high")
+        if isinstance(lo, int | float) and isinstance(hi, int | float):
+            text += f" [{100 * float(lo):.1f}%, {100 * float(hi):.1f}%]"
+        if isinstance(k, int) and isinstance(n, int):
+            text += f" ({k}/{n})"
+        return text
+    return "n/a"
 
 
 def _cell(v: Any) -> str:
@@ -67,18 +84,25 @@ def render_model_card(
         verdict = rep.get("verdict", {}) or {}
         sanity = rep.get("sanity_checks", []) or []
         failed = [c.get("id", "?") for c in sanity if c.get("status") == "fail"]
-        trust = "trustworthy" if rep.get("trustworthy") else "UNTRUSTWORTHY"
+        trust = "trustworthy" if rep.get("trustworthy") is True else "UNTRUSTWORTHY"
+        evaluated = (rep.get("model") or {}).get("sha256")
+        bound = (
+            "this model"
+            if evaluated == info.model_digest
+            else f"ANOTHER MODEL (sha256:{_cell(evaluated)})"
+        )
         lines += [
             f"### Threat model `{_cell(tm.get('name'))}` ({_cell(tm.get('norm'))})",
             "",
             f"- **Report digest:** `sha256:{meta.digest}`"
             + (" (attested)" if meta.attestation else " (not attested)"),
+            f"- **Evaluated model:** {bound}",
             f"- **Clean accuracy:** {_pct(rep.get('clean_accuracy'))}",
             f"- **Verdict:** {_cell(verdict.get('status'))} - {_cell(verdict.get('summary'))}",
             f"- **Sanity checks:** {trust}; {len(sanity)} run"
             + (f", failed: {', '.join(failed)}" if failed else ", none failed"),
             "",
-            "| epsilon | robust accuracy | fooling rate |",
+            "| epsilon | robust accuracy (95% CI, k/n) | fooling rate (95% CI, k/n) |",
             "|---:|---:|---:|",
         ]
         for r in rep.get("results", []) or []:

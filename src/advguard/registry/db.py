@@ -10,6 +10,8 @@ registry is opened; the migration scripts ship inside the package.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,14 @@ STAGES = ("candidate", "canary", "production", "archived")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+#: Largest JSON value (characters) read back from a database column.
+MAX_JSON_CHARS = 1 << 20
+#: Deepest nesting of arrays/objects accepted in a JSON value read back from the database.
+MAX_JSON_DEPTH = 32
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 metadata = MetaData()
 
@@ -103,6 +113,44 @@ audit = Table(
 )
 
 
+def bounded_json_loads(
+    text: Any, *, what: str = "a JSON column", max_chars: int = MAX_JSON_CHARS
+) -> Any:
+    """Parse JSON read back from the registry database, refusing values that are too large
+    (:data:`MAX_JSON_CHARS`) or too deeply nested (:data:`MAX_JSON_DEPTH`) *before* parsing.
+
+    The database is untrusted input: anyone with write access to it could plant a value
+    built to exhaust memory or the parser's recursion limit.
+    """
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"the registry database holds {what} that is not UTF-8") from None
+    if not isinstance(text, str):
+        raise InputError(f"the registry database holds {what} that is not JSON text")
+    if len(text) > max_chars:
+        raise InputError(
+            f"the registry database holds {what} of {len(text)} characters "
+            f"(at most {max_chars} are read); the database was edited or is corrupted"
+        )
+    depth = deepest = 0
+    for ch in _BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise InputError(
+            f"the registry database holds {what} nested {deepest} levels deep "
+            f"(at most {MAX_JSON_DEPTH}); the database was edited or is corrupted"
+        )
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(
+            f"the registry database holds {what} that is not valid JSON ({exc})"
+        ) from None
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -126,10 +174,14 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url[len("postgres://") :]
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            engine = create_engine(
+                url,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                json_deserializer=bounded_json_loads,
+            )
             _sqlite_setup(engine)
             return engine
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, json_deserializer=bounded_json_loads)
     except ModuleNotFoundError as exc:
         raise MissingDependencyError(
             exc.name or "psycopg", "postgres", f"The registry database {url.split(':')[0]}"
@@ -139,9 +191,14 @@ def make_engine(url: str) -> Engine:
 
 
 def upgrade(engine: Engine) -> None:
-    """Run Alembic ``upgrade head`` on ``engine`` with the packaged migration scripts."""
+    """Run Alembic ``upgrade head`` on ``engine`` with the packaged migration scripts.
+
+    A database stamped with a revision these scripts do not know (written by a newer
+    advguard, or edited) raises :class:`InputError` instead of being touched.
+    """
     from alembic import command
     from alembic.config import Config
+    from alembic.util.exc import CommandError
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -150,4 +207,11 @@ def upgrade(engine: Engine) -> None:
             # serialise concurrent first opens (advisory lock, released at commit)
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7324001)")
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        try:
+            command.upgrade(cfg, "head")
+        except CommandError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"the registry database {engine.url!r} has a schema revision this advguard "
+                f"does not know ({first}); was it written by a newer advguard?"
+            ) from None

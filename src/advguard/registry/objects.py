@@ -14,10 +14,12 @@ implementation from the URL (``file://`` and plain paths are local).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -26,6 +28,8 @@ from advguard.atomic import atomic_path
 from advguard.errors import InputError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Temporary files made by :func:`advguard.atomic.atomic_path` for an object being written.
+_TEMP = re.compile(r"^\.[0-9a-f]{62}\.[A-Za-z0-9_]+\.tmp$")
 _CHUNK = 1 << 20
 
 
@@ -64,6 +68,33 @@ class ObjectStore(Protocol):
     def digests(self) -> Iterator[str]:
         """Every stored digest (for garbage collection and audits)."""
         ...
+
+
+@dataclass
+class StoredFile:
+    """A file in the object store seen by garbage collection."""
+
+    path: str
+    size: int
+    mtime: float
+    digest: str | None = None  # None for a temporary file
+
+
+@runtime_checkable
+class CollectableStore(Protocol):
+    """Optional part of an object store: what ``registry gc`` needs."""
+
+    def digests(self) -> Iterator[str]: ...
+
+    def object_info(self, digest: str) -> StoredFile: ...
+
+    def delete(self, digest: str) -> None: ...
+
+    def temp_files(self) -> Iterator[StoredFile]:
+        """Partial writes left by interrupted pushes (temporary files)."""
+        ...
+
+    def remove_temp(self, item: StoredFile) -> None: ...
 
 
 def check_digest(digest: str) -> str:
@@ -141,7 +172,13 @@ class LocalObjectStore:
 
     def _valid(self, digest: str) -> bool:
         p = self.path(digest)
-        return p.is_file() and sha256_file(p)[0] == digest
+        if p.is_file() and sha256_file(p)[0] == digest:
+            # a reused object is fresh again: gc's grace period must not delete it while
+            # the push that reuses it has not committed yet
+            with contextlib.suppress(OSError):  # a read-only store: nothing to protect
+                os.utime(p)
+            return True
+        return False
 
     def put_file(self, path: Path) -> tuple[str, int]:
         digest, size = sha256_file(path)
@@ -170,6 +207,15 @@ class LocalObjectStore:
             raise _mismatch(name, digest, actual)
         return data
 
+    def verify(self, digest: str, *, name: str) -> None:
+        """Re-hash the stored object (streamed); raise :class:`CorruptObjectError` on mismatch."""
+        p = self.path(digest)
+        if not p.is_file():
+            raise CorruptObjectError(f"{name} is missing from the registry object store ({p})")
+        actual = sha256_file(p)[0]
+        if actual != digest:
+            raise _mismatch(name, digest, actual)
+
     def copy_to(self, digest: str, dest: Path, *, name: str) -> None:
         p = self.path(digest)
         if not p.is_file():
@@ -188,10 +234,40 @@ class LocalObjectStore:
         if not base.is_dir():
             return
         for sub in sorted(base.iterdir()):
+            if not sub.is_dir():
+                continue
             for f in sorted(sub.iterdir()):
                 d = sub.name + f.name
                 if _HEX64.match(d):
                     yield d
+
+    # -- garbage collection (CollectableStore) ------------------------------------------
+    def object_info(self, digest: str) -> StoredFile:
+        p = self.path(digest)
+        st = p.stat()
+        return StoredFile(str(p), st.st_size, st.st_mtime, check_digest(digest))
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def temp_files(self) -> Iterator[StoredFile]:
+        base = self.directory / "sha256"
+        if not base.is_dir():
+            return
+        for sub in sorted(base.iterdir()):
+            if not sub.is_dir() or sub.is_symlink():
+                continue
+            for f in sorted(sub.iterdir()):
+                if _TEMP.match(f.name) and f.is_file() and not f.is_symlink():
+                    st = f.stat()
+                    yield StoredFile(str(f), st.st_size, st.st_mtime)
+
+    def remove_temp(self, item: StoredFile) -> None:
+        p = Path(item.path)
+        base = (self.directory / "sha256").resolve()
+        if p.parent.parent.resolve() != base or not _TEMP.match(p.name):
+            raise InputError(f"{p} is not a temporary file of this object store")
+        p.unlink(missing_ok=True)
 
 
 StoreFactory = Callable[[str, Path], ObjectStore]

@@ -14,8 +14,11 @@ absent. Every read re-hashes the bytes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import getpass
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -32,18 +35,21 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
-from advguard.errors import InputError
+from advguard.errors import AdvguardError, InputError
 from advguard.registry import db
 from advguard.registry.db import STAGES
 from advguard.registry.objects import (
+    CollectableStore,
     CorruptObjectError,
     ObjectStore,
+    StoredFile,
     digest_of_ref,
     open_object_store,
     sha256_file,
 )
+from advguard.registry.promotion import PromotionCheck, PromotionRefusedError, PromotionRules
 from advguard.registry.scan import ScanResult, scan_files, validate_safetensors
 
 Progress = Callable[[str, int, int], None]
@@ -52,6 +58,15 @@ REPORT_KIND = "advguard.robustness-report"
 GENESIS_HASH = "0" * 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _RETRIES = 30
+MAX_VERSION = 2**63 - 1
+#: Artifact file names the pull writes itself (an artifact may not shadow them).
+_RESERVED_NAMES = ("MODEL_CARD.md", "version.json", "signature.sigstore.json")
+_RESERVED_DIRS = ("reports",)
+_MAX_ARTIFACTS = 1000
+_MAX_REPORTS = 1000
+_MAX_TEXT = 1000
+#: Temporary object files older than this are left-overs of interrupted pushes.
+STALE_TEMP_SECONDS = 3600.0
 
 
 def default_root() -> Path:
@@ -174,6 +189,30 @@ class AuditCheck:
     head: str
     broken_seq: int | None = None
     reason: str | None = None
+    #: registry state (stages, digests, reports, signatures) that disagrees with the log
+    state_problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GcItem:
+    kind: str  # "orphan" (an object no version references) | "temp" (an interrupted write)
+    path: str
+    size: int
+    age_seconds: float
+    digest: str | None = None
+
+
+@dataclass
+class GcResult:
+    dry_run: bool
+    grace_seconds: float
+    removable: list[GcItem]
+    kept_recent: int  # unreferenced objects/temp files younger than the grace period
+    removed: int = 0
+    freed_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -205,11 +244,22 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
             raise InputError(f"unknown stage {stage!r} in {ref!r}; stages: {', '.join(STAGES)}")
     elif ":" in ref:
         name, v = ref.rsplit(":", 1)
-        if not v.isdigit() or int(v) < 1:
-            raise InputError(f"version in {ref!r} must be a positive integer (e.g. {name}:3)")
-        version = int(v)
+        if not v.isascii() or not v.isdigit() or len(v) > 19:
+            raise InputError(
+                f"version in {ref!r} must be a positive integer below 2^63 (e.g. {name}:3)"
+            )
+        version = check_version(int(v))
     check_name(name)
     return name, version, stage
+
+
+def check_version(version: Any) -> int:
+    """A version number: an integer in 1 .. 2^63-1 (what every database can store)."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InputError(f"version {version!r} must be an integer")
+    if not 1 <= version <= MAX_VERSION:
+        raise InputError(f"version {version} is out of range (1 to 2^63-1)")
+    return version
 
 
 def check_name(name: str) -> str:
@@ -221,40 +271,91 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_artifact_name(name: Any) -> str:
+    """An artifact's stored name: a relative POSIX path that stays inside the folder it is
+    pulled into (no absolute path, drive, '..', '.', empty part, backslash or control
+    character) and does not shadow a file ``pull`` writes itself."""
+    if not isinstance(name, str) or not 0 < len(name) <= 255:
+        raise InputError(f"artifact name {name!r} must be a non-empty string (at most 255)")
+    parts = name.split("/")
+    if (
+        "\\" in name
+        or name.startswith("/")
+        or ":" in parts[0]
+        or any(ord(c) < 32 or c == "\x7f" for c in name)
+        or any(p in ("", ".", "..") for p in parts)
+        or len(parts) > 16
+    ):
+        raise InputError(
+            f"artifact name {name!r} must be a relative path without '..', '.', empty parts, "
+            "backslashes or control characters"
+        )
+    if name in _RESERVED_NAMES or parts[0] in _RESERVED_DIRS:
+        raise InputError(
+            f"artifact name {name!r} is reserved for what pull writes itself "
+            f"({', '.join(_RESERVED_NAMES)}, {'/, '.join(_RESERVED_DIRS)}/)"
+        )
+    return name
+
+
+def _check_name_set(names: Sequence[str]) -> None:
+    ordered = sorted(names)
+    for a, b in itertools.pairwise(ordered):
+        if b.startswith(a + "/"):
+            raise InputError(f"artifact name {a!r} is also used as a folder by {b!r}")
+
+
 def _check_file_names(files: Mapping[str, Path]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, path in files.items():
-        parts = PurePosixPath(name).parts
-        if (
-            not name
-            or "\\" in name
-            or name.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)
-        ):
-            raise InputError(f"artifact name {name!r} must be a relative path without '..'")
+        check_artifact_name(name)
         p = Path(path)
         if not p.is_file():
             raise InputError(f"model file not found: {p}")
         out[name] = p
     if not out:
         raise InputError("push needs at least one model file (--model FILE)")
+    _check_name_set(list(out))
     return out
 
 
-def _read_report(path: Path) -> tuple[dict[str, Any], bytes]:
+MAX_REPORT_BYTES = 64 << 20
+
+
+def _read_report(path: Path, model_digest: str, model_name: str) -> tuple[dict[str, Any], bytes]:
+    """Read a report for a push: schema-validated by :func:`advguard.evaluate.report.load_report`
+    (the exact bytes that are stored), and bound to the pushed model: the report's
+    ``model.sha256`` (recorded by ``advguard evaluate``) must equal ``model_digest``."""
+    from advguard.evaluate.report import load_report
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"report {p} does not exist")
-    raw = p.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"report {p} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("kind") != REPORT_KIND:
-        raise InputError(f"{p} is not an advguard robustness report (kind {REPORT_KIND!r})")
-    tm = data.get("threat_model")
-    if not isinstance(tm, dict) or not isinstance(tm.get("name"), str):
-        raise InputError(f"report {p} does not name its threat model (threat_model.name)")
+    with p.open("rb") as f:
+        raw = f.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        raise InputError(f"report {p} is larger than {MAX_REPORT_BYTES >> 20} MiB")
+    # validate the very bytes that will be stored (not a second read of a file that may change)
+    with tempfile.TemporaryDirectory(prefix="advguard-report-") as tmp:
+        copy = Path(tmp) / "report.json"
+        copy.write_bytes(raw)
+        try:
+            report = load_report(copy)
+        except InputError as exc:
+            raise InputError(str(exc).replace(str(copy), str(p))) from None
+    recorded = report.model.get("sha256") if isinstance(report.model, dict) else None
+    if not isinstance(recorded, str) or not recorded:
+        raise InputError(
+            f"report {p} does not record the sha256 of the model it evaluated (model.sha256), "
+            "so it cannot be bound to the pushed model; evaluate the model file with "
+            "`advguard evaluate --model FILE`"
+        )
+    if recorded.lower().removeprefix("sha256:") != model_digest:
+        raise InputError(
+            f"report {p} is about another model: it evaluated sha256:{recorded}, but the pushed "
+            f"model {model_name} has sha256:{model_digest}; attach the report of this model"
+        )
+    data = json.loads(raw)
     return data, raw
 
 
@@ -269,6 +370,168 @@ def _safetensors_spec(path: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[name] = value
     return out
+
+
+# -- reading the database back: every value is validated --------------------------------
+_FORMAT = re.compile(r"^[A-Za-z0-9+._-]{1,40}$")
+
+
+def _db_text(value: Any, what: str, limit: int = _MAX_TEXT) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise InputError(f"{what} is not a non-empty string of at most {limit} characters")
+    if any(ord(c) < 32 for c in value):
+        raise InputError(f"{what} contains control characters")
+    return value
+
+
+def _db_digest(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise InputError(f"{what} is not 64 lower-case hex characters")
+    return value
+
+
+def _db_ref(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    _db_text(value, what)
+    try:
+        digest_of_ref(value)
+    except InputError:
+        raise InputError(f"{what} does not name a sha256 object") from None
+    return str(value)
+
+
+def _db_int(value: Any, what: str, lo: int, hi: int = MAX_VERSION) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"{what} is not an integer in {lo}..{hi}")
+    return value
+
+
+def _db_stage(value: Any, what: str = "stage") -> str:
+    if value not in STAGES:
+        raise InputError(f"{what} {str(value)[:40]!r} is not one of {', '.join(STAGES)}")
+    return str(value)
+
+
+def _db_time(value: Any) -> str | None:
+    if value is not None and not isinstance(value, datetime):
+        raise InputError("a timestamp is not a date-time")
+    return _iso(value)
+
+
+def _db_artifacts(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not 0 < len(value) <= _MAX_ARTIFACTS:
+        raise InputError(f"artifacts is not an object of 1..{_MAX_ARTIFACTS} files")
+    out: dict[str, dict[str, Any]] = {}
+    for name, art in value.items():
+        check_artifact_name(name)
+        if not isinstance(art, dict):
+            raise InputError(f"artifact {name!r} is not an object")
+        entry = {
+            "sha256": _db_digest(art.get("sha256"), f"the sha256 of artifact {name!r}"),
+            "size": _db_int(art.get("size"), f"the size of artifact {name!r}", 0),
+        }
+        if "format" in art:
+            entry["format"] = _db_text(art["format"], f"the format of artifact {name!r}", 40)
+        out[name] = entry
+    _check_name_set(list(out))
+    return out
+
+
+def _validated_version(name: str, row: Any, reps: Sequence[Any]) -> VersionInfo:
+    check_name(name)
+    if len(reps) > _MAX_REPORTS:
+        raise InputError(f"more than {_MAX_REPORTS} reports are attached")
+    artifacts = _db_artifacts(row.artifacts)
+    model_digest = _db_digest(row.model_digest, "model_digest")
+    if model_digest != next(iter(artifacts.values()))["sha256"]:
+        raise InputError("model_digest is not the digest of the first artifact (the model)")
+    fmt = row.format
+    if not isinstance(fmt, str) or not _FORMAT.match(fmt):
+        raise InputError("format is not a format name")
+    for col in ("input_spec", "provenance"):
+        if not isinstance(getattr(row, col), dict):
+            raise InputError(f"{col} is not a JSON object")
+    reports = []
+    for r in reps:
+        tm = _db_text(r.threat_model, "a report's threat model", 200)
+        reports.append(
+            ReportInfo(
+                tm,
+                _db_digest(r.report_digest, f"the digest of report {tm!r}"),
+                _db_ref(r.attestation_path, f"the attestation of report {tm!r}"),
+                _db_time(r.created_at),
+            )
+        )
+    return VersionInfo(
+        name=name,
+        version=_db_int(row.version, "version", 1),
+        format=fmt,
+        stage=_db_stage(row.stage),
+        model_digest=model_digest,
+        artifacts=artifacts,
+        input_spec=dict(row.input_spec),
+        provenance=dict(row.provenance),
+        created_at=_db_time(row.created_at),
+        signature=_db_ref(row.signature_path, "signature_path"),
+        reports=reports,
+    )
+
+
+def _inside(base: Path, rel: str) -> Path:
+    """``base / rel`` for a validated relative name, refusing anything that leaves ``base``."""
+    p = base.joinpath(*PurePosixPath(rel).parts)
+    if not p.resolve().is_relative_to(base.resolve()) or p == base:
+        raise InputError(f"refusing to write {rel!r} outside {base}")
+    return p
+
+
+def _report_model(data: Mapping[str, Any]) -> Any:
+    from advguard.evaluate.report import Report
+
+    return Report.model_validate(dict(data))
+
+
+def _parse_stored_report(raw: bytes, what: str) -> dict[str, Any]:
+    """A stored report read back: bounded, then validated against the report schema."""
+    from pydantic import ValidationError
+
+    from advguard.evaluate.report import Report
+
+    if len(raw) > MAX_REPORT_BYTES:
+        raise InputError(f"{what} in the registry is larger than {MAX_REPORT_BYTES >> 20} MiB")
+    data = db.bounded_json_loads(raw, what=what, max_chars=MAX_REPORT_BYTES)
+    try:
+        return Report.model_validate(data).model_dump(mode="json")
+    except ValidationError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(
+            f"{what} in the registry does not match the report schema ({first})"
+        ) from None
+
+
+def _db_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn what a damaged database raises while being read (a value SQLAlchemy cannot
+    convert, an SQL error) into one :class:`InputError` line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AdvguardError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InputError(
+                f"the registry database holds a value advguard cannot read ({exc}); it was "
+                "edited outside advguard or is corrupted: restore it from a backup"
+            ) from None
+        except DatabaseError as exc:
+            why = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+            raise InputError(
+                f"registry database error: {why[0] if why else type(exc).__name__}"
+            ) from None
+
+    return wrapper
 
 
 def _retrying(fn: Callable[[], Any]) -> Any:
@@ -335,8 +598,11 @@ class Registry:
         db_url: str | None = None,
         objects: str | ObjectStore | None = None,
         actor: str | None = None,
+        promotion_rules: PromotionRules | None = None,
     ) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"registry root {str(self.root)!r} exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_url = (
             db_url
@@ -347,14 +613,20 @@ class Registry:
             objects if isinstance(objects, ObjectStore) else open_object_store(objects, self.root)
         )
         self.actor = actor or default_actor()
+        self.promotion_rules = promotion_rules if promotion_rules is not None else PromotionRules()
         self.engine: Engine = db.make_engine(self.db_url)
         try:
             _retrying(lambda: db.upgrade(self.engine))
-        except OperationalError as exc:
+        except DatabaseError as exc:
             self.engine.dispose()
+            why = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
             raise InputError(
-                f"cannot open the registry database {self.engine.url!r}: {exc.orig}"
+                f"cannot open the registry database {self.engine.url!r}: "
+                f"{why[0] if why else type(exc).__name__}"
             ) from None
+        except InputError:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -366,6 +638,7 @@ class Registry:
         self.close()
 
     # -- push --------------------------------------------------------------------
+    @_db_errors
     def push(
         self,
         name: str,
@@ -394,13 +667,15 @@ class Registry:
         files = _check_file_names(files)
         step = progress or (lambda stage, done, total: None)
         total = len(files) + len(reports) + 2
+        self._remove_stale_temp_files()
 
         scans = scan_files(files, allow_pickle=allow_pickle, factory=factory)
         step("scan", 1, total)
         primary_name, primary = next(iter(files.items()))
         fmt, spec = self._format_and_spec(scans[0], primary, factory)
         spec.update(dict(input_spec or {}))
-        parsed = [_read_report(Path(r)) for r in reports]
+        primary_digest = sha256_file(primary)[0]
+        parsed = [_read_report(Path(r), primary_digest, primary_name) for r in reports]
 
         artifacts: dict[str, dict[str, Any]] = {}
         for i, (fname, path) in enumerate(files.items()):
@@ -408,11 +683,12 @@ class Registry:
             artifacts[fname] = {"sha256": digest, "size": size, "format": scans[i].format}
             step("store", i + 1, total)
         model_digest = artifacts[primary_name]["sha256"]
+        if model_digest != primary_digest:
+            raise InputError(f"{primary} changed during the push; push again")
 
         signature_ref: str | None = None
         report_rows: list[dict[str, Any]] = []
         key = Path(private_key) if private_key is not None else None
-        signing = None
         if key is not None:
             from advguard.registry import signing
 
@@ -422,7 +698,9 @@ class Registry:
         for data, raw in parsed:
             digest = self.objects.put_bytes(raw)
             att_ref = None
-            if signing is not None and key is not None:
+            if key is not None:
+                from advguard.registry import signing
+
                 env = signing.attest_report(model_digest, data, key)
                 att_ref = self.objects.ref(self.objects.put_bytes(env))
             report_rows.append(
@@ -550,25 +828,21 @@ class Registry:
         )
 
     def _info(self, conn: Connection, name: str, row: Any) -> VersionInfo:
+        """A version row read back and validated: the database is untrusted input."""
+        where = f"{name}:{row.version}" if isinstance(row.version, int) else name
         reps = conn.execute(
-            select(db.reports).where(db.reports.c.version_id == row.id).order_by(db.reports.c.id)
+            select(db.reports)
+            .where(db.reports.c.version_id == row.id)
+            .order_by(db.reports.c.id)
+            .limit(_MAX_REPORTS + 1)
         ).all()
-        return VersionInfo(
-            name=name,
-            version=int(row.version),
-            format=row.format,
-            stage=row.stage,
-            model_digest=row.model_digest,
-            artifacts=dict(row.artifacts),
-            input_spec=dict(row.input_spec),
-            provenance=dict(row.provenance),
-            created_at=_iso(row.created_at),
-            signature=row.signature_path,
-            reports=[
-                ReportInfo(r.threat_model, r.report_digest, r.attestation_path, _iso(r.created_at))
-                for r in reps
-            ],
-        )
+        try:
+            return _validated_version(name, row, reps)
+        except (InputError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InputError(
+                f"the registry database row of {where} is invalid ({exc}); it was edited "
+                "outside advguard or is corrupted: restore it from a backup"
+            ) from None
 
     def _row(self, conn: Connection, ref: str) -> tuple[str, Any]:
         name, version, stage = parse_ref(ref)
@@ -584,12 +858,14 @@ class Registry:
             raise InputError(f"model {name!r} has no {what or 'versions'} (see: registry list)")
         return name, row
 
+    @_db_errors
     def get(self, ref: str) -> VersionInfo:
         """The version ``NAME`` (latest), ``NAME:VERSION`` or ``NAME@STAGE``."""
         with self.engine.connect() as conn:
             name, row = self._row(conn, ref)
             return self._info(conn, name, row)
 
+    @_db_errors
     def list_models(self) -> list[dict[str, Any]]:
         """Every model with its version count, latest version and production version."""
         out = []
@@ -602,18 +878,27 @@ class Registry:
                 ).all()
                 if not vs:
                     continue
-                prod = [v.version for v in vs if v.stage == "production"]
+                try:
+                    name = check_name(m.name)
+                    stages = {_db_int(v.version, "version", 1): _db_stage(v.stage) for v in vs}
+                except InputError as exc:
+                    raise InputError(
+                        f"the registry database holds an invalid model or version row ({exc}); "
+                        "it was edited outside advguard or is corrupted"
+                    ) from None
+                prod = [v for v, st in stages.items() if st == "production"]
                 out.append(
                     {
-                        "name": m.name,
+                        "name": name,
                         "versions": len(vs),
-                        "latest": vs[-1].version,
+                        "latest": max(stages),
                         "production": prod[-1] if prod else None,
-                        "stages": {str(v.version): v.stage for v in vs},
+                        "stages": {str(v): st for v, st in stages.items()},
                     }
                 )
         return out
 
+    @_db_errors
     def versions(self, name: str) -> list[VersionInfo]:
         with self.engine.connect() as conn:
             mid = self._model_id(conn, check_name(name))
@@ -624,6 +909,7 @@ class Registry:
             ).all()
             return [self._info(conn, name, r) for r in rows]
 
+    @_db_errors
     def history(self, name: str) -> list[StageEvent]:
         """Stage changes of every version of ``name``, oldest first."""
         with self.engine.connect() as conn:
@@ -634,15 +920,29 @@ class Registry:
                 .where(db.versions.c.model_id == mid)
                 .order_by(db.stage_events.c.id)
             ).all()
-            return [
-                StageEvent(r.version, r.from_stage, r.to_stage, r.actor, _iso(r.ts)) for r in rows
-            ]
+            try:
+                return [
+                    StageEvent(
+                        _db_int(r.version, "version", 1),
+                        None if r.from_stage is None else _db_stage(r.from_stage),
+                        _db_stage(r.to_stage),
+                        _db_text(r.actor, "actor", 200),
+                        _db_time(r.ts),
+                    )
+                    for r in rows
+                ]
+            except InputError as exc:
+                raise InputError(
+                    f"the registry database holds an invalid stage event ({exc}); it was "
+                    "edited outside advguard or is corrupted"
+                ) from None
 
+    @_db_errors
     def report(self, info: VersionInfo, index: int) -> dict[str, Any]:
-        """The stored report JSON (digest verified)."""
+        """The stored report JSON (digest verified, validated against the report schema)."""
         rep = info.reports[index]
         raw = self.objects.read_bytes(rep.digest, name=f"report {rep.threat_model}")
-        return json.loads(raw)
+        return _parse_stored_report(raw, f"report {rep.threat_model} of {info.ref}")
 
     # -- pull / verify -------------------------------------------------------------
     def _check_signature(
@@ -671,31 +971,41 @@ class Registry:
                 digest_of_ref(rep.attestation), name=f"attestation of report {rep.threat_model}"
             )
             predicate = signing.verify_report_attestation(env, Path(public_key), info.model_digest)
-            if canonical_json(predicate) != canonical_json(json.loads(raw)):
+            stored = db.bounded_json_loads(raw, what="a report", max_chars=MAX_REPORT_BYTES)
+            if canonical_json(predicate) != canonical_json(stored):
                 raise signing.SignatureError(
                     f"attestation of report {rep.threat_model} does not match the stored report"
                 )
         return "verified"
 
+    @_db_errors
     def pull(
         self, ref: str, out: str | os.PathLike[str], *, public_key: Path | None = None
     ) -> PullResult:
         """Copy a version's files (and reports, signature, model card) into ``out``.
 
-        Every object is re-hashed; with ``public_key`` the signature and report
-        attestations are verified too. Nothing is written to ``out`` unless all
-        checks pass.
+        The version's database row is validated (names, digests, sizes) and compared with
+        the audit log before anything is written; every object is re-hashed; with
+        ``public_key`` the signature and report attestations are verified too. Everything
+        is written into a private staging folder (mode 0700) and moved into ``out`` only
+        after all checks passed; on any failure nothing is left behind.
         """
         from advguard.registry.card import render_model_card
 
         info = self.get(ref)
+        self._require_consistent(info)
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {str(out)!r} exists and is not a directory")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        out_real = out.resolve()
         staging = Path(tempfile.mkdtemp(prefix=".advguard-pull-", dir=out))
+        written: list[Path] = []
         try:
             paths: dict[str, Path] = {}
             for fname, art in info.artifacts.items():
-                dest = staging / fname
+                dest = _inside(staging, fname)
                 self.objects.copy_to(art["sha256"], dest, name=fname)
                 paths[fname] = dest
             status = self._check_signature(info, paths, public_key)
@@ -703,7 +1013,7 @@ class Registry:
             reports = []
             for i, rep in enumerate(info.reports):
                 raw = self.objects.read_bytes(rep.digest, name=f"report {rep.threat_model}")
-                reports.append(json.loads(raw))
+                reports.append(_parse_stored_report(raw, f"report {rep.threat_model}"))
                 stem = f"reports/{i + 1:02d}-{re.sub(r'[^A-Za-z0-9._-]', '_', rep.threat_model)}"
                 extra[f"{stem}.json"] = raw
                 if rep.attestation:
@@ -717,18 +1027,73 @@ class Registry:
             extra["MODEL_CARD.md"] = render_model_card(info, reports, status).encode()
             extra["version.json"] = json.dumps(info.to_dict(), indent=2).encode()
             for rel, data in extra.items():
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                (staging / rel).write_bytes(data)
-            written = []
-            for src in sorted(p for p in staging.rglob("*") if p.is_file()):
-                dest = out / src.relative_to(staging)
+                dest = _inside(staging, rel)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+            # every check passed: move into --out, never through a link out of it
+            moves = []
+            for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+                rel = src.relative_to(staging).as_posix()
+                dest = out / rel
+                for parent in [out / q for q in PurePosixPath(rel).parents if str(q) != "."]:
+                    if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                        raise InputError(f"refusing to pull through {parent}: not a plain folder")
+                if dest.is_dir() and not dest.is_symlink():
+                    raise InputError(f"refusing to pull: {dest} is a folder")
+                moves.append((src, dest))
+            for src, dest in moves:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.parent.resolve().is_relative_to(out_real):
+                    raise InputError(f"refusing to pull outside {out}: {dest}")
                 os.replace(src, dest)
                 written.append(dest)
+        except BaseException:
+            if created:
+                shutil.rmtree(staging, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if still empty
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return PullResult(info, out, written, status)
 
+    def _objects_of(self, info: VersionInfo) -> list[tuple[str, str]]:
+        objs = [(n, a["sha256"]) for n, a in info.artifacts.items()]
+        for r in info.reports:
+            objs.append((f"report {r.threat_model}", r.digest))
+            if r.attestation:
+                att = digest_of_ref(r.attestation)
+                objs.append((f"attestation of report {r.threat_model}", att))
+        if info.signature:
+            objs.append(("signature bundle", digest_of_ref(info.signature)))
+        return objs
+
+    def check_objects(self, info: VersionInfo) -> None:
+        """Re-hash every object of ``info``; raise :class:`CorruptObjectError` on the first
+        that is missing or whose bytes changed."""
+        for label, digest in self._objects_of(info):
+            check = getattr(self.objects, "verify", None)
+            if check is not None:
+                check(digest, name=label)
+            else:
+                self.objects.read_bytes(digest, name=label)
+
+    @_db_errors
+    def model_card(self, ref: str, *, public_key: Path | None = None) -> tuple[VersionInfo, str]:
+        """The Markdown model card of ``ref``. Refuses (raises) a version whose objects fail
+        their hash or whose database row disagrees with the audit log."""
+        from advguard.registry.card import render_model_card
+
+        info = self.get(ref)
+        self._require_consistent(info)
+        self.check_objects(info)
+        reports = [self.report(info, i) for i in range(len(info.reports))]
+        status = "unsigned" if info.signature is None else "signed (not checked)"
+        if public_key is not None:
+            status = self.verify(info.ref, public_key=public_key).signature[info.ref]
+        return info, render_model_card(info, reports, status)
+
+    @_db_errors
     def verify(self, ref: str, *, public_key: Path | None = None) -> VerifyResult:
         """Re-hash every object of the version(s) ``ref`` names (``NAME`` = all versions);
         with ``public_key`` also verify signatures and attestations."""
@@ -737,7 +1102,13 @@ class Registry:
         problems: list[str] = []
         sig: dict[str, str] = {}
         checked = 0
+        rows = self._audit_rows()
+        chain = self._check_chain(rows)
+        if not chain.ok:
+            problems.append(f"audit log broken at {chain.reason}")
+        state, _ = self._replay(rows)
         for info in infos:
+            problems += self._state_problems(info, state)
             objs = [(f"{info.ref} {n}", a["sha256"]) for n, a in info.artifacts.items()]
             for r in info.reports:
                 objs.append((f"{info.ref} report {r.threat_model}", r.digest))
@@ -787,41 +1158,170 @@ class Registry:
         )
         return str(row.stage)
 
-    @staticmethod
-    def _production_stack(conn: Connection, model_id: int) -> list[int]:
-        """Versions that were production, oldest first, with rolled-back ones popped.
-
-        Replays the stage events: a promotion to production pushes the version, a
-        rollback pops the version it replaced; the top is the current production.
-        """
-        rows = conn.execute(
-            select(db.stage_events.c.reason, db.stage_events.c.to_stage, db.versions.c.version)
-            .join(db.versions, db.versions.c.id == db.stage_events.c.version_id)
-            .where(db.versions.c.model_id == model_id)
-            .order_by(db.stage_events.c.id)
-        ).all()
+    def _production_stack(self, name: str) -> list[int]:
+        """Versions of ``name`` that were production, oldest first, rolled-back ones popped,
+        replayed from the verified audit log (not from the editable stage table): a
+        promotion to production pushes the version, a rollback pops the version it
+        replaced and pushes the one it restored; the top is the current production."""
+        rows = self._audit_rows()
+        check = self._check_chain(rows)
+        if not check.ok:
+            raise InputError(
+                f"the registry audit log is broken at {check.reason}; refusing to roll back "
+                "(run `advguard registry audit --verify`)"
+            )
         stack: list[int] = []
         for r in rows:
-            if r.to_stage != "production":
+            subject = str(r.subject)
+            if subject.rsplit(":", 1)[0] != name or ":" not in subject:
                 continue
-            if r.reason == "rollback" and stack:
-                stack.pop()  # the version that was rolled back
-            if r.version in stack:
-                stack.remove(r.version)
-            stack.append(int(r.version))
+            version = int(subject.rsplit(":", 1)[1])
+            d = db.bounded_json_loads(r.details, what="audit details")
+            if r.action == "promote" and d.get("to") == "production":
+                pass
+            elif r.action == "rollback":
+                if stack:
+                    stack.pop()  # the version that was rolled back
+            else:
+                continue
+            if version in stack:
+                stack.remove(version)
+            stack.append(version)
         return stack
 
-    def promote(self, name: str, version: int, stage: str = "production") -> VersionInfo:
-        """Move ``name:version`` to ``stage``; a previous production version is archived."""
+    def promotion_checks(
+        self,
+        info: VersionInfo,
+        stage: str,
+        *,
+        public_key: Path | None = None,
+        gate_policy: Any = None,
+    ) -> list[PromotionCheck]:
+        """The promotion policy's checks of ``info`` for ``stage`` (empty if unguarded)."""
+        rules = self.promotion_rules
+        if stage not in rules.stages:
+            return []
+        checks: list[PromotionCheck] = []
+        if rules.require_signature:
+            checks.append(self._signature_check(info, public_key))
+        reports: list[tuple[str, Any]] = []
+        problems: list[str] = []
+        for i, meta in enumerate(info.reports):
+            try:
+                reports.append((meta.threat_model, _report_model(self.report(info, i))))
+            except InputError as exc:
+                problems.append(f"report {meta.threat_model}: {exc}")
+        if rules.require_report:
+            if not info.reports:
+                problems.append("no robustness report is attached (push with --report)")
+            for tm, rep in reports:
+                recorded = str(rep.model.get("sha256") or "")
+                if recorded.lower().removeprefix("sha256:") != info.model_digest:
+                    problems.append(
+                        f"report {tm} evaluated sha256:{recorded or '(none)'}, not this model "
+                        f"(sha256:{info.model_digest})"
+                    )
+                if not rep.trustworthy:
+                    problems.append(f"report {tm} is untrustworthy (failed sanity checks)")
+            ok = not problems
+            msg = f"{len(reports)} trustworthy report(s) bound to this model digest"
+            checks.append(PromotionCheck("report", ok, msg if ok else "; ".join(problems)))
+        if rules.require_gate:
+            checks.append(self._gate_check(info, reports, gate_policy))
+        return checks
+
+    def _signature_check(self, info: VersionInfo, public_key: Path | None) -> PromotionCheck:
+        if info.signature is None:
+            return PromotionCheck("signature", False, "not signed (push it with --key)")
+        if public_key is None:
+            return PromotionCheck(
+                "signature", False, "signed, but no public key was given to verify it"
+            )
+        try:
+            self.check_objects(info)
+            with tempfile.TemporaryDirectory(prefix="advguard-promote-") as tmp:
+                paths = {}
+                for fname, art in info.artifacts.items():
+                    paths[fname] = _inside(Path(tmp), fname)
+                    self.objects.copy_to(art["sha256"], paths[fname], name=fname)
+                self._check_signature(info, paths, public_key)
+        except InputError as exc:
+            return PromotionCheck("signature", False, str(exc))
+        n = len(info.reports)
+        return PromotionCheck("signature", True, f"signature and {n} attestation(s) verified")
+
+    def _gate_check(
+        self, info: VersionInfo, reports: Sequence[tuple[str, Any]], gate_policy: Any
+    ) -> PromotionCheck:
+        from advguard.registry.gate import run_gate
+        from advguard.registry.policy import Policy
+
+        if not reports:
+            return PromotionCheck("gate", False, "no readable report to judge")
+        policy = gate_policy if gate_policy is not None else Policy()  # type: ignore[call-arg]
+        try:
+            prod = self.get(f"{info.name}@production")
+        except InputError:
+            prod = None
+        failures: list[str] = []
+        for tm, rep in reports:
+            baseline = None
+            if prod is not None and prod.ref != info.ref:
+                idx = [i for i, r in enumerate(prod.reports) if r.threat_model == tm]
+                if idx:
+                    try:
+                        baseline = _report_model(self.report(prod, idx[-1]))
+                    except InputError as exc:
+                        failures.append(f"{tm}: baseline report of {prod.ref} unreadable ({exc})")
+                        continue
+            res = run_gate(rep, policy, baseline)
+            if not res.passed:
+                why = ", ".join(f"{c.name} ({c.message or c.actual})" for c in res.failures)
+                failures.append(f"{tm}: gate {policy.name} failed: {why}")
+        if failures:
+            return PromotionCheck("gate", False, "; ".join(failures))
+        return PromotionCheck("gate", True, f"{len(reports)} report(s) pass gate {policy.name}")
+
+    @_db_errors
+    def promote(
+        self,
+        name: str,
+        version: int,
+        stage: str = "production",
+        *,
+        public_key: Path | None = None,
+        gate_policy: Any = None,
+        force: bool = False,
+        reason: str | None = None,
+    ) -> VersionInfo:
+        """Move ``name:version`` to ``stage``; a previous production version is archived.
+
+        The promotion policy (:attr:`promotion_rules`, default: production needs a verified
+        signature, trustworthy reports bound to this digest and a passed gate) must hold,
+        else :class:`PromotionRefusedError`. ``force=True`` with a ``reason`` overrides it;
+        the override, reason and failed checks are recorded in the audit log.
+        """
         if stage not in STAGES:
             raise InputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        ref = f"{check_name(name)}:{int(version)}"
+        ref = f"{check_name(name)}:{check_version(version)}"
+        if force and (not reason or not reason.strip()):
+            raise InputError('--force needs --reason "why" (it is recorded in the audit log)')
+        if reason is not None:
+            reason = _db_text(reason.strip(), "--reason")
+        info = self.get(ref)
+        if info.stage == stage:
+            raise InputError(f"{ref} is already in stage {stage}")
+        self._require_consistent(info)
+        checks = self.promotion_checks(info, stage, public_key=public_key, gate_policy=gate_policy)
+        failed = [c for c in checks if not c.passed]
+        if failed and not force:
+            raise PromotionRefusedError(ref, stage, failed)
 
         def txn() -> None:
             with self.engine.begin() as conn:
                 _, row = self._row(conn, ref)
-                if row.stage == stage:
-                    raise InputError(f"{ref} is already in stage {stage}")
+                if row.stage != info.stage or row.model_digest != info.model_digest:
+                    raise InputError(f"{ref} changed while it was being checked; try again")
                 now = _now()
                 archived = []
                 if stage == "production":
@@ -834,20 +1334,26 @@ class Registry:
                         self._set_stage(conn, old, "archived", now, "archive")
                         archived.append(int(old.version))
                 before = self._set_stage(conn, row, stage, now, "promote")
-                _append_audit(
-                    conn,
-                    self.actor,
-                    "promote",
-                    ref,
-                    {"from": before, "to": stage, "archived": archived},
-                )
+                details: dict[str, Any] = {"from": before, "to": stage, "archived": archived}
+                if checks:
+                    details["checks"] = {c.name: c.passed for c in checks}
+                if force:
+                    details["forced"] = True
+                    details["reason"] = reason
+                    details["overridden"] = [c.to_dict() for c in failed]
+                _append_audit(conn, self.actor, "promote", ref, details)
 
         _retrying(txn)
         return self.get(ref)
 
+    @_db_errors
     def rollback(self, name: str) -> VersionInfo:
-        """Put the previous production version back into production (current -> archived)."""
+        """Put the previous production version back into production (current -> archived).
+
+        The production history comes from the audit log, and the current production
+        version must agree with it."""
         check_name(name)
+        history = self._production_stack(name)
 
         def txn() -> int:
             with self.engine.begin() as conn:
@@ -859,7 +1365,14 @@ class Registry:
                 ).first()
                 if cur is None:
                     raise InputError(f"{name} has no production version to roll back from")
-                stack = self._production_stack(conn, mid)
+                cur_info = self._info(conn, name, cur)
+                if not history or history[-1] != cur_info.version:
+                    raise InputError(
+                        f"{name}:{cur_info.version} is production in the database, but the audit "
+                        "log says otherwise; refusing to roll back (run `advguard registry "
+                        "audit --verify`)"
+                    )
+                stack = list(history)
                 if stack and stack[-1] == cur.version:
                     stack.pop()
                 prev = None
@@ -887,7 +1400,109 @@ class Registry:
 
         return self.get(f"{name}:{_retrying(txn)}")
 
+    # -- garbage collection ------------------------------------------------------------
+    def _collectable(self) -> CollectableStore:
+        if not isinstance(self.objects, CollectableStore):
+            raise InputError(
+                f"the object store {self.objects.url} does not support garbage collection "
+                "(it implements no object_info/delete/temp_files/remove_temp)"
+            )
+        return self.objects
+
+    def _remove_stale_temp_files(self, *, now: float | None = None) -> int:
+        """Remove temporary object files older than :data:`STALE_TEMP_SECONDS` (partial
+        writes of interrupted pushes); returns how many. Fresh ones may belong to a push
+        running right now and are left alone."""
+        if not isinstance(self.objects, CollectableStore):
+            return 0
+        t = time.time() if now is None else now
+        n = 0
+        for item in list(self.objects.temp_files()):
+            if t - item.mtime > STALE_TEMP_SECONDS:
+                self.objects.remove_temp(item)
+                n += 1
+        return n
+
+    @_db_errors
+    def gc(
+        self,
+        *,
+        delete: bool = False,
+        grace_seconds: float = STALE_TEMP_SECONDS,
+        now: float | None = None,
+    ) -> GcResult:
+        """Find (and with ``delete=True`` remove) objects no version references and temporary
+        files of interrupted pushes.
+
+        Only files older than ``grace_seconds`` are removed: a push writes (or touches, when
+        it reuses one) its objects before its database transaction commits, so a younger
+        unreferenced object may belong to a push in progress. Every version row is
+        validated first; a damaged database stops the collection rather than deleting what
+        it can no longer see.
+        """
+        if grace_seconds < 0:
+            raise InputError("the grace period must be >= 0 seconds")
+        store = self._collectable()
+        t = time.time() if now is None else now
+        referenced: set[str] = set()
+        for info in self._all_versions():
+            referenced.update(d for _, d in self._objects_of(info))
+        removable: list[GcItem] = []
+        kept = 0
+        for digest in list(store.digests()):
+            if digest in referenced:
+                continue
+            st = store.object_info(digest)
+            age = t - st.mtime
+            if age > grace_seconds:
+                removable.append(GcItem("orphan", st.path, st.size, age, digest))
+            else:
+                kept += 1
+        for tmp in list(store.temp_files()):
+            age = t - tmp.mtime
+            if age > grace_seconds:
+                removable.append(GcItem("temp", tmp.path, tmp.size, age))
+            else:
+                kept += 1
+        res = GcResult(not delete, grace_seconds, removable, kept)
+        if delete and removable:
+            deleted: list[str] = []
+            for item in removable:
+                if item.kind == "orphan" and item.digest is not None:
+                    # a push may have reused (and so touched) it since it was listed
+                    try:
+                        fresh = t - store.object_info(item.digest).mtime <= grace_seconds
+                    except FileNotFoundError:  # removed meanwhile (another gc)
+                        continue
+                    if fresh:
+                        res.kept_recent += 1
+                        continue
+                    store.delete(item.digest)
+                    deleted.append(item.digest)
+                else:
+                    store.remove_temp(StoredFile(item.path, item.size, t - item.age_seconds))
+                res.removed += 1
+                res.freed_bytes += item.size
+
+            def txn() -> None:
+                with self.engine.begin() as conn:
+                    _append_audit(
+                        conn,
+                        self.actor,
+                        "gc",
+                        "registry",
+                        {
+                            "removed": res.removed,
+                            "freed_bytes": res.freed_bytes,
+                            "orphans": sorted(deleted),
+                        },
+                    )
+
+            _retrying(txn)
+        return res
+
     # -- audit -------------------------------------------------------------------
+    @_db_errors
     def audit_log(self, *, subject: str | None = None) -> list[AuditEntry]:
         q = select(db.audit).order_by(db.audit.c.seq)
         if subject is not None:
@@ -899,18 +1514,20 @@ class Registry:
         out = []
         for r in rows:
             try:
-                details = json.loads(r.details)
-            except json.JSONDecodeError:
-                details = {"_unparsable": r.details}
+                details = db.bounded_json_loads(r.details, what="audit details")
+            except InputError:
+                details = {"_unparsable": str(r.details)[:200]}
             out.append(
                 AuditEntry(r.seq, r.ts, r.actor, r.action, r.subject, details, r.prev_hash, r.hash)
             )
         return out
 
-    def verify_audit(self) -> AuditCheck:
-        """Recompute the hash chain; report the first entry whose link is broken."""
+    def _audit_rows(self) -> list[Any]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(db.audit).order_by(db.audit.c.seq)).all()
+            return list(conn.execute(select(db.audit).order_by(db.audit.c.seq)).all())
+
+    @staticmethod
+    def _check_chain(rows: Sequence[Any]) -> AuditCheck:
         prev = GENESIS_HASH
         for i, r in enumerate(rows, start=1):
             where = f"entry {r.seq} ({r.action} {r.subject} by {r.actor} at {r.ts})"
@@ -925,8 +1542,8 @@ class Registry:
                     f"{where}: prev_hash does not link to entry {i - 1}",
                 )
             try:
-                details = json.loads(r.details)
-            except json.JSONDecodeError:
+                details = db.bounded_json_loads(r.details, what="audit details")
+            except InputError:
                 return AuditCheck(False, len(rows), prev, r.seq, f"{where}: details are not JSON")
             entry = {
                 "seq": r.seq,
@@ -942,6 +1559,108 @@ class Registry:
                 )
             prev = r.hash
         return AuditCheck(True, len(rows), prev)
+
+    @staticmethod
+    def _replay(rows: Sequence[Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """What the audit log says every version is: its stage (replaying push, promote and
+        rollback) and what was pushed (model digest, artifact digests, reports, signed)."""
+        state: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+
+        def move(ref: str, stage: Any, seq: int) -> None:
+            if ref not in state:
+                problems.append(f"audit entry {seq} moves {ref}, which was never pushed")
+            elif stage not in STAGES:
+                problems.append(f"audit entry {seq} moves {ref} to unknown stage {stage!r}")
+            else:
+                state[ref]["stage"] = stage
+
+        for r in rows:
+            try:
+                d = db.bounded_json_loads(r.details, what="audit details")
+                subject = str(r.subject)
+                name = subject.rsplit(":", 1)[0]
+                if r.action == "push":
+                    state[subject] = {
+                        "stage": "candidate",
+                        "model_digest": d["model_digest"],
+                        "artifacts": d["artifacts"],
+                        "reports": d["reports"],
+                        "signed": d["signed"],
+                    }
+                elif r.action == "promote":
+                    move(subject, d["to"], r.seq)
+                    for v in d.get("archived", []):
+                        move(f"{name}:{int(v)}", "archived", r.seq)
+                elif r.action == "rollback":
+                    move(f"{name}:{int(d['from_version'])}", "archived", r.seq)
+                    move(subject, "production", r.seq)
+            except (InputError, KeyError, TypeError, ValueError, AttributeError):
+                problems.append(f"audit entry {r.seq} ({r.action} {r.subject}) is malformed")
+        return state, problems
+
+    @staticmethod
+    def _state_problems(info: VersionInfo, state: Mapping[str, dict[str, Any]]) -> list[str]:
+        """Where a version's database row disagrees with the audit log."""
+        logged = state.get(info.ref)
+        if logged is None:
+            return [f"{info.ref} is in the database but its push is not in the audit log"]
+        out = []
+        if logged["stage"] != info.stage:
+            out.append(
+                f"{info.ref} is in stage {info.stage} in the database, but the audit log says "
+                f"{logged['stage']} (the stage was changed outside advguard)"
+            )
+        if logged["model_digest"] != info.model_digest:
+            out.append(f"{info.ref}: model digest differs from the one recorded at push")
+        if logged["artifacts"] != {k: v["sha256"] for k, v in info.artifacts.items()}:
+            out.append(f"{info.ref}: artifacts differ from those recorded at push")
+        if logged["reports"] != [r.digest for r in info.reports]:
+            out.append(f"{info.ref}: attached reports differ from those recorded at push")
+        if bool(logged["signed"]) != (info.signature is not None):
+            out.append(f"{info.ref}: signature presence differs from what was recorded at push")
+        return out
+
+    def _all_versions(self) -> list[VersionInfo]:
+        out: list[VersionInfo] = []
+        with self.engine.connect() as conn:
+            for m in conn.execute(select(db.models.c.id, db.models.c.name)).all():
+                rows = conn.execute(select(db.versions).where(db.versions.c.model_id == m.id)).all()
+                out += [self._info(conn, m.name, r) for r in rows]
+        return out
+
+    @_db_errors
+    def verify_audit(self) -> AuditCheck:
+        """Recompute the hash chain (report the first entry whose link is broken), then
+        replay the log and compare every version in the database with it: a stage, digest,
+        report or signature changed directly in the database is reported."""
+        rows = self._audit_rows()
+        check = self._check_chain(rows)
+        state, problems = self._replay(rows)
+        infos = self._all_versions()
+        for info in infos:
+            problems += self._state_problems(info, state)
+        for ref in sorted(set(state) - {i.ref for i in infos}):
+            problems.append(f"{ref} is in the audit log but missing from the database")
+        check.state_problems = problems
+        check.ok = check.ok and not problems
+        if problems and check.reason is None:
+            check.reason = problems[0]
+        return check
+
+    def _require_consistent(self, info: VersionInfo) -> None:
+        """Refuse a version whose row disagrees with the (intact) audit log."""
+        rows = self._audit_rows()
+        check = self._check_chain(rows)
+        if not check.ok:
+            raise InputError(
+                f"the registry audit log is broken at {check.reason}; refusing to use "
+                f"{info.ref} (run `advguard registry audit --verify`)"
+            )
+        state, _ = self._replay(rows)
+        problems = self._state_problems(info, state)
+        if problems:
+            raise InputError(f"refusing {info.ref}: {'; '.join(problems)}")
 
 
 def resolve_baseline(
@@ -962,6 +1681,7 @@ def resolve_baseline(
 
     with Registry(root, db_url=db_url) as reg:
         info = reg.get(f"{name}@production")
+        reg._require_consistent(info)  # a stage edited in the database is not production
         if not info.reports:
             raise InputError(
                 f"{info.ref} is in production but has no robustness report attached; push one "
