@@ -114,8 +114,9 @@ def number(
     bad_low = low is not None and (v <= low if low_open else v < low)
     bad_high = high is not None and (v >= high if high_open else v > high)
     if bad_low or bad_high:
-        raise ParameterError(name, f"{name} must be {_range(low, high, low_open, high_open)}, "
-                             f"got {value!r}")  # fmt: skip
+        raise ParameterError(
+            name, f"{name} must be {_range(low, high, low_open, high_open)}, got {value!r}"
+        )
     return v
 
 

@@ -593,8 +593,9 @@ class TransferAttack(Attack):
             )
         check.choice("labels", labels, LABEL_SOURCES)
         if query_budget is not None:
-            check.queries("query_budget", query_budget, low=MIN_QUERY_BUDGET,
-                          allow_large=allow_large)  # fmt: skip
+            check.queries(
+                "query_budget", query_budget, low=MIN_QUERY_BUDGET, allow_large=allow_large
+            )
         check.integer("ensemble", ensemble, low=1, high=100)
         check.choice("architecture", architecture, ARCHITECTURES)
         check.steps("epochs", epochs, allow_large=allow_large)

@@ -68,8 +68,9 @@ class CarliniWagnerL2(Attack):
         super().__init__(norm=norm, seed=seed, allow_large=allow_large)
         self.confidence = check.non_negative("confidence", confidence)
         self.steps = check.steps("steps", steps, allow_large=allow_large)
-        self.binary_search_steps = check.integer("binary_search_steps", binary_search_steps,
-                                                 low=1, high=100)  # fmt: skip
+        self.binary_search_steps = check.integer(
+            "binary_search_steps", binary_search_steps, low=1, high=100
+        )
         self.initial_const = check.positive("initial_const", initial_const)
         self.learning_rate = check.positive("learning_rate", learning_rate)
         self.abort_early = check.flag("abort_early", abort_early)

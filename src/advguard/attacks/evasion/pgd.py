@@ -68,8 +68,9 @@ class PGD(Attack):
         self.random_start = check.flag("random_start", random_start)
         self.restarts = check.restarts("restarts", restarts, allow_large=allow_large)
         self.loss = check.choice("loss", loss, _LOSSES)
-        self.l1_sparsity = check.number("l1_sparsity", l1_sparsity, low=0.0, high=1.0,
-                                        high_open=True)  # fmt: skip
+        self.l1_sparsity = check.number(
+            "l1_sparsity", l1_sparsity, low=0.0, high=1.0, high_open=True
+        )
 
     def _direction(self, g: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         if self.norm != "l1":

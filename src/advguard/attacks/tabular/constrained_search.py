@@ -73,8 +73,9 @@ class ConstrainedSearch(Attack):
         self.schema = load_schema(schema)
         self.max_queries = check.queries("max_queries", max_queries, allow_large=allow_large)
         self.init_scale = check.number("init_scale", init_scale, low=0.0, high=1.0, low_open=True)
-        self.min_scale = check.number("min_scale", min_scale, low=0.0, high=self.init_scale,
-                                      low_open=True)  # fmt: skip
+        self.min_scale = check.number(
+            "min_scale", min_scale, low=0.0, high=self.init_scale, low_open=True
+        )
 
     def params(self) -> dict[str, Any]:
         p = super().params()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from advguard import _validate as check
 from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.evasion import gradient_descent
 from advguard.attacks.norms import Norm, normalize, parse_norm, project, random_in_ball
@@ -372,23 +373,13 @@ def _lr_factor(schedule: str, progress: float) -> float:
 
 
 def _num(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be finite, got {value!r}")
-    if low is not None and (v <= low if strict else v < low):
-        raise InputError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
-    return v
+    return check.number(name, value, low=low, low_open=strict)
 
 
 def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if int(value) < low:
-        raise InputError(f"{name} must be >= {low}, got {value}")
-    return int(value)
+    limit = "steps" if name in ("steps", "eval_steps", "epochs") else None
+    limit = "samples" if name in ("val_samples", "co_batch", "batch_size") else limit
+    return check.integer(name, value, low=low, limit=limit)
 
 
 def _check_choices(optimizer: str, lr_schedule: str) -> None:
