@@ -86,8 +86,8 @@ def gradient_descent(
             "y": y if full else y[idx],
             "t": None if targets is None else (targets if full else targets[idx]),
         }
-        for k, v in extra.items():
-            s[k] = v if full or not isinstance(v, torch.Tensor) else v[idx]
+        for key, v in extra.items():
+            s[key] = v if full or not isinstance(v, torch.Tensor) else v[idx]
         xr = start(s, generator) if start is not None else s["x0"].clone()
         for k in range(steps + 1):
             loss_fn = loss(s["y"], s["t"])

@@ -187,6 +187,7 @@ class SquareAttack(Attack):
         targets: torch.Tensor | None,
         generator: torch.Generator,
     ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         n = len(x)
         c, h, w = _image_dims(tuple(x.shape[1:]))
         x4 = x.reshape(n, c, h, w)
