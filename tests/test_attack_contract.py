@@ -189,3 +189,21 @@ def test_bad_arguments_are_refused(name, ctx):
             name, norm=entry.norms[0], seed=0, **{**base, large[0]: 200_000}, allow_large=True
         )
         assert built.attack.params()["allow_large"] is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_attack_object_serves_concurrent_calls(name, ctx):
+    """Nothing per call is kept on the attack object (Square and HopSkipJump used to pass
+    their query counts through an instance attribute)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    attack, model, x, y, _, eps = setup(name, ctx)
+    _, model2, *_ = setup(name, ctx)
+    halves = [(model, x[:4], y[:4]), (model2, x[4:], y[4:])]
+    alone = [attack.run(m, xs, ys, eps) for m, xs, ys in halves]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda h: attack.run(h[0], h[1], h[2], eps), halves))
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+        if a.queries is not None:
+            assert torch.equal(a.queries, b.queries)
