@@ -138,6 +138,7 @@ class Attack:
             idx = active.nonzero().squeeze(1)
             gen = torch.Generator(device=call.device).manual_seed(self.seed)
             out = self._run(model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], gen)
+            # a bare tensor (attacks written before RunResult) is still accepted
             run = out if isinstance(out, RunResult) else RunResult(out)
             raw[idx] = run.x.detach().to(raw.dtype)
 
