@@ -116,20 +116,6 @@ def test_square_restarts_share_the_budget(digits_model, digits_eval):
     _check_ball(x, res, "linf", 0.05)
 
 
-def test_square_eps_zero_and_already_misclassified(digits_model, digits_eval):
-    x, y = digits_eval
-    x, y = x[:20], y[:20]
-    res = SquareAttack(max_queries=50)(digits_model, x, y, epsilon=0.0)
-    assert torch.equal(res.x_adv, x)
-    assert not res.success.any()
-    assert int(res.queries.sum()) == 0
-    # wrong labels: already "adversarial", skipped, no attack queries
-    y_wrong = (y + 1) % 10
-    res = SquareAttack(max_queries=50)(digits_model, x, y_wrong, epsilon=0.1)
-    assert res.success.all() and not res.attacked.any()
-    assert int(res.queries.sum()) == 0 and torch.equal(res.x_adv, x)
-
-
 def test_square_budget_exhaustion(digits_model, digits_eval):
     x, y = digits_eval
     x, y = x[:60], y[:60]

@@ -100,14 +100,6 @@ def test_failures_return_original_input(digits_model, digits_eval):
     assert torch.equal(res.x_adv[~res.success], x[~res.success])
 
 
-def test_epsilon_zero_changes_nothing(digits_model, digits_eval):
-    x, y = _subset(digits_eval, 10)
-    res = CarliniWagnerL2(**FAST)(digits_model, x, y, epsilon=0.0)
-    assert torch.equal(res.x_adv, x)
-    assert not res.success.any()
-    assert res.gradient_evals == 0
-
-
 def test_batch_of_one_and_determinism(digits_model, digits_eval):
     x, y = _subset(digits_eval, 12)
     one = CarliniWagnerL2(**FAST)(digits_model, x[:1], y[:1])

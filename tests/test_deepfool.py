@@ -94,14 +94,6 @@ def test_last_iterate_when_not_fooled(digits_model, digits_eval):
     assert (res.perturbation(x, "l2")[failed] > 0).all()
 
 
-def test_epsilon_zero_changes_nothing(digits_model, digits_eval):
-    x, y = _subset(digits_eval, 10)
-    res = DeepFool()(digits_model, x, y, epsilon=0.0)
-    assert torch.equal(res.x_adv, x)
-    assert not res.success.any()
-    assert res.gradient_evals == 0
-
-
 def test_batch_of_one_and_determinism(digits_model, digits_eval):
     x, y = _subset(digits_eval, 30)
     one = DeepFool()(digits_model, x[:1], y[:1])

@@ -48,6 +48,8 @@ def attack_dataset(
     a = build_attack(attack, norm=norm, seed=seed, **(params or {}))
     n = len(data) if samples is None else min(samples, len(data))
     xs, advs, succ, preds = [], [], [], []
+    if progress is not None:
+        progress(0, n)  # show the bar at once: one batch of a long attack can take a while
     for i in range(0, n, batch_size):
         x = torch.as_tensor(data.x[i : min(i + batch_size, n)], dtype=torch.float32)
         y = torch.as_tensor(data.y[i : min(i + batch_size, n)], dtype=torch.long)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from advguard import _validate as check
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+LOSSES = ("ce", "margin", "dlr")
 
 
 def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,3 +56,18 @@ def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     else:
         denom = (zs[:, -1] - zs[:, 0]).abs()
     return -(z_y - z_t) / (denom + 1e-12)
+
+
+def for_goal(loss: str, y: torch.Tensor, targets: torch.Tensor | None = None) -> LossFn:
+    """The per-sample loss ``logits -> [batch]`` an attack maximises for its goal.
+
+    ``loss`` is ``"ce"``, ``"margin"`` or ``"dlr"``; with ``targets`` the targeted variant
+    (targeted CE, targeted margin, targeted DLR of Croce & Hein 2020) is returned.
+    """
+    check.choice("loss", loss, LOSSES)
+    t = targets
+    if loss == "ce":
+        return (lambda z: ce(z, y)) if t is None else (lambda z: ce_targeted(z, t))
+    if loss == "margin":
+        return (lambda z: margin(z, y)) if t is None else (lambda z: margin_targeted(z, t))
+    return (lambda z: dlr(z, y)) if t is None else (lambda z: dlr_targeted(z, y, t))

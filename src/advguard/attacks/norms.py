@@ -46,8 +46,12 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1)
 
 
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector viewed to broadcast against a batch shaped like ``like``."""
     return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+_view = per_sample
 
 
 def norm_of(delta: torch.Tensor, norm: Norm) -> torch.Tensor:

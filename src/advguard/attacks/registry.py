@@ -6,12 +6,14 @@ only queries) and the MITRE ATLAS technique it exercises.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from advguard._validate import ParameterError
 from advguard.attacks.base import Attack, AttackResult
 from advguard.errors import InputError
 
@@ -203,5 +205,7 @@ def build_attack(name: str, *, norm: str, seed: int, **params: Any) -> SuiteAtta
     try:
         attack = entry.build(norm=norm, seed=seed, **kw)
     except TypeError as e:
-        raise InputError(f"bad parameters for attack {name!r}: {e}") from None
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        msg = f"bad parameters for attack {name!r}: {e}"
+        raise (ParameterError(bad[1], msg) if bad else InputError(msg)) from None
     return SuiteAttack(entry, attack, params)

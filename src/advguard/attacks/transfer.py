@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from advguard.attacks.base import Attack, AttackResult
+from advguard import _validate as check
+from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.evasion.pgd import PGD
-from advguard.attacks.norms import project, random_in_ball
 from advguard.errors import InputError
 from advguard.models.base import ClassifierBase, LossFn, check_inputs, is_white_box
 from advguard.models.torch_model import Normalize, TorchClassifier
@@ -53,10 +53,6 @@ MIN_QUERY_BUDGET = 10
 """Fewer labelled samples than this cannot train a meaningful surrogate."""
 
 Progress = Callable[[int, int, float], None]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 # -- surrogate training ------------------------------------------------------------------------
@@ -162,18 +158,8 @@ def _label_data(
 ) -> dict[str, Any]:
     """Validate, label (with the target's answers when ``y`` is None) and split the data."""
     if query_budget is not None:
-        if not _is_int(query_budget) or query_budget < MIN_QUERY_BUDGET:
-            raise InputError(
-                f"query_budget must be an integer >= {MIN_QUERY_BUDGET} (target queries for "
-                f"labelling surrogate training data), got {query_budget!r}"
-            )
-        query_budget = int(query_budget)
-    if (
-        not isinstance(holdout, (int, float))
-        or isinstance(holdout, bool)
-        or not (0.0 <= float(holdout) <= 0.5)
-    ):
-        raise InputError(f"holdout must be a fraction in [0, 0.5], got {holdout!r}")
+        query_budget = check.queries("query_budget", query_budget, low=MIN_QUERY_BUDGET)
+    check.number("holdout", holdout, low=0.0, high=0.5)
     if target is not None and not callable(getattr(target, "predict", None)):
         raise InputError(
             f"target must be an advguard classifier adapter, got {type(target).__name__}"
@@ -323,14 +309,10 @@ def _fit_member(
 
 
 def _check_training_args(epochs: Any, seed: Any, batch_size: Any, lr: Any) -> None:
-    if not _is_int(epochs) or epochs < 1:
-        raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not _is_int(seed):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise InputError(f"lr must be a number > 0, got {lr!r}")
+    check.steps("epochs", epochs)
+    check.integer("seed", seed)
+    check.positive_int("batch_size", batch_size)
+    check.positive("lr", lr)
 
 
 def train_surrogate(
@@ -479,25 +461,17 @@ class _FullStepPGD(PGD):
     Over restarts it keeps, per sample, the final iterate with the highest surrogate loss.
     """
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
-        lo, hi = model.bounds
-        alpha = self.step_size if self.step_size is not None else self.rel_step_size * epsilon
-        loss_fn = self._loss_fn(y, targets)
-        best = x.clone()
-        best_loss = torch.full((len(x),), float("-inf"), device=x.device)
-        for _ in range(self.restarts):
-            xr = x.clone()
-            if self.random_start:
-                xr = (x + random_in_ball(x, self.norm, epsilon, generator)).clamp(lo, hi)
-            for _step in range(self.steps):
-                _, _, grad = model.value_and_grad(xr, loss_fn)
-                xr = xr + alpha * self._direction(grad, xr, lo, hi)
-                xr = (x + project(xr - x, self.norm, epsilon)).clamp(lo, hi)
-            loss = loss_fn(model.logits(xr))
-            better = loss > best_loss
-            best[better] = xr[better]
-            best_loss[better] = loss[better]
-        return best
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None
+        return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=False))
 
 
 class TransferAttack(Attack):
@@ -570,10 +544,11 @@ class TransferAttack(Attack):
         holdout: float = 0.2,
         norm: str | float = "linf",
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
         from advguard.attacks.registry import ATTACKS, build_attack
 
-        super().__init__(norm=norm, seed=seed)
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
         # -- base attack
         if not isinstance(base, str) or base not in ATTACKS:
             raise InputError(
@@ -597,15 +572,15 @@ class TransferAttack(Attack):
             raise InputError(f"base_params must be a mapping, got {type(base_params).__name__}")
         if any(k in base_params for k in ("norm", "seed")):
             raise InputError("base_params must not set norm or seed; set them on the attack")
-        if not isinstance(early_stop, bool):
-            raise InputError(f"early_stop must be true or false, got {early_stop!r}")
+        check.flag("early_stop", early_stop)
+        base_kw = {"allow_large": True, **base_params} if allow_large else dict(base_params)
         if base == "pgd" and not early_stop:
             try:
-                self._base = _FullStepPGD(norm=self.norm, seed=self.seed, **base_params)
+                self._base = _FullStepPGD(norm=self.norm, seed=self.seed, **base_kw)
             except TypeError as e:
                 raise InputError(f"bad base_params for attack 'pgd': {e}") from None
         else:
-            self._base = build_attack(base, norm=self.norm, seed=self.seed, **base_params)
+            self._base = build_attack(base, norm=self.norm, seed=self.seed, **base_kw)
         self.base = base
         self.base_params = dict(base_params)
         self.early_stop = early_stop
@@ -616,31 +591,16 @@ class TransferAttack(Attack):
                 "give either surrogates=[TorchClassifier, ...] or surrogate_data='<dataset>' "
                 "(with labels, query_budget, ensemble...) to train them, not both"
             )
-        if labels not in LABEL_SOURCES:
-            raise InputError(f"labels must be 'data' or 'target', got {labels!r}")
-        if query_budget is not None and (
-            not _is_int(query_budget) or query_budget < MIN_QUERY_BUDGET
-        ):
-            raise InputError(
-                f"query_budget must be an integer >= {MIN_QUERY_BUDGET} (target queries for "
-                f"labelling the surrogate data), got {query_budget!r}"
+        check.choice("labels", labels, LABEL_SOURCES)
+        if query_budget is not None:
+            check.queries(
+                "query_budget", query_budget, low=MIN_QUERY_BUDGET, allow_large=allow_large
             )
-        if not _is_int(ensemble) or ensemble < 1:
-            raise InputError(f"ensemble must be an integer >= 1 (surrogates), got {ensemble!r}")
-        if architecture not in ARCHITECTURES:
-            raise InputError(
-                f"unknown surrogate architecture {architecture!r}; "
-                f"use one of {', '.join(ARCHITECTURES)}"
-            )
-        _check_training_args(epochs, self.seed, 64, 1e-3)
-        if (
-            not isinstance(holdout, (int, float))
-            or isinstance(holdout, bool)
-            or not (0.0 <= float(holdout) <= 0.5)
-        ):
-            raise InputError(f"holdout must be a fraction in [0, 0.5], got {holdout!r}")
-        if combine not in COMBINE:
-            raise InputError(f"unknown combine {combine!r}; use one of {', '.join(COMBINE)}")
+        check.integer("ensemble", ensemble, low=1, high=100)
+        check.choice("architecture", architecture, ARCHITECTURES)
+        check.steps("epochs", epochs, allow_large=allow_large)
+        check.number("holdout", holdout, low=0.0, high=0.5)
+        check.choice("combine", combine, COMBINE)
         self._given: list[Any] | None = None
         if surrogates is not None:
             given = [surrogates] if is_white_box(surrogates) else list(surrogates)
@@ -668,7 +628,6 @@ class TransferAttack(Attack):
         self.holdout = float(holdout)
         # cache of trained surrogates: (weak reference to the target, ensemble, info)
         self._cache: tuple[Callable[[], Any], EnsembleClassifier, dict[str, Any]] | None = None
-        self._current: EnsembleClassifier | None = None
 
     # -- configuration ------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -779,46 +738,34 @@ class TransferAttack(Attack):
         self._cache = (ref, ens, info)
         return ens, info, spent
 
-    # -- attack -----------------------------------------------------------------------------------
-    def __call__(  # type: ignore[override]
-        self,
-        model: Any,
-        x: torch.Tensor | np.ndarray,
-        y: torch.Tensor | np.ndarray,
-        *,
-        epsilon: float | None = None,
-        targets: torch.Tensor | np.ndarray | None = None,
-    ) -> AttackResult:
-        self._check_epsilon(epsilon)
-        check_inputs(model, torch.as_tensor(x).detach().to(torch.float32))
-        ens, sinfo, spent = self._surrogates_for(model)
-        self._current = ens
-        try:
-            res = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
-        finally:
-            self._current = None
-        res.forward_evals += spent
-        att = res.attacked
-        n_att = int(att.sum())
-        info: dict[str, Any] = {
+    # -- attack ---------------------------------------------------------------------------------
+    def _setup(self, model: Any) -> dict[str, Any]:
+        """Train (or fetch from the cache) the surrogates before any attack work; the target
+        queries spent doing so count in the result's ``forward_evals``."""
+        _, sinfo, spent = self._surrogates_for(model)
+        return {
             "base": self.base,
             "base_early_stop": bool(self.early_stop or self.base != "pgd"),
-            "surrogates": len(ens.members),
             "surrogate": dict(sinfo),
             "surrogate_agreement": sinfo.get("agreement"),
             "surrogate_training_queries": int(sinfo.get("target_queries", 0)),
             "surrogate_training_queries_this_call": int(spent),
-            "attacked": n_att,
         }
+
+    def _finish(self, res: AttackResult, call: AttackCall) -> AttackResult:
+        ens, _, _ = self._surrogates_for(call.model)  # cached by _setup: no queries
+        att = res.attacked
+        n_att = int(att.sum())
+        info: dict[str, Any] = {"surrogates": len(ens.members), "attacked": n_att}
         if n_att:
             xa = res.x_adv[att].to(ens.device)
-            ya = torch.as_tensor(y).to(ens.device).long()[att.to(ens.device)]
-            x0 = torch.as_tensor(x).to(ens.device, torch.float32)[att.to(ens.device)]
+            ya = call.y0.to(ens.device)[att.to(ens.device)]
+            x0 = call.x0.to(ens.device)[att.to(ens.device)]
             with torch.no_grad():
                 clean_pred = ens.logits(x0).argmax(1)
                 adv_pred = ens.logits(xa).argmax(1)
-            if targets is not None:
-                t = torch.as_tensor(targets).to(ens.device).long()[att.to(ens.device)]
+            if call.targets is not None:
+                t = call.targets.to(ens.device)[att.to(ens.device)]
                 sur_ok = adv_pred == t
             else:
                 sur_ok = adv_pred != ya
@@ -843,8 +790,16 @@ class TransferAttack(Attack):
         res.queries = (1 + att.long()).to(res.x_adv.device)
         return res
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
-        ens: EnsembleClassifier = self._current
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        ens, _, _ = self._surrogates_for(model)  # cached by _setup: no queries
         xs = x.to(ens.device)
         ys = y.to(ens.device)
         ts = None if targets is None else targets.to(ens.device)
@@ -852,8 +807,9 @@ class TransferAttack(Attack):
             generator = torch.Generator(device=ens.device).manual_seed(self.seed)
         if isinstance(self._base, _FullStepPGD):
             # every sample is attacked, also those the surrogate already gets wrong
-            out = self._base._run(ens, xs, ys, epsilon, ts, generator)
+            out = self._base._run(ens, xs, ys, epsilon, ts, generator).x
             out = self._clip(xs, out, epsilon, ens.bounds)
         else:
+            assert epsilon is not None
             out = self._base.run(ens, xs, ys, epsilon, ts).x_adv
-        return out.to(x.device)
+        return RunResult(out.to(x.device))

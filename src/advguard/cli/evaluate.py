@@ -79,12 +79,15 @@ def evaluate_cmd(
         Path | None, typer.Option(help="Baseline report.json for drop SLOs.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    allow_large: Annotated[
+        bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
+    ] = False,
 ) -> None:
     """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
     from advguard.evaluate.job import load_model_and_data, run_evaluation
     from advguard.evaluate.threat_model import load_threat_model
 
-    tm = load_threat_model(threat_model).with_overrides(
+    tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
@@ -128,11 +131,19 @@ def attack(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     seed: Annotated[int, typer.Option()] = 0,
+    allow_large: Annotated[
+        bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
+    ] = False,
 ) -> None:
     """Write adversarial examples (with labels and metadata) to an .npz file."""
     from advguard.attacks.export import attack_dataset
+    from advguard.attacks.registry import build_attack
     from advguard.evaluate.job import load_model_and_data
 
+    params = parse_kv(param)
+    if allow_large:
+        params["allow_large"] = True
+    build_attack(name, norm=norm, seed=seed, **params)  # bad parameters: exit 2 before loading
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
@@ -144,7 +155,7 @@ def attack(
             attack=name,
             norm=norm,
             epsilon=epsilon,
-            params=parse_kv(param),
+            params=params,
             samples=samples,
             batch_size=batch_size,
             seed=seed,
@@ -207,6 +218,9 @@ def redteam(
     epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
     seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    allow_large: Annotated[
+        bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
+    ] = False,
 ) -> None:
     """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
     from advguard.evaluate.redteam import run_redteam
@@ -219,7 +233,7 @@ def redteam(
             raise AdvguardError(
                 f"environment variable {api_key_env} (from --api-key-env) is not set or empty"
             )
-    tm = load_threat_model(threat_model).with_overrides(
+    tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
     with progress_bar() as bar:

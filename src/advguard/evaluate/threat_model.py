@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from advguard import _validate as check
 from advguard.attacks.norms import parse_norm
 from advguard.errors import InputError
 
@@ -141,6 +142,11 @@ class ThreatModel(BaseModel):
         "input transforms, EOT over randomized ones",
     )
     eot_samples: int = Field(default=10, ge=1, description="draws per EOT gradient/prediction")
+    allow_large: bool = Field(
+        default=False,
+        description="lift the upper bounds on samples and on every attack's steps, restarts "
+        "and queries (advguard._validate.LIMITS)",
+    )
 
     @field_validator("norm")
     @classmethod
@@ -158,6 +164,19 @@ class ThreatModel(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("epsilons must be distinct")
         return sorted(float(e) for e in v)
+
+    @model_validator(mode="after")
+    def _large(self) -> ThreatModel:
+        if self.allow_large:
+            self._lift_limits()
+        return self
+
+    def _lift_limits(self) -> None:
+        """``allow_large``: lift the limits here and for every attack of the suite."""
+        self.allow_large = True
+        for spec in self.attacks:
+            extra = spec.model_extra if spec.model_extra is not None else {}
+            extra.setdefault("allow_large", True)
 
     @model_validator(mode="after")
     def _slo_eps_listed(self) -> ThreatModel:
@@ -192,31 +211,61 @@ PATH_PARAMS = ("schema", "surrogate_data")
 """Attack parameters that name files; relative ones are read from the threat model's folder."""
 
 
-def load_threat_model(spec: str | Path) -> ThreatModel:
-    """Load a preset by name (``linf-standard``, ``l2-standard``, ``quick``) or a YAML file."""
-    text: str
-    source: str
+def load_threat_model(spec: str | Path, *, allow_large: bool = False) -> ThreatModel:
+    """Load a preset by name (``linf-standard``, ``l2-standard``, ``quick``) or a YAML file.
+
+    ``allow_large=True`` (CLI ``--allow-large``) is the file's ``allow_large: true``."""
     if str(spec) in PRESETS:
-        source = f"preset {spec}"
         text = resources.files("advguard.evaluate.presets").joinpath(f"{spec}.yaml").read_text()
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise InputError(
-                f"threat model {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
-            )
-        source, text = str(path), path.read_text()
-        tm = parse_threat_model(text, source)
-        for spec in tm.attacks:  # file parameters are relative to the threat-model file
-            extra = spec.model_extra or {}
-            for key in PATH_PARAMS:
-                value = extra.get(key)
-                if isinstance(value, str) and not Path(value).is_absolute():
-                    candidate = path.parent / value.split("?", 1)[0]
-                    if candidate.exists():
-                        extra[key] = str(path.parent / value)
-        return tm
-    return parse_threat_model(text, source)
+        return parse_threat_model(text, f"preset {spec}", allow_large=allow_large)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(
+            f"threat model {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+        )
+    return parse_threat_model(
+        path.read_text(), str(path), base_dir=path.parent, allow_large=allow_large
+    )
+
+
+def _resolve_paths(tm: ThreatModel, base_dir: Path) -> None:
+    """File parameters are relative to the threat-model file."""
+    for spec in tm.attacks:
+        extra = spec.model_extra or {}
+        for key in PATH_PARAMS:
+            value = extra.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = base_dir / value.split("?", 1)[0]
+                if candidate.exists():
+                    extra[key] = str(base_dir / value)
+
+
+def _check_params(tm: ThreatModel, text: str, source: str) -> None:
+    """Check the work-size limits and build every attack of the suite once, so a bad
+    parameter (``steps: abc``, an unknown key, a value over the limits) is a usage error
+    naming its line before any work is done."""
+    from advguard.attacks.registry import build_attack
+
+    def fail(loc: list[Any], e: Exception) -> None:
+        try:
+            line = _line_of(yaml.compose(text, Loader=yaml.SafeLoader), loc)
+        except yaml.YAMLError:  # pragma: no cover - the text parsed a moment ago
+            line = None
+        at = f"line {line}, " if line else ""
+        where = ".".join(str(p) for p in loc)
+        raise InputError(f"{source}: invalid threat model\n  {at}field '{where}': {e}") from None
+
+    for key in ("samples", "sanity_samples"):
+        try:
+            check.samples(key, getattr(tm, key), allow_large=tm.allow_large)
+        except InputError as e:
+            fail([key], e)
+    for i, spec in enumerate(tm.attacks):
+        try:
+            build_attack(spec.attack, norm=tm.norm, seed=tm.seed, **spec.params)
+        except InputError as e:
+            param = getattr(e, "param", None)
+            fail(["attacks", i] + ([param] if param in spec.params else []), e)
 
 
 def parse_yaml_model(
@@ -250,8 +299,25 @@ def parse_yaml_model(
         raise InputError(f"{source}: invalid {what}\n" + "\n".join(lines)) from None
 
 
-def parse_threat_model(text: str, source: str = "<string>") -> ThreatModel:
-    return parse_yaml_model(text, source, ThreatModel, "threat model")
+def parse_threat_model(
+    text: str,
+    source: str = "<string>",
+    *,
+    base_dir: Path | None = None,
+    allow_large: bool = False,
+) -> ThreatModel:
+    """Validate a threat model, its attacks' parameters included (errors name the line).
+
+    ``base_dir``: folder that relative file parameters (``schema``, ``surrogate_data``) are
+    read from (the threat-model file's folder). ``allow_large``: as ``allow_large: true``.
+    """
+    tm = parse_yaml_model(text, source, ThreatModel, "threat model")
+    if allow_large:
+        tm._lift_limits()
+    if base_dir is not None:
+        _resolve_paths(tm, base_dir)
+    _check_params(tm, text, source)
+    return tm
 
 
 def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:

@@ -2,8 +2,10 @@
 
 White-box (gradients): FGSM, PGD, APGD, CarliniWagnerL2, DeepFool.
 Black-box (queries only): SquareAttack (scores), HopSkipJump (labels).
+The PGD-style loop they share lives in :func:`gradient_descent` (``_gradient.py``).
 """
 
+from advguard.attacks.evasion._gradient import gradient_descent
 from advguard.attacks.evasion.apgd import APGD, apgd_targeted_sweep
 from advguard.attacks.evasion.cw import CarliniWagnerL2
 from advguard.attacks.evasion.deepfool import DeepFool
@@ -21,4 +23,5 @@ __all__ = [
     "HopSkipJump",
     "SquareAttack",
     "apgd_targeted_sweep",
+    "gradient_descent",
 ]

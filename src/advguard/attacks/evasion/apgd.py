@@ -16,18 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.base import Attack, AttackResult, RunResult
 from advguard.attacks.norms import normalize, project, random_in_ball
-from advguard.errors import InputError
 from advguard.models.base import Classifier, is_evasion, label_count, mask_reject
 
 _LOSSES = ("ce", "dlr")
 _MOMENTUM = 0.75
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -82,28 +78,15 @@ class APGD(Attack):
         rho: float = 0.75,
         n_target_classes: int = 9,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        if not _is_int(steps) or steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-        if not _is_int(restarts) or restarts < 1:
-            raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
-        if loss not in _LOSSES:
-            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)}")
-        try:
-            rho_f = float(rho)
-        except (TypeError, ValueError):
-            raise InputError(f"rho must be a number in (0, 1), got {rho!r}") from None
-        if not 0.0 < rho_f < 1.0:
-            raise InputError(f"rho must be in (0, 1) (paper: 0.75), got {rho!r}")
-        if not _is_int(n_target_classes) or n_target_classes < 1:
-            raise InputError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        self.steps = check.steps("steps", steps, allow_large=allow_large)
+        self.restarts = check.restarts("restarts", restarts, allow_large=allow_large)
+        self.loss = check.choice("loss", loss, _LOSSES)
+        self.rho = check.number("rho", rho, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.n_target_classes = check.positive_int("n_target_classes", n_target_classes)
         self.name = f"apgd-{loss}"  # type: ignore[misc]  # per-instance display name
-        self.steps = int(steps)
-        self.restarts = int(restarts)
-        self.loss = loss
-        self.rho = rho_f
-        self.n_target_classes = int(n_target_classes)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -111,16 +94,16 @@ class APGD(Attack):
         return p
 
     # -- algorithm ----------------------------------------------------------
-    def _loss_fn(self, y: torch.Tensor, t: torch.Tensor | None):
-        if self.loss == "ce":
-            return (
-                (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
-            )
-        return (
-            (lambda z: losses.dlr(z, y)) if t is None else (lambda z: losses.dlr_targeted(z, y, t))
-        )
-
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Classifier,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         out = x.clone()
         out_loss = torch.full((len(x),), float("-inf"), device=x.device)
         done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -137,7 +120,7 @@ class APGD(Attack):
                 better
             ]
             done[idx[fooled]] = True
-        return out
+        return RunResult(out)
 
     def _single_run(
         self,
@@ -174,7 +157,7 @@ class APGD(Attack):
             return {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
 
         xc = proj(x + random_in_ball(x, norm, eps, generator), x)
-        loss_fn = self._loss_fn(y, t)
+        loss_fn = losses.for_goal(self.loss, y, t)
         logits, loss, grad = model.value_and_grad(xc, loss_fn)
         s: dict[str, Any] = {
             "idx": torch.arange(n, device=x.device),
@@ -206,7 +189,7 @@ class APGD(Attack):
             x_new = proj(xc + a * (z - xc) + (1.0 - a) * (xc - s["x_prev"]), x0)
             s["x_prev"], s["xc"] = xc, x_new
 
-            loss_fn = self._loss_fn(s["y"], s["t"])
+            loss_fn = losses.for_goal(self.loss, s["y"], s["t"])
             last = k == self.steps - 1
             if last:  # no further step: the gradient would be wasted
                 logits = model.logits(x_new)
@@ -261,9 +244,9 @@ class APGD(Attack):
         best-loss point against the most likely runner-up. Uses this attack's loss
         (``loss="dlr"`` is AutoAttack's APGD-T), norm, steps, restarts and seed.
         """
-        eps = self._check_epsilon(epsilon)
-        x0, y0, device, orig_device = self._prepare(model, x, y)
-        f0, g0 = model.queries.snapshot()
+        call = self._begin(model, x, y, epsilon, None)
+        x0, y0, eps, device = call.x0, call.y0, call.epsilon, call.device
+        assert eps is not None  # APGD is not a minimum-norm attack
         n = len(x0)
         # a detector-guarded model's reject class is neither a target nor a success
         k = min(self.n_target_classes, label_count(model) - 1)
@@ -290,14 +273,12 @@ class APGD(Attack):
                 x_adv[idx[upd]] = res.x_adv[upd]
                 success[idx[ok]] = True
                 per_rank.append(int(ok.sum()))
-        f1, g1 = model.queries.snapshot()
-        return AttackResult(
-            x_adv=x_adv.to(orig_device),
-            success=success.to(orig_device),
-            raw=x_adv.to(orig_device),
-            attacked=attacked.to(orig_device),
-            forward_evals=f1 - f0,
-            gradient_evals=g1 - g0,
+        return self._end(
+            call,
+            x_adv=x_adv,
+            success=success,
+            raw=x_adv,
+            attacked=attacked,
             info={"target_classes": k, "fooled_per_target_rank": per_rank},
         )
 

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from typing import Any
 
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack
+from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
-from advguard.errors import InputError
 
 _UPPER_INIT = 1e10  # "no upper bound on c found yet"
 _TANH_CLAMP = 1.0 - 1e-6  # keeps atanh finite for inputs exactly on the bounds
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, *, positive: bool) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    v = float(value)
-    if (positive and v <= 0) or v < 0:
-        raise InputError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return v
 
 
 class CarliniWagnerL2(Attack):
@@ -79,16 +63,17 @@ class CarliniWagnerL2(Attack):
         learning_rate: float = 0.05,
         abort_early: bool = True,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        self.confidence = _check_real("confidence", confidence, positive=False)
-        self.steps = _check_int("steps", steps, 1)
-        self.binary_search_steps = _check_int("binary_search_steps", binary_search_steps, 1)
-        self.initial_const = _check_real("initial_const", initial_const, positive=True)
-        self.learning_rate = _check_real("learning_rate", learning_rate, positive=True)
-        if not isinstance(abort_early, bool):
-            raise InputError(f"abort_early must be True or False, got {abort_early!r}")
-        self.abort_early = abort_early
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        self.confidence = check.non_negative("confidence", confidence)
+        self.steps = check.steps("steps", steps, allow_large=allow_large)
+        self.binary_search_steps = check.integer(
+            "binary_search_steps", binary_search_steps, low=1, high=100
+        )
+        self.initial_const = check.positive("initial_const", initial_const)
+        self.learning_rate = check.positive("learning_rate", learning_rate)
+        self.abort_early = check.flag("abort_early", abort_early)
 
     # f(x') of the paper, to be minimised (the attack succeeds once it reaches -confidence)
     def _f(self, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +89,15 @@ class CarliniWagnerL2(Attack):
             gain = losses.margin_targeted(z, t)
         return hit & (gain >= self.confidence)
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
         lo, hi = model.bounds
         half = (hi - lo) / 2.0
         n, dev = len(x), x.device
@@ -192,4 +185,4 @@ class CarliniWagnerL2(Attack):
             const = torch.where(bounded, (lower + upper) / 2.0, const * 10.0)
 
         # samples never fooled: the original input (best_adv was initialised with it)
-        return best_adv
+        return RunResult(best_adv)

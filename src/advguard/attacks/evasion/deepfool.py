@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from typing import Any
 
 import torch
 
-from advguard.attacks.base import Attack
-from advguard.attacks.norms import _view
-from advguard.errors import InputError
+from advguard import _validate as check
+from advguard.attacks.base import Attack, RunResult
+from advguard.attacks.norms import per_sample
 
 
 class DeepFool(Attack):
@@ -55,23 +54,22 @@ class DeepFool(Attack):
         candidates: int = 10,
         overshoot: float = 0.02,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        for name, value, minimum in (("steps", steps, 1), ("candidates", candidates, 2)):
-            if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < minimum:
-                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if (
-            not isinstance(overshoot, Real)
-            or isinstance(overshoot, bool)
-            or not math.isfinite(float(overshoot))
-            or overshoot < 0
-        ):
-            raise InputError(f"overshoot must be a finite number >= 0, got {overshoot!r}")
-        self.steps = int(steps)
-        self.candidates = int(candidates)
-        self.overshoot = float(overshoot)
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        self.steps = check.steps("steps", steps, allow_large=allow_large)
+        self.candidates = check.integer("candidates", candidates, low=2)
+        self.overshoot = check.non_negative("overshoot", overshoot)
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
         lo, hi = model.bounds
         n, dev = len(x), x.device
         k = min(self.candidates, model.num_classes)
@@ -113,9 +111,9 @@ class DeepFool(Attack):
             w_l = w[torch.arange(m, device=dev), best]  # [m, ...]
             wn_l = wn.gather(1, best[:, None]).squeeze(1).clamp_min(1e-12)
             if self.norm == "l2":
-                r = _view((f_l.abs() + 1e-4) / wn_l.pow(2), w_l) * w_l
+                r = per_sample((f_l.abs() + 1e-4) / wn_l.pow(2), w_l) * w_l
             else:
-                r = _view((f_l.abs() + 1e-4) / wn_l, w_l) * w_l.sign()
+                r = per_sample((f_l.abs() + 1e-4) / wn_l, w_l) * w_l.sign()
             r_tot[idx] = r_tot[idx] + r
             x_adv[idx] = (x[idx] + (1.0 + self.overshoot) * r_tot[idx]).clamp(lo, hi)
-        return x_adv
+        return RunResult(x_adv)

@@ -45,10 +45,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from advguard.attacks.base import Attack, AttackResult
+from advguard import _validate as check
+from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
 from advguard.errors import InputError
 
@@ -124,6 +124,7 @@ class HopSkipJump(Attack):
     needs_gradients = False
     minimum_norm = True
     supports_targeted = True
+    tracks_queries = True
 
     def __init__(
         self,
@@ -137,28 +138,21 @@ class HopSkipJump(Attack):
         init_trials: int = 100,
         query_batch_size: int = 8192,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        for name, v in (
-            ("max_queries", max_queries),
-            ("max_iter", max_iter),
-            ("init_num_evals", init_num_evals),
-            ("max_num_evals", max_num_evals),
-            ("init_trials", init_trials),
-            ("query_batch_size", query_batch_size),
-        ):
-            if not _is_int(v) or v < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        big = {"allow_large": allow_large}
+        check.queries("max_queries", max_queries, **big)
+        check.steps("max_iter", max_iter, **big)
+        check.queries("init_num_evals", init_num_evals, **big)
+        check.queries("max_num_evals", max_num_evals, **big)
+        check.queries("init_trials", init_trials, **big)
+        check.queries("query_batch_size", query_batch_size, **big)
         if max_num_evals < init_num_evals:
             raise InputError(
                 f"max_num_evals ({max_num_evals}) must be >= init_num_evals ({init_num_evals})"
             )
-        try:
-            g = float(gamma)
-        except (TypeError, ValueError):
-            raise InputError(f"gamma must be a positive number, got {gamma!r}") from None
-        if not (np.isfinite(g) and g > 0):
-            raise InputError(f"gamma must be a positive number, got {gamma!r}")
+        g = check.positive("gamma", gamma)
         self.max_queries = int(max_queries)
         self.max_iter = int(max_iter)
         self.init_num_evals = int(init_num_evals)
@@ -166,20 +160,9 @@ class HopSkipJump(Attack):
         self.gamma = g
         self.init_trials = int(init_trials)
         self.query_batch_size = int(query_batch_size)
-        self._last_queries: torch.Tensor | None = None
 
-    # -- entry point: the base class plus per-sample query counts ---------------
-    def __call__(self, model, x, y, *, epsilon=None, targets=None) -> AttackResult:  # type: ignore[override]
-        self._last_queries = None
-        result = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
-        attacked = result.attacked
-        q = torch.zeros(len(attacked), dtype=torch.long)
-        if self._last_queries is not None and bool(attacked.any()):
-            q[attacked.cpu()] = self._last_queries.detach().cpu().long()
-        result.queries = q.to(attacked.device)
-        result.info["max_queries"] = self.max_queries
-        self._last_queries = None
-        return result
+    def _setup(self, model: Any) -> dict[str, Any]:
+        return {"max_queries": self.max_queries}
 
     # -- geometry -------------------------------------------------------------
     def _dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,7 +176,15 @@ class HopSkipJump(Attack):
         return torch.minimum(torch.maximum(p, x - a), x + a)
 
     # -- the attack ---------------------------------------------------------------
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
         n = len(x)
         dev = x.device
         lo, hi = model.bounds
@@ -250,8 +241,7 @@ class HopSkipJump(Attack):
             best[better] = adv[better]
             best_dist[better] = dist[better]
 
-        self._last_queries = oracle.used
-        return best
+        return RunResult(best, queries=oracle.used)
 
     def _start(self, x, targets, oracle: _Oracle, gen, lo, hi):
         """Adversarial starting points (the batch for targeted, else random noise + blend)."""
@@ -378,7 +368,3 @@ class HopSkipJump(Attack):
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample vector against a batch shaped like ``like``."""
     return v.view(-1, *([1] * (like.ndim - 1)))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack
+from advguard.attacks.base import Attack, RunResult
+from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import flat, normalize, project, random_in_ball
-from advguard.errors import InputError
 
 _LOSSES = ("ce", "margin")
 
@@ -52,37 +55,21 @@ class PGD(Attack):
         loss: str = "ce",
         l1_sparsity: float = 0.95,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        if int(steps) < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if int(restarts) < 1:
-            raise InputError(f"restarts must be >= 1, got {restarts}")
-        if step_size is not None and not step_size > 0:
-            raise InputError(f"step_size must be > 0, got {step_size}")
-        if rel_step_size is not None and not rel_step_size > 0:
-            raise InputError(f"rel_step_size must be > 0, got {rel_step_size}")
-        if loss not in _LOSSES:
-            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)}")
-        if not 0.0 <= l1_sparsity < 1.0:
-            raise InputError(f"l1_sparsity must be in [0, 1), got {l1_sparsity}")
-        self.steps = int(steps)
-        self.step_size = step_size
-        self.rel_step_size = rel_step_size if rel_step_size is not None else 2.5 / self.steps
-        self.random_start = bool(random_start)
-        self.restarts = int(restarts)
-        self.loss = loss
-        self.l1_sparsity = float(l1_sparsity)
-
-    def _loss_fn(self, y: torch.Tensor, t: torch.Tensor | None):
-        if self.loss == "ce":
-            return (
-                (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
-            )
-        return (
-            (lambda z: losses.margin(z, y))
-            if t is None
-            else (lambda z: losses.margin_targeted(z, t))
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        self.steps = check.steps("steps", steps, allow_large=allow_large)
+        self.step_size = None if step_size is None else check.positive("step_size", step_size)
+        self.rel_step_size = (
+            2.5 / self.steps
+            if rel_step_size is None
+            else check.positive("rel_step_size", rel_step_size)
+        )
+        self.random_start = check.flag("random_start", random_start)
+        self.restarts = check.restarts("restarts", restarts, allow_large=allow_large)
+        self.loss = check.choice("loss", loss, _LOSSES)
+        self.l1_sparsity = check.number(
+            "l1_sparsity", l1_sparsity, low=0.0, high=1.0, high_open=True
         )
 
     def _direction(self, g: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -97,45 +84,54 @@ class PGD(Attack):
         d = flat(g).sign() * (a >= thresh).to(g.dtype) * (a > 0).to(g.dtype)
         return normalize(d.view_as(g), "l1")
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _descend(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+        *,
+        early_stop: bool,
+    ) -> torch.Tensor:
+        """The PGD loop on the gradient engine (``early_stop=False``: every step runs)."""
         lo, hi = model.bounds
         alpha = self.step_size if self.step_size is not None else self.rel_step_size * epsilon
-        best = x.clone()
-        best_loss = torch.full((len(x),), float("-inf"), device=x.device)
-        done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        norm = self.norm
 
-        for _ in range(self.restarts):
-            idx = (~done).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            x0, y0 = x[idx], y[idx]
-            t0 = None if targets is None else targets[idx]
-            xr = x0.clone()
-            if self.random_start:
-                xr = (x0 + random_in_ball(x0, self.norm, epsilon, generator)).clamp(lo, hi)
-            for step in range(self.steps + 1):
-                loss_fn = self._loss_fn(y0, t0)
-                if step < self.steps:
-                    logits, loss, grad = model.value_and_grad(xr, loss_fn)
-                else:
-                    logits = model.logits(xr)
-                    loss = loss_fn(logits)
-                fooled = (logits.argmax(1) == t0) if t0 is not None else (logits.argmax(1) != y0)
-                better = (loss > best_loss[idx]) | fooled
-                if better.any():
-                    best[idx[better]] = xr[better]
-                    best_loss[idx[better]] = torch.where(
-                        fooled[better], torch.full_like(loss[better], float("inf")), loss[better]
-                    )
-                if fooled.any():
-                    done[idx[fooled]] = True
-                    keep = ~fooled
-                    idx, x0, y0, xr = idx[keep], x0[keep], y0[keep], xr[keep]
-                    t0 = None if t0 is None else t0[keep]
-                    if step < self.steps:
-                        grad = grad[keep]
-                if len(idx) == 0 or step == self.steps:
-                    break
-                xr = xr + alpha * self._direction(grad, xr, lo, hi)
-                xr = (x0 + project(xr - x0, self.norm, epsilon)).clamp(lo, hi)
-        return best
+        def start(s: State, gen: torch.Generator) -> torch.Tensor:
+            x0 = s["x0"]
+            if not self.random_start:
+                return x0.clone()
+            return (x0 + random_in_ball(x0, norm, epsilon, gen)).clamp(lo, hi)
+
+        def step(grad: torch.Tensor, xr: torch.Tensor, s: State) -> torch.Tensor:
+            xr = xr + alpha * self._direction(grad, xr, lo, hi)
+            return (s["x0"] + project(xr - s["x0"], norm, epsilon)).clamp(lo, hi)
+
+        return gradient_descent(
+            model,
+            x,
+            y,
+            targets,
+            generator,
+            steps=self.steps,
+            restarts=self.restarts,
+            loss=lambda yy, tt: losses.for_goal(self.loss, yy, tt),
+            start=start,
+            step=step,
+            early_stop=early_stop,
+        )
+
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
+        return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=True))

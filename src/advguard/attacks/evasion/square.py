@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.base import Attack, RunResult
 from advguard.errors import InputError
 
 _LOSSES = ("margin", "ce")
@@ -141,6 +142,7 @@ class SquareAttack(Attack):
     needs_gradients = False
     minimum_norm = False
     supports_targeted = True
+    tracks_queries = True
 
     def __init__(
         self,
@@ -151,12 +153,11 @@ class SquareAttack(Attack):
         restarts: int = 1,
         loss: str | None = None,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
-        if not _is_int(max_queries) or max_queries < 1:
-            raise InputError(f"max_queries must be an integer >= 1, got {max_queries!r}")
-        if not _is_int(restarts) or restarts < 1:
-            raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        check.queries("max_queries", max_queries, allow_large=allow_large)
+        check.restarts("restarts", restarts, allow_large=allow_large)
         if restarts > max_queries:
             raise InputError(
                 f"restarts ({restarts}) cannot exceed max_queries ({max_queries}): "
@@ -164,32 +165,29 @@ class SquareAttack(Attack):
             )
         if p_init is None:
             p_init = _P_INIT_DEFAULT[self.norm]
-        try:
-            p = float(p_init)
-        except (TypeError, ValueError):
-            raise InputError(f"p_init must be a number in (0, 1], got {p_init!r}") from None
-        if not 0.0 < p <= 1.0:
-            raise InputError(f"p_init must be in (0, 1], got {p_init!r}")
-        if loss is not None and loss not in _LOSSES:
-            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)} (or None)")
+        p = check.number("p_init", p_init, low=0.0, high=1.0, low_open=True)
+        if loss is not None:
+            check.choice("loss", loss, _LOSSES)
         self.max_queries = int(max_queries)
         self.p_init = p
         self.restarts = int(restarts)
         self.loss = loss
-        self._last_queries: torch.Tensor | None = None
 
-    # -- entry point: the base class plus per-sample query counts ---------------
-    def __call__(self, model, x, y, *, epsilon=None, targets=None) -> AttackResult:  # type: ignore[override]
+    def _setup(self, model: Any) -> dict[str, Any]:
         _image_dims(tuple(model.input_shape))  # clear error before any work
-        self._last_queries = None
-        result = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
-        result.queries = _scatter_queries(result, self._last_queries)
-        result.info["max_queries"] = self.max_queries
-        self._last_queries = None
-        return result
+        return {"max_queries": self.max_queries}
 
     # -- the attack ---------------------------------------------------------------
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         n = len(x)
         c, h, w = _image_dims(tuple(x.shape[1:]))
         x4 = x.reshape(n, c, h, w)
@@ -214,8 +212,7 @@ class SquareAttack(Attack):
                 fb[better], torch.full_like(lb[better], float("-inf")), lb[better]
             )
             fooled[idx[fb]] = True
-        self._last_queries = queries
-        return best.reshape(x.shape)
+        return RunResult(best.reshape(x.shape), queries=queries)
 
     def _objective(
         self, logits: torch.Tensor, goal: torch.Tensor, targeted: bool
@@ -364,10 +361,6 @@ class SquareAttack(Attack):
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _image_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(shape) == 3:
         c, h, w = shape
@@ -420,12 +413,3 @@ def _window_mask(n, h, w, s, gen, dev) -> torch.Tensor:
 @lru_cache(maxsize=16)
 def _aranges(h: int, w: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
-
-
-def _scatter_queries(result: AttackResult, per_active: torch.Tensor | None) -> torch.Tensor:
-    """Per-sample queries over the whole batch (0 where the sample was not attacked)."""
-    attacked = result.attacked
-    q = torch.zeros(len(attacked), dtype=torch.long)
-    if per_active is not None and bool(attacked.any()):
-        q[attacked.cpu()] = per_active.detach().cpu().long()
-    return q.to(attacked.device)

@@ -7,15 +7,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
+from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import normalize, project, random_in_ball
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
-from advguard.errors import InputError
 
 _LOSSES = ("ce", "margin")
 
@@ -61,57 +61,44 @@ class ConstrainedPGD(Attack):
         restarts: int = 1,
         loss: str = "ce",
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
         self.schema = load_schema(schema)
-        if isinstance(steps, bool) or int(steps) < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if isinstance(restarts, bool) or int(restarts) < 1:
-            raise InputError(f"restarts must be >= 1, got {restarts}")
-        if step_size is not None and not step_size > 0:
-            raise InputError(f"step_size must be > 0, got {step_size}")
-        if rel_step_size is not None and not rel_step_size > 0:
-            raise InputError(f"rel_step_size must be > 0, got {rel_step_size}")
-        if loss not in _LOSSES:
-            raise InputError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)}")
-        self.steps = int(steps)
-        self.step_size = step_size
-        self.rel_step_size = rel_step_size if rel_step_size is not None else 2.5 / self.steps
-        self.random_start = bool(random_start)
-        self.restarts = int(restarts)
-        self.loss = loss
+        self.steps = check.steps("steps", steps, allow_large=allow_large)
+        self.step_size = None if step_size is None else check.positive("step_size", step_size)
+        self.rel_step_size = (
+            2.5 / self.steps
+            if rel_step_size is None
+            else check.positive("rel_step_size", rel_step_size)
+        )
+        self.random_start = check.flag("random_start", random_start)
+        self.restarts = check.restarts("restarts", restarts, allow_large=allow_large)
+        self.loss = check.choice("loss", loss, _LOSSES)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
         p["schema"] = schema_params(self.schema)
         return p
 
-    def __call__(  # type: ignore[override]
-        self,
-        model: Any,
-        x: torch.Tensor | np.ndarray,
-        y: torch.Tensor | np.ndarray,
-        *,
-        epsilon: float | None = None,
-        targets: torch.Tensor | np.ndarray | None = None,
-    ) -> AttackResult:
+    def _setup(self, model: Any) -> dict[str, Any]:
         check_model(self.schema, model, self.name)
-        result = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
-        return enforce_schema(self.schema, x, result, self._check_epsilon(epsilon), self.norm)
+        return {}
+
+    def _finish(self, result: AttackResult, call: AttackCall) -> AttackResult:
+        return enforce_schema(self.schema, call.x0, result, call.epsilon, self.norm)
 
     # ------------------------------------------------------------------ internals
-    def _loss_fn(self, y: torch.Tensor, t: torch.Tensor | None):
-        if self.loss == "ce":
-            return (
-                (lambda z: losses.ce(z, y)) if t is None else (lambda z: losses.ce_targeted(z, t))
-            )
-        return (
-            (lambda z: losses.margin(z, y))
-            if t is None
-            else (lambda z: losses.margin_targeted(z, t))
-        )
-
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         schema = self.schema
         c = schema.compiled
         dev, dt = x.device, x.dtype
@@ -135,52 +122,36 @@ class ConstrainedPGD(Attack):
             rep, _ = schema.repair(x0, z, epsilon=epsilon, norm=self.norm, clip=clip)
             return rep
 
-        best = x.clone()
-        best_loss = torch.full((len(x),), float("-inf"), device=dev)
-        done = torch.zeros(len(x), dtype=torch.bool, device=dev)
-
-        for _ in range(self.restarts):
-            idx = (~done).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            x0, y0 = x[idx], y[idx]
-            lo, hi = lo_all[idx], hi_all[idx]
-            t0 = None if targets is None else targets[idx]
+        def start(s: State, gen: torch.Generator) -> torch.Tensor:
+            x0 = s["x0"]
             z = x0.clone()
             if self.random_start:
-                r = random_in_ball(x0, self.norm, epsilon, generator)
+                r = random_in_ball(x0, self.norm, epsilon, gen)
                 r = torch.where(inc, r.abs(), torch.where(dec, -r.abs(), r))
-                z = relax_project(x0 + r, x0, lo, hi)
-            xr = feasible(z, x0)
-            for step in range(self.steps + 1):
-                loss_fn = self._loss_fn(y0, t0)
-                if step < self.steps:
-                    logits, loss, grad = model.value_and_grad(xr, loss_fn)
-                else:
-                    logits = model.logits(xr)
-                    loss = loss_fn(logits)
-                pred = logits.argmax(1)
-                fooled = (pred == t0) if t0 is not None else (pred != y0)
-                better = (loss > best_loss[idx]) | fooled
-                if better.any():
-                    best[idx[better]] = xr[better]
-                    best_loss[idx[better]] = torch.where(
-                        fooled[better], torch.full_like(loss[better], float("inf")), loss[better]
-                    )
-                if fooled.any():
-                    done[idx[fooled]] = True
-                    keep = ~fooled
-                    idx, x0, y0, xr, z = idx[keep], x0[keep], y0[keep], xr[keep], z[keep]
-                    lo, hi = lo[keep], hi[keep]
-                    t0 = None if t0 is None else t0[keep]
-                    if step < self.steps:
-                        grad = grad[keep]
-                if len(idx) == 0 or step == self.steps:
-                    break
-                g = torch.where(imm, torch.zeros_like(grad), grad)
-                # monotone: never push further into the forbidden side of the original
-                g = torch.where(inc & (g < 0) & (z <= x0), torch.zeros_like(g), g)
-                g = torch.where(dec & (g > 0) & (z >= x0), torch.zeros_like(g), g)
-                z = relax_project(z + alpha * normalize(g, self.norm), x0, lo, hi)
-                xr = feasible(z, x0)
-        return best
+                z = relax_project(x0 + r, x0, s["lo"], s["hi"])
+            s["z"] = z  # the relaxed iterate; the engine keeps it aligned with the batch
+            return feasible(z, x0)
+
+        def step(grad: torch.Tensor, xr: torch.Tensor, s: State) -> torch.Tensor:
+            x0, z = s["x0"], s["z"]
+            g = torch.where(imm, torch.zeros_like(grad), grad)
+            # monotone: never push further into the forbidden side of the original
+            g = torch.where(inc & (g < 0) & (z <= x0), torch.zeros_like(g), g)
+            g = torch.where(dec & (g > 0) & (z >= x0), torch.zeros_like(g), g)
+            s["z"] = relax_project(z + alpha * normalize(g, self.norm), x0, s["lo"], s["hi"])
+            return feasible(s["z"], x0)
+
+        best = gradient_descent(
+            model,
+            x,
+            y,
+            targets,
+            generator,
+            steps=self.steps,
+            restarts=self.restarts,
+            loss=lambda yy, tt: losses.for_goal(self.loss, yy, tt),
+            start=start,
+            step=step,
+            state={"lo": lo_all, "hi": hi_all},
+        )
+        return RunResult(best)

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.attacks import losses
-from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
-from advguard.errors import InputError
 
 _SCALAR, _FLIP, _CATEGORY = 0, 1, 2
 
@@ -56,6 +56,7 @@ class ConstrainedSearch(Attack):
     name = "constrained-search"
     norms = ("linf", "l2", "l1")
     needs_gradients = False
+    tracks_queries = True
 
     def __init__(
         self,
@@ -66,47 +67,27 @@ class ConstrainedSearch(Attack):
         init_scale: float = 1.0,
         min_scale: float = 1.0 / 16,
         seed: int = 0,
+        allow_large: bool = False,
     ) -> None:
-        super().__init__(norm=norm, seed=seed)
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
         self.schema = load_schema(schema)
-        if isinstance(max_queries, bool) or not isinstance(max_queries, (int, np.integer)):
-            raise InputError(f"max_queries must be an integer, got {max_queries!r}")
-        if max_queries < 1:
-            raise InputError(f"max_queries must be >= 1, got {max_queries}")
-        if not 0 < init_scale <= 1:
-            raise InputError(f"init_scale must be in (0, 1], got {init_scale}")
-        if not 0 < min_scale <= init_scale:
-            raise InputError(f"min_scale must be in (0, init_scale], got {min_scale}")
-        self.max_queries = int(max_queries)
-        self.init_scale = float(init_scale)
-        self.min_scale = float(min_scale)
-        self._last_queries: np.ndarray | None = None
+        self.max_queries = check.queries("max_queries", max_queries, allow_large=allow_large)
+        self.init_scale = check.number("init_scale", init_scale, low=0.0, high=1.0, low_open=True)
+        self.min_scale = check.number(
+            "min_scale", min_scale, low=0.0, high=self.init_scale, low_open=True
+        )
 
     def params(self) -> dict[str, Any]:
         p = super().params()
         p["schema"] = schema_params(self.schema)
         return p
 
-    def __call__(  # type: ignore[override]
-        self,
-        model: Any,
-        x: torch.Tensor | np.ndarray,
-        y: torch.Tensor | np.ndarray,
-        *,
-        epsilon: float | None = None,
-        targets: torch.Tensor | np.ndarray | None = None,
-    ) -> AttackResult:
+    def _setup(self, model: Any) -> dict[str, Any]:
         check_model(self.schema, model, self.name)
-        self._last_queries = None
-        result = super().__call__(model, x, y, epsilon=epsilon, targets=targets)
-        result = enforce_schema(self.schema, x, result, self._check_epsilon(epsilon), self.norm)
-        q = torch.zeros(len(result.x_adv), dtype=torch.long)
-        if self._last_queries is not None and result.attacked.any():
-            q[result.attacked.cpu()] = torch.from_numpy(self._last_queries)
-        result.queries = q.to(result.x_adv.device)
-        result.info["max_queries"] = self.max_queries
-        self._last_queries = None
-        return result
+        return {"max_queries": self.max_queries}
+
+    def _finish(self, result: AttackResult, call: AttackCall) -> AttackResult:
+        return enforce_schema(self.schema, call.x0, result, call.epsilon, self.norm)
 
     # ------------------------------------------------------------------ internals
     def _moves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,7 +116,16 @@ class ConstrainedSearch(Attack):
         s = losses.margin(logits, y) if t is None else losses.margin_targeted(logits, t)
         return s.detach().cpu().double().numpy()
 
-    def _run(self, model, x, y, epsilon, targets, generator) -> torch.Tensor:  # type: ignore[override]
+    def _run(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float | None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> RunResult:
+        assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         schema = self.schema
         c = schema.compiled
         clip = model.bounds
@@ -145,9 +135,8 @@ class ConstrainedSearch(Attack):
         kind, where, arg = self._moves()
         n_moves = len(kind)
         queries = np.zeros(n, dtype=np.int64)
-        self._last_queries = queries
         if n_moves == 0:
-            return x.clone()
+            return RunResult(x.clone(), queries=torch.from_numpy(queries))
 
         score = self._score(model, cur, y, targets)
         queries += 1
@@ -214,4 +203,6 @@ class ConstrainedSearch(Attack):
                 order[end] = shuffle(end)
                 ptr[end] = 0
                 pass_improved[end] = False
-        return torch.as_tensor(cur, device=x.device, dtype=x.dtype)
+        return RunResult(
+            torch.as_tensor(cur, device=x.device, dtype=x.dtype), queries=torch.from_numpy(queries)
+        )

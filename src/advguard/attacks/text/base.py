@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from advguard import _validate as check
 from advguard.attacks.text.model import (
     TextModel,
     as_text_classifier,
@@ -169,21 +170,14 @@ class _State:
 def _check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    limit = "queries" if "queries" in name else None
+    return check.integer(name, value, low=minimum, limit=limit)
 
 
 def _check_share(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    try:
-        share = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number in (0, 1], got {value!r}") from None
-    if isinstance(value, bool) or not (0.0 < share <= 1.0):
-        raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
-    return share
+    return check.fraction(name, value, low_open=True)
 
 
 class TextAttack:
@@ -204,9 +198,7 @@ class TextAttack:
         self.max_words = _check_int(max_words, "max_words", 1, allow_none=True)
         self.max_word_share = _check_share(max_word_share, "max_word_share")
         self.max_queries = _check_int(max_queries, "max_queries", 2)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check.integer("seed", seed, low=0)
 
     # -- public entry point -----------------------------------------------------
     def __call__(

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from advguard import _validate as check
 from advguard.attacks.text.base import TextAttack, _Oracle, _State
 from advguard.attacks.text.ops import CHAR_OPS, parse_ops
 from advguard.errors import InputError
@@ -73,14 +74,8 @@ class CharAttack(TextAttack):
             seed=seed,
         )
         self.ops = parse_ops(ops)
-        if max_char_edits is not None and (
-            isinstance(max_char_edits, bool)
-            or not isinstance(max_char_edits, (int, np.integer))
-            or max_char_edits < 1
-        ):
-            raise InputError(
-                f"max_char_edits must be an integer >= 1 or None, got {max_char_edits!r}"
-            )
+        if max_char_edits is not None:
+            check.positive_int("max_char_edits", max_char_edits)
         if max_char_edits is None and max_words is None and max_word_share is None:
             raise InputError(
                 "CharAttack needs an edit budget: set max_char_edits, max_words or max_word_share"
@@ -90,8 +85,7 @@ class CharAttack(TextAttack):
             ("max_edits_per_word", max_edits_per_word),
             ("candidates_per_op", candidates_per_op),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+            check.positive_int(name, value)
         self.max_edits_per_word = int(max_edits_per_word)
         self.candidates_per_op = int(candidates_per_op)
 

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from advguard import _validate as check
 from advguard.attacks.text.base import TextAttack, _Oracle, _State, delete_word, edit_distance
 from advguard.attacks.text.ops import CHAR_OPS, parse_ops
 from advguard.errors import InputError
@@ -138,14 +139,8 @@ class WordAttack(TextAttack):
             max_queries=max_queries,
             seed=seed,
         )
-        if max_char_edits is not None and (
-            isinstance(max_char_edits, bool)
-            or not isinstance(max_char_edits, (int, np.integer))
-            or max_char_edits < 1
-        ):
-            raise InputError(
-                f"max_char_edits must be an integer >= 1 or None, got {max_char_edits!r}"
-            )
+        if max_char_edits is not None:
+            check.positive_int("max_char_edits", max_char_edits)
         self.max_char_edits = None if max_char_edits is None else int(max_char_edits)
         table = dict(SYNONYMS)
         if synonyms is not None:
@@ -162,16 +157,8 @@ class WordAttack(TextAttack):
                 table[key.lower()] = values
         self.synonyms = MappingProxyType(table)
         self.char_ops = () if not char_ops else parse_ops(char_ops, "char_ops")
-        if (
-            isinstance(char_candidates, bool)
-            or not isinstance(char_candidates, (int, np.integer))
-            or char_candidates < 1
-        ):
-            raise InputError(f"char_candidates must be an integer >= 1, got {char_candidates!r}")
-        self.char_candidates = int(char_candidates)
-        if not isinstance(allow_delete, bool):
-            raise InputError(f"allow_delete must be True or False, got {allow_delete!r}")
-        self.allow_delete = allow_delete
+        self.char_candidates = check.positive_int("char_candidates", char_candidates)
+        self.allow_delete = check.flag("allow_delete", allow_delete)
         if not self.synonyms and not self.char_ops and not allow_delete:
             raise InputError(
                 "WordAttack has nothing to try: give synonyms, char_ops or allow_delete"

@@ -29,6 +29,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.errors import InputError
 from advguard.models.base import ArrayLike, check_inputs, check_labels
 
@@ -38,13 +39,7 @@ FIXED_FPRS = (0.01, 0.05, 0.10)
 
 
 def check_fpr(fpr: object) -> float:
-    try:
-        v = float(fpr)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"fpr must be a number in (0, 1), got {fpr!r}") from None
-    if not (0.0 < v < 1.0):
-        raise InputError(f"fpr must lie strictly between 0 and 1, got {fpr!r}")
-    return v
+    return check.fraction("fpr", fpr, low_open=True, high_open=True)
 
 
 def conformal_threshold(scores: np.ndarray, fpr: float) -> float:
@@ -349,9 +344,7 @@ def adversarial_examples(
         eps = float(epsilon)
         if not any(abs(eps - e) < 1e-12 for e in tm.epsilons):
             raise InputError(f"epsilon {epsilon} is not one of the threat model's {tm.epsilons}")
-    bs = int(batch_size or tm.batch_size)
-    if bs < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    bs = check.positive_int("batch_size", tm.batch_size if batch_size is None else batch_size)
 
     xt = torch.as_tensor(x)
     xt = (xt if torch.is_floating_point(xt) else xt.float()).detach().cpu().float()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from advguard import _validate as check
 from advguard.defenses.detectors.base import Detector
 from advguard.errors import InputError
 from advguard.models.base import ClassifierBase, LossFn, is_white_box
@@ -36,8 +37,7 @@ class DetectorGuardedClassifier(ClassifierBase):
                 "the detector has no threshold; call detector.calibrate(x_benign_heldout, fpr) "
                 "before guarding a model with it"
             )
-        if not float(sharpness) > 0:
-            raise InputError(f"sharpness must be > 0, got {sharpness!r}")
+        check.positive("sharpness", sharpness)
         super().__init__(
             num_classes=model.num_classes + 1, input_shape=model.input_shape, bounds=model.bounds
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from advguard import _validate as check
 from advguard.defenses.detectors.base import Detector
 from advguard.errors import InputError
 
@@ -50,8 +51,7 @@ class MahalanobisDetector(Detector):
             raise InputError("give either features or layer, not both")
         if features is not None and not callable(features):
             raise InputError(f"features must be callable, got {type(features).__name__}")
-        if not 0.0 <= float(shrinkage) < 1.0:
-            raise InputError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
+        check.fraction("shrinkage", shrinkage, high_open=True)
         self.layer = layer
         self.shrinkage = float(shrinkage)
         self.pool = bool(pool)

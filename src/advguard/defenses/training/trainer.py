@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from advguard import _validate as check
 from advguard.atomic import atomic_path, atomic_write_text
+from advguard.attacks.evasion import gradient_descent
 from advguard.attacks.norms import Norm, normalize, parse_norm, project, random_in_ball
 from advguard.errors import InputError
 
@@ -151,6 +153,64 @@ def _clip(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm, eps: float, lo: floa
     return (x + project(x_adv - x, norm, eps)).clamp(lo, hi)
 
 
+class _NetOracle:
+    """``value_and_grad`` on a bare module, for the gradient engine (no query counting)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def value_and_grad(
+        self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.net(x)
+            loss = loss_fn(logits)
+            (g,) = torch.autograd.grad(loss.sum(), x)
+        return logits.detach(), loss.detach(), g
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - final_eval=False
+        with torch.no_grad():
+            return self.net(x)
+
+
+def _perturb(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    start: Callable[[dict[str, Any], torch.Generator], torch.Tensor],
+    *,
+    epsilon: float,
+    norm: Norm,
+    steps: int,
+    step_size: float,
+    bounds: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``steps`` steepest-ascent steps of ``loss`` (a batch loss) from ``start``, projected
+    onto the ball and the bounds, on the shared gradient engine; the last iterate."""
+    lo, hi = bounds
+
+    def step(g: torch.Tensor, x_adv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+        return _clip(x_adv + step_size * normalize(g, norm), s["x0"], norm, epsilon, lo, hi)
+
+    out = gradient_descent(
+        _NetOracle(net),
+        x,
+        y,
+        None,
+        generator,
+        steps=steps,
+        loss=lambda _y, _t: loss,
+        start=start,
+        step=step,
+        early_stop=False,
+        final_eval=False,
+    )
+    return out.detach()
+
+
 def pgd_perturb(
     net: nn.Module,
     x: torch.Tensor,
@@ -169,16 +229,25 @@ def pgd_perturb(
     if epsilon <= 0:
         return x.detach().clone()
     x = x.detach()
-    x_adv = x.clone()
-    if random_start:
-        x_adv = (x + random_in_ball(x, norm, epsilon, generator)).clamp(lo, hi)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(net(x_adv), y)
-            (g,) = torch.autograd.grad(loss, x_adv)
-        x_adv = _clip(x_adv.detach() + step_size * normalize(g, norm), x, norm, epsilon, lo, hi)
-    return x_adv.detach()
+
+    def start(s: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        if not random_start:
+            return x.clone()
+        return (x + random_in_ball(x, norm, epsilon, gen)).clamp(lo, hi)
+
+    return _perturb(
+        net,
+        x,
+        y,
+        lambda logits: F.cross_entropy(logits, y),
+        start,
+        epsilon=epsilon,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        bounds=bounds,
+        generator=generator,
+    )
 
 
 def trades_perturb(
@@ -202,15 +271,24 @@ def trades_perturb(
         return x.clone()
     with torch.no_grad():
         p_clean = F.softmax(net(x), dim=1)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_adv = (x + 0.001 * noise).clamp(lo, hi)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.kl_div(F.log_softmax(net(x_adv), dim=1), p_clean, reduction="sum")
-            (g,) = torch.autograd.grad(loss, x_adv)
-        x_adv = _clip(x_adv.detach() + step_size * normalize(g, norm), x, norm, epsilon, lo, hi)
-    return x_adv.detach()
+
+    def start(s: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return (x + 0.001 * noise).clamp(lo, hi)
+
+    return _perturb(
+        net,
+        x,
+        torch.zeros(len(x), dtype=torch.long, device=x.device),  # unused: the loss is the KL
+        lambda logits: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum"),
+        start,
+        epsilon=epsilon,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        bounds=bounds,
+        generator=generator,
+    )
 
 
 def fgsm_perturb(
@@ -295,23 +373,13 @@ def _lr_factor(schedule: str, progress: float) -> float:
 
 
 def _num(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be finite, got {value!r}")
-    if low is not None and (v <= low if strict else v < low):
-        raise InputError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
-    return v
+    return check.number(name, value, low=low, low_open=strict)
 
 
 def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if int(value) < low:
-        raise InputError(f"{name} must be >= {low}, got {value}")
-    return int(value)
+    limit = "steps" if name in ("steps", "eval_steps", "epochs") else None
+    limit = "samples" if name in ("val_samples", "co_batch", "batch_size") else limit
+    return check.integer(name, value, low=low, limit=limit)
 
 
 def _check_choices(optimizer: str, lr_schedule: str) -> None:

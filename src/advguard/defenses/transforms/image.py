@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import io
 import math
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 
+from advguard import _validate as check
 from advguard.defenses.transforms.base import InputTransform
 from advguard.errors import InputError
 
@@ -40,9 +40,7 @@ def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or not lo <= int(value) <= hi:
-        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+    return check.integer(name, value, low=lo, high=hi)
 
 
 def _check_tensor(x: object, name: str, *, image: bool) -> torch.Tensor:
@@ -200,17 +198,8 @@ class GaussianNoise(InputTransform):
     def __init__(
         self, sigma: float, *, seed: int | None = None, bounds: tuple[float, float] = (0.0, 1.0)
     ) -> None:
-        if (
-            not isinstance(sigma, Real)
-            or isinstance(sigma, bool)
-            or not math.isfinite(float(sigma))
-            or float(sigma) < 0
-        ):
-            raise InputError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool)):
-            raise InputError(f"seed must be an integer or None, got {seed!r}")
-        self.sigma = float(sigma)
-        self.seed = None if seed is None else int(seed)
+        self.sigma = check.non_negative("sigma", sigma)
+        self.seed = None if seed is None else check.integer("seed", seed)
         self.bounds = _check_bounds(bounds)
         self._gen = torch.Generator()
         if self.seed is None:

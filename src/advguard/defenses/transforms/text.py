@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from advguard import _validate as check
 from advguard.attacks.text.model import (
     TextModel,
     as_text_classifier,
@@ -171,8 +172,7 @@ class TextNormalizer:
             ("collapse_whitespace", collapse_whitespace),
             ("lowercase", lowercase),
         ):
-            if not isinstance(value, bool):
-                raise InputError(f"{name} must be True or False, got {value!r}")
+            check.flag(name, value)
         self.nfkc = nfkc
         self.confusables = confusables
         self.strip_invisible = strip_invisible
