@@ -46,7 +46,7 @@ from advguard.evaluate.report import (
     Stat,
     SuiteEntry,
 )
-from advguard.evaluate.threat_model import ThreatModel
+from advguard.evaluate.threat_model import ThreatModel, check_epsilons
 from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
 from advguard.models.wrappers import EOTClassifier
 
@@ -247,6 +247,7 @@ class Evaluator:
                 f"data samples have shape {tuple(self.x.shape[1:])} but the model expects "
                 f"{tuple(m.input_shape)}"
             )
+        check_epsilons(tm, getattr(m, "bounds", None), m.input_shape)
         n_labels = label_count(m)
         if self.y.dtype.kind not in "iu" or self.y.min() < 0 or self.y.max() >= n_labels:
             raise InputError(
