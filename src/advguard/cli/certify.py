@@ -12,6 +12,7 @@ from advguard.cli._common import (
     Commands,
     DataOpt,
     ModelOpt,
+    check_out_dir,
     console,
     progress_bar,
     progress_callback,
@@ -41,6 +42,7 @@ def certify_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
 ) -> None:
     """Certify robustness: randomized smoothing (L2) or interval bound propagation (Linf)."""
+    check_out_dir(out)
     from advguard.defenses.certify.report import certify_dataset
     from advguard.evaluate.job import data_info, load_model_and_data
 

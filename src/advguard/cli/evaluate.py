@@ -13,6 +13,8 @@ from advguard.cli._common import (
     Commands,
     DataOpt,
     ModelOpt,
+    check_out_dir,
+    check_out_file,
     console,
     parse_bounds,
     parse_floats,
@@ -37,6 +39,7 @@ def quickstart(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
+    check_out_dir(out)
     from advguard.evaluate.job import run_quickstart
 
     with progress_bar() as bar:
@@ -73,6 +76,7 @@ def evaluate_cmd(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
+    check_out_dir(out)
     from advguard.evaluate.job import load_model_and_data, run_evaluation
     from advguard.evaluate.threat_model import load_threat_model
 
@@ -118,6 +122,7 @@ def attack(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Write adversarial examples (with labels and metadata) to an .npz file."""
+    check_out_file(out)
     from advguard.attacks.export import attack_dataset
     from advguard.evaluate.job import load_model_and_data
 
@@ -197,6 +202,7 @@ def redteam(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
+    check_out_dir(out)
     from advguard.evaluate.redteam import run_redteam
     from advguard.evaluate.threat_model import load_threat_model
 

@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from advguard import _safejson
 from advguard.errors import InputError
 from advguard.evaluate.compare import compare_reports
-from advguard.evaluate.metrics import Proportion
+from advguard.evaluate.formatting import attack_suite as _attacks
+from advguard.evaluate.formatting import md as _md
+from advguard.evaluate.formatting import pct
+from advguard.evaluate.formatting import report_label as _label
 from advguard.evaluate.report import Report, load_report, parse_report
 from advguard.evaluate.threat_model import SLO
 from advguard.evaluate.verdict import judge_slo
@@ -250,14 +253,6 @@ def resolve_baseline(
 
 
 # ----------------------------------------------------------------------------- checks
-def _pct(p: Proportion | float | None) -> str:
-    if p is None:
-        return "n/a"
-    if isinstance(p, Proportion):
-        if p.value is None:
-            return "n/a (n=0)"
-        return f"{p.value:.1%} [{p.ci_low:.1%}, {p.ci_high:.1%}]"
-    return f"{p:.1%}"
 
 
 def _report_slos(report: Report) -> list[SLO]:
@@ -312,12 +307,6 @@ def _slo_check(
         status=status,
         message=msg,
     )
-
-
-def _attacks(r: Report) -> list[Any]:
-    if r.suite:
-        return [(s.attack, s.params) for s in r.suite]
-    return list(r.threat_model.get("attacks") or [])
 
 
 def _threat_model_diffs(base: Report, cand: Report) -> list[str]:
@@ -391,7 +380,8 @@ def _baseline_checks(report: Report, baseline: Report, policy: Policy) -> list[C
             )
             continue
         drop = 0.0 - row.delta * 100  # (0.0 - x: no '-0.00' for equal values)
-        actual = f"{drop:+.2f} pts ({_pct(row.a)} -> {_pct(row.b)})"
+        a, b = (pct(p, missing="n/a", no_samples="n/a (n=0)") for p in (row.a, row.b))
+        actual = f"{drop:+.2f} pts ({a} -> {b})"
         if limit is None:
             checks.append(
                 Check(name=name, expected="no limit", actual=actual, status="skip", message="")
@@ -485,17 +475,7 @@ def run_gate(
     )
 
 
-def _label(r: Report) -> str:
-    for key in ("name", "path", "source", "adapter"):
-        if r.model.get(key):
-            return str(r.model[key])
-    return "model"
-
-
 # ----------------------------------------------------------------------------- views
-def _md(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
 
 _ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "skip": "➖ skip"}
 
