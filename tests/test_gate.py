@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -13,12 +15,13 @@ from typer.testing import CliRunner
 from advguard.cli import app
 from advguard.errors import InputError
 from advguard.evaluate.metrics import proportion
-from advguard.evaluate.report import Report
+from advguard.evaluate.report import Report, load_report
 from advguard.evaluate.runner import evaluate
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models import TorchClassifier
 from advguard.registry.gate import gate_junit, gate_markdown, resolve_baseline, run_gate
 from advguard.registry.policy import load_policy, parse_policy
+from advguard.registry.signing import attest_report, generate_keypair
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ci"
 
@@ -44,15 +47,36 @@ def real_report(digits_split, digits_module) -> Report:
     return evaluate(model, x_te, y_te, tm)
 
 
-def edit(rep: Report, *, robust: dict[float, float] | None = None, **kw) -> Report:
-    """A copy of ``rep`` with robust accuracies set (as fractions) and fields replaced."""
+def edit(
+    rep: Report, *, robust: dict[float, float] | None = None, fail_check: bool = False, **kw
+) -> Report:
+    """A copy of ``rep`` with robust accuracies set (as fractions) and fields replaced, with
+    every dependent number recomputed so the copy stays internally consistent (a forger can
+    do this too: only a signed attestation tells it from the real report)."""
+    from advguard.evaluate.threat_model import SLO
+    from advguard.evaluate.verdict import judge
+
     data = rep.model_dump(mode="json")
+    data.update(kw)
+    clean = data["clean_accuracy"]
     for r in data["results"]:
         if robust and r["epsilon"] in robust:
             n = r["robust_accuracy"]["n"]
-            r["robust_accuracy"] = proportion(round(robust[r["epsilon"]] * n), n).model_dump()
-    data.update(kw)
-    return Report.model_validate(data)
+            k = round(robust[r["epsilon"]] * n)
+            r["robust_accuracy"] = proportion(k, n).model_dump()
+            r["fooling_rate"] = proportion(clean["k"] - k, clean["k"]).model_dump()
+            r["first_robust_accuracy"] = None
+            for row in r["per_attack"]:
+                after = min(max(row["robust_accuracy_after"]["k"], k), clean["k"])
+                row["robust_accuracy_after"] = proportion(after, n).model_dump()
+    if fail_check:
+        data["sanity_checks"][0]["status"] = "fail"
+    data["trustworthy"] = not any(c["status"] == "fail" for c in data["sanity_checks"])
+    out = Report.model_validate(data)
+
+    tm = SimpleNamespace(slos=[SLO.model_validate(x) for x in out.threat_model.get("slos") or []])
+    out.verdict = judge(tm, out.clean_accuracy, out.results, out.trustworthy)  # type: ignore[arg-type]
+    return Report.model_validate(out.model_dump(mode="json"))
 
 
 def ra(rep: Report, eps: float) -> float:
@@ -109,7 +133,7 @@ def test_slo_fail_and_confidence_mode(real_report):
 
 
 def test_untrustworthy_never_passes(real_report):
-    bad = edit(real_report, trustworthy=False)
+    bad = edit(real_report, fail_check=True)
     res = run_gate(bad, parse_policy("slo_mode: point-estimate\nreport_slos: false\n"))
     assert not res.passed
     assert [c.name for c in res.failures] == ["evaluation trustworthy"]
@@ -315,17 +339,219 @@ def test_baseline_production_from_the_registry(real_report, tmp_path, monkeypatc
         robust={0.05: ra(real_report, 0.05) + 0.04},
         model={**real_report.model, "sha256": file_sha256(weights)},
     )
+    keys = tmp_path / "keys"
+    priv, pub = generate_keypair(keys)
     with Registry(root) as reg:
         reg.push("digits-cnn", weights, reports=[prod_report.write(tmp_path / "prod")])
         reg.promote("digits-cnn", 1, force=True, reason="unsigned test model")
-    base = resolve_baseline("production", registry_model="digits-cnn", threat_model="gate-test")
+        reg.push(
+            "signed", weights, reports=[prod_report.write(tmp_path / "prod")], private_key=priv
+        )
+        reg.promote("signed", 1, force=True, reason="test baseline without a gate policy")
+    # the production baseline is only trusted once its attestation verifies: no key, no gate
+    with pytest.raises(InputError, match="needs --public-key"):
+        resolve_baseline("production", registry_model="signed", threat_model="gate-test")
+    with pytest.raises(InputError, match="has no attestation"):
+        resolve_baseline(
+            "production", registry_model="digits-cnn", threat_model="gate-test", public_key=pub
+        )
+    base = resolve_baseline(
+        "production", registry_model="signed", threat_model="gate-test", public_key=pub
+    )
     assert ra(base, 0.05) == pytest.approx(ra(prod_report, 0.05))
     with pytest.raises(InputError, match="no report for threat model"):
-        resolve_baseline("production", registry_model="digits-cnn", threat_model="other")
+        resolve_baseline(
+            "production", registry_model="signed", threat_model="other", public_key=pub
+        )
+    _other_priv, other_pub = generate_keypair(tmp_path / "other-keys")
+    with pytest.raises(InputError, match="does not verify"):
+        resolve_baseline(
+            "production", registry_model="signed", threat_model="gate-test", public_key=other_pub
+        )
     pol = tmp_path / "strict.yaml"
     pol.write_text("name: strict\n")
     cand = real_report.write(tmp_path / "cand")
     args = ["gate", "--report", str(cand), "--policy", str(pol), "--baseline", "production"]
-    r = CliRunner().invoke(app, [*args, "--registry-model", "digits-cnn"])
+    r = CliRunner().invoke(app, [*args, "--registry-model", "signed"])
+    assert r.exit_code == 2 and "--public-key" in r.stderr
+    # with the key, the candidate must be attested too (and tied to --model)
+    model_file = Path(weights)
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    signed_cand = edit(real_report, model={**real_report.model, "sha256": digest})
+    cand = signed_cand.write(tmp_path / "cand2")
+    attest(cand, digest, priv)
+    args = ["gate", "--report", str(cand), "--policy", str(pol), "--baseline", "production"]
+    keyed = ["--registry-model", "signed", "--public-key", str(pub), "--model", str(model_file)]
+    r = CliRunner().invoke(app, [*args, *keyed])
     assert r.exit_code == 1, r.output  # 4 points below production at eps 0.05
-    assert "drop" in r.output
+    assert "drop" in r.output and "report attestation" in r.output
+
+
+# ------------------------------------------------------------------------ forged reports
+def attest(report_path: Path, digest: str, private_key: Path) -> Path:
+    """Sign ``report_path`` for the model with ``digest``, as `registry push --key` does."""
+    env = attest_report(digest, json.loads(report_path.read_text()), private_key)
+    out = report_path.with_name("report.intoto.json")
+    out.write_bytes(env)
+    return out
+
+
+def _gate(*args: str):
+    return CliRunner().invoke(app, ["gate", *args])
+
+
+def _write(tmp_path: Path, name: str, data: dict) -> Path:
+    p = tmp_path / name / "report.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_gate_refuses_inconsistent_reports(real_report, tmp_path):
+    """Hand edits that leave the report inconsistent fail closed with a one-line error."""
+    pol = tmp_path / "p.yaml"
+    pol.write_text("report_slos: false\n")
+    good = json.loads(real_report.write(tmp_path / "good").read_text())
+    r = _gate("--report", str(tmp_path / "good" / "report.json"), "--policy", str(pol))
+    assert r.exit_code == 0, r.output
+
+    def variant(fn) -> dict:
+        d = json.loads(json.dumps(good))
+        fn(d)
+        return d
+
+    def set_value(v):
+        return lambda d: d["results"][0]["robust_accuracy"].__setitem__("value", v)
+
+    def recompute_k(d):  # k, n and the interval recomputed, the fooling rate left alone
+        ra0 = d["results"][0]["robust_accuracy"]
+        d["results"][0]["robust_accuracy"] = proportion(ra0["k"] + 10, ra0["n"]).model_dump()
+
+    def rise(d):  # robust accuracy at the larger epsilon above the smaller one
+        c, k = d["clean_accuracy"], d["results"][0]["robust_accuracy"]["k"] + 1
+        d["results"][1]["robust_accuracy"] = proportion(k, c["n"]).model_dump()
+        d["results"][1]["fooling_rate"] = proportion(c["k"] - k, c["k"]).model_dump()
+        d["results"][1]["first_robust_accuracy"] = None
+        d["results"][1]["per_attack"] = []
+
+    def above_clean(d):
+        c = d["clean_accuracy"]
+        d["results"][0]["robust_accuracy"] = proportion(c["k"] + 1, c["n"]).model_dump()
+
+    def verdict_flip(d):
+        d["verdict"]["status"] = "fail"
+
+    cases = {
+        "value 0.99": (set_value(0.99), "is not k/n"),
+        "value 5.0": (set_value(5.0), "is not k/n"),
+        "value '0.99'": (set_value("0.99"), "does not match schema"),
+        "k/n/CI recomputed": (recompute_k, "fooling_rate"),
+        "rises with epsilon": (rise, "cannot rise with epsilon"),
+        "robust > clean": (above_clean, "does not fit clean accuracy"),
+        "verdict edited": (verdict_flip, "verdict is 'fail'"),
+        "trustworthy 'true'": (lambda d: d.__setitem__("trustworthy", "true"), "schema"),
+        "ci outside [0,1]": (
+            lambda d: d["clean_accuracy"].__setitem__("ci_high", 1.5),
+            "Clopper-Pearson",
+        ),
+    }
+    for name, (fn, msg) in cases.items():
+        path = _write(tmp_path, name.replace(" ", "_").replace("'", ""), variant(fn))
+        with pytest.raises(InputError, match=msg):
+            load_report(path)
+        r = _gate("--report", str(path), "--policy", str(pol))
+        assert r.exit_code == 2, (name, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, name
+
+
+def test_trustworthy_flipped_on_an_untrustworthy_report(real_report, tmp_path):
+    pol = tmp_path / "p.yaml"
+    pol.write_text("report_slos: false\n")
+    bad = edit(real_report, fail_check=True)
+    assert bad.verdict.status == "untrustworthy"
+    path = bad.write(tmp_path / "bad")
+    r = _gate("--report", str(path), "--policy", str(pol))
+    assert r.exit_code == 1 and "evaluation trustworthy" in r.output
+    d = json.loads(path.read_text())
+    d["trustworthy"] = True  # verdict still untrustworthy, sanity check still failing
+    forged = _write(tmp_path, "forged", d)
+    with pytest.raises(InputError, match="trustworthy is true but sanity checks failed"):
+        load_report(forged)
+    r = _gate("--report", str(forged), "--policy", str(pol))
+    assert r.exit_code == 2 and "sanity checks failed" in r.stderr
+    # the gate itself also reads every trust signal, not the flag alone
+    obj = Report.model_validate(d)
+    assert not run_gate(obj, parse_policy("report_slos: false")).passed
+
+
+def test_attestation_catches_consistent_forgery(real_report, tmp_path):
+    """A forgery that recomputes every number passes the consistency checks; only the signed
+    attestation (with --public-key and --model) catches it."""
+    priv, pub = generate_keypair(tmp_path / "keys")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights v2")
+    digest = hashlib.sha256(b"weights v2").hexdigest()
+    pol = tmp_path / "p.yaml"
+    pol.write_text(
+        "report_slos: false\nslo_mode: point-estimate\n"
+        "slos: ['robust_accuracy >= 0.9 at eps 0.05']\n"
+    )
+    honest = edit(real_report, model={**real_report.model, "sha256": digest})
+    path = honest.write(tmp_path / "rel")
+    att = attest(path, digest, priv)
+    keyed = ["--public-key", str(pub), "--model", str(model)]
+    r = _gate("--report", str(path), "--policy", str(pol), *keyed, "--json")
+    assert r.exit_code == 1, r.output  # honest numbers: the 0.9 SLO fails
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["report attestation"]["status"] == "pass"
+    # forge: robust accuracy 0.96 at eps 0.05, every dependent number recomputed
+    forged = edit(honest, robust={0.05: 0.96})
+    forged.write(tmp_path / "rel")  # overwrite the signed report, keep the attestation
+    assert load_report(path).results[0].robust_accuracy.value == pytest.approx(0.96, abs=0.01)
+    r = _gate("--report", str(path), "--policy", str(pol))
+    assert r.exit_code == 0  # without a key the gate checks consistency only (documented)
+    assert "not verified against a signed attestation" in " ".join(r.output.split())
+    r = _gate("--report", str(path), "--policy", str(pol), *keyed, "--json")
+    assert r.exit_code == 1
+    c = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["report attestation"]
+    assert c["status"] == "fail" and "edited after signing" in c["message"]
+    # the policy (or --require-attestation) makes the key mandatory
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("require_attestation: true\n")
+    r = _gate("--report", str(path), "--policy", str(strict))
+    assert r.exit_code == 2 and "--public-key" in r.stderr
+    r = _gate("--report", str(path), "--policy", str(pol), "--require-attestation")
+    assert r.exit_code == 2
+    r = _gate("--report", str(path), "--policy", str(pol), "--public-key", str(pub))
+    assert r.exit_code == 2 and "--model" in r.stderr
+    # the attestation is bound to the model: another artifact does not verify
+    honest.write(tmp_path / "rel")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"weights v1")
+    r = _gate(
+        "--report",
+        str(path),
+        "--policy",
+        str(pol),
+        "--public-key",
+        str(pub),
+        "--model",
+        str(other),
+        "--json",
+    )
+    c = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["report attestation"]
+    assert (
+        r.exit_code == 1
+        and c["status"] == "fail"
+        and "not " + hashlib.sha256(b"weights v1").hexdigest() in c["message"]
+    )
+    # no attestation file: fails (closed)
+    att.unlink()
+    r = _gate("--report", str(path), "--policy", str(pol), *keyed, "--json")
+    c = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["report attestation"]
+    assert r.exit_code == 1 and "not signed" in c["message"]
+    # without a key, --model still compares the report's own model digest
+    r = _gate("--report", str(path), "--policy", str(pol), "--model", str(other), "--json")
+    assert r.exit_code == 1
+    c = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert c["report is about the released model"]["status"] == "fail"

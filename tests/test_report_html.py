@@ -378,3 +378,15 @@ def test_documented_schema_is_current():
     assert json.loads(doc.read_text()) == json.loads(json.dumps(json_schema())), (
         "regenerate docs/report-schema-1.0.json from advguard.evaluate.report.json_schema()"
     )
+
+
+def test_html_survives_extreme_epsilons():
+    """An epsilon matplotlib cannot place on a linear axis (1e308: its ticks overflow) must
+    not crash the HTML after report.json was written: the curve falls back to labelled,
+    evenly spaced epsilons."""
+    report = make_report()
+    report.results = report.results[:1]
+    report.results[0].epsilon = 1e308
+    html = render_html(report)
+    assert "1e+308" in html
+    assert 'alt="robust accuracy against epsilon"' in html

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from advguard import __version__
 from advguard.cli import certify, evaluate, gate, registry, train
@@ -33,6 +34,17 @@ app = typer.Typer(
 )
 
 
+def one_line(message: object) -> str:
+    """A message on one line: multi-line details are joined with '; '."""
+    parts = [p.strip() for p in str(message).splitlines() if p.strip()]
+    return "; ".join(parts) if len(parts) > 1 else (parts[0] if parts else "")
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn advguard and file-system errors into a one-line message and exit code 2."""
 
@@ -41,11 +53,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except AdvguardError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
+            raise _fail(e) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
+            raise _fail(e) from None
 
     return wrapper
 

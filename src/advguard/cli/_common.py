@@ -224,3 +224,24 @@ def model_options(
     if torchscript:
         out["torchscript"] = True
     return out
+
+
+def check_out_dir(out: Path, option: str = "--out") -> Path:
+    """Refuse an output directory that is an existing file (or lies under one) before any work."""
+    p = Path(out)
+    for parent in (p, *p.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is" if parent == p else f"is under {parent}, which is"
+                raise AdvguardError(f"{option} {str(p)!r} {what} a file, not a directory")
+            break
+    return p
+
+
+def check_out_file(out: Path, option: str = "--out") -> Path:
+    """Refuse an output file path that is a directory or lies under a file, before any work."""
+    p = Path(out)
+    if p.is_dir():
+        raise AdvguardError(f"{option} {str(p)!r} is a directory; give a file name")
+    check_out_dir(p.parent, option=f"{option}'s folder")
+    return p

@@ -17,6 +17,7 @@ from advguard.cli._common import (
     ModelOpt,
     NumClassesOpt,
     TorchScriptOpt,
+    check_out_dir,
     console,
     model_options,
     progress_bar,
@@ -51,6 +52,7 @@ def certify_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
 ) -> None:
     """Certify robustness: randomized smoothing (L2) or interval bound propagation (Linf)."""
+    check_out_dir(out)
     from advguard.defenses.certify.report import certify_dataset
     from advguard.evaluate.job import data_info, load_model_and_data
 

@@ -18,6 +18,8 @@ from advguard.cli._common import (
     ModelOpt,
     NumClassesOpt,
     TorchScriptOpt,
+    check_out_dir,
+    check_out_file,
     console,
     model_options,
     parse_bounds,
@@ -43,6 +45,7 @@ def quickstart(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
+    check_out_dir(out)
     from advguard.evaluate.job import run_quickstart
 
     with progress_bar() as bar:
@@ -84,6 +87,7 @@ def evaluate_cmd(
     ] = False,
 ) -> None:
     """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
+    check_out_dir(out)
     from advguard.evaluate.job import load_model_and_data, run_evaluation
     from advguard.evaluate.threat_model import load_threat_model
 
@@ -136,6 +140,7 @@ def attack(
     ] = False,
 ) -> None:
     """Write adversarial examples (with labels and metadata) to an .npz file."""
+    check_out_file(out)
     from advguard.attacks.export import attack_dataset
     from advguard.attacks.registry import build_attack
     from advguard.evaluate.job import load_model_and_data
@@ -223,6 +228,7 @@ def redteam(
     ] = False,
 ) -> None:
     """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
+    check_out_dir(out)
     from advguard.evaluate.redteam import run_redteam
     from advguard.evaluate.threat_model import load_threat_model
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from advguard.cli._common import (
     Commands,
     DataOpt,
+    check_out_dir,
     console,
     parse_shape,
     progress_bar,
@@ -100,6 +101,7 @@ def train_cmd(
     state after every epoch; after a crash or Ctrl-C, run the same command again with
     --resume to continue from the last finished epoch.
     """
+    check_out_dir(out)
     from advguard.data import load_dataset
     from advguard.defenses.training import METHODS, adversarial_train, dp_train, load_trainable
     from advguard.models.io import CLI_OPTION_NAMES, option_names

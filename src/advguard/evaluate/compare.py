@@ -15,6 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from advguard.errors import InputError
+from advguard.evaluate.formatting import attack_suite as _attacks
+from advguard.evaluate.formatting import md as _md
+from advguard.evaluate.formatting import pct as _pct
+from advguard.evaluate.formatting import report_label as _label
 from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import Report
 
@@ -64,21 +68,8 @@ class Comparison(BaseModel):
         return any(r.regression for r in self.rows)
 
 
-def _label(r: Report) -> str:
-    for key in ("name", "path", "source", "adapter"):
-        if r.model.get(key):
-            return str(r.model[key])
-    return "model"
-
-
 def _same_eps(x: float, y: float) -> bool:
     return abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y))
-
-
-def _attacks(r: Report) -> list[Any]:
-    if r.suite:
-        return [(s.attack, s.params) for s in r.suite]
-    return list(r.threat_model.get("attacks") or [])
 
 
 def _row(
@@ -187,12 +178,6 @@ def compare_reports(
 
 
 # ----------------------------------------------------------------------------- views
-def _pct(p: Proportion | None) -> str:
-    if p is None:
-        return "—"
-    if p.value is None:
-        return "n/a"
-    return f"{p.value:.1%} [{p.ci_low:.1%}, {p.ci_high:.1%}]"
 
 
 def _delta(r: ComparisonRow) -> str:
@@ -243,10 +228,6 @@ def comparison_table(cmp: Comparison) -> ComparisonTable:
         )
         styles.append(status)
     return ComparisonTable(columns=cols, rows=rows, styles=styles)
-
-
-def _md(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def comparison_markdown(cmp: Comparison) -> str:

@@ -63,11 +63,29 @@ def _png(fig: Figure) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+_PLOT_ERRORS = (ValueError, OverflowError, FloatingPointError, ZeroDivisionError)
+
+
 def _curve_png(report: Report) -> str | None:
+    """The robustness curve; with epsilons matplotlib cannot place on a linear axis (e.g.
+    1e308, whose ticks overflow) it falls back to evenly spaced, labelled epsilons."""
+    try:
+        return _draw_curve(report, categorical=False)
+    except _PLOT_ERRORS:
+        pass
+    try:
+        return _draw_curve(report, categorical=True)
+    except _PLOT_ERRORS:
+        return None
+
+
+def _draw_curve(report: Report, *, categorical: bool) -> str | None:
     res: list[EpsilonResult] = sorted(report.results, key=lambda r: r.epsilon)
     if not res:
         return None
     eps = np.array([r.epsilon for r in res])
+    if categorical:
+        eps = np.arange(len(res), dtype=np.float64)
     fig = Figure(figsize=(9.6, 4.4), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     if report.clean_accuracy.value is not None:
@@ -127,6 +145,8 @@ def _curve_png(report: Report) -> str | None:
         label="worst case (all attacks)",
         zorder=5,
     )
+    if categorical:
+        ax.set_xticks(eps, [f"{r.epsilon:g}" for r in res])
     ax.set_ylim(-0.02, 1.02)
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     ax.set_xlabel(_mpl(f"epsilon ({report.threat_model.get('norm', '?')})"))
@@ -185,6 +205,13 @@ def _example_png(ex: Example, bounds: tuple[float, float] | None) -> str | None:
 
 
 def _feature_png(eps: str, changes: list[Any]) -> str | None:
+    try:
+        return _draw_features(eps, changes)
+    except _PLOT_ERRORS:
+        return None
+
+
+def _draw_features(eps: str, changes: list[Any]) -> str | None:
     top = sorted(changes, key=lambda c: -c.mean_abs_change)[:15][::-1]
     if not top:
         return None
@@ -219,7 +246,10 @@ def _context(report: Report) -> dict[str, Any]:
     examples = []
     if _is_image_report(report):
         for ex in sorted(report.examples, key=lambda e: (e.epsilon, e.index))[:MAX_EXAMPLES]:
-            png = _example_png(ex, bounds)
+            try:
+                png = _example_png(ex, bounds)
+            except _PLOT_ERRORS:
+                png = None
             if png:
                 examples.append(
                     {

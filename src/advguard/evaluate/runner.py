@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advguard import __version__
+from advguard import __version__, _safejson
 from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.norms import norm_of
 from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack, build_attack
@@ -46,7 +47,7 @@ from advguard.evaluate.report import (
     Stat,
     SuiteEntry,
 )
-from advguard.evaluate.threat_model import ThreatModel
+from advguard.evaluate.threat_model import ThreatModel, check_epsilons
 from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
 from advguard.models.checks import check_finite_logits
 from advguard.models.wrappers import EOTClassifier
@@ -248,6 +249,7 @@ class Evaluator:
                 f"data samples have shape {tuple(self.x.shape[1:])} but the model expects "
                 f"{tuple(m.input_shape)}"
             )
+        check_epsilons(tm, getattr(m, "bounds", None), m.input_shape)
         n_labels = label_count(m)
         if self.y.dtype.kind not in "iu" or self.y.min() < 0 or self.y.max() >= n_labels:
             raise InputError(
@@ -535,23 +537,72 @@ class Evaluator:
         atomic_write_text(d / "state.json", json.dumps(meta))
 
     def _load_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
+        """Restore finished batches; a checkpoint that cannot be read is an :class:`InputError`
+        (never a partial restore: the caller's state is only changed on success)."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / "state.json").exists():
             return set()
-        meta = json.loads((self.checkpoint_dir / "state.json").read_text())
+        trial = RunState(
+            state.epsilons,
+            state.attacks,
+            Records(**{k: v.copy() for k, v in state.records.as_dict().items()}),
+            stats=dict(state.stats),
+            order=dict(state.order),
+            examples=dict(state.examples),
+        )
+        try:
+            done = self._read_checkpoint(trial, idx)
+        except InputError:
+            raise
+        except (
+            ValueError,  # bad JSON/npz content, wrong shapes, bad numbers
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            OSError,  # unreadable file
+            EOFError,
+            MemoryError,  # a header claiming a huge array
+            zipfile.BadZipFile,
+        ) as e:
+            raise InputError(
+                f"checkpoint in {self.checkpoint_dir} is corrupt ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:160]}); delete it or drop --resume"
+            ) from None
+        state.records, state.stats, state.order = trial.records, trial.stats, trial.order
+        state.examples = trial.examples
+        return done
+
+    def _read_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
+        assert self.checkpoint_dir is not None
+        meta = _safejson.load_file(self.checkpoint_dir / "state.json", what="checkpoint state")
+        if not isinstance(meta, dict):
+            raise ValueError("state.json is not a JSON object")
         if meta.get("run_key") != self._run_key(idx):
             raise InputError(
                 f"checkpoint in {self.checkpoint_dir} belongs to a different run (model, data or "
                 "threat model changed); delete it or drop --resume"
             )
         done: set[int] = set()
+        n = len(idx)
         for b in meta["batches"]:
+            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < max(n, 1):
+                raise ValueError(f"batch number {b!r} is out of range")
             path = self.checkpoint_dir / f"batch-{b:05d}.npz"
             if not path.exists():
                 continue
             with np.load(path, allow_pickle=False) as z:
-                pos = z["pos"]
-                for k in state.records.as_dict():
-                    getattr(state.records, k)[pos] = z[k]
+                pos = np.asarray(z["pos"])
+                if (
+                    pos.dtype.kind not in "iu"
+                    or pos.ndim != 1
+                    or (len(pos) and (pos.min() < 0 or pos.max() >= n))
+                ):
+                    raise ValueError(f"{path.name}: sample positions are not indices < {n}")
+                for k, arr in state.records.as_dict().items():
+                    v = np.asarray(z[k])
+                    if v.shape != (len(pos), *arr.shape[1:]):
+                        raise ValueError(f"{path.name}: {k} has shape {v.shape}")
+                    arr[pos] = v
             done.add(b)
         for key, v in meta["stats"].items():
             e, a, s = key.split("|")

@@ -22,6 +22,7 @@ A threat model is YAML validated with pydantic; errors name the file, line and f
 
 from __future__ import annotations
 
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from advguard import _safejson
 from advguard import _validate as check
 from advguard.attacks.norms import parse_norm
 from advguard.errors import InputError
@@ -49,6 +51,36 @@ _SLO_RE = re.compile(
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def max_epsilon(norm: str, bounds: Any, input_shape: Any) -> float | None:
+    """The largest meaningful budget: the diameter of the input box ``bounds`` (per feature)
+    under ``norm`` for inputs of ``input_shape``; ``None`` when the bounds are not finite."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+        d = math.prod(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo and d > 0):
+        return None
+    width = hi - lo
+    return {"linf": width, "l2": width * math.sqrt(d), "l1": width * d, "l0": float(d)}.get(
+        parse_norm(norm)
+    )
+
+
+def check_epsilons(tm: ThreatModel, bounds: Any, input_shape: Any) -> None:
+    """Raise :class:`InputError` when an epsilon of ``tm`` exceeds the input box's diameter
+    (any larger budget is the same attack; a huge one is almost always a units mistake)."""
+    top = max_epsilon(tm.norm, bounds, input_shape)
+    if top is None:
+        return
+    big = [e for e in tm.epsilons if e > top * (1 + 1e-9)]
+    if big:
+        raise InputError(
+            f"epsilon {big[0]:g} is larger than any {tm.norm} perturbation inside the input "
+            f"bounds {list(bounds)} ({top:g}); epsilons are in the model's input units"
+        )
 
 
 class SLO(BaseModel):
@@ -159,8 +191,12 @@ class ThreatModel(BaseModel):
     @field_validator("epsilons")
     @classmethod
     def _eps(cls, v: list[float]) -> list[float]:
-        if any(e < 0 or e != e for e in v):
-            raise ValueError("epsilons must be >= 0")
+        bad = [e for e in v if not (math.isfinite(e) and e > 0)]
+        if bad:
+            raise ValueError(
+                f"epsilons must be finite numbers > 0, got {bad[0]!r} (the budget is in the "
+                "model's input units: e.g. 8/255 for images in [0, 1])"
+            )
         if len(set(v)) != len(v):
             raise ValueError("epsilons must be distinct")
         return sorted(float(e) for e in v)
@@ -276,11 +312,15 @@ def parse_yaml_model(
     ``what`` names the document in messages ("threat model", "gate policy"); ``empty`` is
     used for an empty document (``None``: an empty document is an error).
     """
+    text = _safejson.yaml_text(text, source=source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise InputError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise InputError(f"{source}: nested too deeply; refusing it") from None
+    _safejson.check_depth(data, source=source, max_containers=100_000)
     if data is None and empty is not None:
         data = dict(empty)
     if not isinstance(data, dict):

@@ -8,7 +8,7 @@ A gate on 100 samples therefore cannot look as certain as one on 10,000.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import EpsilonResult, SLOResult, Verdict
@@ -17,6 +17,7 @@ from advguard.evaluate.threat_model import SLO, ThreatModel
 if TYPE_CHECKING:
     from advguard.evaluate.report import Report
 
+HoldsT = Literal["with-confidence", "point-estimate-only", "no"]
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
@@ -79,15 +80,19 @@ def judge_slo(
             holds="not-evaluable",
             note="no samples to measure",
         )
+    holds = slo_holds(slo, value, lo, hi)
+    return SLOResult(**base, value=value, ci_low=lo, ci_high=hi, holds=holds, note=note)
+
+
+def slo_holds(slo: SLO, value: float, lo: float, hi: float) -> HoldsT:
+    """Whether ``slo`` holds for a measured ``value`` with 95% interval ``[lo, hi]``."""
     op = _OPS[slo.op]
     conservative = lo if slo.op in (">=", ">") else hi
     if op(conservative, slo.threshold):
-        holds = "with-confidence"
-    elif op(value, slo.threshold):
-        holds = "point-estimate-only"
-    else:
-        holds = "no"
-    return SLOResult(**base, value=value, ci_low=lo, ci_high=hi, holds=holds, note=note)
+        return "with-confidence"
+    if op(value, slo.threshold):
+        return "point-estimate-only"
+    return "no"
 
 
 def judge(

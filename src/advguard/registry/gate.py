@@ -8,18 +8,24 @@ reports) and JSON. See ``docs/gate.md``.
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from advguard import _safejson
 from advguard.errors import InputError
 from advguard.evaluate.compare import compare_reports
-from advguard.evaluate.metrics import Proportion
-from advguard.evaluate.report import Report, load_report
+from advguard.evaluate.formatting import attack_suite as _attacks
+from advguard.evaluate.formatting import md as _md
+from advguard.evaluate.formatting import pct
+from advguard.evaluate.formatting import report_label as _label
+from advguard.evaluate.report import Report, load_report, parse_report
 from advguard.evaluate.threat_model import SLO
 from advguard.evaluate.verdict import judge_slo
+from advguard.registry.objects import sha256_file
 from advguard.registry.policy import Policy
 
 CheckStatus = Literal["pass", "fail", "skip"]
@@ -54,16 +60,155 @@ class GateResult(BaseModel):
         return [c for c in self.checks if c.status == "fail"]
 
 
+# ----------------------------------------------------------------------------- attestation
+def default_attestation_path(report_path: str | Path) -> Path:
+    """``reports/01-x.json`` -> ``reports/01-x.intoto.json`` (the layout of registry pull)."""
+    p = Path(report_path)
+    return p.with_name(p.name.removesuffix(".json") + ".intoto.json")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def model_digest(model: str | Path) -> str:
+    """SHA-256 (hex) of the model artifact being released."""
+    p = Path(model)
+    if not p.is_file():
+        raise InputError(f"model {str(p)!r} (--model) does not exist or is not a file")
+    return sha256_file(p)[0]
+
+
+def model_binding_problem(report: Report, digest: str) -> str | None:
+    """Why ``report`` is not about the model with sha256 ``digest`` (None: it is)."""
+    claimed = report.model.get("sha256")
+    if not isinstance(claimed, str) or not claimed:
+        return "the report names no model digest (model.sha256)"
+    if claimed.lower().removeprefix("sha256:") != digest:
+        return f"the report was made for model sha256 {claimed[:64]}, not {digest}"
+    return None
+
+
+def verify_attested_report(
+    report_path: str | Path,
+    public_key: str | Path,
+    model: str | Path,
+    attestation: str | Path | None = None,
+) -> Report:
+    """Load ``report_path`` and prove it: its signed attestation (a DSSE envelope from
+    :func:`advguard.registry.signing.attest_report`; default next to the report, see
+    :func:`default_attestation_path`) must verify with ``public_key``, be about the model
+    file ``model`` (its sha256), and contain exactly the report's content, whose own
+    ``model.sha256`` must be that digest too.
+
+    Returns the verified report (also checked for schema and consistency). Raises
+    :class:`~advguard.registry.signing.SignatureError` when verification fails and
+    :class:`InputError` for missing or malformed files.
+    """
+    from advguard.registry import signing
+
+    att = Path(attestation) if attestation is not None else default_attestation_path(report_path)
+    digest = model_digest(model)
+    on_disk = _safejson.load_file(report_path, what="report")
+    if not att.is_file():
+        raise signing.SignatureError(
+            f"no attestation for {report_path} ({att} does not exist): the report is not signed"
+        )
+    envelope = _safejson.read_bytes(att, what="attestation")
+    _safejson.loads(envelope, source=str(att))  # bounded parse before the verifier's own
+    predicate = signing.verify_report_attestation(envelope, Path(public_key), digest)
+    if _canonical(on_disk) != _canonical(predicate):
+        raise signing.SignatureError(
+            f"{report_path} differs from the report signed in {att}: it was edited after signing"
+        )
+    report = parse_report(predicate, str(report_path))
+    problem = model_binding_problem(report, digest)
+    if problem:
+        raise signing.SignatureError(f"{report_path}: {problem}")
+    return report
+
+
+def provenance_checks(
+    report_path: str | Path,
+    report: Report,
+    *,
+    model: str | Path | None = None,
+    public_key: str | Path | None = None,
+    attestation: str | Path | None = None,
+    require_attestation: bool = False,
+) -> tuple[list[Check], list[str]]:
+    """Checks that tie the report to a signer and to the released model.
+
+    With ``public_key`` (needs ``model``): the ``report attestation`` check (see
+    :func:`verify_attested_report`). Without it, with ``model``: only the report's own
+    ``model.sha256`` is compared (a hand edit can change it too). ``require_attestation``
+    without a key is a usage error. Returns ``(checks, warnings)``.
+    """
+    from advguard.registry import signing
+
+    if public_key is None:
+        if require_attestation:
+            raise InputError(
+                "this gate requires a signed report attestation: pass --public-key PEM and "
+                "--model FILE (the policy's require_attestation or --require-attestation)"
+            )
+        checks = []
+        if model is not None:
+            digest = model_digest(model)
+            problem = model_binding_problem(report, digest)
+            checks.append(
+                Check(
+                    name="report is about the released model",
+                    expected=f"model sha256 {digest}",
+                    actual=str(report.model.get("sha256") or "none")[:80],
+                    status="fail" if problem else "pass",
+                    message=problem or "",
+                )
+            )
+        warnings = [
+            "the report is not verified against a signed attestation: the gate checked its "
+            "schema and internal consistency only, which a hand edit that recomputes every "
+            "number passes; use --public-key (docs/gate.md)"
+        ]
+        return checks, warnings
+    if model is None:
+        raise InputError(
+            "--public-key needs --model FILE: the released model, whose sha256 the report's "
+            "attestation must name"
+        )
+    digest = model_digest(model)
+    try:
+        verify_attested_report(report_path, public_key, model, attestation)
+    except signing.SignatureError as e:
+        status: CheckStatus = "fail"
+        actual, message = "not verified", str(e)
+    else:
+        status, actual, message = "pass", "verified", ""
+    return [
+        Check(
+            name="report attestation",
+            expected=f"signed by {Path(public_key).name}, about model sha256 {digest}, unedited",
+            actual=actual,
+            status=status,
+            message=message,
+        )
+    ], []
+
+
 # ----------------------------------------------------------------------------- baseline
 def resolve_baseline(
-    spec: str | Path, *, registry_model: str | None = None, threat_model: str | None = None
+    spec: str | Path,
+    *,
+    registry_model: str | None = None,
+    threat_model: str | None = None,
+    public_key: str | Path | None = None,
 ) -> Report:
     """Load the baseline: a report path, or ``production`` (the registry's production report).
 
-    ``production`` asks the model registry's hook
-    ``advguard.registry.store.resolve_baseline(name) -> Report | path`` for the report of the
-    model ``registry_model`` now in production (for ``threat_model`` when given; the registry
-    location comes from ``ADVGUARD_REGISTRY`` / ``ADVGUARD_REGISTRY_DB``).
+    ``production`` reads the report of the model ``registry_model`` now in production (for
+    ``threat_model`` when given; the registry location comes from ``ADVGUARD_REGISTRY`` /
+    ``ADVGUARD_REGISTRY_DB``) and always verifies its signed attestation with ``public_key``
+    against the production version's model digest: without a key it refuses.
     """
     if str(spec) != "production":
         return load_report(spec)
@@ -72,32 +217,42 @@ def resolve_baseline(
             "--baseline production needs --registry-model NAME (the registered model whose "
             "production report is the baseline), or pass --baseline path/to/report.json"
         )
-    try:
-        from advguard.registry import store
-    except ImportError:
-        store = None  # type: ignore[assignment]
-    hook = getattr(store, "resolve_baseline", None)
-    if hook is None:
+    if public_key is None:
         raise InputError(
-            "--baseline production: the model registry is unavailable in this installation "
-            "(advguard.registry.store.resolve_baseline is missing); pass --baseline "
-            "path/to/report.json instead"
+            "--baseline production needs --public-key: the production report is only trusted "
+            "once its signed attestation verifies"
         )
-    found = hook(registry_model, threat_model=threat_model)
-    if isinstance(found, Report):
-        return found
-    return load_report(found)
+    from advguard.registry import signing
+    from advguard.registry.objects import digest_of_ref
+    from advguard.registry.store import Registry
+
+    with Registry() as reg:
+        info = reg.get(f"{registry_model}@production")
+        picks = [r for r in info.reports if threat_model is None or r.threat_model == threat_model]
+        if not picks:
+            have = ", ".join(sorted({r.threat_model for r in info.reports})) or "none"
+            raise InputError(
+                f"{info.ref} has no report for threat model {threat_model!r} (it has: {have})"
+            )
+        rep = picks[-1]
+        if not rep.attestation:
+            raise signing.SignatureError(
+                f"the production report of {info.ref} ({rep.threat_model}) has no attestation; "
+                "push the version with --key so its reports are attested"
+            )
+        raw = reg.objects.read_bytes(rep.digest, name=f"report {rep.threat_model}")
+        env = reg.objects.read_bytes(
+            digest_of_ref(rep.attestation), name=f"attestation of report {rep.threat_model}"
+        )
+    source = f"production report of {info.ref}"
+    _safejson.loads(env, source=f"attestation of the {source}")
+    predicate = signing.verify_report_attestation(env, Path(public_key), info.model_digest)
+    if _canonical(_safejson.loads(raw, source=source)) != _canonical(predicate):
+        raise signing.SignatureError(f"the {source} does not match its attestation")
+    return parse_report(predicate, source)
 
 
 # ----------------------------------------------------------------------------- checks
-def _pct(p: Proportion | float | None) -> str:
-    if p is None:
-        return "n/a"
-    if isinstance(p, Proportion):
-        if p.value is None:
-            return "n/a (n=0)"
-        return f"{p.value:.1%} [{p.ci_low:.1%}, {p.ci_high:.1%}]"
-    return f"{p:.1%}"
 
 
 def _report_slos(report: Report) -> list[SLO]:
@@ -152,12 +307,6 @@ def _slo_check(
         status=status,
         message=msg,
     )
-
-
-def _attacks(r: Report) -> list[Any]:
-    if r.suite:
-        return [(s.attack, s.params) for s in r.suite]
-    return list(r.threat_model.get("attacks") or [])
 
 
 def _threat_model_diffs(base: Report, cand: Report) -> list[str]:
@@ -231,7 +380,8 @@ def _baseline_checks(report: Report, baseline: Report, policy: Policy) -> list[C
             )
             continue
         drop = 0.0 - row.delta * 100  # (0.0 - x: no '-0.00' for equal values)
-        actual = f"{drop:+.2f} pts ({_pct(row.a)} -> {_pct(row.b)})"
+        a, b = (pct(p, missing="n/a", no_samples="n/a (n=0)") for p in (row.a, row.b))
+        actual = f"{drop:+.2f} pts ({a} -> {b})"
         if limit is None:
             checks.append(
                 Check(name=name, expected="no limit", actual=actual, status="skip", message="")
@@ -249,19 +399,30 @@ def _baseline_checks(report: Report, baseline: Report, policy: Policy) -> list[C
     return checks
 
 
-def run_gate(report: Report, policy: Policy, baseline: Report | None = None) -> GateResult:
-    """Judge ``report`` against ``policy`` (and regression limits against ``baseline``)."""
-    checks: list[Check] = []
-    warnings: list[str] = []
+def run_gate(
+    report: Report,
+    policy: Policy,
+    baseline: Report | None = None,
+    *,
+    provenance: tuple[list[Check], list[str]] | None = None,
+) -> GateResult:
+    """Judge ``report`` against ``policy`` (and regression limits against ``baseline``).
+
+    ``provenance``: the checks and warnings of :func:`provenance_checks` (they come first).
+    """
+    checks: list[Check] = list(provenance[0]) if provenance else []
+    warnings: list[str] = list(provenance[1]) if provenance else []
     failed_sanity = [c.id for c in report.sanity_checks if c.status == "fail"]
+    # every signal must agree: the flag, the sanity checks and the verdict
+    trusted = report.trustworthy and not failed_sanity and report.verdict.status != "untrustworthy"
     checks.append(
         Check(
             name="evaluation trustworthy",
             expected="true (all sanity checks pass)",
-            actual=str(report.trustworthy).lower(),
-            status="pass" if report.trustworthy else "fail",
+            actual=str(trusted).lower(),
+            status="pass" if trusted else "fail",
             message=""
-            if report.trustworthy
+            if trusted
             else "sanity checks failed"
             + (f" ({', '.join(failed_sanity)})" if failed_sanity else "")
             + ": robust accuracy may be overstated; an untrustworthy evaluation never passes",
@@ -314,17 +475,7 @@ def run_gate(report: Report, policy: Policy, baseline: Report | None = None) -> 
     )
 
 
-def _label(r: Report) -> str:
-    for key in ("name", "path", "source", "adapter"):
-        if r.model.get(key):
-            return str(r.model[key])
-    return "model"
-
-
 # ----------------------------------------------------------------------------- views
-def _md(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
 
 _ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "skip": "➖ skip"}
 

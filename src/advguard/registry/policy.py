@@ -15,6 +15,7 @@ A policy is YAML validated with pydantic; errors name the file, line and field::
     max_clean_accuracy_drop: 0.5
     require_same_threat_model: true # else the gate fails: the numbers are not comparable
     require_baseline: false         # true: fail when no --baseline is given
+    require_attestation: false      # true: refuse to run without --public-key and --model
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from advguard import _safejson
 from advguard.errors import InputError
 from advguard.evaluate.threat_model import SLO, parse_yaml_model
+
+MAX_POLICY_BYTES = 1024 * 1024
 
 
 class Policy(BaseModel):
@@ -48,6 +52,11 @@ class Policy(BaseModel):
         True, description="baseline must use the same norm, knowledge, goal, attacks, epsilons"
     )
     require_baseline: bool = Field(False, description="fail when no baseline is given")
+    require_attestation: bool = Field(
+        False,
+        description="the report must carry a signed attestation (the gate refuses to run "
+        "without --public-key and --model)",
+    )
 
     @field_validator("require_trustworthy")
     @classmethod
@@ -64,7 +73,8 @@ def load_policy(path: str | Path) -> Policy:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"policy {str(p)!r} does not exist (see docs/ci/policy.yaml)")
-    return parse_policy(p.read_text(), str(p))
+    raw = _safejson.read_bytes(p, what="policy", max_bytes=MAX_POLICY_BYTES)
+    return parse_policy(_safejson.yaml_text(raw, source=str(p), max_bytes=MAX_POLICY_BYTES), str(p))
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:

@@ -627,6 +627,12 @@ class Registry:
         except InputError:
             self.engine.dispose()
             raise
+        except (UnicodeDecodeError, ValueError, OverflowError) as exc:  # sqlite on garbage bytes
+            self.engine.dispose()
+            raise InputError(
+                f"cannot open the registry database {self.engine.url!r}: it is corrupt "
+                f"({type(exc).__name__})"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()
