@@ -237,6 +237,7 @@ class TextEvaluator:
                     epsilon=eps_f,
                     robust_accuracy=proportion(robust, n),
                     fooling_rate=proportion(int(fooled.sum()), n_correct),
+                    first_robust_accuracy=None,
                     perturbation={
                         "edits": Stat(**summary(edits[fooled])),
                         "words": Stat(**summary(words[fooled])),
@@ -278,6 +279,7 @@ class TextEvaluator:
             ),
             suggestion="" if rejected == 0 else "Check that the model is deterministic.",
             details={"rejected_claims": rejected},
+            escalation=None,
         )
 
     def _check_larger_budget(
@@ -287,13 +289,13 @@ class TextEvaluator:
         top = int(max(tm.epsilons))
         big = max(LARGER_BUDGET_FACTOR * top, 1)
         pick = np.flatnonzero(alive)[: tm.sanity_samples]
-        base = {
-            "id": "text-larger-budget",
-            "title": f"Attacks still work with {LARGER_BUDGET_FACTOR}x the largest budget",
-        }
+        cid = "text-larger-budget"
+        title = f"Attacks still work with {LARGER_BUDGET_FACTOR}x the largest budget"
         if len(pick) == 0:
             return SanityCheck(
-                **base,
+                id=cid,
+                title=title,
+                escalation=None,
                 status="skip",
                 explanation=f"No text survived edit budget {top}; nothing to re-attack.",
                 details={"budget": big, "survivors_tested": 0},
@@ -320,7 +322,9 @@ class TextEvaluator:
         details = {"budget": big, "survivors_tested": len(pick), "evaded": evaded}
         if evaded:
             return SanityCheck(
-                **base,
+                id=cid,
+                title=title,
+                escalation=None,
                 status="pass",
                 explanation=(
                     f"With {big} edits the attacks evaded {evaded} of {len(pick)} texts that "
@@ -330,7 +334,9 @@ class TextEvaluator:
                 details=details,
             )
         return SanityCheck(
-            **base,
+            id=cid,
+            title=title,
+            escalation=None,
             status="warn",
             explanation=(
                 f"Even with {big} edits the attacks evaded none of the {len(pick)} texts that "

@@ -183,7 +183,7 @@ class _GuardedSocket:
 
     def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if mode != "rb":
-            return self._sock.makefile(mode, *args, **kwargs)
+            return self._sock.makefile(mode, *args, **kwargs)  # type: ignore[call-overload]
         return io.BufferedReader(_GuardedReader(self._sock, self._deadline))
 
     def sendall(self, data: Any, *args: Any) -> None:
@@ -202,14 +202,15 @@ class _GuardMixin:
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         if self._advguard_deadline is not None:
-            self.sock = _GuardedSocket(self.sock, self._advguard_deadline)  # type: ignore[has-type]
+            sock: Any = self.sock  # type: ignore[has-type]
+            self.sock: Any = _GuardedSocket(sock, self._advguard_deadline)
 
 
-class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):
+class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):  # type: ignore[misc]
     pass
 
 
-class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):
+class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):  # type: ignore[misc]
     pass
 
 
@@ -395,9 +396,9 @@ class HttpClassifier(ClassifierBase):
         if output not in ("probabilities", "logits"):
             raise InputError(f"output must be 'probabilities' or 'logits', got {output!r}")
         self.output: str = output
-        for name, val in (("input_field", input_field), ("output_field", output_field)):
-            if val is not None and (not isinstance(val, str) or not val):
-                raise InputError(f"{name} must be a non-empty string, got {val!r}")
+        for field_name, fval in (("input_field", input_field), ("output_field", output_field)):
+            if fval is not None and (not isinstance(fval, str) or not fval):
+                raise InputError(f"{field_name} must be a non-empty string, got {fval!r}")
         self.input_field = input_field
         self.output_field = output_field if output_field is not None else output
         self.flatten = bool(flatten)
