@@ -44,6 +44,7 @@ class ModelServer:
       status line and headers one byte at a time).
     - ``nested``: answer ``{"probabilities": [[[...]]]}`` nested this many levels.
     - ``extra_values``: add a field holding this many zeros to a normal answer.
+    - ``short_body``: the next k answers announce their length but send only half the body.
 
     ``bytes_sent`` counts body bytes the server managed to write (streamed and dripped).
     """
@@ -82,6 +83,7 @@ class ModelServer:
         self.drip_bytes = 2000
         self.nested = 0
         self.extra_values = 0
+        self.short_body = 0
         self.bytes_sent = 0
         self.closing = threading.Event()
         self.requests = 0
@@ -195,10 +197,15 @@ def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
                 return
             status, headers, out = server.handle(dict(self.headers.items()), body)
+            length = len(out)
+            with server._lock:
+                if server.short_body > 0:
+                    server.short_body -= 1
+                    out = out[: len(out) // 2]
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
+                self.send_header("Content-Length", str(length))
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()

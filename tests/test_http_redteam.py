@@ -265,6 +265,18 @@ def test_declared_huge_body_is_not_read(server, digits):
     assert server.bytes_sent < 32 * MIB and server.requests == 1
 
 
+def test_cut_short_body_is_retried(server, digits):
+    _, _, x, _ = digits
+    server.short_body = 1  # the first answer stops halfway through its Content-Length
+    clock = FakeClock()
+    remote = client(server.url, retries=2, sleep=clock.sleep)
+    assert len(remote.predict(x[:4])) == 4
+    assert server.requests == 2 and len(clock.sleeps) == 1
+    server.short_body = 5
+    with pytest.raises(EndpointError, match=r"after 3 attempt\(s\).*IncompleteRead"):
+        client(server.url, retries=2, sleep=clock.sleep).predict(x[:4])
+
+
 def test_default_cap_is_16_mib_and_validated():
     assert client("http://127.0.0.1:1/p").max_response_bytes == 16 * MIB
     assert client("http://127.0.0.1:1/p").describe()["max_response_bytes"] == 16 * MIB

@@ -171,3 +171,15 @@ def test_cli_text_evaluate_report_and_gate(text_model, tmp_path):
     assert bad.exit_code == 2 and "use a text threat model" in " ".join(bad.output.split())
     bad = runner.invoke(app, ["evaluate", "--model", str(path), "--data", "digits", "-t", str(tm)])
     assert bad.exit_code == 2 and "give a text data set" in " ".join(bad.output.split())
+
+
+def test_attack_and_redteam_refuse_text(text_model, tmp_path):
+    path, _ = text_model
+    res = runner.invoke(
+        app, ["attack", "--model", str(path), "--data", "spamham", "--out", str(tmp_path / "a")]
+    )
+    assert res.exit_code == 2 and "text threat model" in " ".join(res.output.split())
+    from advguard.evaluate.redteam import run_redteam
+
+    with pytest.raises(InputError, match="text endpoint is not supported"):
+        run_redteam("http://127.0.0.1:9/predict", "spamham", "text-standard", tmp_path)

@@ -125,6 +125,11 @@ def run_redteam(
         from advguard.data import load_dataset
 
         data = load_dataset(str(data))
+    if tm.is_text or getattr(data, "modality", None) == "text":
+        raise InputError(
+            "red-teaming a text endpoint is not supported: the HTTP contract sends numeric "
+            "inputs; evaluate text models locally (advguard evaluate, norm: edits)"
+        )
     model = HttpClassifier(
         url,
         input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
