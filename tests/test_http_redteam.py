@@ -666,3 +666,71 @@ def test_cli_redteam_max_response_bytes(server, tmp_path):
     assert res.exit_code == 2, res.output
     assert "more than 65536 bytes" in res.output and "Traceback" not in res.output
     assert server.bytes_sent < 32 * MIB and server.requests == 1
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (cert path, key path)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_https_private_ca_cap_and_deadline(lr, digits, tmp_path):
+    import ssl
+
+    _, _, x, _ = digits
+    cert, key = _self_signed(tmp_path)
+    with ModelServer(lr.predict_proba) as srv:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        srv._httpd.socket = server_ctx.wrap_socket(srv._httpd.socket, server_side=True)
+        url = srv.url.replace("http://", "https://")
+        trusted = ssl.create_default_context(cafile=cert)
+        assert len(client(url, ssl_context=trusted).predict(x[:4])) == 4
+        with pytest.raises(EndpointError, match=r"TLS error.*CERTIFICATE_VERIFY_FAILED"):
+            client(url, retries=0).predict(x[:4])  # certificates are verified by default
+        srv.stream_bytes = 64 * MIB
+        with pytest.raises(EndpointResponseError, match="more than 65536 bytes"):
+            client(url, ssl_context=trusted, max_response_bytes=65536).predict(x[:4])
+        srv.closing.set()
+        assert srv.bytes_sent < 32 * MIB
+        srv.closing.clear()
+        srv.stream_bytes, srv.drip = 0, 0.02
+        clock = FakeClock(tick=1.0)
+        remote = client(url, ssl_context=trusted, timeout=5.0, deadline=8.0, retries=0, clock=clock)
+        with pytest.raises(EndpointError, match="no complete response within 8 s"):
+            remote.predict(x[:4])
+        srv.closing.set()
