@@ -324,8 +324,11 @@ class HttpClassifier(ClassifierBase):
         cap is passed and :class:`EndpointResponseError` is raised; a larger declared
         ``Content-Length`` is refused before reading.
     max_json_depth:
-        Most nesting levels of the response JSON (default 32). The number of values is
-        also bounded by the expected batch (``4 * n * (num_classes + 1) + 1024``).
+        Most nesting levels of the response JSON (default 32).
+    max_json_values:
+        Most JSON values (numbers, strings, containers) in one response; None (default)
+        scales with the batch: ``4 * n * (num_classes + 1) + 1024`` for ``n`` inputs. Raise
+        it for an endpoint that returns large extra fields (e.g. embeddings).
     retries:
         Further attempts after a connection error, a time-out, a 5xx or a 429
         (so at most ``1 + retries`` requests per batch).
@@ -378,6 +381,7 @@ class HttpClassifier(ClassifierBase):
         deadline: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+        max_json_values: int | None = None,
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -426,6 +430,15 @@ class HttpClassifier(ClassifierBase):
                 raise InputError(f"{name} must be an integer >= 1, got {ival!r}")
         self.max_response_bytes = int(max_response_bytes)
         self.max_json_depth = int(max_json_depth)
+        if max_json_values is not None and (
+            not isinstance(max_json_values, int | np.integer)
+            or isinstance(max_json_values, bool)
+            or max_json_values < 1
+        ):
+            raise InputError(
+                f"max_json_values must be an integer >= 1 or None, got {max_json_values!r}"
+            )
+        self.max_json_values = None if max_json_values is None else int(max_json_values)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
@@ -703,11 +716,11 @@ class HttpClassifier(ClassifierBase):
                 f"{where}: JSON nested {depth} levels deep, over the limit of "
                 f"{self.max_json_depth} (max_json_depth); not parsed"
             )
-        max_values = 4 * n * (self.num_classes + 1) + 1024
+        max_values = self.max_json_values or 4 * n * (self.num_classes + 1) + 1024
         if values > max_values:
             raise EndpointResponseError(
                 f"{where}: JSON holds about {values} values, over the {max_values} allowed "
-                f"for {n} input(s) of {self.num_classes} classes; not parsed"
+                f"for {n} input(s) of {self.num_classes} classes (max_json_values); not parsed"
             )
         try:
             payload = json.loads(body)
