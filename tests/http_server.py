@@ -36,6 +36,17 @@ class ModelServer:
     - ``missing_field``: answer ``{"result": ...}`` instead of the output field.
     - ``delay``: sleep this many seconds before answering.
     - ``echo_key_in_errors``: 401 bodies quote the key header received (to test redaction).
+    - ``stream_bytes``: answer 200 with a body of this many bytes streamed in 64 KiB writes,
+      without ``Content-Length`` (the body ends when the connection closes).
+    - ``declare_length``: with ``stream_bytes``, announce it as ``Content-Length``.
+    - ``drip``: seconds between single bytes; ``drip_where`` is ``"body"`` (headers at
+      once, then a ``drip_bytes``-byte body one byte at a time) or ``"headers"`` (the
+      status line and headers one byte at a time).
+    - ``nested``: answer ``{"probabilities": [[[...]]]}`` nested this many levels.
+    - ``extra_values``: add a field holding this many zeros to a normal answer.
+    - ``short_body``: the next k answers announce their length but send only half the body.
+
+    ``bytes_sent`` counts body bytes the server managed to write (streamed and dripped).
     """
 
     def __init__(
@@ -65,6 +76,16 @@ class ModelServer:
         self.missing_field = False
         self.delay = 0.0
         self.echo_key_in_errors = False
+        self.stream_bytes = 0
+        self.declare_length = False
+        self.drip = 0.0
+        self.drip_where = "body"
+        self.drip_bytes = 2000
+        self.nested = 0
+        self.extra_values = 0
+        self.short_body = 0
+        self.bytes_sent = 0
+        self.closing = threading.Event()
         self.requests = 0
         self.samples = 0
         self.request_times: list[float] = []
@@ -92,6 +113,7 @@ class ModelServer:
         return self
 
     def stop(self) -> None:
+        self.closing.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -134,6 +156,9 @@ class ModelServer:
             return 400, {}, json.dumps({"error": f"bad request: {e}"}).encode()
         if self.malformed:
             return 200, {}, b"<html>oops, not json"
+        if self.nested:
+            d = self.nested
+            return 200, {}, b'{"probabilities": ' + b"[" * d + b"]" * d + b"}"
         out = np.asarray(self.predict(x.reshape(len(x), -1)), dtype=np.float64)
         with self._lock:
             self.samples += len(x)
@@ -146,7 +171,15 @@ class ModelServer:
         if self.negative:
             out[0, 0] = -0.5
         field = "result" if self.missing_field else self.output_field
-        return 200, {}, json.dumps({field: out.tolist()}).encode()
+        answer: dict[str, Any] = {field: out.tolist()}
+        if self.extra_values:
+            answer["debug"] = [0] * self.extra_values
+        return 200, {}, json.dumps(answer).encode()
+
+    def add_sent(self, n: int, *, request: bool = False) -> None:
+        with self._lock:
+            self.bytes_sent += n
+            self.requests += int(request)
 
 
 def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
@@ -154,17 +187,70 @@ def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
+            try:
+                if server.stream_bytes or server.drip:
+                    server.add_sent(0, request=True)
+                if server.stream_bytes:
+                    return self.stream()
+                if server.drip:
+                    return self.drip()
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                return
             status, headers, out = server.handle(dict(self.headers.items()), body)
+            length = len(out)
+            with server._lock:
+                if server.short_body > 0:
+                    server.short_body -= 1
+                    out = out[: len(out) // 2]
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
+                self.send_header("Content-Length", str(length))
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(out)
             except (BrokenPipeError, ConnectionResetError):  # client gave up (time-out)
                 pass
+
+        def stream(self) -> None:
+            total = server.stream_bytes
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if server.declare_length:
+                self.send_header("Content-Length", str(total))
+            self.end_headers()
+            head = b'{"probabilities": ['
+            self.wfile.write(head)
+            server.add_sent(len(head))
+            block = b"0.0," * (64 * 1024 // 4)
+            sent = len(head)
+            while sent < total and not server.closing.is_set():
+                part = block[: total - sent]
+                self.wfile.write(part)
+                sent += len(part)
+                server.add_sent(len(part))
+
+        def drip(self) -> None:
+            body = b"0" * server.drip_bytes
+            if server.drip_where == "headers":
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
+                for i in range(len(head)):
+                    if server.closing.is_set():
+                        return
+                    self.wfile.write(head[i : i + 1])
+                    time.sleep(server.drip)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(len(body)):
+                if server.closing.is_set():
+                    return
+                self.wfile.write(body[i : i + 1])
+                server.add_sent(1)
+                time.sleep(server.drip)
 
         def log_message(self, format: str, *args: Any) -> None:  # silence stderr
             pass

@@ -129,18 +129,32 @@ def test_api_key_sent_and_required(lr, digits):
         assert srv.headers_seen[-1]["x-api-key"] == KEY
 
 
-# -- retries ---------------------------------------------------------------------------
+# -- retries (against a fake clock: no wall-clock bounds) ----------------------------------
+class FakeClock:
+    """Monotonic clock that moves only when slept on, or by ``tick`` per reading."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now = 0.0
+        self.tick = tick
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def test_429_retry_after_seconds_is_honoured(server, digits):
     _, _, x, _ = digits
     server.fail_429, server.retry_after = 2, "0.2"
-    remote = client(server.url, retries=3, backoff=5.0)  # backoff would be far longer
-    t0 = time.monotonic()
+    clock = FakeClock()
+    remote = client(server.url, retries=3, backoff=5.0, clock=clock, sleep=clock.sleep)
     assert len(remote.predict(x[:8])) == 8
-    elapsed = time.monotonic() - t0
-    gaps = np.diff(server.request_times)
+    assert clock.sleeps == [0.2, 0.2]  # Retry-After, not the (far longer) backoff
     assert server.requests == 3 and remote.retries_done == 2
-    assert (gaps >= 0.19).all() and (gaps < 0.6).all(), gaps
-    assert 0.39 <= elapsed < 1.5
     assert remote.usage()["seconds_waited"] == pytest.approx(0.4)
     assert remote.queries.forward == 8  # 429s answer nothing
 
@@ -149,11 +163,22 @@ def test_429_retry_after_http_date_is_capped(server, digits):
     _, _, x, _ = digits
     server.fail_429 = 1
     server.retry_after = email.utils.formatdate(time.time() + 30, usegmt=True)
-    remote = client(server.url, max_retry_after=0.25, backoff=5.0)
-    t0 = time.monotonic()
+    clock = FakeClock()
+    remote = client(server.url, max_retry_after=0.25, backoff=5.0, sleep=clock.sleep)
     remote.predict(x[:2])
-    assert 0.24 <= time.monotonic() - t0 < 1.0
+    assert clock.sleeps == [0.25]
     assert remote.seconds_waited == pytest.approx(0.25)
+
+
+def test_429_without_retry_after_backs_off(server, digits):
+    _, _, x, _ = digits
+    server.fail_429, server.retry_after = 3, None
+    clock = FakeClock()
+    remote = client(server.url, retries=3, backoff=1.0, max_backoff=3.0, sleep=clock.sleep)
+    remote.predict(x[:2])
+    d = [1.0, 2.0, 3.0]  # backoff * 2**k, capped at max_backoff
+    assert len(clock.sleeps) == 3
+    assert all(k / 2 <= w <= k for w, k in zip(clock.sleeps, d, strict=True)), clock.sleeps
 
 
 def test_parse_retry_after():
@@ -171,9 +196,8 @@ def test_500_retried_then_success_with_deterministic_backoff(server, digits):
     waits: list[list[float]] = []
     for _ in range(2):
         server.fail_500 = 2
-        remote = client(server.url, retries=3, backoff=0.04, seed=123)
         seen: list[float] = []
-        remote._sleep = seen.append  # record instead of sleeping
+        remote = client(server.url, retries=3, backoff=0.04, seed=123, sleep=seen.append)
         assert len(remote.predict(x[:5])) == 5
         waits.append(seen)
     assert waits[0] == waits[1] and len(waits[0]) == 2  # same seed, same jitter
@@ -184,33 +208,136 @@ def test_500_retried_then_success_with_deterministic_backoff(server, digits):
 def test_retries_exhausted_gives_status_and_body(server, digits):
     _, _, x, _ = digits
     server.fail_500 = 10
-    remote = client(server.url, retries=2)
+    clock = FakeClock()
+    remote = client(server.url, retries=2, sleep=clock.sleep)
     with pytest.raises(EndpointError, match=r"still failing after 3 attempt\(s\): HTTP 500") as ei:
         remote.predict(x[:5])
     assert "internal error" in str(ei.value) and server.url in str(ei.value)
     assert ei.value.status == 500
     assert server.requests == 3 and remote.queries.forward == 0
+    assert len(clock.sleeps) == 2  # a wait between attempts, none after the last
 
 
-def test_unreachable_endpoint_fails_fast_and_names_url(digits):
+def test_unreachable_endpoint_names_url(digits):
     _, _, x, _ = digits
     url = f"http://127.0.0.1:{free_port()}/predict"
-    remote = client(url, retries=2, timeout=2.0)
-    t0 = time.monotonic()
+    clock = FakeClock()
+    remote = client(url, retries=2, timeout=2.0, clock=clock, sleep=clock.sleep)
     with pytest.raises(EndpointError, match=r"could not reach .* after 3 attempt\(s\)") as ei:
         remote.predict(x[:3])
-    assert time.monotonic() - t0 < 2.0
     assert url in str(ei.value) and "refused" in str(ei.value).lower()
     assert isinstance(ei.value, AdvguardError)
+    assert len(clock.sleeps) == 2 and remote.requests_sent == 3
 
 
 def test_slow_endpoint_times_out(server, digits):
     _, _, x, _ = digits
     server.delay = 0.5
-    remote = client(server.url, timeout=0.15, retries=1)
-    with pytest.raises(EndpointError, match=r"no response within 0.15 s"):
+    remote = client(server.url, timeout=0.15, retries=1, sleep=FakeClock().sleep)
+    with pytest.raises(EndpointError, match=r"no complete response within 0.15 s"):
         remote.predict(x[:3])
-    assert server.requests == 2
+    assert server.requests == 2  # a time-out is retried
+
+
+# -- hostile responses: size, drip, depth --------------------------------------------------
+MIB = 1024 * 1024
+
+
+def test_streamed_huge_body_stops_at_the_cap(server, digits):
+    _, _, x, _ = digits
+    server.stream_bytes = 1024 * MIB  # 1 GiB, no Content-Length
+    remote = client(server.url, max_response_bytes=MIB, retries=0)
+    with pytest.raises(EndpointResponseError, match=r"more than 1048576 bytes.*stopped reading"):
+        remote.predict(x[:3])
+    server.closing.set()  # end the writer if the kernel buffers still take bytes
+    # the client stopped after ~1 MiB: the rest are the loopback socket buffers (a few MiB)
+    assert MIB < server.bytes_sent < 32 * MIB, server.bytes_sent
+    assert remote.queries.forward == 0 and server.requests == 1  # not retried
+
+
+def test_declared_huge_body_is_not_read(server, digits):
+    _, _, x, _ = digits
+    server.stream_bytes, server.declare_length = 1024 * MIB, True
+    remote = client(server.url, max_response_bytes=MIB)
+    with pytest.raises(EndpointResponseError, match=r"announced a 1073741824-byte response"):
+        remote.predict(x[:3])
+    server.closing.set()
+    assert server.bytes_sent < 32 * MIB and server.requests == 1
+
+
+def test_cut_short_body_is_retried(server, digits):
+    _, _, x, _ = digits
+    server.short_body = 1  # the first answer stops halfway through its Content-Length
+    clock = FakeClock()
+    remote = client(server.url, retries=2, sleep=clock.sleep)
+    assert len(remote.predict(x[:4])) == 4
+    assert server.requests == 2 and len(clock.sleeps) == 1
+    server.short_body = 5
+    with pytest.raises(EndpointError, match=r"after 3 attempt\(s\).*IncompleteRead"):
+        client(server.url, retries=2, sleep=clock.sleep).predict(x[:4])
+
+
+def test_default_cap_is_16_mib_and_validated():
+    assert client("http://127.0.0.1:1/p").max_response_bytes == 16 * MIB
+    assert client("http://127.0.0.1:1/p").describe()["max_response_bytes"] == 16 * MIB
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="max_response_bytes"):
+            client("http://127.0.0.1:1/p", max_response_bytes=bad)
+    with pytest.raises(InputError, match="deadline"):
+        client("http://127.0.0.1:1/p", deadline=0)
+    m = client("http://127.0.0.1:1/p", timeout=7)
+    assert m.deadline == 7.0 and m.describe()["deadline"] == 7.0  # default: the timeout
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_slow_drip_hits_the_deadline(server, digits, where):
+    _, _, x, _ = digits
+    server.drip, server.drip_where = 0.02, where  # one byte per 20 ms: each read succeeds
+    # every clock reading is one (fake) second later: the client sends, then gets a few reads
+    clock = FakeClock(tick=1.0)
+    remote = client(
+        server.url, timeout=5.0, deadline=8.0, retries=1, clock=clock, sleep=clock.sleep
+    )
+    with pytest.raises(EndpointError, match=r"no complete response within 8 s") as ei:
+        remote.predict(x[:3])
+    assert "\n" not in str(ei.value)
+    server.closing.set()
+    assert server.requests == 2  # an overrun is a time-out: retried, then given up
+    assert server.bytes_sent < 20  # 2000 body bytes would take 40 s without the deadline
+
+
+def test_deeply_nested_json_is_refused(server, digits):
+    _, _, x, _ = digits
+    server.nested = 100_000  # json.loads would hit the recursion limit
+    remote = client(server.url)
+    with pytest.raises(EndpointResponseError, match=r"nested 100001 levels deep.*limit of 32"):
+        remote.predict(x[:3])
+    server.nested = 40
+    with pytest.raises(EndpointResponseError, match=r"nested 41 levels"):
+        client(server.url).predict(x[:3])
+    with pytest.raises(EndpointResponseError, match=r"has 1 row"):  # parsed under a raised limit
+        client(server.url, max_json_depth=64).predict(x[:3])
+    assert server.requests == 3  # not retried
+
+
+def test_too_many_values_for_the_batch(server, digits):
+    _, _, x, _ = digits
+    server.extra_values = 200_000  # 3 inputs x 10 classes expected
+    remote = client(server.url)
+    with pytest.raises(EndpointResponseError, match=r"about 2000\d\d values, over the 1156"):
+        remote.predict(x[:3])
+    server.extra_values = 50  # a few ignored extra fields are fine
+    assert len(client(server.url).predict(x[:3])) == 3
+    server.extra_values = 200_000  # an endpoint with big extra fields: raise the limit
+    assert len(client(server.url, max_json_values=300_000).predict(x[:3])) == 3
+
+
+def test_json_structure_ignores_strings():
+    from advguard.models.http_model import json_structure
+
+    assert json_structure(b'{"probabilities": [[0.1, 0.9], [0.5, 0.5]]}') == (3, 8)
+    assert json_structure(b'{"note": "[[[[{{ \\" ]]", "p": [1]}') == (2, 4)
+    assert json_structure(b"[" * 50 + b"]" * 50)[0] == 50
 
 
 def test_client_errors_not_retried(server, digits):
@@ -524,3 +651,89 @@ attacks:
     assert KEY not in res.json_path.read_text() and KEY not in res.html_path.read_text()
     assert res.report.data["n_evaluated"] >= 5
     assert res.report.results[0].robust_accuracy.value < 0.5  # LR on digits at linf 0.3
+
+
+def test_cli_redteam_max_response_bytes(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from advguard.cli import app
+
+    tm = tmp_path / "bb.yaml"
+    tm.write_text(BB_TM.format(attack="square"))
+    server.stream_bytes = 64 * MIB
+    args = ["redteam", "--url", server.url, "--data", "digits", "--threat-model", str(tm)]
+    args += ["--out", str(tmp_path / "out"), "--retries", "0", "--max-response-bytes", "65536"]
+    res = CliRunner().invoke(app, args)
+    server.closing.set()
+    assert res.exit_code == 2, res.output
+    assert "more than 65536 bytes" in res.output and "Traceback" not in res.output
+    assert server.bytes_sent < 32 * MIB and server.requests == 1
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (cert path, key path)."""
+    pytest.importorskip("cryptography", reason="cryptography (extra 'sign') makes the test cert")
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_https_private_ca_cap_and_deadline(lr, digits, tmp_path):
+    import ssl
+
+    _, _, x, _ = digits
+    cert, key = _self_signed(tmp_path)
+    with ModelServer(lr.predict_proba) as srv:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        srv._httpd.socket = server_ctx.wrap_socket(srv._httpd.socket, server_side=True)
+        url = srv.url.replace("http://", "https://")
+        trusted = ssl.create_default_context(cafile=cert)
+        assert len(client(url, ssl_context=trusted).predict(x[:4])) == 4
+        with pytest.raises(EndpointError, match=r"TLS error.*CERTIFICATE_VERIFY_FAILED"):
+            client(url, retries=0).predict(x[:4])  # certificates are verified by default
+        srv.stream_bytes = 64 * MIB
+        with pytest.raises(EndpointResponseError, match="more than 65536 bytes"):
+            client(url, ssl_context=trusted, max_response_bytes=65536).predict(x[:4])
+        srv.closing.set()
+        assert srv.bytes_sent < 32 * MIB
+        srv.closing.clear()
+        srv.stream_bytes, srv.drip = 0, 0.02
+        clock = FakeClock(tick=1.0)
+        remote = client(url, ssl_context=trusted, timeout=5.0, deadline=8.0, retries=0, clock=clock)
+        with pytest.raises(EndpointError, match="no complete response within 8 s"):
+            remote.predict(x[:4])
+        srv.closing.set()

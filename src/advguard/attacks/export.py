@@ -40,6 +40,11 @@ def attack_dataset(
     from advguard.attacks.norms import parse_norm
 
     norm = parse_norm(norm)
+    if getattr(data, "modality", None) == "text" or not hasattr(model, "input_shape"):
+        raise InputError(
+            "text data and text models are attacked through a text threat model: "
+            "advguard evaluate --threat-model text-standard (attacks char, word)"
+        )
     if tuple(data.input_shape) != tuple(model.input_shape):
         raise InputError(
             f"data shape {tuple(data.input_shape)} does not match the model's "

@@ -192,6 +192,50 @@ ATTACKS: dict[str, RegisteredAttack] = {
 }
 
 
+# -- text attacks ---------------------------------------------------------------------------
+TEXT_NORMS = ("edits",)
+"""Norms of text threat models: ``edits`` = character edits (Levenshtein distance) per text."""
+
+
+def _text(cls: str) -> Callable[..., Any]:
+    def build(*, norm: str, seed: int, **kw: Any) -> Any:
+        from advguard.attacks import text
+
+        return getattr(text, cls)(seed=seed, **kw)
+
+    return build
+
+
+ATTACKS.update(
+    {
+        a.name: a
+        for a in [
+            RegisteredAttack(
+                "char",
+                _text("CharAttack"),
+                TEXT_NORMS,
+                "black-box",
+                _BB,
+                "Text: score-guided character edits (homoglyphs, invisible characters, typos)",
+            ),
+            RegisteredAttack(
+                "word",
+                _text("WordAttack"),
+                TEXT_NORMS,
+                "black-box",
+                _BB,
+                "Text: score-guided word substitutions and deletions (synonyms, obfuscations)",
+            ),
+        ]
+    }
+)
+
+
+def is_text_attack(entry: RegisteredAttack) -> bool:
+    """True for attacks on text (their norms are edit budgets, see ``TEXT_NORMS``)."""
+    return set(entry.norms) <= set(TEXT_NORMS)
+
+
 def build_attack(name: str, *, norm: str, seed: int, **params: Any) -> SuiteAttack:
     """Build a registered attack with threat-model parameters (bad ones give InputError)."""
     entry = ATTACKS.get(name)

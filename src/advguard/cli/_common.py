@@ -91,9 +91,10 @@ def render_summary(report: Any, json_path: Path, html_path: Path | None) -> None
     table.add_column("median perturbation", justify="right")
     table.add_column("before escalation", justify="right")
     norm = report.threat_model["norm"]
-    key = norm if norm in ("linf", "l2", "l0") else "l2"
+    key = norm if norm in ("linf", "l2", "l0", "edits") else "l2"
     for r in report.results:
-        med = r.perturbation[key].median
+        stat = r.perturbation.get(key)
+        med = stat.median if stat is not None else None
         table.add_row(
             f"{r.epsilon:g}",
             str(r.robust_accuracy),

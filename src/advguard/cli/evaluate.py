@@ -217,7 +217,13 @@ def redteam(
     ] = None,
     flatten: Annotated[bool, typer.Option(help="Send each input as a flat list.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Most samples per request.")] = 64,
-    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 30.0,
+    timeout: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds per request in total (connect, headers and body)."),
+    ] = 30.0,
+    max_response_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Most bytes of one response body [default: 16 MiB]")
+    ] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries on errors, 5xx and 429.")] = 3,
     samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
@@ -262,6 +268,7 @@ def redteam(
             batch_size=batch_size,
             timeout=timeout,
             retries=retries,
+            **({"max_response_bytes": max_response_bytes} if max_response_bytes else {}),
             progress=progress_callback(bar),
             resume=resume,
         )

@@ -4,6 +4,8 @@
   pixel values divided by 16 into ``[0, 1]``.
 - ``breast_cancer``: 569 x 30 numeric features, 2 classes.
 - ``wine``: 178 x 13 numeric features, 3 classes.
+- ``spamham``: 343 short SMS-style texts (170 spam, 173 ham), shipped with advguard
+  (:mod:`advguard.data.spamham`); a text data set (``modality="text"``).
 
 The tabular ones are min-max scaled per feature to ``[0, 1]`` over the whole
 dataset (``bounds = (0, 1)``); the original per-feature minimum and maximum are
@@ -26,6 +28,7 @@ BUILTIN_DATASETS: Mapping[str, str] = MappingProxyType(
         "digits": "scikit-learn digits: 1797 images 1x8x8 in [0, 1], 10 classes",
         "breast_cancer": "scikit-learn breast cancer: 569 x 30 features in [0, 1], 2 classes",
         "wine": "scikit-learn wine: 178 x 13 features in [0, 1], 3 classes",
+        "spamham": "advguard spam/ham demo: 343 short texts, 2 classes (ham, spam)",
     }
 )
 """Names accepted by :func:`load_builtin`, with a one-line description each."""
@@ -79,7 +82,8 @@ def _tabular(name: str, loader: Callable) -> Dataset:
 
 
 def load_builtin(name: str) -> Dataset:
-    """Load one of :data:`BUILTIN_DATASETS` (``"digits"``, ``"breast_cancer"``, ``"wine"``)."""
+    """Load one of :data:`BUILTIN_DATASETS` (``"digits"``, ``"breast_cancer"``, ``"wine"``,
+    ``"spamham"``)."""
     key = str(name).strip().lower().removeprefix("builtin:").replace("-", "_")
     if key == "digits":
         ds = _digits()
@@ -87,6 +91,20 @@ def load_builtin(name: str) -> Dataset:
         from sklearn.datasets import load_breast_cancer
 
         ds = _tabular("breast_cancer", load_breast_cancer)
+    elif key == "spamham":
+        from advguard.data.spamham import load_spamham
+
+        texts, labels, names = load_spamham()
+        ds = Dataset(
+            x=texts,
+            y=labels,
+            bounds=(0.0, 1.0),
+            num_classes=len(names),
+            class_names=names,
+            name="spamham",
+            source="builtin:spamham",
+            modality="text",
+        )
     elif key == "wine":
         from sklearn.datasets import load_wine
 

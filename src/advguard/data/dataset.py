@@ -22,7 +22,9 @@ import numpy as np
 
 from advguard.errors import InputError
 
-Modality = Literal["image", "tabular"]
+Modality = Literal["image", "tabular", "text"]
+#: Longest text (characters) a text data set may hold per sample.
+MAX_TEXT_CHARS = 100_000
 FEATURE_TYPES: tuple[str, ...] = ("numeric", "integer", "categorical", "binary")
 
 
@@ -36,6 +38,10 @@ class Dataset:
     pair lets tabular attacks stay within each column's realistic range.
     ``metadata`` records how the data was read and transformed (scaling,
     one-hot ``encoding``, layout changes...).
+
+    Text data (``modality="text"``): ``x`` is a 1-D object array of ``str`` (a list of
+    strings is converted), one text per sample; ``bounds`` is not used for text (pass
+    e.g. ``(0.0, 1.0)``); :attr:`texts` gives them as a list.
     """
 
     x: np.ndarray
@@ -52,6 +58,13 @@ class Dataset:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.modality == "text" or (
+            isinstance(self.x, list | tuple) and self.x and isinstance(self.x[0], str)
+        ):
+            items = list(self.x) if not isinstance(self.x, np.ndarray) else self.x.tolist()
+            self.x = np.empty(len(items), dtype=object)
+            self.x[:] = items
+            self.modality = "text"
         self.x = np.asarray(self.x)
         if self.x.dtype.kind == "f" and self.x.dtype != np.float32:
             self.x = self.x.astype(np.float32)
@@ -70,6 +83,13 @@ class Dataset:
             self.feature_types = list(self.feature_types)
 
     # ------------------------------------------------------------------ basics
+    @property
+    def texts(self) -> list[str]:
+        """The samples of a text data set as a list of strings."""
+        if self.modality != "text":
+            raise InputError(f"{self._where()}is {self.modality} data, not text")
+        return [str(t) for t in self.x.tolist()]
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input, e.g. ``(1, 28, 28)`` or ``(30,)``."""
@@ -106,7 +126,7 @@ class Dataset:
             raise InputError(f"{self._where()}subset selects no samples; pass at least one index.")
         return replace(
             self,
-            x=np.array(x, dtype=np.float32, copy=True),
+            x=np.array(x, dtype=object if self.modality == "text" else np.float32, copy=True),
             y=np.array(y, copy=True),
             metadata=dict(self.metadata),
         )
@@ -160,6 +180,13 @@ class Dataset:
     def sha256(self) -> str:
         """Hex digest of x and y (values, shapes, dtypes): the same data gives the
         same digest on every platform and run; any changed value changes it."""
+        if self.modality == "text":
+            h = hashlib.sha256(b"advguard-text-dataset-v1\n")
+            for t in self.x.tolist():
+                b = str(t).encode("utf-8")
+                h.update(len(b).to_bytes(8, "little") + b)
+            h.update(np.ascontiguousarray(self.y, dtype="<i8").tobytes())
+            return h.hexdigest()
         x = np.ascontiguousarray(self.x, dtype="<f4")
         y = np.ascontiguousarray(self.y, dtype="<i8")
         header = json.dumps(
@@ -216,8 +243,13 @@ class Dataset:
                 "Pass e.g. bounds=(0.0, 1.0)."
             )
         self.bounds = (lo, hi)
-        if self.modality not in ("image", "tabular"):
-            raise InputError(f"{w}modality must be 'image' or 'tabular', got {self.modality!r}.")
+        if self.modality not in ("image", "tabular", "text"):
+            raise InputError(
+                f"{w}modality must be 'image', 'tabular' or 'text', got {self.modality!r}."
+            )
+        if self.modality == "text":
+            self._validate_text()
+            return self._validate_labels()
 
         # shapes
         if x.ndim == 0 or len(x) == 0:
@@ -276,7 +308,26 @@ class Dataset:
                 "(e.g. uint8 pixels / 255 for bounds (0, 1))."
             )
 
-        # labels
+        return self._validate_labels()
+
+    def _validate_text(self) -> None:
+        w, x, y = self._where(), self.x, self.y
+        if x.ndim != 1 or len(x) == 0:
+            raise InputError(
+                f"{w}text data must be a non-empty 1-D list of strings, got shape {x.shape}."
+            )
+        if y.ndim != 1 or len(x) != len(y):
+            raise InputError(f"{w}{len(x)} texts but labels of shape {y.shape}; give one per text.")
+        for i, t in enumerate(x.tolist()):
+            if not isinstance(t, str):
+                raise InputError(f"{w}text {i} is a {type(t).__name__}, not a string.")
+            if len(t) > MAX_TEXT_CHARS:
+                raise InputError(f"{w}text {i} has {len(t)} characters (most {MAX_TEXT_CHARS}).")
+        if self.feature_names is not None or self.feature_bounds is not None:
+            raise InputError(f"{w}text data has no feature_names or feature_bounds.")
+
+    def _validate_labels(self) -> Dataset:
+        w, y = self._where(), self.y
         if y.dtype.kind not in "iu":
             if y.dtype.kind == "f":
                 frac = np.flatnonzero(~np.isfinite(y) | (np.floor(y) != y))
@@ -309,13 +360,18 @@ class Dataset:
                 "the labels."
             )
 
-        # names, types, per-feature bounds
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise InputError(
                 f"{w}{len(self.class_names)} class_names given for num_classes="
                 f"{self.num_classes}; give one name per class."
             )
-        n_feat = int(flat.shape[1])
+        if self.modality != "text":
+            self._validate_features()
+        return self
+
+    def _validate_features(self) -> None:
+        w = self._where()
+        n_feat = int(np.prod(self.x.shape[1:]))
         if self.feature_names is not None and len(self.feature_names) != n_feat:
             raise InputError(
                 f"{w}{len(self.feature_names)} feature_names for {n_feat} features; "
@@ -346,7 +402,6 @@ class Dataset:
                     f"{w}feature_bounds low > high for {len(inverted)} features (first: "
                     f"{self._feature_label(int(inverted[0]), force=True)[2:]})."
                 )
-        return self
 
     def _feature_label(self, col: int, force: bool = False) -> str:
         if force or (self.modality == "tabular" and self.x.ndim == 2):

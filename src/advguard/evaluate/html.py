@@ -171,9 +171,33 @@ def _as_image(a: np.ndarray) -> np.ndarray | None:
 def _is_image_report(report: Report) -> bool:
     if report.data.get("modality") == "image":
         return True
-    if report.data.get("modality") == "tabular" or not report.examples:
+    if report.data.get("modality") in ("tabular", "text") or not report.examples:
         return False
     return np.asarray(report.examples[0].x, dtype=float).ndim in (2, 3)
+
+
+def _visible(text: str) -> str:
+    """``text`` with every non-ASCII character spelled ``⟨U+XXXX⟩`` (homoglyphs, invisibles)."""
+    return "".join(c if c.isascii() else f"⟨U+{ord(c):04X}⟩" for c in text)
+
+
+def _text_examples(report: Report, names: list[str] | None) -> list[dict[str, Any]]:
+    if report.data.get("modality") != "text":
+        return []
+    out = []
+    for ex in sorted(report.examples, key=lambda e: (e.epsilon, e.index))[:MAX_EXAMPLES]:
+        orig, adv = (str(v[0]) if v else "" for v in (ex.x, ex.x_adv))
+        out.append(
+            {
+                "ex": ex,
+                "original": orig,
+                "adversarial": adv,
+                "visible": _visible(adv),
+                "label": _class(names, ex.label),
+                "adv": _class(names, ex.adversarial_prediction),
+            }
+        )
+    return out
 
 
 def _example_png(ex: Example, bounds: tuple[float, float] | None) -> str | None:
@@ -286,6 +310,7 @@ def _context(report: Report) -> dict[str, Any]:
         ]
         + sorted({k for r in report.results for k in r.perturbation} - set(_PERTURBATION_NORMS)),
         "examples": examples,
+        "text_examples": _text_examples(report, names),
         "n_examples": len(report.examples),
         "features": features,
         "env": env,

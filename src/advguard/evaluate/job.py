@@ -39,16 +39,44 @@ def load_model_and_data(
     from advguard.data import load_dataset
     from advguard.models.checks import check_model_outputs
     from advguard.models.io import CLI_OPTION_NAMES, file_sha256, load_model, option_names
+    from advguard.models.text_io import is_text_model_file
 
-    with option_names(CLI_OPTION_NAMES) if cli else nullcontext():
-        model = load_model(model_path, **(model_kwargs or {}))
     data = load_dataset(data_spec, **(data_kwargs or {}))
-    check_model_outputs(model, data.x)
+    if is_text_model_file(model_path) or data.modality == "text":
+        model = load_text_classifier(model_path, data)
+    else:
+        with option_names(CLI_OPTION_NAMES) if cli else nullcontext():
+            model = load_model(model_path, **(model_kwargs or {}))
+        check_model_outputs(model, data.x)
     info = {
         "path": str(model_path),
         "sha256": file_sha256(model_path) if Path(model_path).is_file() else None,
     }
     return model, data, info
+
+
+def load_text_classifier(model_path: str | Path, data: Any) -> Any:
+    """A :class:`~advguard.attacks.text.TextClassifier` from a ``*.textmodel.json`` file,
+    checked against text ``data`` (modality and class count)."""
+    from advguard.attacks.text import TextClassifier
+    from advguard.models.text_io import TEXT_MODEL_SUFFIX, is_text_model_file, load_text_model
+
+    if not is_text_model_file(model_path):
+        raise InputError(
+            f"{data.name} is text data; give a text model file (*{TEXT_MODEL_SUFFIX}, see "
+            "advguard.models.text_io.save_text_model), got {str(model_path)!r}"
+        )
+    if data.modality != "text":
+        raise InputError(
+            f"{model_path} is a text model but {data.name} is {data.modality} data; "
+            "give a text data set (e.g. spamham)"
+        )
+    pipeline, info = load_text_model(model_path)
+    if info["num_classes"] != data.num_classes:
+        raise InputError(
+            f"the text model has {info['num_classes']} classes, the data {data.num_classes}"
+        )
+    return TextClassifier(pipeline, class_names=info["class_names"] or data.class_names)
 
 
 def data_info(data: Any) -> dict[str, Any]:
@@ -80,6 +108,9 @@ def run_evaluation(
     tm = threat_model if isinstance(threat_model, ThreatModel) else load_threat_model(threat_model)
     base = load_report(baseline) if isinstance(baseline, (str, Path)) else baseline
     out = Path(out_dir)
+    if tm.is_text or getattr(data, "modality", None) == "text":
+        report = _text_report(model, data, tm, model_info, base, progress, resume)
+        return _write(report, out, html)
     if tuple(data.input_shape) != tuple(model.input_shape):
         raise InputError(
             f"data samples have shape {tuple(data.input_shape)} but the model expects "
@@ -98,6 +129,45 @@ def run_evaluation(
         checkpoint_dir=out / ".checkpoint",
         resume=resume,
     )
+    return _write(report, out, html)
+
+
+def _text_report(
+    model: Any,
+    data: Any,
+    tm: ThreatModel,
+    model_info: dict[str, Any] | None,
+    baseline: Report | None,
+    progress: Progress | None,
+    resume: bool,
+) -> Report:
+    from advguard.evaluate.text_runner import evaluate_text
+
+    if not tm.is_text:
+        raise InputError(
+            f"{data.name} is text data but threat model {tm.name!r} has norm {tm.norm}; use a "
+            "text threat model (norm: edits), e.g. the text-standard preset"
+        )
+    if getattr(data, "modality", None) != "text":
+        raise InputError(
+            f"threat model {tm.name!r} is a text threat model but {data.name} is "
+            f"{data.modality} data; give a text data set (e.g. spamham)"
+        )
+    if resume:
+        raise InputError("text evaluations are not checkpointed; run again without --resume")
+    return evaluate_text(
+        model,
+        data.texts,
+        data.y,
+        tm,
+        model_info=model_info,
+        data_info=data_info(data),
+        baseline=baseline,
+        progress=progress,
+    )
+
+
+def _write(report: Report, out: Path, html: bool) -> JobResult:
     json_path = report.write(out)
     html_path = None
     if html:

@@ -31,14 +31,18 @@ from advguard.evaluate.job import JobResult, data_info, run_evaluation
 from advguard.evaluate.report import Report, SanityCheck
 from advguard.evaluate.runner import Evaluator, Progress, Records, RunState, select_samples
 from advguard.evaluate.threat_model import ThreatModel, load_threat_model
-from advguard.models.http_model import HttpClassifier, QueryBudgetExceeded
+from advguard.models.http_model import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HttpClassifier,
+    QueryBudgetExceeded,
+)
 
 BLACK_BOX_KNOWLEDGE = ("black-box", "transfer")
 _EXPLICIT = frozenset(
     {
         "input_shape", "num_classes", "bounds", "output", "input_field", "output_field",
         "flatten", "api_key", "api_key_header", "api_key_prefix", "batch_size", "timeout",
-        "retries", "query_budget",
+        "retries", "query_budget", "max_response_bytes",
     }
 )  # fmt: skip
 
@@ -87,6 +91,7 @@ def run_redteam(
     batch_size: int = 64,
     timeout: float = 30.0,
     retries: int = 3,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     client_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     resume: bool = False,
@@ -99,6 +104,8 @@ def run_redteam(
     ``query_budget`` caps the samples the endpoint answers in this call (a resumed run gets
     a fresh budget; finished batches are not queried again). ``batch_size`` is the most
     samples per HTTP request (the threat model's ``batch_size`` is the evaluation batch).
+    ``timeout`` is the total deadline of one HTTP request (connect, headers and body) and
+    the longest a single read may wait; ``max_response_bytes`` caps one response body.
     ``client_options`` go to :class:`HttpClassifier` (``headers``, ``extra_fields``,
     ``backoff``, ``max_retry_after``, ``seed``, ``ssl_context``, ``proxies``...).
 
@@ -118,6 +125,11 @@ def run_redteam(
         from advguard.data import load_dataset
 
         data = load_dataset(str(data))
+    if tm.is_text or getattr(data, "modality", None) == "text":
+        raise InputError(
+            "red-teaming a text endpoint is not supported: the HTTP contract sends numeric "
+            "inputs; evaluate text models locally (advguard evaluate, norm: edits)"
+        )
     model = HttpClassifier(
         url,
         input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
@@ -133,6 +145,7 @@ def run_redteam(
         batch_size=batch_size,
         timeout=timeout,
         retries=retries,
+        max_response_bytes=max_response_bytes,
         query_budget=query_budget,
         **extra,
     )

@@ -240,6 +240,11 @@ class Evaluator:
     # -- set-up ---------------------------------------------------------------
     def _validate(self) -> None:
         m, tm = self.model, self.tm
+        if tm.is_text:
+            raise InputError(
+                f"threat model {tm.name!r} is a text threat model (norm {tm.norm}); evaluate text "
+                "with advguard.evaluate.text_runner.evaluate_text or job.run_evaluation"
+            )
         if len(self.x) != len(self.y):
             raise InputError(f"{len(self.x)} inputs but {len(self.y)} labels")
         if len(self.x) == 0:

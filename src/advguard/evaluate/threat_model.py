@@ -5,7 +5,7 @@ A threat model is YAML validated with pydantic; errors name the file, line and f
     name: my-model-linf
     knowledge: white-box        # white-box | black-box | transfer
     goal: untargeted            # untargeted | targeted
-    norm: linf                  # linf | l2 | l1 | l0
+    norm: linf                  # linf | l2 | l1 | l0 | edits (text: character edits)
     epsilons: [0.05, 0.1, 0.2]  # in raw input units (the model's bounds)
     samples: 1000
     seed: 0
@@ -183,6 +183,10 @@ class ThreatModel(BaseModel):
     @field_validator("norm")
     @classmethod
     def _norm(cls, v: str) -> str:
+        from advguard.attacks.registry import TEXT_NORMS
+
+        if isinstance(v, str) and v.strip().lower() in TEXT_NORMS:
+            return v.strip().lower()
         try:
             return parse_norm(v)
         except InputError as e:
@@ -225,6 +229,8 @@ class ThreatModel(BaseModel):
                 raise ValueError(
                     f"SLO '{slo}' uses eps {slo.epsilon:g}, not in epsilons {self.epsilons}"
                 )
+        if self.is_text and any(e != int(e) for e in self.epsilons):
+            raise ValueError(f"epsilons of norm {self.norm} are edit counts (whole numbers)")
         for spec in self.attacks:
             entry = ATTACKS[spec.attack]
             if self.norm not in entry.norms:
@@ -234,6 +240,13 @@ class ThreatModel(BaseModel):
                 )
         return self
 
+    @property
+    def is_text(self) -> bool:
+        """A text threat model: the norm is an edit budget and epsilons count edits."""
+        from advguard.attacks.registry import TEXT_NORMS
+
+        return self.norm in TEXT_NORMS
+
     def with_overrides(self, **kw: Any) -> ThreatModel:
         data = self.model_dump()
         data.update({k: v for k, v in kw.items() if v is not None})
@@ -242,13 +255,14 @@ class ThreatModel(BaseModel):
         )
 
 
-PRESETS = ("linf-standard", "l2-standard", "quick")
+PRESETS = ("linf-standard", "l2-standard", "quick", "text-standard")
 PATH_PARAMS = ("schema", "surrogate_data")
 """Attack parameters that name files; relative ones are read from the threat model's folder."""
 
 
 def load_threat_model(spec: str | Path, *, allow_large: bool = False) -> ThreatModel:
-    """Load a preset by name (``linf-standard``, ``l2-standard``, ``quick``) or a YAML file.
+    """Load a preset by name (``linf-standard``, ``l2-standard``, ``quick``,
+    ``text-standard``) or a YAML file.
 
     ``allow_large=True`` (CLI ``--allow-large``) is the file's ``allow_large: true``."""
     if str(spec) in PRESETS:

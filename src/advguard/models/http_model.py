@@ -10,15 +10,25 @@ Only the standard library is used (``urllib.request``). Every answered sample co
 ``queries.forward``; a hard ``query_budget`` stops a request *before* it is sent when it
 would answer more samples than allowed. The API key is sent in a configurable header and
 never appears in ``repr``, error messages or :meth:`HttpClassifier.describe`.
+
+A response is untrusted input: its body is read in chunks and reading stops as soon as it
+passes ``max_response_bytes`` (a declared ``Content-Length`` over the cap is refused before
+reading); every request has a total ``deadline`` checked before each socket read, so a
+server that drips one byte at a time cannot hold a run; the JSON nesting depth and the
+number of values are checked against the expected batch before the body is parsed.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.client
+import io
 import json
 import math
 import random
+import re
+import socket
 import ssl
 import threading
 import time
@@ -44,6 +54,17 @@ BODY_EXCERPT = 200
 #: HTTP statuses retried (besides connection errors and time-outs).
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REDACTED = "***"
+#: Default cap on the bytes of one response body (16 MiB).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: Default cap on the nesting depth of a response's JSON (``{"probabilities": [[...]]}`` is 3).
+DEFAULT_MAX_JSON_DEPTH = 32
+#: Bytes of an error (non-2xx) body read to quote in the error message; the rest is dropped.
+ERROR_BODY_BYTES = 4096
+#: Most bytes asked of the socket per read while reading a body.
+READ_CHUNK = 64 * 1024
+# A JSON string literal (no catastrophic backtracking: the unrolled-loop form).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class QueryBudgetExceeded(AdvguardError):
@@ -72,7 +93,147 @@ class EndpointError(AdvguardError):
 
 
 class EndpointResponseError(EndpointError, ValueError):
-    """The endpoint answered 2xx but the body breaks the JSON contract."""
+    """The endpoint answered 2xx but the body breaks the JSON contract (or its limits)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request did not finish (connect, headers and body) within its total deadline."""
+
+
+def json_structure(body: bytes) -> tuple[int, int]:
+    """``(max nesting depth, number of values)`` of a JSON text, without parsing it.
+
+    String literals are skipped, so brackets and commas inside strings do not count. The
+    value count is ``commas + containers + 1`` (exact for arrays; an object's key/value pair
+    counts once). Linear time, memory proportional to the number of brackets. Invalid JSON
+    gives some numbers; the parser rejects it afterwards.
+    """
+    bare = _JSON_STRING.sub(b"0", body)
+    brackets = bare.translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0, bare.count(b",") + 1
+    opens = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((opens == ord("[")) | (opens == ord("{")), 1, -1).astype(np.int32)
+    depth = int(np.cumsum(steps).max())
+    return depth, bare.count(b",") + int((steps > 0).sum()) + 1
+
+
+class _Deadline:
+    """One request's time limit: ``limit`` seconds in total by ``clock``; each socket
+    operation waits at most ``per_read`` seconds (and never past the limit)."""
+
+    def __init__(self, clock: Callable[[], float], limit: float, per_read: float) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.per_read = per_read
+        self.start = clock()
+
+    def remaining(self) -> float:
+        return self.limit - (self.clock() - self.start)
+
+    def next_timeout(self) -> tuple[float, bool]:
+        """Socket time-out for the next operation and whether the deadline set it."""
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlineExceeded(f"no complete response within {self.limit:g} s")
+        return (left, True) if left < self.per_read else (self.per_read, False)
+
+    def apply(self, sock: socket.socket) -> bool:
+        timeout, clipped = self.next_timeout()
+        sock.settimeout(timeout)
+        return clipped
+
+    def expired(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no complete response within {self.limit:g} s")
+
+
+class _GuardedReader(io.RawIOBase):
+    """Raw reader over a socket that checks the request deadline before every read."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until closed
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int | None:
+        clipped = self._deadline.apply(self._sock)
+        try:
+            return self._raw.readinto(b)
+        except TimeoutError:
+            if clipped or self._deadline.remaining() <= 0:
+                raise self._deadline.expired() from None
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _GuardedSocket:
+    """A connected socket whose reads and sends obey a :class:`_Deadline`."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode != "rb":
+            return self._sock.makefile(mode, *args, **kwargs)  # type: ignore[call-overload]
+        return io.BufferedReader(_GuardedReader(self._sock, self._deadline))
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        self._deadline.apply(self._sock)
+        self._sock.sendall(data, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _GuardMixin:
+    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._advguard_deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        if self._advguard_deadline is not None:
+            sock: Any = self.sock  # type: ignore[has-type]
+            self.sock: Any = _GuardedSocket(sock, self._advguard_deadline)
+
+
+class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):  # type: ignore[misc]
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):  # type: ignore[misc]
+    pass
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    """Opens connections whose socket reads obey the current request's deadline."""
+
+    deadline: _Deadline | None = None
+
+    def http_open(self, req):  # type: ignore[no-untyped-def]
+        conn = functools.partial(_GuardedHTTPConnection, deadline=self.deadline)
+        return self.do_open(conn, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    deadline: _Deadline | None = None
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        super().__init__(context=context)
+        self._advguard_context = context
+
+    def https_open(self, req):  # type: ignore[no-untyped-def]
+        conn = functools.partial(_GuardedHTTPSConnection, deadline=self.deadline)
+        return self.do_open(conn, req, context=self._advguard_context)
 
 
 def redact_url(url: str) -> str:
@@ -153,7 +314,21 @@ class HttpClassifier(ClassifierBase):
     extra_fields:
         Extra constant top-level fields of the request body (e.g. a model name).
     timeout:
-        Seconds to wait for a connection and for the response.
+        Seconds any single socket operation (connect, one read) may wait.
+    deadline:
+        Seconds one request may take in total (connect, headers and body), checked
+        before every socket read with ``clock``; None (default): ``timeout``. An overrun
+        is a time-out (retried like one).
+    max_response_bytes:
+        Most bytes of one response body (default 16 MiB). Reading stops as soon as the
+        cap is passed and :class:`EndpointResponseError` is raised; a larger declared
+        ``Content-Length`` is refused before reading.
+    max_json_depth:
+        Most nesting levels of the response JSON (default 32).
+    max_json_values:
+        Most JSON values (numbers, strings, containers) in one response; None (default)
+        scales with the batch: ``4 * n * (num_classes + 1) + 1024`` for ``n`` inputs. Raise
+        it for an endpoint that returns large extra fields (e.g. embeddings).
     retries:
         Further attempts after a connection error, a time-out, a 5xx or a 429
         (so at most ``1 + retries`` requests per batch).
@@ -177,6 +352,9 @@ class HttpClassifier(ClassifierBase):
     proxies:
         ``None`` uses the ``http(s)_proxy`` environment variables like ``urllib``;
         ``{}`` disables proxies; or a ``{"http": ..., "https": ...}`` mapping.
+    clock, sleep:
+        Monotonic clock (seconds) for the deadline and the function that waits between
+        retries; injectable for tests (defaults :func:`time.monotonic`, :func:`time.sleep`).
 
     ``queries.forward`` counts samples actually answered; :attr:`requests_sent`,
     :attr:`retries_done`, :attr:`seconds_waited` and :attr:`samples_answered` (never reset)
@@ -200,6 +378,10 @@ class HttpClassifier(ClassifierBase):
         headers: Mapping[str, str] | None = None,
         extra_fields: Mapping[str, Any] | None = None,
         timeout: float = 30.0,
+        deadline: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+        max_json_values: int | None = None,
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -209,6 +391,8 @@ class HttpClassifier(ClassifierBase):
         seed: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         proxies: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=tuple(input_shape), bounds=bounds)
         self.url = self._check_url(url)
@@ -216,17 +400,19 @@ class HttpClassifier(ClassifierBase):
         if output not in ("probabilities", "logits"):
             raise InputError(f"output must be 'probabilities' or 'logits', got {output!r}")
         self.output: str = output
-        for name, val in (("input_field", input_field), ("output_field", output_field)):
-            if val is not None and (not isinstance(val, str) or not val):
-                raise InputError(f"{name} must be a non-empty string, got {val!r}")
+        for field_name, fval in (("input_field", input_field), ("output_field", output_field)):
+            if fval is not None and (not isinstance(fval, str) or not fval):
+                raise InputError(f"{field_name} must be a non-empty string, got {fval!r}")
         self.input_field = input_field
         self.output_field = output_field if output_field is not None else output
         self.flatten = bool(flatten)
         self.extra_fields = dict(extra_fields or {})
         if self.input_field in self.extra_fields:
             raise InputError(f"extra_fields must not contain the input field {input_field!r}")
+        deadline = timeout if deadline is None else deadline
         for name, val, lo in (
             ("timeout", timeout, 0.0),
+            ("deadline", deadline, 0.0),
             ("backoff", backoff, -1.0),
             ("max_backoff", max_backoff, -1.0),
             ("max_retry_after", max_retry_after, -1.0),
@@ -235,6 +421,24 @@ class HttpClassifier(ClassifierBase):
                 rule = "> 0" if lo == 0.0 else ">= 0"
                 raise InputError(f"{name} must be a finite number {rule}, got {val!r}")
         self.timeout = float(timeout)
+        self.deadline = float(deadline)
+        for name, ival in (
+            ("max_response_bytes", max_response_bytes),
+            ("max_json_depth", max_json_depth),
+        ):
+            if not isinstance(ival, int | np.integer) or isinstance(ival, bool) or ival < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {ival!r}")
+        self.max_response_bytes = int(max_response_bytes)
+        self.max_json_depth = int(max_json_depth)
+        if max_json_values is not None and (
+            not isinstance(max_json_values, int | np.integer)
+            or isinstance(max_json_values, bool)
+            or max_json_values < 1
+        ):
+            raise InputError(
+                f"max_json_values must be an integer >= 1 or None, got {max_json_values!r}"
+            )
+        self.max_json_values = None if max_json_values is None else int(max_json_values)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
@@ -275,14 +479,15 @@ class HttpClassifier(ClassifierBase):
             self._secret = api_key
             self._headers[api_key_header] = f"{api_key_prefix}{api_key}"
 
-        handlers: list[Any] = [_NoRedirect()]
+        self._http_handler = _GuardedHTTPHandler()
+        self._https_handler = _GuardedHTTPSHandler(context=ssl_context)
+        handlers: list[Any] = [_NoRedirect(), self._http_handler, self._https_handler]
         if proxies is not None:
             handlers.append(urllib.request.ProxyHandler(dict(proxies)))
-        if ssl_context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
         self._opener = urllib.request.build_opener(*handlers)
         self._rng = random.Random(seed)
-        self._sleep: Callable[[float], None] = time.sleep
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
 
         self.samples_answered = 0
@@ -391,13 +596,15 @@ class HttpClassifier(ClassifierBase):
             req = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
             retry_after: float | None = None
             self.requests_sent += 1
+            deadline = _Deadline(self._clock, self.deadline, self.timeout)
+            self._http_handler.deadline = self._https_handler.deadline = deadline
             try:
                 with self._opener.open(req, timeout=self.timeout) as resp:
-                    return int(resp.status), resp.read()
+                    return int(resp.status), self._read_body(resp)
             except urllib.error.HTTPError as exc:
                 status = int(exc.code)
                 try:
-                    body = exc.read()
+                    body = exc.read(ERROR_BODY_BYTES)
                 except (OSError, http.client.HTTPException):
                     body = b""
                 finally:
@@ -435,13 +642,18 @@ class HttpClassifier(ClassifierBase):
                     ra = parse_retry_after(header)
                     if ra is not None:
                         retry_after = min(ra, self.max_retry_after)
+            except DeadlineExceeded as exc:
+                last_status = None
+                last = f"{exc} (deadline per request)"
             except TimeoutError as exc:
                 last_status = None
                 last = f"no response within {self.timeout:g} s ({exc or 'timed out'})"
             except urllib.error.URLError as exc:
                 last_status = None
                 reason = exc.reason
-                if isinstance(reason, TimeoutError):
+                if isinstance(reason, DeadlineExceeded):
+                    last = f"{reason} (deadline per request)"
+                elif isinstance(reason, TimeoutError):
                     last = f"no response within {self.timeout:g} s ({reason or 'timed out'})"
                 elif isinstance(reason, ssl.SSLError):
                     raise EndpointError(
@@ -452,6 +664,8 @@ class HttpClassifier(ClassifierBase):
             except (http.client.HTTPException, ConnectionError, OSError) as exc:
                 last_status = None
                 last = self._redact(f"{type(exc).__name__}: {exc}")
+            finally:
+                self._http_handler.deadline = self._https_handler.deadline = None
             if attempt + 1 < attempts:
                 self.retries_done += 1
                 self._wait(retry_after if retry_after is not None else self._backoff_delay(attempt))
@@ -460,15 +674,58 @@ class HttpClassifier(ClassifierBase):
                 f"{self.endpoint} still failing after {attempts} attempt(s): {last}",
                 status=last_status,
             )
+        if "deadline per request" in last:
+            raise EndpointError(
+                f"{self.endpoint} did not answer in time after {attempts} attempt(s): {last}. "
+                "The service is too slow or stalls mid-answer; raise the timeout if it is "
+                "just slow."
+            )
         raise EndpointError(
             f"could not reach {self.endpoint} after {attempts} attempt(s): {last}. "
             "Check that the service is up and the URL, port and network are right."
         )
 
+    def _read_body(self, resp: Any) -> bytes:
+        """The 2xx body, read in chunks; never more than ``max_response_bytes + 1`` bytes."""
+        cap = self.max_response_bytes
+        declared = (resp.headers.get("Content-Length") or "").strip()
+        if declared.isdigit() and int(declared) > cap:
+            raise EndpointResponseError(
+                f"{self.endpoint} announced a {int(declared)}-byte response, over the "
+                f"{cap}-byte limit (max_response_bytes); not read"
+            )
+        buf = bytearray()
+        while True:
+            chunk = resp.read(min(READ_CHUNK, cap + 1 - len(buf)))
+            if not chunk:
+                if declared.isdigit() and len(buf) < int(declared):  # cut short: retried
+                    raise http.client.IncompleteRead(bytes(buf[:BODY_EXCERPT]), int(declared))
+                return bytes(buf)
+            buf += chunk
+            if len(buf) > cap:
+                raise EndpointResponseError(
+                    f"{self.endpoint} answered more than {cap} bytes (max_response_bytes); "
+                    "stopped reading"
+                )
+
     def _parse(self, status: int, body: bytes, n: int) -> np.ndarray:
         where = f"{self.endpoint} (HTTP {status})"
+        depth, values = json_structure(body)
+        if depth > self.max_json_depth:
+            raise EndpointResponseError(
+                f"{where}: JSON nested {depth} levels deep, over the limit of "
+                f"{self.max_json_depth} (max_json_depth); not parsed"
+            )
+        max_values = self.max_json_values or 4 * n * (self.num_classes + 1) + 1024
+        if values > max_values:
+            raise EndpointResponseError(
+                f"{where}: JSON holds about {values} values, over the {max_values} allowed "
+                f"for {n} input(s) of {self.num_classes} classes (max_json_values); not parsed"
+            )
         try:
             payload = json.loads(body)
+        except RecursionError:
+            raise EndpointResponseError(f"{where}: JSON nested too deeply; not parsed") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EndpointResponseError(
                 f"{where} did not answer valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
@@ -555,6 +812,8 @@ class HttpClassifier(ClassifierBase):
             "api_key_header": self.api_key_header,
             "batch_size": self.batch_size,
             "timeout": self.timeout,
+            "deadline": self.deadline,
+            "max_response_bytes": self.max_response_bytes,
             "retries": self.retries,
             "query_budget": self.query_budget,
         }
