@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import tokenize
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -130,7 +131,18 @@ def _check_npz_headers(p: Path, keys: Sequence[str], where: str) -> None:
                     )
     except (InputError, UnsafeFileError):
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        TypeError,
+        OverflowError,
+        KeyError,
+        SyntaxError,
+        tokenize.TokenError,
+    ) as exc:  # fmt: skip  (numpy parses old headers with tokenize)
         raise InputError(
             f"{where}cannot read as a NumPy .npz archive: {str(exc).splitlines()[0][:200]}"
         ) from None
