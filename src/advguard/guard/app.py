@@ -301,7 +301,7 @@ def create_app(guard: Guard) -> FastAPI:
         openapi_extra=_PREDICT_BODY,
     )
     async def predict(
-        name: str, request: Request, key: Annotated[KeyRecord, Depends(predict_key)]
+        name: str, request: Request, key: KeyRecord = Depends(predict_key)
     ) -> JSONResponse:
         return await _serve("v1-predict", name, key, request, _parse_v1, _render_v1)
 
@@ -313,7 +313,7 @@ def create_app(guard: Guard) -> FastAPI:
         openapi_extra=_V2_BODY,
     )
     async def v2_infer(
-        name: str, request: Request, key: Annotated[KeyRecord, Depends(predict_key)]
+        name: str, request: Request, key: KeyRecord = Depends(predict_key)
     ) -> JSONResponse:
         return await _serve("v2-infer", name, key, request, _parse_v2, _render_v2)
 
@@ -323,7 +323,7 @@ def create_app(guard: Guard) -> FastAPI:
         summary="Model metadata",
         responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
     )
-    def v2_model(name: str, key: Annotated[KeyRecord, Depends(predict_key)]) -> dict[str, Any]:
+    def v2_model(name: str, key: KeyRecord = Depends(predict_key)) -> dict[str, Any]:
         m = guard.get_model(name)
         spec = m.spec
         return {
@@ -343,7 +343,7 @@ def create_app(guard: Guard) -> FastAPI:
         responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
     )
     def v2_model_ready(
-        name: str, key: Annotated[KeyRecord, Depends(predict_key)]
+        name: str, key: KeyRecord = Depends(predict_key)
     ) -> dict[str, Any]:
         guard.get_model(name)
         return {"name": name, "ready": True}
@@ -392,7 +392,7 @@ def create_app(guard: Guard) -> FastAPI:
         responses=openapi_responses(*AUTH_ERRORS, "decision-not-found"),
     )
     def get_decision(
-        decision_id: str, key: Annotated[KeyRecord, Depends(admin_key)]
+        decision_id: str, key: KeyRecord = Depends(admin_key)
     ) -> dict[str, Any]:
         return guard.decision(decision_id)
 
