@@ -73,8 +73,9 @@ def make_guard(
     **kw: Any,
 ) -> Guard:
     config = GuardConfig.model_validate(cfg or {})
-    store = GuardStore(db_url or f"sqlite:///{tmp_path / 'guard.db'}",
-                       table_prefix=config.storage.table_prefix)
+    store = GuardStore(
+        db_url or f"sqlite:///{tmp_path / 'guard.db'}", table_prefix=config.storage.table_prefix
+    )
     model = ServedModel(
         "digits", "digits:1", TorchClassifier(module, input_shape=(1, 8, 8), num_classes=10)
     )
@@ -101,7 +102,11 @@ class ServerThread:
     def __init__(self, app: Any) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
             limit_concurrency=200,
         )
         self.server = uvicorn.Server(config)

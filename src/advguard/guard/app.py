@@ -169,6 +169,13 @@ def create_app(guard: Guard) -> FastAPI:
         )
         return problem_response(Problem(slug, detail), request.url.path)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after answering; CatchAll (outermost) swallows and logs it
+        return problem_response(
+            Problem("internal", "the guard failed to answer; try again"), request.url.path
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem_response(
@@ -405,7 +412,19 @@ def create_app(guard: Guard) -> FastAPI:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         comps = schema.setdefault("components", {})
-        comps.setdefault("schemas", {})["Problem"] = ProblemModel.model_json_schema()
+        schemas = comps.setdefault("schemas", {})
+        schemas["Problem"] = ProblemModel.model_json_schema()
+        # FastAPI's own 422 (HTTPValidationError) is never sent: parameter errors are problems
+        problem = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                resp = op.get("responses", {}).get("422")
+                if resp is not None:
+                    resp["content"] = problem
+                    if resp.get("description") == "Validation Error":
+                        resp["description"] = "Invalid parameters"
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
         app.openapi_schema = schema
         return schema
 
