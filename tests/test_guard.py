@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -35,9 +37,31 @@ from guard_helpers import (
 PREDICT = "/v1/models/digits/predict"
 
 
+@pytest.fixture(scope="module")
+def digits_module(digits_split) -> torch.nn.Module:
+    """A softmax regression on digits (full-batch, ~0.3 s; ~95% test accuracy): the guard's
+    tests need a real model, not a strong one."""
+    x, y = torch.tensor(digits_split[0]), torch.tensor(digits_split[1])
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+    return module.eval()
+
+
 @pytest.fixture()
 def x_digits(digits_split) -> np.ndarray:
     return digits_split[2][:6]
+
+
+def test_the_test_model_is_real(digits_module, digits_split):
+    x, y = torch.tensor(digits_split[2]), digits_split[3]
+    with torch.no_grad():
+        acc = (digits_module(x).argmax(1).numpy() == y).mean()
+    assert acc > 0.9
 
 
 def auth(key: str) -> dict[str, str]:
@@ -248,16 +272,21 @@ def test_budget_counts_rows_and_refusal_spends_nothing(tmp_path, digits_module, 
 
 
 def _hammer(url: str, key: str, body: dict, n_threads: int, per_thread: int) -> list[int]:
+    """``n_threads`` clients posting ``per_thread`` requests each, all at once."""
     import httpx
 
-    def worker(_: int) -> list[int]:
-        with httpx.Client(base_url=url, timeout=30) as h:
+    start = threading.Barrier(n_threads)
+    limits = httpx.Limits(max_connections=n_threads, max_keepalive_connections=n_threads)
+    with httpx.Client(base_url=url, timeout=60, limits=limits) as h:
+
+        def worker(_: int) -> list[int]:
+            start.wait()
             return [
                 h.post(PREDICT, json=body, headers=auth(key)).status_code for _ in range(per_thread)
             ]
 
-    with ThreadPoolExecutor(n_threads) as ex:
-        return [c for codes in ex.map(worker, range(n_threads)) for c in codes]
+        with ThreadPoolExecutor(n_threads) as ex:
+            return [c for codes in ex.map(worker, range(n_threads)) for c in codes]
 
 
 def test_limits_exact_under_32_concurrent_clients(tmp_path, digits_module, x_digits):
@@ -266,8 +295,8 @@ def test_limits_exact_under_32_concurrent_clients(tmp_path, digits_module, x_dig
     )
     k = create_key(g.store, "h").key
     with ServerThread(create_app(g)) as srv:
-        codes = _hammer(srv.url, k, {"inputs": x_digits[:1].tolist()}, 32, 2)
-    assert codes.count(200) == 20 and codes.count(429) == 44
+        codes = _hammer(srv.url, k, {"inputs": x_digits[:1].tolist()}, 32, 1)
+    assert codes.count(200) == 20 and codes.count(429) == 12
     # the row budget: 3 rows a request, 50 rows -> exactly 16 answered
     (tmp_path / "b").mkdir()
     g2 = make_guard(
@@ -306,10 +335,11 @@ def test_two_guards_share_one_redis_limit(tmp_path, digits_module, x_digits):
     try:
         with ServerThread(create_app(g1)) as s1, ServerThread(create_app(g2)) as s2:
             body = {"inputs": x_digits[:1].tolist()}
+            first = _hammer(s2.url, k, body, 5, 1)  # 5 of the 15 through the second guard
             with ThreadPoolExecutor(2) as ex:
-                a, b = ex.map(lambda u: _hammer(u, k, body, 16, 2), [s1.url, s2.url])
-        assert (a + b).count(200) == 15 and (a + b).count(429) == 49
-        assert a.count(200) > 0 and b.count(200) > 0
+                a, b = ex.map(lambda u: _hammer(u, k, body, 16, 1), [s1.url, s2.url])
+        assert first == [200] * 5
+        assert (a + b).count(200) == 10 and (a + b).count(429) == 22
     finally:
         g1.limiter.reset()
 
