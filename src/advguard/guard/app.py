@@ -349,9 +349,7 @@ def create_app(guard: Guard) -> FastAPI:
         tags=["open inference protocol v2"],
         responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
     )
-    def v2_model_ready(
-        name: str, key: KeyRecord = Depends(predict_key)
-    ) -> dict[str, Any]:
+    def v2_model_ready(name: str, key: KeyRecord = Depends(predict_key)) -> dict[str, Any]:
         guard.get_model(name)
         return {"name": name, "ready": True}
 
@@ -398,9 +396,7 @@ def create_app(guard: Guard) -> FastAPI:
         summary="One recorded decision (admin scope; never the payload)",
         responses=openapi_responses(*AUTH_ERRORS, "decision-not-found"),
     )
-    def get_decision(
-        decision_id: str, key: KeyRecord = Depends(admin_key)
-    ) -> dict[str, Any]:
+    def get_decision(decision_id: str, key: KeyRecord = Depends(admin_key)) -> dict[str, Any]:
         return guard.decision(decision_id)
 
     def custom_openapi() -> dict[str, Any]:
