@@ -843,3 +843,22 @@ def test_concurrent_decisions_all_recorded(tmp_path, digits_module, x_digits):
     with ServerThread(create_app(g)) as srv:
         codes = _hammer(srv.url, k, {"inputs": x_digits[:1].tolist()}, 8, 3)
     assert codes == [200] * 24 and len(list(g.store.iter_decisions())) == 24
+
+
+def test_npy_header_must_match_the_data(guard, client, key):
+    """A header claiming a huge shape is refused before anything is allocated."""
+    from numpy.lib import format as npformat
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((1, 1, 8, 8), np.float32))
+    raw = buf.getvalue()
+    h = {**auth(key), "Content-Type": "application/x-npy"}
+    for body in (raw[:-4], raw + b"\0" * 4):
+        r = client.post(PREDICT, content=body, headers=h)
+        assert r.status_code == 422 and "does not match" in r.json()["detail"]
+    lie = io.BytesIO()
+    npformat.write_array_header_1_0(
+        lie, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 1, 8, 8)}
+    )
+    r = client.post(PREDICT, content=lie.getvalue() + b"\0" * 256, headers=h)
+    assert r.status_code == 422 and "does not match" in r.json()["detail"]

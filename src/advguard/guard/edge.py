@@ -186,18 +186,38 @@ def parse_predict_json(obj: Any) -> np.ndarray:
 
 
 def parse_npy(body: bytes) -> np.ndarray:
-    """A ``.npy`` body, read with ``allow_pickle=False``; numeric dtypes only."""
+    """A ``.npy`` body: the header is read first and must describe exactly the bytes that
+    follow (numpy's own reader would allocate whatever shape the header claims); numeric
+    dtypes only, never pickles (``allow_pickle=False`` semantics)."""
+    from numpy.lib import format as npformat
+
+    def bad(why: str = "not a valid .npy file") -> Problem:
+        return Problem("invalid-input", f"the body is {why}")
+
+    fp = io.BytesIO(body)
     try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError):
+        version = npformat.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npformat.read_array_header_2_0(fp)
+        else:
+            raise bad()
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError):
+        raise bad() from None
+    if dtype.hasobject or dtype.names is not None or dtype.kind not in "iuf" or dtype.subdtype:
         raise Problem(
-            "invalid-input", "the body is not a valid .npy file (object arrays are refused)"
-        ) from None
-    if not isinstance(arr, np.ndarray):  # .npz archives load as NpzFile
-        raise Problem("invalid-input", "send one .npy array, not an .npz archive")
-    if arr.dtype.kind not in "iuf" or arr.dtype.names is not None:
-        raise Problem("invalid-input", f"the .npy array must be numeric, got dtype {arr.dtype}")
-    return arr
+            "invalid-input",
+            f"the .npy array must be numeric (object arrays are refused), got dtype {dtype}",
+        )
+    if len(shape) > 8:
+        raise bad("an array with too many dimensions")
+    count = math.prod(shape)
+    data = body[fp.tell() :]
+    if len(data) != count * dtype.itemsize:
+        raise bad("truncated or padded: the header's shape does not match the data")
+    arr = np.frombuffer(data, dtype=dtype, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def parse_v2_infer(obj: Any) -> tuple[np.ndarray, str | None, str]:
