@@ -120,6 +120,7 @@ def test_config_parses_and_resolves_paths(tmp_path):
         ("limits:\n  rate: 1\n  brust: 3\n", "line 3, field 'limits.brust'"),
         ("edge:\n  max_batch: '12'\n", "field 'edge.max_batch'"),
         ("base_dir: /etc\n", "field 'base_dir'"),
+        ("a: [1, 2\nb: 3\n", "not valid YAML: while parsing a flow sequence (line 1, column 4)"),
         (
             "detectors:\n  - name: d\n    path: d.st\n    bands: [{action: review}]\n",
             "needs a 'fallback' model",

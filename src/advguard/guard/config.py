@@ -210,7 +210,13 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         cfg = parse_yaml_model(text, source, GuardConfig, "guard config", empty={})
     except InputError as e:
         # one line: "<source>: invalid guard config: line 3, field 'x': ...; line 5, ..."
-        raise InputError(re.sub(r"\n\s+", "; ", str(e)).replace("config; ", "config: ")) from None
+        msg = str(e)
+        if ": not valid YAML:" in msg:  # keep the parser's first line and its position
+            mark = re.search(r"line (\d+), column (\d+)", msg)
+            head = msg.split("\n", 1)[0].rstrip(":")
+            where = f" (line {mark.group(1)}, column {mark.group(2)})" if mark else ""
+            raise InputError(head + where) from None
+        raise InputError(re.sub(r"\n\s*", "; ", msg).replace("config; ", "config: ")) from None
     cfg._base_dir = base_dir if base_dir is not None else Path.cwd()
     return cfg
 

@@ -37,7 +37,6 @@ from advguard.guard.storage import (
     GuardStore,
     KeyRecord,
     OutputPolicy,
-    StoreCorrupt,
     now,
 )
 
@@ -105,7 +104,6 @@ class Outcome:
     probabilities: np.ndarray
     row_actions: list[str]
     policy: OutputPolicy
-    limit: LimitResult | None
 
     def body(self) -> dict[str, Any]:
         p = self.probabilities
@@ -219,9 +217,6 @@ class Guard:
 
     def close(self) -> None:
         self.store.close()
-
-    def models(self) -> dict[str, ServedModel]:
-        return {self.model.name: self.model}
 
     def get_model(self, name: str) -> ServedModel:
         if name != self.model.name:
@@ -370,7 +365,6 @@ class Guard:
             probs,
             row_actions,
             key.output or OutputPolicy(**self.cfg.output.model_dump()),
-            None,
         )
 
     def _record(
@@ -415,10 +409,7 @@ class Guard:
 
         if not re.fullmatch(r"[0-9a-f]{32}", decision_id):
             raise Problem("decision-not-found", "no decision with this id")
-        try:
-            rec = self.store.get_decision(decision_id)
-        except StoreCorrupt:
-            raise
+        rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
         if rec is None:
             raise Problem("decision-not-found", "no decision with this id")
         return rec.public()
