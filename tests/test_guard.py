@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from advguard.cli import app as cli_app
@@ -863,3 +865,99 @@ def test_npy_header_must_match_the_data(guard, client, key):
     )
     r = client.post(PREDICT, content=lie.getvalue() + b"\0" * 256, headers=h)
     assert r.status_code == 422 and "does not match" in r.json()["detail"]
+
+
+def test_redteam_runs_through_the_guard_and_counts_agree(tmp_path, digits_module, digits_split):
+    """``advguard redteam`` (Square over HttpClassifier) against a live guard: the rows the
+    client says were answered are the rows the guard counted."""
+    from advguard.attacks.registry import ATTACKS
+    from advguard.data.dataset import Dataset
+    from advguard.evaluate.redteam import run_redteam
+    from advguard.evaluate.threat_model import parse_threat_model
+
+    if "square" not in ATTACKS:
+        pytest.skip("the 'square' black-box attack is not registered")
+    tm = parse_threat_model(
+        "name: guard-square\nknowledge: black-box\nnorm: linf\nepsilons: [0.3]\nsamples: 4\n"
+        "batch_size: 4\nsanity_samples: 8\nattacks:\n  - attack: square\n    max_queries: 30\n"
+    )
+    _, _, x, y = digits_split
+    data = Dataset(x=x[:40], y=y[:40], bounds=(0.0, 1.0), num_classes=10, name="digits")
+    g = make_guard(
+        tmp_path,
+        digits_module,
+        cfg={
+            "limits": {"rate": 100000, "burst": 100000, "budget": 10**7},
+            "forensics": {"record_all_decisions": False},
+        },
+    )
+    k = create_key(g.store, "redteam").key
+    with ServerThread(CatchAll(create_app(g))) as srv:
+        res = run_redteam(
+            f"{srv.url}{PREDICT}",
+            data,
+            tm,
+            tmp_path / "rt",
+            api_key=k,
+            client_options={"proxies": {}},
+        )
+    answered = res.report.model["queries"]["samples_answered"]
+    rows = g.metrics.rows.labels("digits", "digits:1")._value.get()
+    assert answered > 0 and rows == answered
+    assert k not in res.json_path.read_text()
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    value=_json_values,
+    wrap=st.sampled_from(["v1", "v2", "raw"]),
+    raw=st.binary(max_size=64),
+)
+def test_fuzzed_bodies_never_give_5xx(fuzz_client, value, wrap, raw):
+    client, h = fuzz_client
+    if wrap == "v1":
+        r = client.post(PREDICT, content=json.dumps({"inputs": value}), headers=h)
+    elif wrap == "v2":
+        body = {
+            "inputs": [
+                {"name": "input-0", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": value}
+            ]
+        }
+        r = client.post("/v2/models/digits/infer", content=json.dumps(body), headers=h)
+    else:
+        r = client.post(PREDICT, content=raw, headers={**h, "Content-Type": "application/x-npy"})
+    assert 200 <= r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"].startswith(PROBLEM_BASE)
+
+
+@pytest.fixture()
+def fuzz_client(tmp_path, digits_module):
+    g = make_guard(
+        tmp_path,
+        digits_module,
+        cfg={
+            "limits": {"rate": 10**6, "burst": 10**6, "budget": None},
+            "forensics": {"record_all_decisions": False},
+        },
+    )
+    k = create_key(g.store, "fuzz").key
+    c = TestClient(CatchAll(create_app(g)), raise_server_exceptions=False)
+    yield c, {**auth(k), "Content-Type": "application/json"}
+    g.close()
