@@ -272,6 +272,10 @@ def test_budget_counts_rows_and_refusal_spends_nothing(tmp_path, digits_module, 
     )
     r = c.post(PREDICT, json={"inputs": x_digits[:5].tolist()}, headers=auth(k2))
     assert r.status_code == 200 and r.headers["ratelimit-remaining"] == "0"
+    # a batch larger than the whole budget can never pass: 422, not a 429 to retry
+    k3 = create_key(g.store, "g3").key
+    r = c.post(PREDICT, json={"inputs": np.zeros((11, 1, 8, 8)).tolist()}, headers=auth(k3))
+    assert r.status_code == 422 and r.json()["type"] == PROBLEM_BASE + "batch-too-large"
 
 
 def _hammer(url: str, key: str, body: dict, n_threads: int, per_thread: int) -> list[int]:

@@ -258,6 +258,13 @@ class Guard:
         return res
 
     def check_budget(self, key: KeyRecord, model: str, rows: int) -> LimitResult | None:
+        budget = self.cfg.limits.budget
+        if budget is not None and rows > budget:
+            raise Problem(
+                "batch-too-large",
+                f"{rows} input rows exceed the whole query budget of {budget} rows per "
+                f"{self.cfg.limits.budget_period}",
+            )
         res = self.limiter.hit_budget(key.key_id, rows)
         if res is not None and not res.allowed:
             raise self._refuse(res, model)
@@ -321,8 +328,12 @@ class Guard:
 
         probs: np.ndarray | None = None
         if action not in ("reject", "block"):
-            probs = model.predict_proba(xs)
+            # flagged rows never reach the primary model
+            probs = np.empty((len(xs), model.spec.num_classes), dtype=np.float64)
             fb = [i for i, a in enumerate(row_actions) if a in ("fallback", "review")]
+            ok = [i for i, a in enumerate(row_actions) if a == "allow"]
+            if ok:
+                probs[ok] = model.predict_proba(xs[ok])
             if fb:
                 assert self.fallback is not None
                 probs[fb] = self.fallback.predict_proba(xs[fb])
