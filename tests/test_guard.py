@@ -592,6 +592,7 @@ def test_score_bands_route_rows(tmp_path, digits_module):
     r = c.post(PREDICT, json={"inputs": x.tolist()}, headers=auth(k))
     b = r.json()
     assert r.status_code == 200 and b["row_actions"] == ["allow", "fallback", "review"]
+    assert g.model.classifier.queries.forward == 1  # flagged rows never reach the primary
     assert b["action"] == "review" and b["fallback_version"] == "fallback:1"
     np.testing.assert_allclose(b["probabilities"][0], g.model.predict_proba(x[:1])[0], atol=1e-6)
     np.testing.assert_allclose(b["probabilities"][1:], g.fallback.predict_proba(x[1:]), atol=1e-6)
