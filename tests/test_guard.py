@@ -966,3 +966,29 @@ def fuzz_client(tmp_path, digits_module):
     c = TestClient(CatchAll(create_app(g)), raise_server_exceptions=False)
     yield c, {**auth(k), "Content-Type": "application/json"}
     g.close()
+
+
+def test_stalled_body_gets_408_from_a_live_server(tmp_path, digits_module):
+    import socket
+
+    g = make_guard(tmp_path, digits_module, cfg={"edge": {"read_timeout_s": 0.3}})
+    k = create_key(g.store, "slow").key
+    with (
+        ServerThread(CatchAll(create_app(g))) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s,
+    ):
+        s.sendall(
+            (
+                f"POST {PREDICT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {k}\r\n"
+                'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inputs": ['
+            ).encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data or b"}" not in data.split(b"\r\n\r\n", 1)[1]:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["type"] == PROBLEM_BASE + "request-timeout"

@@ -230,3 +230,31 @@ def test_serve_refuses_bad_setups(tmp_path, model_file):
     assert r.exit_code == 2 and "pickle" in r.output
     r = run(cli_app, ["guard", "serve", "--model", str(model_file), "--model-name", "m"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_worker_processes_rebuild_the_same_guard(tmp_path, model_file, monkeypatch):
+    """``--workers N`` hands the validated config to each worker through the environment."""
+    from advguard.guard import server
+
+    cfg = parse_config(
+        f"model:\n  name: digits\n  path: {model_file.name}\nlimits:\n  burst: 7\n", "g", tmp_path
+    )
+    monkeypatch.setenv(server.CONFIG_ENV, server.dump_config(cfg))
+    again = server.load_config_json(server.dump_config(cfg))
+    assert again.model_dump() == cfg.model_dump() and again.base_dir == tmp_path
+    app = server.app_from_env()
+    guard = app.app.state.guard
+    try:
+        assert guard.cfg.limits.burst == 7 and guard.model.name == "digits"
+        k = create_key(guard.store, "w").key
+        r = TestClient(app).post(
+            "/v1/models/digits/predict",
+            json={"inputs": _x(1).tolist()},
+            headers={"Authorization": f"Bearer {k}"},
+        )
+        assert r.status_code == 200
+    finally:
+        guard.close()
+    cfg.server.workers = 2
+    with pytest.raises(InputError, match="redis"):
+        server.check_workers(cfg)

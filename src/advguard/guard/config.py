@@ -179,6 +179,10 @@ class GuardConfig(_Strict):
     def base_dir(self) -> Path:
         return self._base_dir
 
+    def set_base_dir(self, path: Path) -> None:
+        """Read relative paths from ``path`` (the config file's folder)."""
+        self._base_dir = Path(path)
+
     @model_validator(mode="after")
     def _fallback_needed(self) -> GuardConfig:
         names = [d.name for d in self.detectors] + [s.name for s in self.stateful]
@@ -217,7 +221,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
             where = f" (line {mark.group(1)}, column {mark.group(2)})" if mark else ""
             raise InputError(head + where) from None
         raise InputError(re.sub(r"\n\s*", "; ", msg).replace("config; ", "config: ")) from None
-    cfg._base_dir = base_dir if base_dir is not None else Path.cwd()
+    cfg.set_base_dir(base_dir if base_dir is not None else Path.cwd())
     return cfg
 
 

@@ -14,14 +14,14 @@ from advguard.guard.config import GuardConfig
 CONFIG_ENV = "ADVGUARD_GUARD_RESOLVED_CONFIG"
 
 
-def _dump(cfg: GuardConfig) -> str:
+def dump_config(cfg: GuardConfig) -> str:
     return json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": str(cfg.base_dir)})
 
 
-def _load(text: str) -> GuardConfig:
+def load_config_json(text: str) -> GuardConfig:
     data = json.loads(text)
     cfg = GuardConfig.model_validate(data["config"])
-    cfg._base_dir = Path(data["base_dir"])
+    cfg.set_base_dir(Path(data["base_dir"]))
     return cfg
 
 
@@ -38,7 +38,7 @@ def app_from_env() -> Any:
     text = os.environ.get(CONFIG_ENV)
     if not text:
         raise RuntimeError(f"{CONFIG_ENV} is not set")
-    return build_asgi(_load(text))
+    return build_asgi(load_config_json(text))
 
 
 def check_workers(cfg: GuardConfig) -> None:
@@ -66,7 +66,7 @@ def serve(cfg: GuardConfig, *, log_level: str = "info") -> None:
         )
         return
     build_asgi(cfg)  # fail fast in the parent too
-    os.environ[CONFIG_ENV] = _dump(cfg)
+    os.environ[CONFIG_ENV] = dump_config(cfg)
     uvicorn.run(
         "advguard.guard.server:app_from_env",
         factory=True,
