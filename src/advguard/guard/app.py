@@ -220,8 +220,9 @@ def create_app(guard: Guard) -> FastAPI:
             await run_in_threadpool(guard.check_rate, key, model.name)
             body = await _read(request)
             ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-            raw, extra = parse(body, ctype.lower())
-            x = guard.validate(raw, model)
+            # parsing a large body takes a while: keep it off the event loop
+            raw, extra = await run_in_threadpool(parse, body, ctype.lower())
+            x = await run_in_threadpool(guard.validate, raw, model)
             budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
             outcome = await run_in_threadpool(guard.process, key, model, x, started)
             headers = budget.headers() if budget is not None else {}
