@@ -1,7 +1,8 @@
 """The ``advguard`` command line.
 
-Each command module (``evaluate``, ``train``, ``certify``, ``gate``, ``registry``) declares its
-commands in a ``Commands`` table; this module attaches them to one Typer app and owns the one
+Each command module (``evaluate``, ``train``, ``certify``, ``gate``, ``registry``, ``guard``)
+declares its commands in a ``Commands`` table (``Commands("guard keys")`` nests under ``guard``);
+this module attaches them to one Typer app and owns the one
 mapping from errors to exit codes: 0 ok, 1 a check failed (SLO, gate, verification), 2 bad
 input or usage (a one-line message, never a traceback), 130 interrupted.
 """
@@ -18,12 +19,12 @@ import typer
 from rich.markup import escape
 
 from advguard import __version__
-from advguard.cli import certify, evaluate, gate, registry, train
+from advguard.cli import certify, evaluate, gate, guard, registry, train
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry)
+MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, guard)
 
 app = typer.Typer(
     name="advguard",
@@ -66,14 +67,21 @@ def version() -> None:
     console.print(__version__)
 
 
+_groups: dict[str, typer.Typer] = {}
+
+
 def _attach(module: ModuleType) -> None:
     for table in vars(module).values():
         if not isinstance(table, Commands):
             continue
         target = app
         if table.group is not None:
+            # "guard keys" nests under "guard" (declared first in the same module)
+            *parents, leaf = table.group.split()
+            parent = _groups[" ".join(parents)] if parents else app
             target = typer.Typer(help=table.help, no_args_is_help=True)
-            app.add_typer(target, name=table.group)
+            parent.add_typer(target, name=leaf)
+            _groups[table.group] = target
         for name, fn in table.items:
             target.command(name=name)(friendly_errors(fn))
 

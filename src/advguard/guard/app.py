@@ -1,0 +1,434 @@
+"""The guard's HTTP API (FastAPI): advguard's own JSON/.npy predict endpoint, the Open Inference
+Protocol v2 subset, health, readiness, metrics and decisions. Every error is an RFC 9457
+problem document; bad input is always a 4xx."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from advguard import __version__
+from advguard.guard.edge import (
+    parse_json,
+    parse_npy,
+    parse_predict_json,
+    parse_v2_infer,
+    read_capped,
+)
+from advguard.guard.metrics import CONTENT_TYPE_LATEST
+from advguard.guard.pipeline import Guard, Outcome
+from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.storage import KeyRecord
+
+log = logging.getLogger("advguard.guard")
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", description="API key")
+_api_key = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader", description="API key"
+)
+
+AUTH_ERRORS = ("unauthorized", "forbidden", "client-blocked", "internal", "not-ready")
+BODY_ERRORS = (
+    "bad-request",
+    "invalid-json",
+    "too-deep",
+    "model-not-found",
+    "request-timeout",
+    "body-too-large",
+    "unsupported-media-type",
+    "invalid-input",
+    "batch-too-large",
+    "rejected",
+    "rate-limited",
+    "budget-exhausted",
+)
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "inputs": {
+                            "type": "array",
+                            "description": "One entry per input, nested lists of the model's "
+                            "input shape (or flat), raw input space within the bounds.",
+                            "items": {},
+                        }
+                    },
+                }
+            },
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+_V2_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {
+                            "type": "array",
+                            "maxItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype", "data"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string"},
+                                    "data": {"type": "array", "items": {}},
+                                },
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def problem_response(p: Problem, instance: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        p.body(instance), status_code=p.status, headers=p.headers, media_type=MEDIA_TYPE
+    )
+
+
+class CatchAll:
+    """Outermost ASGI layer: an unexpected exception becomes a 500 problem document, and only
+    its type is logged (a message could quote input)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("internal error (%s) on %s", type(exc).__name__, scope.get("path", "?"))
+            if started:
+                return
+            resp = problem_response(Problem("internal", "the guard failed to answer; try again"))
+            await resp(scope, receive, send)
+
+
+def create_app(guard: Guard) -> FastAPI:
+    """The ASGI application serving ``guard``."""
+    app = FastAPI(
+        title="advguard guard",
+        version=__version__,
+        description="Runtime guard in front of a model: authentication, limits, input "
+        "validation, detection, policy decisions and forensics.",
+        responses=openapi_responses("internal"),
+    )
+    app.state.guard = guard
+    cfg = guard.cfg
+
+    # -- errors ---------------------------------------------------------------------------
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+        detail = {404: "no such endpoint", 405: "method not allowed here"}.get(
+            exc.status_code, "the request could not be handled"
+        )
+        return problem_response(Problem(slug, detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after answering; CatchAll (outermost) swallows and logs it
+        return problem_response(
+            Problem("internal", "the guard failed to answer; try again"), request.url.path
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(
+            Problem("invalid-input", "the request's parameters are not valid"), request.url.path
+        )
+
+    # -- auth dependencies ----------------------------------------------------------------
+    def _key(scope: str) -> Callable[..., KeyRecord]:
+        def dep(
+            request: Request,
+            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+            x_api_key: Annotated[str | None, Depends(_api_key)],
+        ) -> KeyRecord:
+            auth = f"Bearer {cred.credentials}" if cred is not None else None
+            return guard.authenticate(auth, x_api_key, scope)
+
+        return dep
+
+    predict_key = _key("predict")
+    admin_key = _key("admin")
+
+    async def _read(request: Request) -> bytes:
+        return await read_capped(
+            request.stream(),
+            cfg.edge.max_body_bytes,
+            cfg.edge.read_timeout_s,
+            request.headers.get("content-length"),
+        )
+
+    async def _serve(
+        endpoint: str,
+        name: str,
+        key: KeyRecord,
+        request: Request,
+        parse: Callable[[bytes, str], Any],
+        render: Callable[[Outcome, Any], dict[str, Any]],
+    ) -> JSONResponse:
+        started = time.perf_counter()
+        status = 500
+        model = guard.get_model(name)
+        try:
+            await run_in_threadpool(guard.check_rate, key, model.name)
+            body = await _read(request)
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+            # parsing a large body takes a while: keep it off the event loop
+            raw, extra = await run_in_threadpool(parse, body, ctype.lower())
+            x = await run_in_threadpool(guard.validate, raw, model)
+            budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
+            outcome = await run_in_threadpool(guard.process, key, model, x, started)
+            headers = budget.headers() if budget is not None else {}
+            headers["X-Decision-Id"] = outcome.decision_id
+            status = 200
+            return JSONResponse(render(outcome, extra), headers=headers)
+        except Problem as p:
+            status = p.status
+            raise
+        finally:
+            guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
+            guard.metrics.latency.labels(model.name, endpoint).observe(
+                time.perf_counter() - started
+            )
+
+    def _parse_v1(body: bytes, ctype: str) -> tuple[np.ndarray, None]:
+        if ctype in ("application/x-npy", "application/octet-stream"):
+            return parse_npy(body), None
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise Problem("unsupported-media-type", "send application/json or application/x-npy")
+        return parse_predict_json(parse_json(body, cfg.edge.max_json_depth)), None
+
+    def _parse_v2(body: bytes, ctype: str) -> tuple[np.ndarray, tuple[str | None, str]]:
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise Problem("unsupported-media-type", "send application/json")
+        x, rid, name = parse_v2_infer(parse_json(body, cfg.edge.max_json_depth))
+        return x, (rid, name)
+
+    def _render_v1(o: Outcome, _extra: Any) -> dict[str, Any]:
+        return o.body()
+
+    def _render_v2(o: Outcome, extra: tuple[str | None, str]) -> dict[str, Any]:
+        rid, _ = extra
+        b = o.body()
+        n = len(b["labels"])
+        outputs: list[dict[str, Any]] = [
+            {"name": "label", "shape": [n], "datatype": "INT64", "data": b["labels"]}
+        ]
+        if "probabilities" in b:
+            k = len(b["probabilities"][0]) if n else 0
+            outputs.insert(
+                0,
+                {
+                    "name": "probabilities",
+                    "shape": [n, k],
+                    "datatype": "FP32",
+                    "data": [v for row in b["probabilities"] for v in row],
+                },
+            )
+        if "top_k" in b:
+            k = len(b["top_k"][0]) if n else 0
+            outputs.append(
+                {
+                    "name": "top_k_labels",
+                    "shape": [n, k],
+                    "datatype": "INT64",
+                    "data": [e["label"] for row in b["top_k"] for e in row],
+                }
+            )
+            outputs.append(
+                {
+                    "name": "top_k_probabilities",
+                    "shape": [n, k],
+                    "datatype": "FP32",
+                    "data": [e["probability"] for row in b["top_k"] for e in row],
+                }
+            )
+        out: dict[str, Any] = {
+            "model_name": b["model"],
+            "model_version": b["model_version"],
+            "outputs": outputs,
+            "parameters": {"decision_id": b["decision_id"], "action": b["action"]},
+        }
+        if rid is not None:
+            out["id"] = rid
+        return out
+
+    # -- prediction endpoints ---------------------------------------------------------------
+    @app.post(
+        "/v1/models/{name}/predict",
+        tags=["predict"],
+        summary="Classify a batch (JSON {'inputs': [...]} or a .npy array)",
+        responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict(
+        name: str, request: Request, key: KeyRecord = Depends(predict_key)
+    ) -> JSONResponse:
+        return await _serve("v1-predict", name, key, request, _parse_v1, _render_v1)
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        tags=["open inference protocol v2"],
+        summary="Open Inference Protocol v2 inference",
+        responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
+        openapi_extra=_V2_BODY,
+    )
+    async def v2_infer(
+        name: str, request: Request, key: KeyRecord = Depends(predict_key)
+    ) -> JSONResponse:
+        return await _serve("v2-infer", name, key, request, _parse_v2, _render_v2)
+
+    @app.get(
+        "/v2/models/{name}",
+        tags=["open inference protocol v2"],
+        summary="Model metadata",
+        responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
+    )
+    def v2_model(name: str, key: KeyRecord = Depends(predict_key)) -> dict[str, Any]:
+        m = guard.get_model(name)
+        spec = m.spec
+        return {
+            "name": m.name,
+            "versions": [m.version],
+            "platform": "advguard-guard",
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, *spec.shape]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, spec.num_classes]},
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+            ],
+        }
+
+    @app.get(
+        "/v2/models/{name}/ready",
+        tags=["open inference protocol v2"],
+        responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
+    )
+    def v2_model_ready(name: str, key: KeyRecord = Depends(predict_key)) -> dict[str, Any]:
+        guard.get_model(name)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/health/live", tags=["health"])
+    def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    def _ready() -> bool:
+        try:
+            with guard.store.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return bool(guard.limiter.storage.check())
+        except Exception as exc:
+            log.warning("not ready: %s", type(exc).__name__)
+            return False
+
+    @app.get("/v2/health/ready", tags=["health"], responses=openapi_responses("not-ready"))
+    def v2_ready() -> dict[str, bool]:
+        if not _ready():
+            raise Problem("not-ready", "the database or the rate-limit store does not answer")
+        return {"ready": True}
+
+    @app.get("/v2", tags=["open inference protocol v2"])
+    def v2_server() -> dict[str, Any]:
+        return {"name": "advguard-guard", "version": __version__, "extensions": []}
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses=openapi_responses("not-ready"))
+    def readyz() -> dict[str, str]:
+        if not _ready():
+            raise Problem("not-ready", "the database or the rate-limit store does not answer")
+        return {"status": "ready", "model": guard.model.name, "version": guard.model.version}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        return Response(guard.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/v1/decisions/{decision_id}",
+        tags=["admin"],
+        summary="One recorded decision (admin scope; never the payload)",
+        responses=openapi_responses(*AUTH_ERRORS, "decision-not-found"),
+    )
+    def get_decision(decision_id: str, key: KeyRecord = Depends(admin_key)) -> dict[str, Any]:
+        return guard.decision(decision_id)
+
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        comps = schema.setdefault("components", {})
+        schemas = comps.setdefault("schemas", {})
+        schemas["Problem"] = ProblemModel.model_json_schema()
+        # FastAPI's own 422 (HTTPValidationError) is never sent: parameter errors are problems
+        problem = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                resp = op.get("responses", {}).get("422")
+                if resp is not None:
+                    resp["content"] = problem
+                    if resp.get("description") == "Validation Error":
+                        resp["description"] = "Invalid parameters"
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
+    return app
+
+
+def wrap(app: FastAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """``app`` behind :class:`CatchAll` (what ``advguard guard serve`` runs)."""
+    return CatchAll(app)

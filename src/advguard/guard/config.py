@@ -1,0 +1,239 @@
+"""The guard's YAML configuration, validated with pydantic (strict, unknown keys refused).
+
+Errors name the file, the line and the field at fault (``guard.yaml: invalid guard config:
+line 7, field 'limits.rate': ...``). Relative paths in the file are read from the file's folder.
+Nothing named in the file is imported, except an explicit model ``factory`` (the same rule as
+the command line's ``--factory``: name only code you trust).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from advguard.errors import InputError
+from advguard.evaluate.threat_model import parse_yaml_model
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Action = Literal["allow", "fallback", "review", "reject"]
+#: How severe each action is: a request takes the most severe action of its rows.
+SEVERITY: dict[str, int] = {"allow": 0, "fallback": 1, "review": 2, "reject": 3}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RegistrySource(_Strict):
+    """A model taken from the registry: the version in ``stage`` of ``model_name``."""
+
+    model_name: str = Field(pattern=NAME_RE)
+    stage: Literal["production", "canary", "candidate"] = "production"
+    root: str | None = None
+    db_url: str | None = None
+
+
+class ModelSpec(_Strict):
+    """A served model: a file (``path``) or a registry version (``registry``)."""
+
+    name: str = Field(default="model", pattern=NAME_RE)
+    path: str | None = None
+    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    input_shape: list[int] | None = None
+    num_classes: int | None = Field(default=None, ge=2)
+    bounds: list[float] | None = None
+    registry: RegistrySource | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d <= 0 for d in v) or len(v) > 6):
+            raise ValueError("input_shape must be 1 to 6 positive integers")
+        return v
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not v[0] < v[1]):
+            raise ValueError("bounds must be [low, high] with low < high")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.path is not None and self.registry is not None:
+            raise ValueError("give either path or registry, not both")
+        return self
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+
+
+class StorageConfig(_Strict):
+    #: SQLAlchemy URL; default ``sqlite:///<config folder>/guard.db``.
+    database_url: str | None = None
+    table_prefix: str = Field(default="guard_", pattern=r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class AuthConfig(_Strict):
+    #: Environment variable holding the server pepper (keys are stored as HMAC-SHA256 with
+    #: it); without a pepper keys are stored as SHA-256.
+    pepper_env: str = Field(default="ADVGUARD_GUARD_PEPPER", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    pepper_file: str | None = None
+
+
+class LimitsConfig(_Strict):
+    #: Sustained requests per second per key; ``burst`` requests may come at once.
+    rate: float = Field(default=10.0, gt=0, le=1e6)
+    burst: int = Field(default=20, ge=1, le=10**7)
+    #: Input rows per key per ``budget_period`` (None: no budget).
+    budget: int | None = Field(default=10_000, ge=1)
+    budget_period: Literal["minute", "hour", "day"] = "day"
+    #: ``redis://host:port/db`` shares the limits between guard instances; default memory.
+    redis_url: str | None = None
+    key_prefix: str = Field(default="advguard-guard", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
+
+
+class EdgeConfig(_Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=64, le=1 << 30)
+    #: Seconds allowed to receive the whole request body.
+    read_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    max_json_depth: int = Field(default=12, ge=2, le=64)
+    max_batch: int = Field(default=256, ge=1, le=100_000)
+    #: Inputs outside the model's bounds: refuse (422) or clip into them.
+    out_of_bounds: Literal["reject", "clip"] = "reject"
+
+
+class SanitizeConfig(_Strict):
+    #: Bit-depth reduction of every input (feature squeezing, Xu et al. 2018); None: off.
+    quantize_bits: int | None = Field(default=None, ge=1, le=16)
+
+
+class Band(_Strict):
+    """Score band of a detector: a score above ``min`` (default: the detector's calibrated
+    threshold) takes ``action``; the highest band a score passes wins."""
+
+    min: float | None = None
+    action: Action = "reject"
+
+
+class DetectorConfig(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    path: str
+    bands: list[Band] = Field(default_factory=lambda: [Band()])
+
+
+class StatefulConfig(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    #: What happens when the detector flags a client: block it (403 from then on), reject the
+    #: request (422) or answer from the fallback and queue for review.
+    action: Literal["block", "reject", "review", "fallback"] = "block"
+    #: Passed unchanged to ``advguard.guard.stateful.build_stateful`` (which validates it).
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputConfig(_Strict):
+    """Output hardening (the default for keys that set none)."""
+
+    mode: Literal["probabilities", "top_k", "label"] = "probabilities"
+    top_k: int = Field(default=1, ge=1, le=1000)
+    #: Round probabilities to this many decimals (None: full precision).
+    decimals: int | None = Field(default=None, ge=0, le=8)
+
+
+class ForensicsConfig(_Strict):
+    #: ``encrypted``: store the payload encrypted with Fernet; ``hash-only``: only its SHA-256.
+    mode: Literal["encrypted", "hash-only"] = "hash-only"
+    key_env: str = Field(default="ADVGUARD_GUARD_FERNET_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    key_file: str | None = None
+    #: Share of allowed, unflagged requests kept as forensic records too.
+    sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    retention_days: int = Field(default=30, ge=1, le=36_500)
+    #: Record a decision row (no payload) for every request, so ``/v1/decisions/{id}`` works.
+    record_all_decisions: bool = True
+
+
+class GuardConfig(_Strict):
+    version: Literal[1] = 1
+    model: ModelSpec | None = None
+    fallback: ModelSpec | None = None
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    sanitize: SanitizeConfig = Field(default_factory=SanitizeConfig)
+    detectors: list[DetectorConfig] = Field(default_factory=list)
+    stateful: list[StatefulConfig] = Field(default_factory=list)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    forensics: ForensicsConfig = Field(default_factory=ForensicsConfig)
+    #: Folder relative paths are read from (the config file's folder); not a YAML key.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def set_base_dir(self, path: Path) -> None:
+        """Read relative paths from ``path`` (the config file's folder)."""
+        self._base_dir = Path(path)
+
+    @model_validator(mode="after")
+    def _fallback_needed(self) -> GuardConfig:
+        names = [d.name for d in self.detectors] + [s.name for s in self.stateful]
+        if len(set(names)) != len(names):
+            raise ValueError("detector and stateful detector names must be unique")
+        needs = any(b.action in ("fallback", "review") for d in self.detectors for b in d.bands)
+        needs |= any(s.action in ("fallback", "review") for s in self.stateful)
+        if needs and self.fallback is None:
+            raise ValueError("an action 'fallback' or 'review' needs a 'fallback' model")
+        return self
+
+    def resolve(self, path: str | None) -> Path | None:
+        """``path`` read relative to the config file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.base_dir / 'guard.db').resolve()}"
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> GuardConfig:
+    """Validate guard YAML ``text``; an error is one line naming the line and the field."""
+    try:
+        cfg = parse_yaml_model(text, source, GuardConfig, "guard config", empty={})
+    except InputError as e:
+        # one line: "<source>: invalid guard config: line 3, field 'x': ...; line 5, ..."
+        msg = str(e)
+        if ": not valid YAML:" in msg:  # keep the parser's first line and its position
+            mark = re.search(r"line (\d+), column (\d+)", msg)
+            head = msg.split("\n", 1)[0].rstrip(":")
+            where = f" (line {mark.group(1)}, column {mark.group(2)})" if mark else ""
+            raise InputError(head + where) from None
+        raise InputError(re.sub(r"\n\s*", "; ", msg).replace("config; ", "config: ")) from None
+    cfg.set_base_dir(base_dir if base_dir is not None else Path.cwd())
+    return cfg
+
+
+def load_config(path: str | Path | None) -> GuardConfig:
+    """Read a guard YAML file (None: all defaults, relative to the current folder)."""
+    if path is None:
+        return GuardConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"guard config {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not UTF-8 text") from None
+    return parse_config(text, str(p), p.resolve().parent)

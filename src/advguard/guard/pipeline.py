@@ -1,0 +1,484 @@
+"""The guard pipeline: authenticate -> limit -> validate -> sanitize -> detect -> decide ->
+answer (with output hardening) -> record.
+
+Detectors plug in through two protocols. A *per-input* detector scores each row
+(``score(x) -> (n,)``, higher = more suspicious, with a calibrated ``threshold``); its score
+bands map scores to actions. A *stateful* detector watches each client's stream of queries
+(``observe(client_id, x) -> verdict``, e.g. Chen, Carlini & Wagner 2020 kNN or PRADA) and
+flags clients, not rows. The YAML sections ``detectors:`` and ``stateful:`` configure them;
+:class:`Guard` also takes ready objects (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from advguard.errors import InputError
+from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
+from advguard.guard.config import SEVERITY, GuardConfig
+from advguard.guard.edge import check_batch
+from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
+from advguard.guard.metrics import GuardMetrics
+from advguard.guard.problems import Problem
+from advguard.guard.ratelimit import Limiter, LimitResult
+from advguard.guard.serving import ServedModel, load_served_model
+from advguard.guard.storage import (
+    DecisionRecord,
+    GuardStore,
+    KeyRecord,
+    OutputPolicy,
+    now,
+)
+
+log = logging.getLogger("advguard.guard")
+
+
+@runtime_checkable
+class InputDetector(Protocol):
+    """Scores each input row; higher is more suspicious."""
+
+    threshold: float | None
+
+    def score(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class StatefulVerdictLike(Protocol):
+    flagged: bool
+    detector: str
+    score: float
+    threshold: float
+    queries_seen: int
+
+
+@runtime_checkable
+class StatefulDetectorLike(Protocol):
+    """Watches one client's queries over time."""
+
+    def observe(self, client_id: str, x: np.ndarray) -> StatefulVerdictLike: ...
+
+
+@dataclass
+class DetectorSlot:
+    name: str
+    detector: InputDetector
+    #: (min score, action), ascending by min; a score above ``min`` takes ``action``.
+    bands: list[tuple[float, str]]
+
+    def actions(self, scores: np.ndarray) -> list[str]:
+        out = []
+        for s in scores:
+            act = "allow"
+            for lo, a in self.bands:
+                if s > lo:
+                    act = a
+            out.append(act)
+        return out
+
+
+@dataclass
+class StatefulSlot:
+    name: str
+    detector: StatefulDetectorLike
+    action: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Outcome:
+    """What the API answers for one accepted request."""
+
+    decision_id: str
+    action: str
+    model: ServedModel
+    fallback: ServedModel | None
+    probabilities: np.ndarray
+    row_actions: list[str]
+    policy: OutputPolicy
+
+    def body(self) -> dict[str, Any]:
+        p = self.probabilities
+        labels = p.argmax(1)
+        out: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "action": self.action,
+            "model": self.model.name,
+            "model_version": self.model.version,
+            "labels": labels.tolist(),
+            "row_actions": self.row_actions,
+        }
+        if self.fallback is not None and any(a != "allow" for a in self.row_actions):
+            out["fallback_version"] = self.fallback.version
+        pol = self.policy
+        rounded = np.round(p, pol.decimals) if pol.decimals is not None else p
+        if pol.mode == "probabilities":
+            out["probabilities"] = rounded.tolist()
+        elif pol.mode == "top_k":
+            k = min(pol.top_k, p.shape[1])
+            order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+            out["top_k"] = [
+                [{"label": int(j), "probability": float(rounded[i, j])} for j in row]
+                for i, row in enumerate(order)
+            ]
+        return out
+
+
+def _quantize(x: np.ndarray, bits: int, bounds: tuple[float, float]) -> np.ndarray:
+    """Bit-depth reduction (feature squeezing; Xu, Evans & Qi, NDSS 2018) within ``bounds``."""
+    lo, hi = bounds
+    levels = (1 << bits) - 1
+    z = np.round((x - lo) / (hi - lo) * levels) / levels
+    return (z * (hi - lo) + lo).astype(np.float32)
+
+
+class Guard:
+    """Everything one guard process needs; the HTTP layer (:mod:`advguard.guard.app`) only
+    parses requests and renders answers."""
+
+    def __init__(
+        self,
+        cfg: GuardConfig,
+        *,
+        store: GuardStore,
+        model: ServedModel,
+        fallback: ServedModel | None = None,
+        detectors: Sequence[DetectorSlot] = (),
+        stateful: Sequence[StatefulSlot] = (),
+        limiter: Limiter | None = None,
+        pepper: bytes | None = None,
+        fernet: Any | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.model = model
+        self.fallback = fallback
+        self.detectors = list(detectors)
+        self.stateful = list(stateful)
+        self.limiter = limiter or Limiter(cfg.limits)
+        self.pepper = pepper
+        self.fernet = fernet
+        self.rng = rng or random.Random()
+        self.metrics = GuardMetrics()
+        needs_fallback = any(
+            a in ("fallback", "review") for d in self.detectors for _, a in d.bands
+        )
+        needs_fallback |= any(s.action in ("fallback", "review") for s in self.stateful)
+        if needs_fallback and fallback is None:
+            raise InputError("an action 'fallback' or 'review' needs a fallback model")
+        if fallback is not None and fallback.spec != model.spec:
+            raise InputError(
+                f"the fallback model takes {fallback.spec} but the model takes {model.spec}"
+            )
+        if cfg.forensics.mode == "encrypted" and fernet is None:
+            raise InputError("forensics.mode 'encrypted' needs a Fernet key")
+
+    # -- construction from the config --------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        cfg: GuardConfig,
+        *,
+        model: ServedModel | None = None,
+        fallback: ServedModel | None = None,
+        store: GuardStore | None = None,
+    ) -> Guard:
+        """Load what ``cfg`` names: models, database, detectors, keys for pepper/forensics."""
+        if model is None:
+            if cfg.model is None:
+                raise InputError("no model: give --model FILE, --model-name NAME or 'model:'")
+            model = load_served_model(cfg.model, cfg)
+        if fallback is None and cfg.fallback is not None:
+            fallback = load_served_model(cfg.fallback, cfg)
+        pepper = load_pepper(cfg.auth.pepper_env, cfg.resolve(cfg.auth.pepper_file))
+        fernet = None
+        if cfg.forensics.mode == "encrypted":
+            fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
+        store = store or GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
+        return cls(
+            cfg,
+            store=store,
+            model=model,
+            fallback=fallback,
+            detectors=build_detectors(cfg),
+            stateful=build_stateful_detectors(cfg),
+            pepper=pepper,
+            fernet=fernet,
+        )
+
+    def close(self) -> None:
+        self.store.close()
+
+    def get_model(self, name: str) -> ServedModel:
+        if name != self.model.name:
+            raise Problem("model-not-found", f"this guard serves the model {self.model.name!r}")
+        return self.model
+
+    # -- steps ----------------------------------------------------------------------------
+    def authenticate(
+        self, authorization: str | None, x_api_key: str | None, scope: str
+    ) -> KeyRecord:
+        try:
+            return authenticate(
+                self.store, extract_key(authorization, x_api_key), scope, pepper=self.pepper
+            )
+        except AuthError as e:
+            self.metrics.auth_failures.labels(e.kind).inc()
+            headers = {"WWW-Authenticate": 'Bearer realm="advguard"'} if e.status == 401 else {}
+            raise Problem(e.kind, e.detail, headers=headers) from None
+
+    def _refuse(self, res: LimitResult, model: str) -> Problem:
+        self.metrics.rate_limited.labels(model, res.which or "rate").inc()
+        if res.which == "budget":
+            return Problem(
+                "budget-exhausted",
+                f"the query budget of {res.limit} input rows per "
+                f"{self.cfg.limits.budget_period} is used up for this key",
+                headers=res.headers(),
+            )
+        return Problem(
+            "rate-limited",
+            f"at most {res.limit} requests per {res.policy.split('=')[1]} s for this key",
+            headers=res.headers(),
+        )
+
+    def check_rate(self, key: KeyRecord, model: str) -> LimitResult:
+        res = self.limiter.hit_rate(key.key_id)
+        if not res.allowed:
+            raise self._refuse(res, model)
+        return res
+
+    def check_budget(self, key: KeyRecord, model: str, rows: int) -> LimitResult | None:
+        budget = self.cfg.limits.budget
+        if budget is not None and rows > budget:
+            raise Problem(
+                "batch-too-large",
+                f"{rows} input rows exceed the whole query budget of {budget} rows per "
+                f"{self.cfg.limits.budget_period}",
+            )
+        res = self.limiter.hit_budget(key.key_id, rows)
+        if res is not None and not res.allowed:
+            raise self._refuse(res, model)
+        return res
+
+    def validate(self, x: np.ndarray, model: ServedModel) -> np.ndarray:
+        return check_batch(
+            x,
+            model.spec,
+            max_batch=self.cfg.edge.max_batch,
+            clip=self.cfg.edge.out_of_bounds == "clip",
+        )
+
+    def sanitize(self, x: np.ndarray, model: ServedModel) -> np.ndarray:
+        bits = self.cfg.sanitize.quantize_bits
+        return _quantize(x, bits, model.spec.bounds) if bits else x
+
+    # -- the whole request ------------------------------------------------------------
+    def process(self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float) -> Outcome:
+        """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
+        rate and budget were already taken. Raises :class:`Problem` for reject/block."""
+        decision_id = uuid.uuid4().hex
+        xs = self.sanitize(x, model)
+        scores: dict[str, list[float] | float | None] = {}
+        reasons: list[str] = []
+        row_actions = ["allow"] * len(xs)
+        flagged = False
+        for slot in self.detectors:
+            s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
+            if s.shape != (len(xs),) or not np.isfinite(s).all():
+                raise RuntimeError(f"detector {slot.name} returned bad scores")
+            scores[slot.name] = [round(float(v), 6) for v in s]
+            for i, a in enumerate(slot.actions(s)):
+                if a != "allow":
+                    flagged = True
+                    reasons.append(f"{slot.name}:row{i}:{a}")
+                if SEVERITY[a] > SEVERITY[row_actions[i]]:
+                    row_actions[i] = a
+        block = False
+        for st in self.stateful:
+            with st.lock:
+                v = st.detector.observe(key.key_id, xs)
+            scores[st.name] = float(v.score)
+            if v.flagged:
+                flagged = True
+                reasons.append(
+                    f"{st.name}:{st.action} (score {float(v.score):.4g} > "
+                    f"{float(v.threshold):.4g} after {int(v.queries_seen)} queries)"
+                )
+                if st.action == "block":
+                    block = True
+                else:
+                    row_actions = [
+                        st.action if SEVERITY[st.action] > SEVERITY[a] else a for a in row_actions
+                    ]
+        action = "block" if block else max(row_actions, key=SEVERITY.__getitem__)
+        sampled = self.rng.random() < self.cfg.forensics.sample_rate
+        if sampled and not flagged and action == "allow":
+            reasons.append("sampled")
+        forensic = flagged or action != "allow" or sampled
+
+        probs: np.ndarray | None = None
+        if action not in ("reject", "block"):
+            # flagged rows never reach the primary model
+            probs = np.empty((len(xs), model.spec.num_classes), dtype=np.float64)
+            fb = [i for i, a in enumerate(row_actions) if a in ("fallback", "review")]
+            ok = [i for i, a in enumerate(row_actions) if a == "allow"]
+            if ok:
+                probs[ok] = model.predict_proba(xs[ok])
+            if fb:
+                assert self.fallback is not None
+                probs[fb] = self.fallback.predict_proba(xs[fb])
+
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if forensic or self.cfg.forensics.record_all_decisions:
+            self._record(
+                decision_id,
+                key,
+                model,
+                action,
+                flagged,
+                forensic,
+                reasons,
+                scores,
+                x,
+                latency_ms,
+            )
+        self.metrics.decisions.labels(model.name, model.version, action).inc()
+        if action == "block":
+            self.store.add_block(key.key_id, f"stateful detector: {'; '.join(reasons)}")
+            log.warning(
+                "client %s blocked by a stateful detector (decision %s)", key.key_id, decision_id
+            )
+            raise Problem("client-blocked", "this client is blocked", decision_id=decision_id)
+        if action == "reject":
+            raise Problem(
+                "rejected",
+                "the guard's detectors flagged this request; it was not answered",
+                decision_id=decision_id,
+                headers={"X-Decision-Id": decision_id},
+            )
+        assert probs is not None
+        self.metrics.rows.labels(model.name, model.version).inc(len(xs))
+        return Outcome(
+            decision_id,
+            action,
+            model,
+            self.fallback,
+            probs,
+            row_actions,
+            key.output or OutputPolicy(**self.cfg.output.model_dump()),
+        )
+
+    def _record(
+        self,
+        decision_id: str,
+        key: KeyRecord,
+        model: ServedModel,
+        action: str,
+        flagged: bool,
+        forensic: bool,
+        reasons: list[str],
+        scores: dict[str, list[float] | float | None],
+        x: np.ndarray,
+        latency_ms: float,
+    ) -> None:
+        payload = None
+        if forensic and self.fernet is not None:
+            payload = encode_payload(x, self.fernet)
+        rec = DecisionRecord(
+            id=decision_id,
+            ts=now(),
+            key_id=key.key_id,
+            model=model.name,
+            version=model.version,
+            action=action,  # type: ignore[arg-type]
+            flagged=flagged,
+            forensic=forensic,
+            reasons=reasons[:64],
+            scores=scores,
+            fingerprint=fingerprint(x),
+            n_rows=len(x),
+            shape=list(x.shape),
+            latency_ms=latency_ms,
+            payload=payload,
+            payload_encrypted=payload is not None,
+            review_status="pending" if action == "review" else None,
+        )
+        self.store.add_decision(rec)  # committed before the answer leaves
+
+    def decision(self, decision_id: str) -> dict[str, Any]:
+        import re
+
+        if not re.fullmatch(r"[0-9a-f]{32}", decision_id):
+            raise Problem("decision-not-found", "no decision with this id")
+        rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
+        if rec is None:
+            raise Problem("decision-not-found", "no decision with this id")
+        return rec.public()
+
+
+# -- builders for the configured detectors --------------------------------------------
+def build_detectors(cfg: GuardConfig) -> list[DetectorSlot]:
+    """Load the ``detectors:`` of ``cfg`` with ``advguard.defenses.detectors.load_detector``
+    (safetensors + JSON, no pickle)."""
+    if not cfg.detectors:
+        return []
+    try:
+        from advguard.defenses.detectors import load_detector  # type: ignore[attr-defined]
+    except ImportError:
+        raise InputError(
+            "the config lists detectors but this advguard cannot load saved detectors "
+            "(advguard.defenses.detectors.load_detector is missing)"
+        ) from None
+    slots = []
+    for d in cfg.detectors:
+        path = cfg.resolve(d.path)
+        det = load_detector(path)
+        slots.append(DetectorSlot(d.name, det, resolve_bands(d.name, d.bands, det)))
+    return slots
+
+
+def resolve_bands(name: str, bands: Sequence[Any], det: Any) -> list[tuple[float, str]]:
+    out = []
+    for b in bands:
+        lo = b.min
+        if lo is None:
+            lo = getattr(det, "threshold", None)
+            if lo is None:
+                raise InputError(
+                    f"detector {name!r} has no calibrated threshold; set 'min' in its bands or "
+                    "calibrate it (advguard detector calibrate)"
+                )
+        out.append((float(lo), b.action))
+    return sorted(out)
+
+
+def build_stateful_detectors(cfg: GuardConfig) -> list[StatefulSlot]:
+    """Build the ``stateful:`` of ``cfg`` with ``advguard.guard.stateful.build_stateful``."""
+    if not cfg.stateful:
+        return []
+    try:
+        from advguard.guard.stateful import build_stateful  # type: ignore[import-not-found]
+    except ImportError:
+        raise InputError(
+            "the config lists stateful detectors but this advguard has no "
+            "advguard.guard.stateful module"
+        ) from None
+    return [StatefulSlot(s.name, build_stateful(dict(s.spec)), s.action) for s in cfg.stateful]
+
+
+def block_client(store: GuardStore, client_id: str, reason: str, ttl_s: int | None) -> Any:
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{16}", client_id):
+        raise InputError(f"a client id is a key id (16 hex digits), got {client_id!r}")
+    return store.add_block(client_id, reason, timedelta(seconds=ttl_s) if ttl_s else None)

@@ -1,0 +1,376 @@
+"""The guard's database: API keys (hashes only), blocked clients, decisions and forensic records.
+
+SQLAlchemy Core on an embedded SQLite file by default (WAL, ``synchronous=FULL``, every
+transaction ``BEGIN IMMEDIATE``; the engine set-up is the registry's), or PostgreSQL through a
+``postgresql+psycopg://`` URL. Every table name starts with ``table_prefix`` so several guards
+(or tests) can share one database. Rows read back are validated like any other input: a row
+that breaks the schema raises :class:`StoreCorrupt` instead of being trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from advguard.errors import AdvguardError, InputError
+
+SCOPES = ("predict", "admin")
+KEY_ID_RE = r"^[0-9a-f]{16}$"
+DECISION_ID_RE = r"^[0-9a-f]{32}$"
+REVIEW_STATES = ("pending", "approved", "rejected")
+
+
+class StoreCorrupt(AdvguardError):
+    """A row read back from the guard database breaks its schema (never trusted)."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; everything is stored in UTC
+    if ts is None:
+        return None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+class OutputPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["probabilities", "top_k", "label"] = "probabilities"
+    top_k: int = Field(default=1, ge=1, le=1000)
+    decimals: int | None = Field(default=None, ge=0, le=8)
+
+
+class KeyRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key_id: str = Field(pattern=KEY_ID_RE)
+    name: str = Field(max_length=200)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    scopes: tuple[Literal["predict", "admin"], ...]
+    output: OutputPolicy | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def public(self) -> dict[str, Any]:
+        """What ``keys list`` shows: never the hash."""
+        return {
+            "key_id": self.key_id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "output": self.output.model_dump() if self.output else None,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+
+class BlockRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    client_id: str = Field(pattern=KEY_ID_RE)
+    reason: str = Field(max_length=500)
+    created_at: datetime
+    expires_at: datetime | None = None
+
+    def active(self, at: datetime) -> bool:
+        return self.expires_at is None or self.expires_at > at
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "reason": self.reason,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+        }
+
+
+class DecisionRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=DECISION_ID_RE)
+    ts: datetime
+    key_id: str = Field(pattern=KEY_ID_RE)
+    model: str = Field(max_length=100)
+    version: str = Field(max_length=200)
+    action: Literal["allow", "fallback", "review", "reject", "block"]
+    flagged: bool
+    forensic: bool
+    reasons: list[str] = Field(max_length=64)
+    scores: dict[str, list[float] | float | None]
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    n_rows: int = Field(ge=0)
+    shape: list[int] = Field(max_length=8)
+    latency_ms: float = Field(ge=0)
+    payload: bytes | None = Field(default=None, repr=False)
+    payload_encrypted: bool = False
+    review_status: Literal["pending", "approved", "rejected"] | None = None
+    reviewed_at: datetime | None = None
+    review_note: str | None = Field(default=None, max_length=500)
+
+    def public(self) -> dict[str, Any]:
+        """The record without its payload (what the API and ``review list`` show)."""
+        out = self.model_dump(exclude={"payload"})
+        out["ts"] = self.ts.isoformat()
+        out["reviewed_at"] = self.reviewed_at.isoformat() if self.reviewed_at else None
+        out["payload_stored"] = self.payload is not None
+        return out
+
+
+def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
+    md = MetaData()
+    keys = Table(
+        f"{prefix}keys",
+        md,
+        Column("key_id", String(16), primary_key=True),
+        Column("name", String(200), nullable=False),
+        Column("hash", String(64), nullable=False),
+        Column("scopes", String(100), nullable=False),
+        Column("output", JSON, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("revoked_at", DateTime(timezone=True), nullable=True),
+    )
+    blocks = Table(
+        f"{prefix}blocks",
+        md,
+        Column("client_id", String(16), primary_key=True),
+        Column("reason", String(500), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("expires_at", DateTime(timezone=True), nullable=True),
+    )
+    decisions = Table(
+        f"{prefix}decisions",
+        md,
+        Column("id", String(32), primary_key=True),
+        Column("ts", DateTime(timezone=True), nullable=False, index=True),
+        Column("key_id", String(16), nullable=False, index=True),
+        Column("model", String(100), nullable=False),
+        Column("version", String(200), nullable=False),
+        Column("action", String(16), nullable=False),
+        Column("flagged", Boolean, nullable=False),
+        Column("forensic", Boolean, nullable=False),
+        Column("reasons", JSON, nullable=False),
+        Column("scores", JSON, nullable=False),
+        Column("fingerprint", String(64), nullable=False),
+        Column("n_rows", Integer, nullable=False),
+        Column("shape", JSON, nullable=False),
+        Column("latency_ms", Float, nullable=False),
+        Column("payload", LargeBinary, nullable=True),
+        Column("payload_encrypted", Boolean, nullable=False),
+        Column("review_status", String(16), nullable=True, index=True),
+        Column("reviewed_at", DateTime(timezone=True), nullable=True),
+        Column("review_note", String(500), nullable=True),
+    )
+    return md, keys, blocks, decisions
+
+
+class GuardStore:
+    """Keys, blocks and decisions in one SQL database (see the module docstring)."""
+
+    def __init__(self, url: str, *, table_prefix: str = "guard_") -> None:
+        from advguard.registry.db import make_engine
+
+        try:
+            self.engine: Engine = make_engine(url)
+        except InputError as e:
+            raise InputError(str(e).replace("registry database", "guard database")) from None
+        self.metadata, self.keys, self.blocks, self.decisions = _tables(table_prefix)
+        try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # serialise concurrent first opens
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7324013)")
+                self.metadata.create_all(conn)
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise InputError(
+                f"cannot open the guard database {self.engine.url!r}: "
+                f"{type(getattr(exc, 'orig', exc) or exc).__name__}"
+            ) from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def drop_all(self) -> None:
+        """Drop this guard's tables (tests and ``purge --all``)."""
+        self.metadata.drop_all(self.engine)
+
+    # -- validation of rows read back -------------------------------------------------
+    @staticmethod
+    def _parse(model: type[BaseModel], row: Any, what: str) -> Any:
+        data = dict(row._mapping)
+        for k, v in data.items():
+            if isinstance(v, datetime):
+                data[k] = _aware(v)
+        if "scopes" in data and isinstance(data["scopes"], str):
+            data["scopes"] = tuple(s for s in data["scopes"].split(",") if s)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise StoreCorrupt(
+                f"the guard database holds a bad {what} row (field {field})"
+            ) from None
+
+    # -- keys -------------------------------------------------------------------------------
+    def add_key(
+        self,
+        key_id: str,
+        name: str,
+        digest: str,
+        scopes: Sequence[str],
+        output: OutputPolicy | None = None,
+    ) -> KeyRecord:
+        rec = KeyRecord(
+            key_id=key_id,
+            name=name,
+            hash=digest,
+            scopes=tuple(scopes),  # type: ignore[arg-type]
+            output=output,
+            created_at=now(),
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.keys.insert().values(
+                    key_id=rec.key_id,
+                    name=rec.name,
+                    hash=rec.hash,
+                    scopes=",".join(rec.scopes),
+                    output=rec.output.model_dump() if rec.output else None,
+                    created_at=rec.created_at,
+                )
+            )
+        return rec
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(self.keys).where(self.keys.c.key_id == key_id)).first()
+        return None if row is None else self._parse(KeyRecord, row, "key")
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(self.keys).order_by(self.keys.c.created_at)).all()
+        return [self._parse(KeyRecord, r, "key") for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(self.keys)
+                .where(self.keys.c.key_id == key_id, self.keys.c.revoked_at.is_(None))
+                .values(revoked_at=now())
+            )
+        return bool(res.rowcount)
+
+    # -- blocks -----------------------------------------------------------------------------
+    def add_block(self, client_id: str, reason: str, ttl: timedelta | None = None) -> BlockRecord:
+        at = now()
+        rec = BlockRecord(
+            client_id=client_id,
+            reason=reason[:500],
+            created_at=at,
+            expires_at=at + ttl if ttl else None,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(delete(self.blocks).where(self.blocks.c.client_id == client_id))
+            conn.execute(self.blocks.insert().values(**rec.model_dump()))
+        return rec
+
+    def remove_block(self, client_id: str) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(delete(self.blocks).where(self.blocks.c.client_id == client_id))
+        return bool(res.rowcount)
+
+    def get_block(self, client_id: str) -> BlockRecord | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(self.blocks).where(self.blocks.c.client_id == client_id)
+            ).first()
+        if row is None:
+            return None
+        rec: BlockRecord = self._parse(BlockRecord, row, "block")
+        return rec if rec.active(now()) else None
+
+    def list_blocks(self) -> list[BlockRecord]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(self.blocks).order_by(self.blocks.c.created_at)).all()
+        at = now()
+        return [b for b in (self._parse(BlockRecord, r, "block") for r in rows) if b.active(at)]
+
+    # -- decisions --------------------------------------------------------------------------
+    def add_decision(self, rec: DecisionRecord) -> None:
+        """Insert (committed when this returns)."""
+        with self.engine.begin() as conn:
+            conn.execute(self.decisions.insert().values(**rec.model_dump()))
+
+    def get_decision(self, decision_id: str) -> DecisionRecord | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(self.decisions).where(self.decisions.c.id == decision_id)
+            ).first()
+        return None if row is None else self._parse(DecisionRecord, row, "decision")
+
+    def iter_decisions(
+        self,
+        *,
+        since: datetime | None = None,
+        forensic_only: bool = False,
+        review_status: str | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[DecisionRecord]:
+        q = select(self.decisions).order_by(self.decisions.c.ts)
+        if since is not None:
+            q = q.where(self.decisions.c.ts >= since)
+        if forensic_only:
+            q = q.where(self.decisions.c.forensic.is_(True))
+        if review_status is not None:
+            q = q.where(self.decisions.c.review_status == review_status)
+        if model is not None:
+            q = q.where(self.decisions.c.model == model)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.begin() as conn:
+            rows = conn.execute(q).all()
+        for r in rows:
+            yield self._parse(DecisionRecord, r, "decision")
+
+    def set_review(self, decision_id: str, status: str, note: str | None = None) -> bool:
+        if status not in ("approved", "rejected"):
+            raise InputError(f"review status must be approved or rejected, got {status!r}")
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(self.decisions)
+                .where(
+                    self.decisions.c.id == decision_id,
+                    self.decisions.c.review_status == "pending",
+                )
+                .values(review_status=status, reviewed_at=now(), review_note=note)
+            )
+        return bool(res.rowcount)
+
+    def purge(self, older_than: datetime) -> int:
+        """Delete decisions (and their payloads) recorded before ``older_than``."""
+        with self.engine.begin() as conn:
+            res = conn.execute(delete(self.decisions).where(self.decisions.c.ts < older_than))
+        return int(res.rowcount or 0)
