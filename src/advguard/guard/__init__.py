@@ -1,0 +1,1 @@
+"""advguard's runtime guard."""
