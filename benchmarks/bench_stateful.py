@@ -130,13 +130,13 @@ def main() -> None:
         jacobian_extraction(spy, seeds, rounds=6)
         v = spy.verdict
         rows[f"jacobian-extraction/{det.name}"] = [
-            {"queries": v.queries_seen, "first_detection": v.first_detection}
+            {"queries": v.queries_seen, "first_detection": v.first_detection, "score": v.score}
         ]
         spy = Observed(model, det, f"natural-{det.name}")
         train_surrogate(x_tr[:1000], target=spy, holdout=0.0, epochs=1)
         v = spy.verdict
         rows[f"natural-extraction/{det.name}"] = [
-            {"queries": v.queries_seen, "first_detection": v.first_detection}
+            {"queries": v.queries_seen, "first_detection": v.first_detection, "score": v.score}
         ]
     out["attacks"] = rows
     out["seconds"] = round(time.time() - t0, 1)
@@ -150,6 +150,7 @@ def main() -> None:
             + (f"; missed: queries used {[r['queries'] for r in missed]}" if missed else "")
         )  # fmt: skip
     print("benign", out["benign"])
+    print("extraction", {k: v for k, v in rows.items() if "extraction" in k})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -186,6 +186,12 @@ def _rewrite_arrays(path, arrays):
             lambda p: (p / ARRAYS_NAME).write_bytes(struct.pack("<Q", 1 << 62) + b"{}"),
             "header size out of range",
         ),
+        (
+            lambda p: (p / ARRAYS_NAME).write_bytes(
+                struct.pack("<Q", 43) + b'{"means":[1],"precision":[1],"classes":[1]}'
+            ),
+            "malformed safetensors header",
+        ),
     ],
 )
 def test_tampered_files_are_one_line_errors(saved_mahalanobis, digits_model, tamper, message):

@@ -335,7 +335,9 @@ def _read_arrays(path: Path, doc: dict[str, Any], spec: dict[str, tuple[str, int
     dtypes = {"float64": "F64", "int64": "I64"}
     for name, (dtype, ndim) in spec.items():
         info = header[name]
-        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            raise _bad(p, f"array {name!r}: malformed safetensors header")
+        shape = info.get("shape")
         if info.get("dtype") != dtypes[dtype] or not isinstance(shape, list):
             raise _bad(p, f"array {name!r} must be {dtype}")
         if len(shape) != ndim or not all(_is_int(d) and d >= 1 for d in shape):
