@@ -9,6 +9,7 @@ docs/guard-stateful.md.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -190,6 +191,7 @@ def test_reset_and_sticky_flag(digits_split):
     det.reset("c")
     v = det.observe("c", x_te[10:11])
     assert not v.flagged and v.queries_seen == 1 and v.score == float("inf")
+    assert json.loads(json.dumps(v.as_dict(), allow_nan=False))["score"] is None
 
 
 def test_observe_is_thread_safe(digits_split):

@@ -83,6 +83,18 @@ class StatefulVerdict:
     detections: int = 0
     first_detection: int | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``score`` is None while it cannot be computed (instead of ``inf``)."""
+        return {
+            "flagged": self.flagged,
+            "detector": self.detector,
+            "score": self.score if math.isfinite(self.score) else None,
+            "threshold": self.threshold,
+            "queries_seen": self.queries_seen,
+            "detections": self.detections,
+            "first_detection": self.first_detection,
+        }
+
 
 @runtime_checkable
 class StatefulDetector(Protocol):
