@@ -51,7 +51,7 @@ class Observed(ClassifierBase):
 def knn(digits_split) -> KNNStatefulDetector:
     x_tr, _, _, _ = digits_split
     det = KNNStatefulDetector(k=K, window=1000)
-    det.calibrate(x_tr, fpr=0.001)  # measured threshold 1.146 (benign test streams: >= 1.55)
+    det.calibrate(x_tr, fpr=0.001)  # measured threshold 1.146 (benign test streams: >= 1.57)
     return det
 
 
@@ -76,7 +76,7 @@ def test_benign_clients_trip_no_detector(digits_split, knn, prada):
             assert not v.flagged, (c, v)
             assert v.queries_seen == len(x_te)
         dists.append(knn.stream_scores(x_te[order])[K:].min())
-    assert min(dists) > knn.threshold  # the margin: measured 1.55 vs 1.146
+    assert min(dists) > knn.threshold  # the margin: measured 1.57 vs 1.146
 
 
 def _attack(attack, model, det, client, x, y, eps):
