@@ -19,12 +19,12 @@ import typer
 from rich.markup import escape
 
 from advguard import __version__
-from advguard.cli import certify, evaluate, gate, guard, registry, train
+from advguard.cli import certify, detector, evaluate, gate, guard, registry, train
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, guard)
+MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, detector, gate, registry, guard)
 
 app = typer.Typer(
     name="advguard",

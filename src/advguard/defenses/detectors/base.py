@@ -171,6 +171,10 @@ class Detector:
             )
         return self.score(x) > self.threshold
 
+    def is_adversarial(self, x: ArrayLike) -> np.ndarray:
+        """Same as :meth:`detect`: bool per sample, score strictly above ``threshold``."""
+        return self.detect(x)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
