@@ -1,9 +1,9 @@
 """The ``advguard`` command line.
 
-Each command module (``evaluate``, ``train``, ``certify``, ``gate``, ``registry``) declares its
-commands in a ``Commands`` table; this module attaches them to one Typer app and owns the one
-mapping from errors to exit codes: 0 ok, 1 a check failed (SLO, gate, verification), 2 bad
-input or usage (a one-line message, never a traceback), 130 interrupted.
+Each command module (``evaluate``, ``train``, ``certify``, ``gate``, ``registry``, ``slo``)
+declares its commands in a ``Commands`` table; this module attaches them to one Typer app and
+owns the one mapping from errors to exit codes: 0 ok, 1 a check failed (SLO, gate,
+verification), 2 bad input or usage (a one-line message, never a traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 import typer
 
 from advguard import __version__
-from advguard.cli import certify, evaluate, gate, registry, train
+from advguard.cli import certify, evaluate, gate, registry, slo, train
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry)
+MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, slo)
 
 app = typer.Typer(
     name="advguard",
