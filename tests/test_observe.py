@@ -620,3 +620,27 @@ def test_untrustworthy_report_exports_zero(small_report: Report) -> None:
     with pytest.raises(InputError, match="pass --model"):
         data["model"] = {}
         offline.build_registry(Report.model_validate(data))
+
+
+def test_export_metrics_cli_gate_and_certification_only(tmp_path: Path) -> None:
+    gate = GateResult(status="pass", policy="policy.yaml", report="r", checks=[])
+    (tmp_path / "gate.json").write_text(gate.model_dump_json())
+    (tmp_path / "certify.json").write_text(cert_report().model_dump_json())
+    out = tmp_path / "m.prom"
+    res = runner.invoke(
+        app,
+        [
+            *("slo", "export-metrics", "--gate", str(tmp_path / "gate.json")),
+            *("--certification", str(tmp_path / "certify.json"), "--out", str(out)),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    got = samples_of(out.read_text())
+    assert got[("advguard_gate_passed", (("model", "digits-cnn"), ("policy", "policy.yaml")))] == 1
+    key = (("method", "smoothing"), ("model", "digits-cnn"), ("norm", "l2"), ("radius", "0.0"))
+    assert got[("advguard_certified_accuracy", key)] == 0.8
+    (tmp_path / "gate.json").write_text('{"checks": "no"}')
+    res = runner.invoke(
+        app, ["slo", "export-metrics", "--gate", str(tmp_path / "gate.json"), "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "gate result does not match" in " ".join(res.output.split())
