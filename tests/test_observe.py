@@ -617,8 +617,11 @@ def test_untrustworthy_report_exports_zero(small_report: Report) -> None:
         )
         == 0.0
     )
+    data["model"] = {"name": "digits small_cnn", "path": "runs/q/digits_cnn.safetensors"}
+    _, model = offline.build_registry(Report.model_validate(data))
+    assert model == "digits_cnn"  # the name has a space: the file's stem is used
     with pytest.raises(InputError, match="pass --model"):
-        data["model"] = {}
+        data["model"] = {"name": "a b"}
         offline.build_registry(Report.model_validate(data))
 
 

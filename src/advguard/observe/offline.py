@@ -105,13 +105,14 @@ def load_evaluation_report(path: str | Path) -> Any:
 
 
 def _model_name(info: dict[str, Any]) -> str | None:
-    for key in ("name", "registry_name"):
-        v = info.get(key)
-        if isinstance(v, str) and v:
-            return v
+    """The report's model name, else its file's stem: the first that is a usable label."""
+    candidates = [info.get("name"), info.get("registry_name")]
     path = info.get("path")
     if isinstance(path, str) and path:
-        return Path(path).stem
+        candidates.append(Path(path).stem)
+    for v in candidates:
+        if isinstance(v, str) and re.match(SAFE_LABEL, v):
+            return v
     return None
 
 
