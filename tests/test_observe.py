@@ -42,9 +42,6 @@ AMTOOL = shutil.which("amtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)"
 )
-needs_amtool = pytest.mark.skipif(
-    AMTOOL is None, reason="amtool not installed (apt-get install prometheus-alertmanager)"
-)
 runner = CliRunner()
 
 
