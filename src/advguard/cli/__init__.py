@@ -1,10 +1,10 @@
 """The ``advguard`` command line.
 
-Each command module (``evaluate``, ``train``, ``certify``, ``gate``, ``registry``, ``guard``)
-declares its commands in a ``Commands`` table (``Commands("guard keys")`` nests under ``guard``);
-this module attaches them to one Typer app and owns the one
-mapping from errors to exit codes: 0 ok, 1 a check failed (SLO, gate, verification), 2 bad
-input or usage (a one-line message, never a traceback), 130 interrupted.
+Each command module (``evaluate``, ``train``, ``certify``, ``detector``, ``gate``, ``registry``,
+``guard``, ``slo``) declares its commands in a ``Commands`` table (``Commands("guard keys")``
+nests under ``guard``); this module attaches them to one Typer app and owns the one mapping
+from errors to exit codes: 0 ok, 1 a check failed (SLO, gate, verification), 2 bad input or
+usage (a one-line message, never a traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ import typer
 from rich.markup import escape
 
 from advguard import __version__
-from advguard.cli import certify, detector, evaluate, gate, guard, registry, train
+from advguard.cli import certify, detector, evaluate, gate, guard, registry, slo, train
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, detector, gate, registry, guard)
+MODULES: tuple[ModuleType, ...] = (
+    evaluate,
+    train,
+    certify,
+    detector,
+    gate,
+    registry,
+    guard,
+    slo,
+)
 
 app = typer.Typer(
     name="advguard",
