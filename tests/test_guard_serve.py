@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from advguard.guard.config import parse_config
 from advguard.guard.pipeline import Guard
 from advguard.models.io import load_model, save_torch
 from advguard.models.zoo import mlp
-from guard_helpers import CountingStateful, MeanDetector, free_port
+from guard_helpers import free_port
 
 FACTORY_KW = {"input_shape": [1, 8, 8], "num_classes": 10, "hidden": [16]}
 
@@ -77,7 +76,7 @@ def test_from_config_with_a_registry_version(tmp_path, model_file):
     with Registry(root) as reg:
         reg.push("digits", model_file)
         reg.push("digits", model_file)
-        reg.promote("digits", 1)
+        reg.promote("digits", 1, force=True, reason="unsigned test model")
     text = f"model:\n  name: d\n  registry:\n    model_name: digits\n    root: {root}\n"
     g = Guard.from_config(parse_config(text, "g", tmp_path))
     try:
@@ -110,61 +109,50 @@ model:
 fallback:
   path: {model}
 detectors:
-  - name: mean
-    path: mean.det
+  - name: entropy
+    path: entropy.det
     bands:
       - {{action: review}}
-      - {{min: 0.9, action: reject}}
 stateful:
-  - name: count
+  - name: knn
     action: block
-    spec: {{kind: count, limit: 4}}
+    spec: {{kind: knn, k: 2, threshold: 0.05}}
 """
 
 
-def test_detector_hooks_use_the_modules_when_present(tmp_path, model_file, monkeypatch):
+def test_saved_detector_and_stateful_knn_in_the_guard(tmp_path, model_file):
+    """A detector calibrated and saved by advguard (JSON + safetensors) scores every row, its
+    threshold is the review band; a client repeating one query is blocked by the stateful
+    k-NN detector (Chen et al. 2020) while another client is not."""
+    from sklearn.datasets import load_digits
+
+    from advguard.defenses.detectors import calibrate_detector, load_detector, save_detector
+
+    digits = load_digits()
+    xs = (digits.images / 16.0).astype(np.float32)[:, None]
+    clf = load_model(model_file)
+    det, _ = calibrate_detector(clf, xs[:300], digits.target[:300], "entropy", fpr=0.2)
+    save_detector(det, tmp_path / "entropy.det")
     cfg = parse_config(DETECTOR_YAML.format(model=model_file), "g", tmp_path)
-    # without the persistence / stateful modules: a clear error, not a silent guard without them
-    monkeypatch.setitem(sys.modules, "advguard.guard.stateful", None)
-    import advguard.defenses.detectors as dets
-
-    if not hasattr(dets, "load_detector"):
-        with pytest.raises(InputError, match="load_detector"):
-            Guard.from_config(cfg)
-
-    loaded: list[Path] = []
-
-    def load_detector(path):
-        loaded.append(Path(path))
-        return MeanDetector()
-
-    specs: list[dict] = []
-
-    def build_stateful(spec):
-        specs.append(spec)
-        return CountingStateful(spec["limit"])
-
-    monkeypatch.setattr(dets, "load_detector", load_detector, raising=False)
-    with pytest.raises(InputError, match=r"advguard\.guard\.stateful"):
-        Guard.from_config(cfg)
-    fake = types.ModuleType("advguard.guard.stateful")
-    fake.build_stateful = build_stateful  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "advguard.guard.stateful", fake)
     g = Guard.from_config(cfg)
     try:
-        assert loaded[-1] == tmp_path / "mean.det" and specs == [{"kind": "count", "limit": 4}]
-        assert g.detectors[0].bands == [(0.5, "review"), (0.9, "reject")]
-        k = create_key(g.store, "a").key
+        reference = load_detector(tmp_path / "entropy.det", clf)
+        assert g.detectors[0].bands == [(pytest.approx(reference.threshold), "review")]
         c = TestClient(create_app(g))
-        h = {"Authorization": f"Bearer {k}"}
-        x = np.full((2, 1, 8, 8), 0.2, np.float32)
-        x[1] = 0.7
-        b = c.post("/v1/models/digits/predict", json={"inputs": x.tolist()}, headers=h).json()
-        assert b["row_actions"] == ["allow", "review"]
-        r = c.post("/v1/models/digits/predict", json={"inputs": x.tolist()}, headers=h)
-        assert r.status_code == 200  # 4 rows seen, not above the limit of 4
-        r = c.post("/v1/models/digits/predict", json={"inputs": x.tolist()}, headers=h)
-        assert r.status_code == 403 and r.json()["type"].endswith("client-blocked")
+        h1 = {"Authorization": f"Bearer {create_key(g.store, 'a').key}"}
+        h2 = {"Authorization": f"Bearer {create_key(g.store, 'b').key}"}
+        x = xs[300:340]
+        body = c.post("/v1/models/digits/predict", json={"inputs": x.tolist()}, headers=h2)
+        assert body.status_code == 200
+        want = ["review" if s > reference.threshold else "allow" for s in reference.score(x)]
+        assert body.json()["row_actions"] == want and "review" in want and "allow" in want
+        codes = []
+        for _ in range(4):  # the same image again and again: distance 0 to its neighbours
+            r = c.post("/v1/models/digits/predict", json={"inputs": x[:1].tolist()}, headers=h1)
+            codes.append(r.status_code)
+        assert codes[:2] == [200, 200] and codes[-1] == 403, codes
+        r = c.post("/v1/models/digits/predict", json={"inputs": x[5:6].tolist()}, headers=h2)
+        assert r.status_code == 200  # the other client is not blocked
     finally:
         g.close()
 

@@ -209,8 +209,8 @@ class Guard:
             store=store,
             model=model,
             fallback=fallback,
-            detectors=build_detectors(cfg),
-            stateful=build_stateful_detectors(cfg),
+            detectors=build_detectors(cfg, model),
+            stateful=build_stateful_detectors(cfg, model),
             pepper=pepper,
             fernet=fernet,
         )
@@ -427,22 +427,20 @@ class Guard:
 
 
 # -- builders for the configured detectors --------------------------------------------
-def build_detectors(cfg: GuardConfig) -> list[DetectorSlot]:
+def build_detectors(cfg: GuardConfig, model: ServedModel) -> list[DetectorSlot]:
     """Load the ``detectors:`` of ``cfg`` with ``advguard.defenses.detectors.load_detector``
-    (safetensors + JSON, no pickle)."""
+    (safetensors + JSON, no pickle), each checked against the served model (input shape,
+    classes and the digest it was calibrated for)."""
     if not cfg.detectors:
         return []
-    try:
-        from advguard.defenses.detectors import load_detector  # type: ignore[attr-defined]
-    except ImportError:
-        raise InputError(
-            "the config lists detectors but this advguard cannot load saved detectors "
-            "(advguard.defenses.detectors.load_detector is missing)"
-        ) from None
+    from advguard.defenses.detectors import load_detector, model_digest
+
+    digest = model_digest(model.classifier)
+    if digest is None and model.digest:
+        digest = f"file-sha256:{model.digest}"
     slots = []
     for d in cfg.detectors:
-        path = cfg.resolve(d.path)
-        det = load_detector(path)
+        det = load_detector(cfg.resolve(d.path), model.classifier, digest=digest)
         slots.append(DetectorSlot(d.name, det, resolve_bands(d.name, d.bands, det)))
     return slots
 
@@ -462,18 +460,18 @@ def resolve_bands(name: str, bands: Sequence[Any], det: Any) -> list[tuple[float
     return sorted(out)
 
 
-def build_stateful_detectors(cfg: GuardConfig) -> list[StatefulSlot]:
-    """Build the ``stateful:`` of ``cfg`` with ``advguard.guard.stateful.build_stateful``."""
+def build_stateful_detectors(cfg: GuardConfig, model: ServedModel) -> list[StatefulSlot]:
+    """Build the ``stateful:`` of ``cfg`` with ``advguard.guard.stateful.build_stateful``
+    (PRADA keeps its per-class sets by the served model's predictions)."""
     if not cfg.stateful:
         return []
-    try:
-        from advguard.guard.stateful import build_stateful  # type: ignore[import-not-found]
-    except ImportError:
-        raise InputError(
-            "the config lists stateful detectors but this advguard has no "
-            "advguard.guard.stateful module"
-        ) from None
-    return [StatefulSlot(s.name, build_stateful(dict(s.spec)), s.action) for s in cfg.stateful]
+    from advguard.guard.stateful import build_stateful
+
+    predict = model.classifier.predict
+    return [
+        StatefulSlot(s.name, build_stateful(dict(s.spec), predict=predict), s.action)
+        for s in cfg.stateful
+    ]
 
 
 def block_client(store: GuardStore, client_id: str, reason: str, ttl_s: int | None) -> Any:
