@@ -19,7 +19,8 @@ from advguard.evaluate.report import Report, load_report
 from advguard.evaluate.runner import evaluate
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models import TorchClassifier
-from advguard.registry.gate import gate_junit, gate_markdown, resolve_baseline, run_gate
+from advguard.registry.baseline import resolve_baseline
+from advguard.registry.gate import gate_junit, gate_markdown, run_gate
 from advguard.registry.policy import load_policy, parse_policy
 from advguard.registry.signing import attest_report, generate_keypair
 

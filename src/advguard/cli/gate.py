@@ -58,13 +58,8 @@ def gate(
     """Release gate: exit 0 if the report meets the policy, 1 if not, 2 on bad input."""
     from advguard.atomic import atomic_write_text
     from advguard.evaluate.report import load_report
-    from advguard.registry.gate import (
-        gate_junit,
-        gate_markdown,
-        provenance_checks,
-        resolve_baseline,
-        run_gate,
-    )
+    from advguard.registry.baseline import resolve_baseline
+    from advguard.registry.gate import gate_junit, gate_markdown, provenance_checks, run_gate
     from advguard.registry.policy import load_policy
 
     pol = load_policy(policy)

@@ -56,7 +56,7 @@ def _val(p: Proportion | None) -> float:
     return np.nan if p is None or p.value is None else p.value
 
 
-def _png(fig: Figure) -> str:
+def png(fig: Figure) -> str:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -154,7 +154,7 @@ def _draw_curve(report: Report, *, categorical: bool) -> str | None:
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _png(fig)
+    return png(fig)
 
 
 def _as_image(a: np.ndarray) -> np.ndarray | None:
@@ -225,7 +225,7 @@ def _example_png(ex: Example, bounds: tuple[float, float] | None) -> str | None:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    return _png(fig)
+    return png(fig)
 
 
 def _feature_png(eps: str, changes: list[Any]) -> str | None:
@@ -249,7 +249,7 @@ def _draw_features(eps: str, changes: list[Any]) -> str | None:
     ax.tick_params(labelsize=8)
     ax.margins(x=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    return _png(fig)
+    return png(fig)
 
 
 # ----------------------------------------------------------------------------- page

@@ -150,7 +150,7 @@ class RunState:
         return row_key(stage, e, self.order[(stage, attack)])
 
 
-def _sha256_array(*arrays: np.ndarray) -> str:
+def sha256_array(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)
@@ -518,7 +518,7 @@ class Evaluator:
         h = hashlib.sha256()
         h.update(self.tm.model_dump_json().encode())
         h.update(str(self.model_info.get("sha256", "")).encode())
-        h.update(_sha256_array(self.x, self.y, idx).encode())
+        h.update(sha256_array(self.x, self.y, idx).encode())
         return h.hexdigest()
 
     def _save_checkpoint(self, state: RunState, idx: np.ndarray, b: int, pos: np.ndarray) -> None:
@@ -727,12 +727,12 @@ class Evaluator:
             data={
                 "n_total": len(self.x),
                 "n_evaluated": n,
-                "sha256": self.data_info.get("sha256") or _sha256_array(self.x, self.y),
+                "sha256": self.data_info.get("sha256") or sha256_array(self.x, self.y),
                 **self.data_info,
             },
             threat_model=tm.model_dump(),
             suite=suite,
-            sample_indices_sha256=_sha256_array(idx),
+            sample_indices_sha256=sha256_array(idx),
             clean_accuracy=clean,
             results=results,
             sanity_checks=checks,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from advguard.registry.store import VersionInfo
+from advguard.registry.types import VersionInfo
 
 
 def _pct(v: Any) -> str:

@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,6 +50,17 @@ from advguard.registry.objects import (
 )
 from advguard.registry.promotion import PromotionCheck, PromotionRefusedError, PromotionRules
 from advguard.registry.scan import ScanResult, scan_files, validate_safetensors
+from advguard.registry.types import (
+    AuditCheck,
+    AuditEntry,
+    GcItem,
+    GcResult,
+    PullResult,
+    ReportInfo,
+    StageEvent,
+    VerifyResult,
+    VersionInfo,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -127,111 +137,6 @@ def git_revision(cwd: Path | None = None) -> str | None:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-# -- results ----------------------------------------------------------------------
-@dataclass
-class ReportInfo:
-    threat_model: str
-    digest: str
-    attestation: str | None
-    created_at: str | None
-
-
-@dataclass
-class VersionInfo:
-    name: str
-    version: int
-    format: str
-    stage: str
-    model_digest: str
-    artifacts: dict[str, dict[str, Any]]
-    input_spec: dict[str, Any]
-    provenance: dict[str, Any]
-    created_at: str | None
-    signature: str | None
-    reports: list[ReportInfo] = field(default_factory=list)
-    scan: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StageEvent:
-    version: int
-    from_stage: str | None
-    to_stage: str
-    actor: str
-    ts: str | None
-
-
-@dataclass
-class AuditEntry:
-    seq: int
-    ts: str
-    actor: str
-    action: str
-    subject: str
-    details: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-
-@dataclass
-class AuditCheck:
-    ok: bool
-    entries: int
-    head: str
-    broken_seq: int | None = None
-    reason: str | None = None
-    #: registry state (stages, digests, reports, signatures) that disagrees with the log
-    state_problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class GcItem:
-    kind: str  # "orphan" (an object no version references) | "temp" (an interrupted write)
-    path: str
-    size: int
-    age_seconds: float
-    digest: str | None = None
-
-
-@dataclass
-class GcResult:
-    dry_run: bool
-    grace_seconds: float
-    removable: list[GcItem]
-    kept_recent: int  # unreferenced objects/temp files younger than the grace period
-    removed: int = 0
-    freed_bytes: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    checked: int
-    problems: list[str]
-    signature: dict[str, str]  # ref -> "verified" | "unsigned" | "not checked" | error
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class PullResult:
-    version: VersionInfo
-    out: Path
-    files: list[Path]
-    signature: str  # verified | unsigned | not checked (no public key)
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -999,7 +904,7 @@ class Registry:
         from advguard.registry.card import render_model_card
 
         info = self.get(ref)
-        self._require_consistent(info)
+        self.require_consistent(info)
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {str(out)!r} exists and is not a directory")
@@ -1091,7 +996,7 @@ class Registry:
         from advguard.registry.card import render_model_card
 
         info = self.get(ref)
-        self._require_consistent(info)
+        self.require_consistent(info)
         self.check_objects(info)
         reports = [self.report(info, i) for i in range(len(info.reports))]
         status = "unsigned" if info.signature is None else "signed (not checked)"
@@ -1317,7 +1222,7 @@ class Registry:
         info = self.get(ref)
         if info.stage == stage:
             raise InputError(f"{ref} is already in stage {stage}")
-        self._require_consistent(info)
+        self.require_consistent(info)
         checks = self.promotion_checks(info, stage, public_key=public_key, gate_policy=gate_policy)
         failed = [c for c in checks if not c.passed]
         if failed and not force:
@@ -1654,7 +1559,7 @@ class Registry:
             check.reason = problems[0]
         return check
 
-    def _require_consistent(self, info: VersionInfo) -> None:
+    def require_consistent(self, info: VersionInfo) -> None:
         """Refuse a version whose row disagrees with the (intact) audit log."""
         rows = self._audit_rows()
         check = self._check_chain(rows)
@@ -1667,44 +1572,3 @@ class Registry:
         problems = self._state_problems(info, state)
         if problems:
             raise InputError(f"refusing {info.ref}: {'; '.join(problems)}")
-
-
-def resolve_baseline(
-    name: str,
-    *,
-    threat_model: str | None = None,
-    root: str | Path | None = None,
-    db_url: str | None = None,
-) -> Any:
-    """The robustness report of ``name``'s production version (the gate's ``production``).
-
-    With ``threat_model`` the report for that threat model is chosen (the latest attached
-    one); the report's digest is verified on read. Returns an ``evaluate.report.Report``.
-    """
-    from pydantic import ValidationError
-
-    from advguard.evaluate.report import Report
-
-    with Registry(root, db_url=db_url) as reg:
-        info = reg.get(f"{name}@production")
-        reg._require_consistent(info)  # a stage edited in the database is not production
-        if not info.reports:
-            raise InputError(
-                f"{info.ref} is in production but has no robustness report attached; push one "
-                "with `advguard registry push ... --report report.json`"
-            )
-        picks = [
-            i
-            for i, r in enumerate(info.reports)
-            if threat_model is None or r.threat_model == threat_model
-        ]
-        if not picks:
-            have = ", ".join(sorted({r.threat_model for r in info.reports}))
-            raise InputError(
-                f"{info.ref} has no report for threat model {threat_model!r} (it has: {have})"
-            )
-        data = reg.report(info, picks[-1])
-    try:
-        return Report.model_validate(data)
-    except ValidationError as e:
-        raise InputError(f"the production report of {info.ref} does not validate: {e}") from None

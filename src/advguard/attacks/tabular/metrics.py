@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from advguard.attacks.tabular.schema import FeatureSchema, _as_2d
+from advguard.attacks.tabular.schema import FeatureSchema, as_2d
 from advguard.errors import InputError
 
 
@@ -33,8 +33,8 @@ def tabular_metrics(
     ``AttackResult.attacked`` mask) also ``n_attacked`` and ``evasion_rate_attacked``
     (success among the samples the attack had to fool).
     """
-    x0 = _as_2d(x, "x").astype(np.float64)
-    xa = _as_2d(x_adv, "x_adv")
+    x0 = as_2d(x, "x").astype(np.float64)
+    xa = as_2d(x_adv, "x_adv")
     if xa.dtype == np.float32:
         x0 = x0.astype(np.float32).astype(np.float64)
     xa = xa.astype(np.float64)

@@ -563,8 +563,8 @@ class FeatureSchema(BaseModel):
             )
 
     def _pair(self, x_orig: Any, x_adv: Any) -> tuple[np.ndarray, np.ndarray]:
-        xa = _as_2d(x_adv, "x_adv")
-        x0 = _as_2d(x_orig, "x_orig")
+        xa = as_2d(x_adv, "x_adv")
+        x0 = as_2d(x_orig, "x_orig")
         if x0.shape != xa.shape:
             raise InputError(
                 f"x_orig and x_adv must have the same shape, got {x0.shape} and {xa.shape}"
@@ -748,7 +748,7 @@ class FeatureSchema(BaseModel):
 
     def check_data(self, x: Any) -> list[list[str]]:
         """Where the data itself breaks the schema (absolute check, one list per row)."""
-        xa = _as_2d(x, "x").astype(np.float64)
+        xa = as_2d(x, "x").astype(np.float64)
         self.check_shape(xa.shape[1])
         c = self.compiled
         # compare against a reference that differs everywhere, then keep absolute checks
@@ -1124,7 +1124,7 @@ def _resolve_feature(item: str | int, names: list[str], what: str) -> int:
     return names.index(s)
 
 
-def _as_2d(a: Any, what: str) -> np.ndarray:
+def as_2d(a: Any, what: str) -> np.ndarray:
     try:
         import torch
 

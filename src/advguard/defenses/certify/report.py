@@ -17,9 +17,9 @@ from scipy.stats import norm as gaussian
 
 from advguard import __version__
 from advguard.errors import InputError
-from advguard.evaluate.html import _png, prop
+from advguard.evaluate.html import png, prop
 from advguard.evaluate.metrics import Proportion, proportion
-from advguard.evaluate.runner import _sha256_array, environment, select_samples
+from advguard.evaluate.runner import environment, select_samples, sha256_array
 
 SCHEMA_VERSION = "1.0"
 KIND = "certification"
@@ -170,7 +170,7 @@ def certify_dataset(
         norm = "linf"
     d_info = dict(data_info or {})
     d_info.update(
-        {"n_total": len(x), "n_evaluated": len(ys), "sha256_evaluated": _sha256_array(xs, ys)}
+        {"n_total": len(x), "n_evaluated": len(ys), "sha256_evaluated": sha256_array(xs, ys)}
     )
     report = CertificationReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -241,7 +241,7 @@ def _curve_png(report: CertificationReport) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def render_html(report: CertificationReport) -> str:
