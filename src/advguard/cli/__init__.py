@@ -17,12 +17,30 @@ from typing import Any
 import typer
 
 from advguard import __version__
-from advguard.cli import certify, evaluate, extract, gate, privacy, registry, train
+from advguard.cli import (
+    certify,
+    evaluate,
+    extract,
+    gate,
+    privacy,
+    registry,
+    train,
+    watermark,
+)
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, privacy, extract)
+MODULES: tuple[ModuleType, ...] = (
+    evaluate,
+    train,
+    certify,
+    gate,
+    registry,
+    privacy,
+    extract,
+    watermark,
+)
 
 app = typer.Typer(
     name="advguard",
