@@ -120,7 +120,7 @@ def default_train_fn(
     from advguard.models.fit import fit
     from advguard.models.zoo import mlp, small_cnn
 
-    builders = {"mlp": mlp, "small_cnn": small_cnn}
+    builders: dict[str, Callable[..., torch.nn.Module]] = {"mlp": mlp, "small_cnn": small_cnn}
     if arch not in builders:
         raise InputError(f"arch must be one of {', '.join(builders)}, got {arch!r}")
     shape = tuple(int(d) for d in input_shape)
@@ -209,7 +209,7 @@ def lira_offline(
 
 
 def _auc(member: np.ndarray, non: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
 
     labels = np.r_[np.ones(len(member)), np.zeros(len(non))]
     return float(roc_auc_score(labels, np.r_[member, non]))
@@ -227,7 +227,7 @@ def roc_metrics(
 ) -> dict[str, Any]:
     """AUC (with a percentile bootstrap interval), TPR at each FPR in ``fprs`` (Clopper-Pearson
     interval on the TPR at the chosen threshold) and the ROC curve (thinned to ``max_points``)."""
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # type: ignore[import-untyped]
 
     m = np.asarray(member_scores, dtype=np.float64)
     n = np.asarray(non_member_scores, dtype=np.float64)
