@@ -147,5 +147,9 @@ def test_cli_extract_writes_a_loadable_model_and_report(tmp_path, setup):
     agree = (stolen_model.predict(ev.x) == ev.target_labels).mean()
     assert agree == pytest.approx(rep["final"]["fidelity"]["value"])
     assert "data:image/png;base64," in (out / "extraction.html").read_text()
+    np.save(tmp_path / "single.npy", pool[:5])
+    r = CliRunner().invoke(app, ["extract", "--target", str(model), "--data",
+                                 str(tmp_path / "single.npy"), "--budget", "5"])  # fmt: skip
+    assert r.exit_code == 2 and "single array" in r.output
     r = CliRunner().invoke(app, [*args[:-1], "--method", "nope"])
     assert r.exit_code == 2 and "Traceback" not in r.output

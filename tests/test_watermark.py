@@ -102,6 +102,9 @@ def test_key_round_trip_and_validation(tmp_path, marked):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
     with pytest.raises(InputError):
         TriggerSet.load(tmp_path / "obj.npy")
+    np.save(tmp_path / "plain.npy", key.x)
+    with pytest.raises(InputError, match="single array"):
+        TriggerSet.load(tmp_path / "plain.npy")
 
 
 def test_cli_embed_and_verify(tmp_path, digits, independent):

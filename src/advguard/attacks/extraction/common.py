@@ -239,7 +239,10 @@ def load_query_pool(path: str | Any) -> tuple[np.ndarray, np.ndarray | None]:
     if not p.is_file():
         raise FileNotFoundError(f"query pool not found: {p}")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InputError(f"{p}: expected an .npz archive with an array 'x', got a single array")
+        with loaded as z:
             if "x" not in z.files:
                 raise InputError(f"{p}: the archive needs an array 'x' (has {', '.join(z.files)})")
             x = z["x"]

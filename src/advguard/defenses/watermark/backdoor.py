@@ -58,7 +58,10 @@ class TriggerSet:
         if not p.is_file():
             raise FileNotFoundError(f"watermark key not found: {p}")
         try:
-            with np.load(p, allow_pickle=False) as z:
+            loaded = np.load(p, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise InputError(f"{p}: not an advguard watermark key (a single array)")
+            with loaded as z:
                 need = {"x", "y", "num_classes", "kind", "seed", "format"}
                 if not need <= set(z.files):
                     raise InputError(f"{p}: not an advguard watermark key (needs {sorted(need)})")
