@@ -153,3 +153,29 @@ def test_cli_audit_writes_json_and_html(tmp_path, mia_split, overfit_target):
     r = CliRunner().invoke(app, [*args[:4], "--members", bad, *args[6:8], "--out", str(tmp_path)])
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
+
+
+def test_user_train_fn_builds_the_reference_models(mia_split):
+    from sklearn.linear_model import LogisticRegression
+
+    from advguard.models import SklearnClassifier
+
+    members, non, (px, py) = mia_split
+    target_keys = {r.tobytes() for r in np.concatenate([members[0], non[0]])}
+    calls: list[tuple[int, int]] = []
+
+    def logreg(x, y):
+        est = LogisticRegression(C=100.0, max_iter=300).fit(x.reshape(len(x), -1), y)
+        return SklearnClassifier(est, input_shape=SHAPE, num_classes=10)
+
+    def train_fn(x, y, seed):
+        assert not any(r.tobytes() in target_keys for r in x)  # offline: targets never seen
+        calls.append((len(x), seed))
+        return logreg(x, y)
+
+    target = logreg(*members)
+    res = audit_membership(target, members, non, population=(px[:600], py[:600]),
+                           train_fn=train_fn, n_shadows=3, bootstrap=20)  # fmt: skip
+    assert calls == [(N_MEMBERS, 1000), (N_MEMBERS, 1001), (N_MEMBERS, 1002)]
+    assert res.config["shadow_trainer"] == "user train_fn" and res.config["shadow_epochs"] is None
+    assert 0.0 <= res.attacks["lira_offline"]["auc"] <= 1.0
