@@ -100,6 +100,8 @@ def test_lira_statistic_and_roc_metrics_on_known_scores():
     z = lira_offline(np.array([3.0, 11.0]), out, fixed_variance=False)
     np.testing.assert_allclose(z, [2.0, 0.0])
     np.testing.assert_allclose(lira_offline(np.array([3.0, 11.0]), out, fixed_variance=True), z)
+    with pytest.raises(InputError, match="at least 2 reference models"):
+        lira_offline(np.array([3.0, 11.0]), out[:1])
     rng = np.random.default_rng(0)
     non = rng.normal(size=1000)
     members = np.r_[rng.normal(size=900), np.full(100, 10.0)]  # 10% perfectly exposed

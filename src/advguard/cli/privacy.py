@@ -38,7 +38,7 @@ def audit(
         str | None,
         typer.Option(help="Population data without the targets (.npz) for offline LiRA"),
     ] = None,
-    shadows: Annotated[int, typer.Option(min=1, max=256, help="Reference models")] = 8,
+    shadows: Annotated[int, typer.Option(min=2, max=256, help="Reference models")] = 8,
     arch: Annotated[str, typer.Option(help="Reference architecture: mlp or small_cnn")] = "mlp",
     shadow_epochs: Annotated[
         int, typer.Option(min=1, max=10_000, help="Epochs per reference model (match target)")

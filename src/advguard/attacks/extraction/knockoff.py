@@ -57,6 +57,8 @@ def knockoff(
             f"query pool must have shape (N, {', '.join(map(str, target.input_shape))}), "
             f"got {pool.shape}"
         )
+    if len(pool) == 0:
+        raise InputError("the query pool is empty")
     oracle = BudgetedOracle(target, budget, mode)
     n = min(int(budget), len(pool))
     order = np.random.default_rng(seed).permutation(len(pool))[:n]

@@ -66,7 +66,7 @@ def _check_xy(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     return xa, ya.astype(np.int64)
 
 
-def _log_probs(model: Classifier, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def _log_probs(model: Classifier, x: np.ndarray) -> np.ndarray:
     z = torch.as_tensor(np.asarray(model.predict_logits(x)), dtype=torch.float64)
     if z.ndim != 2 or not torch.isfinite(z).all():
         raise InputError("the model returned non-finite or wrongly shaped scores")
@@ -153,8 +153,8 @@ def reference_scores(
     target input are refused."""
     px, py = _check_xy(population_x, population_y, "population")
     tx, ty = _check_xy(targets_x, targets_y, "targets")
-    if n_shadows < 1:
-        raise InputError(f"n_shadows must be >= 1, got {n_shadows}")
+    if n_shadows < 2:
+        raise InputError(f"n_shadows must be >= 2 (LiRA fits a variance), got {n_shadows}")
     size = len(px) // 2 if subset_size is None else int(subset_size)
     if not 1 <= size <= len(px):
         raise InputError(f"subset_size must be in 1..{len(px)}, got {size}")
@@ -189,17 +189,19 @@ def lira_offline(
     the OUT Gaussian; larger = member). ``out_phi`` is ``(n_shadows, n)``."""
     t = np.asarray(target_phi, dtype=np.float64)
     o = np.asarray(out_phi, dtype=np.float64)
-    if o.ndim != 2 or o.shape[1] != t.shape[0] or t.ndim != 1:
-        raise InputError(f"out_phi must be (n_shadows, {len(t)}), got {o.shape}")
+    if t.ndim != 1 or o.ndim != 2 or o.shape[1] != t.shape[0]:
+        raise InputError(
+            f"need target_phi (n,) and out_phi (n_shadows, n), got {t.shape}, {o.shape}"
+        )
     if not (np.all(np.isfinite(t)) and np.all(np.isfinite(o))):
         raise InputError("LiRA scores must be finite")
-    fixed = o.shape[0] < 64 if fixed_variance == "auto" else bool(fixed_variance)
     if o.shape[0] < 2:
-        fixed = True
+        raise InputError("LiRA needs at least 2 reference models to estimate the OUT variance")
+    fixed = o.shape[0] < 64 if fixed_variance == "auto" else bool(fixed_variance)
     mu = o.mean(axis=0)
     if fixed:
         # pooled within-example standard deviation (one sigma for all examples)
-        dof = max(o.shape[0] - 1, 1)
+        dof = o.shape[0] - 1
         sigma = np.full_like(
             mu, math.sqrt(float(((o - mu) ** 2).sum(axis=0).sum()) / (dof * o.shape[1]))
         )
