@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
 from advguard.atomic import atomic_write_text
 from advguard.attacks.extraction.common import ExtractionResult
 from advguard.attacks.report_html import img_tag, new_figure, page, pct, table
@@ -20,6 +22,10 @@ def curve_figure(curve: list[dict[str, Any]]) -> Any:
     if curve and "accuracy" in curve[0]:
         ax.plot(q, [c["accuracy"]["value"] for c in curve], "s--", label="accuracy (true labels)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    if q:
+        ax.set_xticks(q, [str(v) for v in q])
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("queries to the target")
     ax.set_ylabel("share of held-out examples")
