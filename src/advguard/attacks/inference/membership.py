@@ -289,6 +289,10 @@ class MembershipAudit:
     attacks: dict[str, dict[str, Any]]
     config: dict[str, Any]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    reference_phi: np.ndarray | None = None
+    """OUT scores ``(n_shadows, n_members + n_non_members)`` of the reference models (members
+    first). They do not depend on the target, so other models trained on the same members can
+    be scored against them with :func:`lira_offline` without training new reference models."""
 
     def tpr_at(self, attack: str, fpr: float) -> float:
         for row in self.attacks[attack]["at_fpr"]:
@@ -370,4 +374,5 @@ def audit_membership(
                 "shadow_epochs": None if train_fn else shadow_epochs,
             }
         )
-    return MembershipAudit(attacks=attacks, config=config, scores=scores)
+    ref = out_phi if population is not None else None
+    return MembershipAudit(attacks=attacks, config=config, scores=scores, reference_phi=ref)
