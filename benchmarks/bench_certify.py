@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from advguard.defenses.certify import SmoothedClassifier, certified_accuracy_curve
-    from advguard.evaluate.metrics import proportion
     from advguard.models import TorchClassifier
+    from advguard.stats import proportion
 
     torch.set_num_threads(args.threads)
     data = load_mnist(args.data)

@@ -9,12 +9,12 @@ from torch import nn
 
 from advguard.attacks import FGSM, PGD
 from advguard.errors import InputError
-from advguard.evaluate.metrics import clopper_pearson, proportion
 from advguard.evaluate.report import EpsilonResult, Stat
 from advguard.evaluate.runner import Evaluator, evaluate
 from advguard.evaluate.threat_model import SLO, ThreatModel, load_threat_model, parse_threat_model
 from advguard.evaluate.verdict import judge
 from advguard.models import TorchClassifier
+from advguard.stats import clopper_pearson, proportion
 
 
 def tm(**kw) -> ThreatModel:

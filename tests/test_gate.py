@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from advguard.cli import app
 from advguard.errors import InputError
-from advguard.evaluate.metrics import proportion
 from advguard.evaluate.report import Report, load_report
 from advguard.evaluate.runner import evaluate
 from advguard.evaluate.threat_model import ThreatModel
@@ -23,6 +22,7 @@ from advguard.registry.baseline import resolve_baseline
 from advguard.registry.gate import gate_junit, gate_markdown, run_gate
 from advguard.registry.policy import load_policy, parse_policy
 from advguard.registry.signing import attest_report, generate_keypair
+from advguard.stats import proportion
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ci"
 

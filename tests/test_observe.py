@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from advguard.cli import app
 from advguard.defenses.certify.report import CertificationReport, CertifiedPoint
 from advguard.errors import InputError
-from advguard.evaluate.metrics import proportion
 from advguard.evaluate.report import Report
 from advguard.evaluate.runner import evaluate
 from advguard.evaluate.threat_model import ThreatModel
@@ -35,6 +34,7 @@ from advguard.observe.slo import (
     write_compiled,
 )
 from advguard.registry.gate import Check, GateResult
+from advguard.stats import proportion
 
 DOC_SLO = Path(__file__).resolve().parents[1] / "docs" / "ops" / "slo.yaml"
 PROMTOOL = shutil.which("promtool")

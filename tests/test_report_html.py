@@ -11,7 +11,6 @@ import pytest
 
 from advguard.evaluate.compare import compare_reports, comparison_markdown, comparison_table
 from advguard.evaluate.html import render_html, write_html
-from advguard.evaluate.metrics import proportion
 from advguard.evaluate.report import (
     AttackRow,
     EpsilonResult,
@@ -26,6 +25,7 @@ from advguard.evaluate.report import (
     Verdict,
     json_schema,
 )
+from advguard.stats import proportion
 
 N = 200
 

@@ -19,7 +19,19 @@ import typer
 from rich.markup import escape
 
 from advguard import __version__
-from advguard.cli import certify, detector, evaluate, gate, guard, registry, slo, train
+from advguard.cli import (
+    certify,
+    detector,
+    evaluate,
+    extract,
+    gate,
+    guard,
+    privacy,
+    registry,
+    slo,
+    train,
+    watermark,
+)
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
@@ -33,6 +45,9 @@ MODULES: tuple[ModuleType, ...] = (
     registry,
     guard,
     slo,
+    privacy,
+    extract,
+    watermark,
 )
 
 app = typer.Typer(

@@ -19,8 +19,8 @@ from advguard.evaluate.formatting import attack_suite as _attacks
 from advguard.evaluate.formatting import md as _md
 from advguard.evaluate.formatting import pct as _pct
 from advguard.evaluate.formatting import report_label as _label
-from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import Report
+from advguard.stats import Proportion
 
 _SLACK = 1e-9  # float noise: a drop of exactly the tolerance is not a regression
 

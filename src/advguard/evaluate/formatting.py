@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from advguard.evaluate.metrics import Proportion
+from advguard.stats import Proportion
 
 if TYPE_CHECKING:
     from advguard.evaluate.report import Report

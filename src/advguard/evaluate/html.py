@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from advguard.atomic import atomic_write_text
-from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import EpsilonResult, Example, Report
+from advguard.stats import Proportion
 
 MAX_EXAMPLES = 48
 _STATUS_ORDER = {"fail": 0, "warn": 1, "pass": 2, "skip": 3}

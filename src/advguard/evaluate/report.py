@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from advguard import _safejson
 from advguard.atomic import atomic_write_text
 from advguard.errors import InputError
-from advguard.evaluate.metrics import Proportion, clopper_pearson
+from advguard.stats import Proportion, clopper_pearson
 
 SCHEMA_VERSION = "1.0"
 REPORT_KIND = "advguard.robustness-report"

@@ -35,7 +35,6 @@ from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.norms import norm_of
 from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack, build_attack
 from advguard.errors import InputError
-from advguard.evaluate.metrics import proportion, summary
 from advguard.evaluate.report import (
     AttackRow,
     EpsilonResult,
@@ -51,6 +50,7 @@ from advguard.evaluate.threat_model import ThreatModel, check_epsilons
 from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
 from advguard.models.checks import check_finite_logits
 from advguard.models.wrappers import EOTClassifier
+from advguard.stats import proportion, summary
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "suite", "sanity", "escalation"."""

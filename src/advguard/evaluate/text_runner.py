@@ -34,7 +34,6 @@ from advguard import __version__
 from advguard.attacks.registry import SuiteAttack, build_attack
 from advguard.attacks.text import as_text_classifier, check_texts, edit_distance
 from advguard.errors import InputError
-from advguard.evaluate.metrics import proportion, summary
 from advguard.evaluate.report import (
     AttackRow,
     EpsilonResult,
@@ -46,6 +45,7 @@ from advguard.evaluate.report import (
 )
 from advguard.evaluate.runner import Progress, environment, findings, select_samples
 from advguard.evaluate.threat_model import ThreatModel
+from advguard.stats import proportion, summary
 
 #: Budget multiplier of the ``text-larger-budget`` sanity check.
 LARGER_BUDGET_FACTOR = 4

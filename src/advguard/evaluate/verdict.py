@@ -10,9 +10,9 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Literal
 
-from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import EpsilonResult, SLOResult, Verdict
 from advguard.evaluate.threat_model import SLO, ThreatModel
+from advguard.stats import Proportion
 
 if TYPE_CHECKING:
     from advguard.evaluate.report import Report

@@ -10,7 +10,7 @@ from advguard.registry.types import VersionInfo
 
 def _pct(v: Any) -> str:
     """A rate as a percentage. Reports hold proportions ``{k, n, value, ci_low, ci_high}``
-    (:class:`advguard.evaluate.metrics.Proportion`); those show the 95% interval and k/n."""
+    (:class:`advguard.stats.Proportion`); those show the 95% interval and k/n."""
     if isinstance(v, bool):
         return "n/a"
     if isinstance(v, int | float):

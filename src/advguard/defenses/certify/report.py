@@ -18,8 +18,8 @@ from scipy.stats import norm as gaussian
 from advguard import __version__
 from advguard.errors import InputError
 from advguard.evaluate.html import png, prop
-from advguard.evaluate.metrics import Proportion, proportion
 from advguard.evaluate.runner import environment, select_samples, sha256_array
+from advguard.stats import Proportion, proportion
 
 SCHEMA_VERSION = "1.0"
 KIND = "certification"

@@ -1,4 +1,5 @@
-"""Metric arithmetic: proportions with exact (Clopper-Pearson) confidence intervals."""
+"""Proportions with Clopper-Pearson intervals and small summaries: the statistics every layer
+reports (attacks, evaluation, defenses, guard), so it sits below all of them."""
 
 from __future__ import annotations
 
