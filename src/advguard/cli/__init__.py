@@ -17,12 +17,12 @@ from typing import Any
 import typer
 
 from advguard import __version__
-from advguard.cli import certify, evaluate, gate, poison, registry, train
+from advguard.cli import certify, data, evaluate, gate, poison, registry, train
 from advguard.cli._common import Commands, console, err_console
 from advguard.errors import AdvguardError
 
 #: Command modules, in the order their commands appear in ``advguard --help``.
-MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, poison)
+MODULES: tuple[ModuleType, ...] = (evaluate, train, certify, gate, registry, poison, data)
 
 app = typer.Typer(
     name="advguard",

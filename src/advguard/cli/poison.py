@@ -49,7 +49,8 @@ def poison_cmd(
     ] = None,
     size: Annotated[int, typer.Option(min=1, help="badnets: patch side in pixels")] = 3,
     position: Annotated[
-        str, typer.Option(help="badnets: bottom-right|bottom-left|top-right|top-left|center|ROW,COL")
+        str,
+        typer.Option(help="badnets: bottom-right|bottom-left|top-right|top-left|center|ROW,COL"),
     ] = "bottom-right",
     colour: Annotated[
         str | None, typer.Option(help="badnets: patch colour, one value or one per channel")
@@ -114,3 +115,61 @@ def poison_cmd(
         f"target {man.target}, seed {man.seed})"
     )
     console.print(f"Data: [bold]{out}[/], manifest: [bold]{mpath}[/]")
+
+
+@commands.command(name="scan")
+def scan_model_cmd(
+    model: Annotated[str, typer.Argument(help="Model file (.safetensors, .pt with --factory)")],
+    data: DataOpt,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps per class")] = 300,
+    samples: Annotated[
+        int, typer.Option(min=2, help="Clean inputs used (the first ones of --data)")
+    ] = 256,
+    threshold: Annotated[float, typer.Option(help="Anomaly index above which to flag")] = 2.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    factory: FactoryOpt = None,
+    input_shape: InputShapeOpt = None,
+    num_classes: NumClassesOpt = None,
+    bounds: BoundsOpt = None,
+    torchscript: TorchScriptOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Scan a model for a backdoor with Neural Cleanse on a small clean sample.
+
+    Exit code 1 when a class is flagged as backdoored (the check failed), 0 when none is.
+    """
+    from advguard.defenses.backdoor import neural_cleanse
+    from advguard.evaluate.job import load_model_and_data
+
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    m, ds, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
+    if not hasattr(m, "forward") or ds.x.ndim != 4:
+        raise InputError("advguard scan needs a white-box torch image model and image data")
+    n = min(samples, len(ds))
+    with progress_bar() as bar:
+        res = neural_cleanse(
+            m, ds.x[:n], ds.y[:n], steps=steps, threshold=threshold, seed=seed,
+            progress=progress_callback(bar),
+        )  # fmt: skip
+    summary = {"model": info, **res.summary()}
+    if json_out:
+        print_json(summary)
+    else:
+        table = Table(title=f"Neural Cleanse on {n} clean inputs ({steps} steps per class)")
+        for col in ("class", "mask L1", "anomaly index", "trigger success", "flagged"):
+            table.add_column(col, justify="right")
+        for c in summary["classes"]:
+            table.add_row(
+                str(c["class"]), f"{c['mask_l1']:.2f}", f"{c['anomaly_index']:.2f}",
+                f"{c['trigger_success']:.1%}", "[red]BACKDOOR[/]" if c["flagged"] else "",
+            )  # fmt: skip
+        console.print(table)
+        if res.backdoored:
+            console.print(
+                f"[bold red]Backdoor suspected[/]: class(es) {res.flagged} need an anomalously "
+                f"small trigger (anomaly index > {threshold:g})"
+            )
+        else:
+            console.print("[green]No backdoor found[/] (no class's trigger is anomalously small)")
+    if res.backdoored:
+        raise typer.Exit(1)

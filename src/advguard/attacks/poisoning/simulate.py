@@ -165,7 +165,7 @@ def _check_xy(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[np
 def _count(rate: float, n: int) -> int:
     if not 0 < float(rate) < 1:
         raise InputError(f"rate must lie strictly between 0 and 1, got {rate}")
-    return max(1, int(round(float(rate) * n)))
+    return max(1, round(float(rate) * n))
 
 
 def _pick(eligible: np.ndarray, k: int, rng: np.random.Generator, what: str) -> np.ndarray:

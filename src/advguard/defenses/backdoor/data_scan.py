@@ -285,3 +285,75 @@ def precision_recall(flagged: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
         "n_flagged": int(f.sum()),
         "n_poisoned": int(t.sum()),
     }
+
+
+METHODS = ("activation-clustering", "spectral-signatures", "label-noise", "near-duplicates")
+
+
+def scan_training_set(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    bounds: tuple[float, float],
+    methods: tuple[str, ...] | list[str] = METHODS,
+    remove: tuple[str, ...] | list[str] = ("activation-clustering",),
+    rate: float = 0.05,
+    truth: np.ndarray | None = None,
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Run the chosen ``methods`` on a training set with ``model``'s penultimate features.
+
+    Returns ``{"methods": {name: summary}, "scores": {name: array}, "flagged": {name: bool
+    array}, "removed": bool array}`` where ``removed`` is the union of the ``remove`` methods'
+    flags, plus precision/recall/FPR per method and for ``removed`` when ``truth`` (bool per
+    row, e.g. from a poisoning manifest) is given.
+    """
+    from advguard.defenses.backdoor.features import penultimate_features
+
+    unknown = [m for m in (*methods, *remove) if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown scan method(s) {unknown}; use {', '.join(METHODS)}")
+    missing = [m for m in remove if m not in methods]
+    if missing:
+        raise InputError(f"cannot remove by {missing}: not among the methods run")
+    xa = np.asarray(x, dtype=np.float32)
+    ya = np.asarray(y).astype(np.int64)
+    if truth is not None and len(truth) != len(ya):
+        raise InputError(f"the manifest describes {len(truth)} rows but the data has {len(ya)}")
+    feats = penultimate_features(model, xa) if set(methods) - {"near-duplicates"} else None
+    results: dict[str, ScanResult] = {}
+    extra: dict[str, Any] = {}
+    for i, m in enumerate(methods):
+        if m == "activation-clustering":
+            assert feats is not None
+            results[m] = activation_clustering(feats, ya, x=xa, seed=seed)
+        elif m == "spectral-signatures":
+            assert feats is not None
+            results[m] = spectral_signatures(feats, ya, rate=rate)
+        elif m == "label-noise":
+            assert feats is not None
+            results[m] = label_noise(feats, ya, seed=seed)
+        else:
+            results[m], pairs = near_duplicates(xa, ya, bounds=bounds)
+            extra["near_duplicate_pairs"] = pairs[:1000]
+        if progress is not None:
+            progress("scan", i + 1, len(methods))
+    removed = np.zeros(len(ya), dtype=bool)
+    for m in remove:
+        removed |= results[m].flagged
+    out: dict[str, Any] = {
+        "methods": {k: r.summary() for k, r in results.items()},
+        "scores": {k: r.scores for k, r in results.items()},
+        "flagged": {k: r.flagged for k, r in results.items()},
+        "removed": removed,
+        "remove_methods": list(remove),
+        **extra,
+    }
+    if truth is not None:
+        t = np.asarray(truth, dtype=bool)
+        for k, r in results.items():
+            out["methods"][k]["against_manifest"] = precision_recall(r.flagged, t)
+        out["removed_against_manifest"] = precision_recall(removed, t)
+    return out

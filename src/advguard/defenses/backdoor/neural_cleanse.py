@@ -119,7 +119,7 @@ def reverse_trigger(
     yt = torch.full((len(x),), target, dtype=torch.long)
     succ = 0.0
     m = p = None
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randperm(len(x), generator=g)[:batch_size]
         m = (torch.tanh(a) + 1) / 2
         p = lo + (hi - lo) * (torch.tanh(b) + 1) / 2
@@ -194,8 +194,16 @@ def neural_cleanse(
             raise InputError(f"no clean inputs outside class {t}")
         with torch.enable_grad():
             triggers.append(
-                reverse_trigger(model, xs, t, steps=steps, lr=lr, batch_size=batch_size,
-                                init_cost=init_cost, seed=seed)  # fmt: skip
+                reverse_trigger(
+                    model,
+                    xs,
+                    t,
+                    steps=steps,
+                    lr=lr,
+                    batch_size=batch_size,
+                    init_cost=init_cost,
+                    seed=seed,
+                )
             )
         if progress is not None:
             progress("neural-cleanse", t + 1, k)
