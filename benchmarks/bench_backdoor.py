@@ -103,8 +103,11 @@ def main() -> None:
     out: dict[str, Any] = {
         "schema": "advguard-bench-backdoor/1",
         "config": vars(args),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},  # fmt: skip
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "n_poisoned": int(truth.sum()),
     }
     models = {}
@@ -132,8 +135,7 @@ def main() -> None:
     sp_target = spectral_signatures(feats, res.y, rate=share, classes=[args.target])
     out["data_scan"] = {
         "poisoned_share_of_target_class": share,
-        "activation_clustering": {**precision_recall(ac.flagged, truth),
-                                  "per_class": ac.per_class},  # fmt: skip
+        "activation_clustering": {**precision_recall(ac.flagged, truth), "per_class": ac.per_class},
         "spectral_signatures_all_classes": precision_recall(sp.flagged, truth),
         "spectral_signatures_target_class_only": precision_recall(sp_target.flagged, truth),
         "seconds": time.time() - t,

@@ -62,7 +62,7 @@ def test_poisoning_is_deterministic_per_seed(data):
 
 
 def test_blend_mixes_the_pattern_with_ratio_alpha(data):
-    x, y = data
+    x, _ = data
     trig = blend_trigger((1, 8, 8), target=1, alpha=0.25, seed=0)
     out = trig.apply(x[:5])
     np.testing.assert_allclose(out, 0.75 * x[:5] + 0.25 * trig.pattern, atol=1e-6)
