@@ -159,3 +159,45 @@ def test_cli_poison_writes_data_and_manifest(tmp_path):
         app, ["poison", "--data", "digits", "--attack", "blend", "--out", str(tmp_path / "x.csv")]
     )
     assert bad.exit_code == 2
+
+
+def test_feature_collision_flips_the_target_in_transfer_learning(data, digits_split):
+    """Shafahi et al. 2018's transfer-learning setting: a frozen feature extractor, the last
+    layer retrained on clean data plus 5 correctly labelled poisons."""
+    import torch
+
+    from advguard.attacks.poisoning import clean_label_poison
+    from advguard.defenses.backdoor import penultimate_features
+    from advguard.models import TorchClassifier
+    from advguard.models.fit import fit
+    from advguard.models.zoo import mlp
+
+    x, y = data
+    _, _, x_te, y_te = digits_split
+    torch.manual_seed(0)
+    clf = TorchClassifier(
+        fit(mlp((1, 8, 8), 10, hidden=(256,)), x, y, epochs=30, seed=0),
+        input_shape=(1, 8, 8),
+        num_classes=10,
+    )
+    t = x_te[np.flatnonzero(y_te == 1)[0]]
+    res = clean_label_poison(
+        clf, x, y, t, base_class=7, n_poisons=5, steps=300, beta=0.1, lr=0.01, opacity=0.3
+    )
+    man = res.manifest
+    np.testing.assert_array_equal(man.indices, np.arange(len(y), len(y) + 5))
+    assert (res.y[man.indices] == 7).all() and (man.original_labels == 7).all()  # clean label
+    np.testing.assert_array_equal(res.x[: len(y)], x)
+    ft = penultimate_features(clf, t[None])
+    fp = penultimate_features(clf, res.x[man.indices])
+    fb = penultimate_features(clf, x[man.params["base_rows"]])
+    assert np.linalg.norm(fp - ft, axis=1).max() < 0.2 * np.linalg.norm(fb - ft, axis=1).min()
+
+    def retrain_head(xx, yy):
+        f = penultimate_features(clf, xx).astype(np.float32)
+        torch.manual_seed(0)
+        head = fit(torch.nn.Linear(256, 10), f, yy, epochs=300, batch_size=256, lr=3e-2, seed=0)
+        return int(head(torch.as_tensor(ft, dtype=torch.float32)).argmax(1))
+
+    assert retrain_head(x, y) == 1  # without poisons the target keeps its class
+    assert retrain_head(res.x, res.y) == 7

@@ -1,9 +1,11 @@
-"""Training-set poisoning: label flipping, BadNets and blended backdoor triggers.
+"""Training-set poisoning: label flipping, BadNets and blended backdoor triggers, and clean-label
+feature collision.
 
 See :mod:`advguard.attacks.poisoning.simulate` and :mod:`advguard.attacks.poisoning.triggers`
 (papers cited there). Detection lives in :mod:`advguard.defenses.backdoor`.
 """
 
+from advguard.attacks.poisoning.clean_label import clean_label_poison, feature_collision
 from advguard.attacks.poisoning.simulate import (
     ATTACKS,
     PoisonManifest,
@@ -21,6 +23,8 @@ __all__ = [
     "TriggerSpec",
     "backdoor",
     "blend_trigger",
+    "clean_label_poison",
+    "feature_collision",
     "label_flip",
     "patch_trigger",
     "poison",

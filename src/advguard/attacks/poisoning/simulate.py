@@ -30,6 +30,8 @@ from advguard.attacks.poisoning.triggers import TriggerSpec, blend_trigger, patc
 from advguard.errors import InputError
 
 ATTACKS = ("badnets", "blend", "label-flip")
+#: Attacks a manifest may name (the CLI simulates ATTACKS; clean-label needs a model).
+MANIFEST_ATTACKS = (*ATTACKS, "feature-collision")
 MANIFEST_FORMAT = "advguard-poison-manifest/1"
 #: Largest manifest file read back (bytes).
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -102,7 +104,7 @@ class PoisonManifest:
         if len(idx) and (idx.min() < 0 or idx.max() >= n_total or len(np.unique(idx)) != len(idx)):
             raise InputError("malformed poisoning manifest: row indices out of range or repeated")
         attack = d.get("attack")
-        if attack not in ATTACKS:
+        if attack not in MANIFEST_ATTACKS:
             raise InputError(f"malformed poisoning manifest: unknown attack {attack!r}")
         trig = d.get("trigger")
         params = d.get("params") or {}
