@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=3)
     ap.add_argument("--nc-steps", type=int, default=300)
     ap.add_argument("--nc-samples", type=int, default=200)
-    ap.add_argument("--nc-batch", type=int, default=32)
+    ap.add_argument("--nc-batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "backdoor_cpu.json"))
