@@ -23,7 +23,7 @@ Acceptance: ASR > 95 %, clean accuracy within 1 point of the clean model; a scan
 >= 80 % of poisoned rows at < 5 % FPR; Neural Cleanse flags the target class of the BadNets
 model and no class of the clean model.
 
-Run (a few minutes on one thread)::
+Run (about 7 CPU minutes on one thread; 26 min wall on the loaded shared 2-core machine)::
 
     python benchmarks/bench_backdoor.py --out benchmarks/results/backdoor_cpu.json
 """

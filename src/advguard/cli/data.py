@@ -105,7 +105,7 @@ def scan_cmd(
     votes = sum(f.astype(int) for f in res["flagged"].values())
     key = sum(res["scores"][k] for k in rem)
     order = np.lexsort((-key, -votes))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"row": int(i), "label": int(ds.y[i]),
          "flagged_by": [k for k, f in res["flagged"].items() if f[i]],
          "scores": {k: float(s[i]) for k, s in res["scores"].items()},
@@ -139,7 +139,7 @@ def scan_cmd(
     console.print(table)
     ac = res["methods"].get("activation-clustering")
     if ac:
-        bad = [c for c, v in ac["per_class"].items() if v["poisoned"]]
+        bad: list[str] = [c for c, v in ac["per_class"].items() if v["poisoned"]]
         console.print(f"Activation clustering: suspicious classes {', '.join(bad) or 'none'}")
     if rows:
         t2 = Table(title="Most suspicious rows")

@@ -149,7 +149,9 @@ class PoisonResult:
     manifest: PoisonManifest
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[np.ndarray, ...]:
+def _check_xy(
+    x: np.ndarray, y: np.ndarray, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
     x = np.asarray(x)
     y = np.asarray(y)
     if x.ndim < 2 or len(x) == 0 or len(x) != len(y) or y.ndim != 1:
@@ -161,7 +163,7 @@ def _check_xy(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[np
     k = int(num_classes) if num_classes is not None else int(y.max()) + 1
     if y.min() < 0 or y.max() >= k:
         raise InputError(f"labels must lie in [0, {k - 1}]")
-    return x.astype(np.float32, copy=True), y.astype(np.int64, copy=True), np.int64(k)
+    return x.astype(np.float32, copy=True), y.astype(np.int64, copy=True), k
 
 
 def _count(rate: float, n: int) -> int:
@@ -203,7 +205,6 @@ def label_flip(
     only ``target``: rows of any other class are relabelled ``target``.
     """
     xa, ya, k = _check_xy(x, y, num_classes)
-    k = int(k)
     target, source = _check_class(target, k, "target"), _check_class(source, k, "source")
     if source is not None and target is None:
         raise InputError("targeted label flipping needs a target class with the source class")
@@ -249,8 +250,8 @@ def backdoor(
     lo, hi = trigger.bounds
     if xa.min() < lo - 1e-5 or xa.max() > hi + 1e-5:
         raise InputError(f"inputs leave the trigger's bounds {trigger.bounds}")
-    target = _check_class(trigger.target, int(k), "target")
-    source = _check_class(trigger.source, int(k), "source")
+    target = _check_class(trigger.target, k, "target")
+    source = _check_class(trigger.source, k, "source")
     rng = np.random.default_rng(seed)
     n = _count(rate, len(ya))
     eligible = np.flatnonzero(ya == source if source is not None else ya != target)

@@ -157,7 +157,7 @@ def activation_clustering(
         info: dict[str, Any] = {}
         if x is None:
             poisoned = share <= max_share and sil_mean >= min_silhouette
-        elif share <= max_share:
+        elif share <= max_share and xf is not None:
             own, other, other_class = _reclassify(xf, y, idx[in_small], int(c), max_fit_rows, seed)
             poisoned = other > own
             info = {"reclassified_own": own, "reclassified_other": other,
