@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advguard.attacks.poisoning.simulate import PoisonManifest, PoisonResult, _check_xy
+from advguard.attacks.poisoning.simulate import PoisonManifest, PoisonResult, check_xy
 from advguard.errors import InputError
 
 
@@ -102,7 +102,7 @@ def clean_label_poison(
     """Append ``n_poisons`` feature-collision poisons made from random rows of ``base_class``
     (labels unchanged) to ``(x, y)``. The manifest lists the appended rows and keeps the target
     input in ``params["target_input"]``."""
-    xa, ya, k = _check_xy(x, y, None)
+    xa, ya, k = check_xy(x, y, None)
     if not 0 <= int(base_class) < int(k):
         raise InputError(f"base_class must be a class in [0, {int(k) - 1}], got {base_class}")
     pool = np.flatnonzero(ya == base_class)

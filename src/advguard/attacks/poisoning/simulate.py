@@ -149,7 +149,7 @@ class PoisonResult:
     manifest: PoisonManifest
 
 
-def _check_xy(
+def check_xy(
     x: np.ndarray, y: np.ndarray, num_classes: int | None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     x = np.asarray(x)
@@ -204,7 +204,7 @@ def label_flip(
     different class. With both: targeted, rows of ``source`` are relabelled ``target``. With
     only ``target``: rows of any other class are relabelled ``target``.
     """
-    xa, ya, k = _check_xy(x, y, num_classes)
+    xa, ya, k = check_xy(x, y, num_classes)
     target, source = _check_class(target, k, "target"), _check_class(source, k, "source")
     if source is not None and target is None:
         raise InputError("targeted label flipping needs a target class with the source class")
@@ -242,7 +242,7 @@ def backdoor(
 ) -> PoisonResult:
     """Stamp ``trigger`` on ``round(rate * N)`` rows (not of the target class, or of
     ``trigger.source`` only) and relabel them ``trigger.target`` (dirty-label backdoor)."""
-    xa, ya, k = _check_xy(x, y, num_classes)
+    xa, ya, k = check_xy(x, y, num_classes)
     if xa.ndim != 4 or tuple(xa.shape[1:]) != trigger.input_shape:
         raise InputError(
             f"trigger of shape {trigger.input_shape} does not fit inputs {tuple(xa.shape[1:])}"
