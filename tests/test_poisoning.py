@@ -108,6 +108,14 @@ def test_manifest_round_trip_and_validation(data, tmp_path):
     (tmp_path / "bad2.json").write_text(json.dumps(d))
     with pytest.raises(InputError, match="mask"):
         PoisonManifest.load(tmp_path / "bad2.json")
+    d = json.loads(p.read_text())
+    d["target"] = [1]
+    (tmp_path / "bad4.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="malformed"):
+        PoisonManifest.load(tmp_path / "bad4.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="not a JSON manifest"):
+        PoisonManifest.load(tmp_path / "deep.json")
     (tmp_path / "bad3.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="not an advguard"):
         PoisonManifest.load(tmp_path / "bad3.json")

@@ -97,6 +97,8 @@ class PoisonManifest:
             orig = np.asarray(d["original_labels"], dtype=np.int64).reshape(-1)
             new = np.asarray(d["new_labels"], dtype=np.int64).reshape(-1)
             rate, seed = float(d["rate"]), int(d["seed"])
+            target = None if d.get("target") is None else int(d["target"])
+            source = None if d.get("source") is None else int(d["source"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"malformed poisoning manifest: {e}") from None
         if n_total < 1 or not (len(idx) == len(orig) == len(new)):
@@ -118,8 +120,8 @@ class PoisonManifest:
             indices=idx,
             original_labels=orig,
             new_labels=new,
-            target=None if d.get("target") is None else int(d["target"]),
-            source=None if d.get("source") is None else int(d["source"]),
+            target=target,
+            source=source,
             trigger=None if trig is None else TriggerSpec.from_dict(trig),
             params=params,
         )
@@ -132,8 +134,8 @@ class PoisonManifest:
             raise InputError(f"{p}: manifest is {size} bytes, more than {MAX_MANIFEST_BYTES}")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{p}: not a JSON manifest: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{p}: not a JSON manifest: {str(e)[:200]}") from None
         try:
             return cls.from_dict(d)
         except InputError as e:
