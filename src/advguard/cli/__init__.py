@@ -21,11 +21,13 @@ from rich.markup import escape
 from advguard import __version__
 from advguard.cli import (
     certify,
+    data,
     detector,
     evaluate,
     extract,
     gate,
     guard,
+    poison,
     privacy,
     registry,
     slo,
@@ -45,6 +47,8 @@ MODULES: tuple[ModuleType, ...] = (
     registry,
     guard,
     slo,
+    poison,
+    data,
     privacy,
     extract,
     watermark,
