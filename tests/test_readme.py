@@ -55,8 +55,10 @@ def _readme_commands() -> list[list[str]]:
             line = line.split("#", 1)[0].strip()
             if not line.startswith("advguard "):
                 continue
-            line = line.split(" | ", 1)[0].replace("[", " ").replace("]", " ")
-            out.append(shlex.split(line)[1:])
+            for part in line.split(" && "):
+                part = part.strip().split(" | ", 1)[0].replace("[", " ").replace("]", " ")
+                if part.startswith("advguard "):
+                    out.append(shlex.split(part)[1:])
     return out
 
 
