@@ -181,12 +181,13 @@ def test_surrogate_gradient_classifier_keeps_values_and_uses_surrogate_gradients
 def test_escalation_matches_bpda_eot_on_undeclared_defense(pre, digits_module, digits_split):
     _, _, x_te, y_te = digits_split
     model = TorchClassifier(digits_module, input_shape=(1, 8, 8), num_classes=10, preprocess=pre)
-    tm = _tm()
+    tm = _tm(samples=60)
     rep = evaluate(model, x_te, y_te, tm, clock=FakeClock())
     ra = rep.results[0].robust_accuracy.value
     first = rep.results[0].first_robust_accuracy
     c = _check(rep, "undeclared-defense")
-    assert c is not None and c.status_before_escalation == "fail"
+    assert c is not None, [(k.id, k.status, k.explanation) for k in rep.sanity_checks]
+    assert c.status_before_escalation == "fail"
     assert _check(rep, "randomness").status_before_escalation == "fail"
 
     # BPDA + EOT that knows the preprocessing, judged on logits averaged over as many draws

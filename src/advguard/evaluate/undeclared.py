@@ -24,10 +24,10 @@ every adversarial example they claim is verified, as for every other attack, in 
 ball and misclassified by the judged model; here the judge is the model's logits averaged over
 ``eot_samples`` draws, so one lucky draw neither hides nor fakes an example.
 
-Convergence: a second round at twice the budget (queries, steps, restarts, surrogate data; the
-same draws per query) runs on the survivors of the sanity subset, as the ``convergence`` check
-does for the suite. When it changes robust accuracy by at most one point at every epsilon the
-escalated numbers have converged: the checks whose failure the masking explains
+Convergence: rounds at 1x, 2x and 4x the base budget (queries, steps, restarts, surrogate data;
+the same draws per query) run on the survivors; the escalation stops at the first round after
+the first that changes robust accuracy by at most one point at every epsilon (the
+``convergence`` check's criterion). Then the escalated numbers have converged: the checks whose failure the masking explains
 (``randomness``, ``gradients``, ``black-box-vs-white-box``, and ``large-epsilon`` once the
 gradient-free attack reaches ~0% at the unbounded budget) become warnings, and the report can
 be trustworthy. Otherwise this check fails and the evaluation stays untrustworthy.
@@ -55,6 +55,8 @@ REFERENCE = (
     "Andriushchenko et al. 2020 (Square Attack); Papernot et al. 2017 (surrogates); "
     "Tramer et al. 2020 (On Adaptive Attacks), sec. 5"
 )
+FACTORS = (1, 2, 4)
+"""Budget multipliers of the escalation's rounds (it stops at the first converged round)."""
 EXPLAINED = ("randomness", "gradients", "black-box-vs-white-box")
 """Checks whose failure the undeclared random, non-differentiable defense explains."""
 
@@ -248,34 +250,38 @@ def escalate_undeclared(
 ) -> SanityCheck:
     """Run the gradient-free / surrogate escalation and return its check (see module doc).
 
-    The first round attacks every survivor; the convergence round (twice the budget) and the
-    unbounded-budget re-measurement run on the sanity ``subset`` (positions; ``x``/``y`` its
-    inputs), as the ``convergence`` check does. Mutates ``checks`` when the escalation
-    converged (see the module docstring).
+    Every round attacks every survivor; the unbounded-budget re-measurement runs on the
+    sanity subset (``subset`` positions, ``x``/``y`` their inputs). Mutates ``checks`` when the
+    escalation converged (see the module docstring).
     """
     t0 = clock()
     f0 = ev.model.queries.forward
-    n = len(subset)
+    n = len(state.records.index)
+    tolerance = int(0.01 * n)
     judge_before = ev.judge_model
     if not isinstance(judge_before, EOTClassifier):
         ev.judge_model = EOTClassifier(ev.model, samples=ev.tm.eot_samples)
     per_attack: dict[str, int] = {}
     info: dict[str, Any] = {}
+    rounds: list[list[int]] = []
     try:
-        first = _round(ev, state, 1, per_attack, info)
-        second = _round(ev, state, 2, per_attack, info, among=subset)
+        for factor in FACTORS:  # escalate the budget until a round finds (almost) nothing
+            rounds.append(_round(ev, state, factor, per_attack, info))
+            if len(rounds) > 1 and max(rounds[-1]) <= tolerance:
+                break
         large = _large_epsilon(ev, x, y)
     finally:
         ev.judge_model = judge_before
-    tolerance = int(0.01 * n)
-    converged = max(second) <= tolerance
+    last = rounds[-1]
+    converged = len(rounds) > 1 and max(last) <= tolerance
     seconds = clock() - t0
     details: dict[str, Any] = {
         "converged": converged,
         "tolerance_samples": tolerance,
-        "convergence_samples": n,
+        "samples": n,
+        "rounds": [f"{f}x" for f in FACTORS[: len(rounds)]],
         "newly_fooled_per_epsilon": {
-            f"{eps:g}": a + b for eps, a, b in zip(state.epsilons, first, second, strict=True)
+            f"{eps:g}": sum(r[e] for r in rounds) for e, eps in enumerate(state.epsilons)
         },
         "found_by": {k: v for k, v in per_attack.items() if v},
         "judged_on": f"logits averaged over {ev.tm.eot_samples} draws",
@@ -288,8 +294,8 @@ def escalate_undeclared(
     text = (
         "re-ran all epsilons on the surviving samples with gradient-free attacks on "
         "EOT-averaged scores (Square, SPSA) and BPDA/transfer through a surrogate trained on "
-        f"the model's answers: {sum(first) + sum(second)} more fooled ({found_by}); a second "
-        f"round at twice the budget fooled {sum(second)}"
+        f"the model's answers, at {', '.join(details['rounds'])} the base budget: "
+        f"{sum(map(sum, rounds))} more fooled ({found_by}); the last round fooled {sum(last)}"
     )
     title = "Undeclared randomized, non-differentiable defense attacked without gradients"
     if converged:
@@ -299,16 +305,17 @@ def escalate_undeclared(
             "The runner attacked it with methods that need neither: Square and SPSA on scores "
             "averaged over draws, BPDA through a surrogate of the whole model, and transfer "
             "from that surrogate. Doubling their budget changed robust accuracy by at most one "
-            "point, so the escalated numbers above are the ones to read."
+            "point, so the escalated numbers above are the ones to read (the defense is still "
+            "undeclared: declare it to have it attacked with exact BPDA/EOT)."
         )
         _downgrade(checks, large)
     else:
         status = "fail"
         explanation = (
             "The model is randomized and its gradients are useless, and the gradient-free "
-            "escalation had not converged: doubling its budget still fooled "
-            f"{max(second)} more of {n} samples at one epsilon. The robust accuracy above is "
-            "very likely still overstated."
+            f"escalation had not converged: its last round ({details['rounds'][-1]} the base "
+            f"budget) still fooled {max(last)} more of {n} samples at one epsilon. The robust "
+            "accuracy above is very likely still overstated."
         )
     c = SanityCheck(
         id=CHECK_ID,
