@@ -325,8 +325,8 @@ class Evaluator:
             timing={
                 "suite_seconds": t_suite,
                 "sanity_and_escalation_seconds": t_sanity,
-                **{
-                    "undeclared_defense_escalation_seconds": c.details["seconds"]
+                **{  # the undeclared-defense escalation's own time, when it ran
+                    f"{c.id.replace('-', '_')}_escalation_seconds": c.details["seconds"]
                     for c in checks
                     if c.id == "undeclared-defense"
                 },

@@ -27,10 +27,11 @@ ball and misclassified by the judged model; here the judge is the model's logits
 Convergence: rounds at 1x, 2x and 4x the base budget (queries, steps, restarts, surrogate data;
 the same draws per query) run on the survivors; the escalation stops at the first round after
 the first that changes robust accuracy by at most one point at every epsilon (the
-``convergence`` check's criterion). Then the escalated numbers have converged: the checks whose failure the masking explains
-(``randomness``, ``gradients``, ``black-box-vs-white-box``, and ``large-epsilon`` once the
-gradient-free attack reaches ~0% at the unbounded budget) become warnings, and the report can
-be trustworthy. Otherwise this check fails and the evaluation stays untrustworthy.
+``convergence`` check's criterion). Then the escalated numbers have converged: the checks
+whose failure the masking explains (``randomness``, ``gradients``,
+``black-box-vs-white-box``, and ``large-epsilon`` once the gradient-free attack reaches at most
+10% at the unbounded budget) become warnings, and the report can be trustworthy. Otherwise
+this check fails and the evaluation stays untrustworthy.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def _round(
             "spsa_model_evaluations": (2 * b["spsa_samples"] + 1) * b["spsa_steps"] * draws,
         },
         "surrogate": {
-            "training_inputs": int(len(sx)),
+            "training_inputs": len(sx),
             "model_evaluations": int(surrogate_forward),
             "agreement": sinfo.get("agreement"),
             "architecture": sinfo.get("architecture"),
