@@ -177,6 +177,7 @@ def test_surrogate_gradient_classifier_keeps_values_and_uses_surrogate_gradients
 
 
 # -- the escalation --------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("pre", [DitherQuantize(4), RandomResizePad()], ids=["dither", "resize"])
 def test_escalation_matches_bpda_eot_on_undeclared_defense(pre, digits_module, digits_split):
     _, _, x_te, y_te = digits_split
