@@ -56,6 +56,8 @@ REFERENCE = (
     "Andriushchenko et al. 2020 (Square Attack); Papernot et al. 2017 (surrogates); "
     "Tramer et al. 2020 (On Adaptive Attacks), sec. 5"
 )
+MAX_SURROGATE_INPUTS = 20_000
+"""Cap on the surrogate's training inputs per round (evaluated samples times copies)."""
 FACTORS = (1, 2, 4)
 """Budget multipliers of the escalation's rounds (it stops at the first converged round)."""
 EXPLAINED = ("randomness", "gradients", "black-box-vs-white-box")
@@ -84,7 +86,7 @@ def _budget(tm: Any, factor: int) -> dict[str, int]:
         "pgd_steps": 50 * factor,
         "pgd_restarts": factor,
         "surrogate_copies": 8 * factor,
-        "surrogate_epochs": 15 * factor,
+        "surrogate_epochs": min(15 * factor, 30),
     }
 
 
@@ -94,6 +96,7 @@ def _surrogate_data(
     """Inputs the surrogate learns the model on: the evaluated samples and random points
     (uniform and ``+-eps`` corners) of the largest ball around each of them."""
     idx = state.records.index
+    copies = max(1, min(copies, MAX_SURROGATE_INPUTS // max(1, len(idx)) - 1))
     x = torch.as_tensor(ev.x[idx], dtype=torch.float32)
     lo, hi = ev.model.bounds
     eps = max(state.epsilons)
@@ -162,6 +165,7 @@ def _round(
     gen = torch.Generator().manual_seed(seed)
     f0 = ev.model.queries.forward
     sx = _surrogate_data(ev, state, b["surrogate_copies"], gen)
+    b["surrogate_copies"] = len(sx) // len(state.records.index) - 1  # after the cap
     surrogate, sinfo = train_surrogate(
         sx.numpy(),
         target=eot,
