@@ -248,7 +248,11 @@ class Evaluator:
         self.clock = clock or time.perf_counter  # injectable for tests: every timing uses it
         self._validate()
         self.attack_model, self.judge_model, self.adaptive = adaptive_models(model, threat_model)
-        if not isinstance(self.judge_model, EOTClassifier) and looks_random(model, self.x):
+        if (  # probe local models only: a remote one's query budget is the user's
+            not isinstance(self.judge_model, EOTClassifier)
+            and is_white_box(model)
+            and looks_random(model, self.x)
+        ):
             # undeclared randomness: judge on averaged logits too, so that one lucky draw
             # neither hides nor fakes an adversarial example (the sanity checks report it)
             self.judge_model = EOTClassifier(model, samples=threat_model.eot_samples)
