@@ -188,6 +188,14 @@ ATTACKS: dict[str, RegisteredAttack] = {
             _BB,
             "HopSkipJump: decision-based (labels only), minimum norm (Chen et al. 2020)",
         ),
+        RegisteredAttack(
+            "spsa",
+            _lazy("advguard.attacks.evasion.spsa", "SPSA"),
+            ("linf", "l2"),
+            "black-box",
+            _BB,
+            "SPSA: score-based gradient estimation with Adam (Uesato et al. 2018)",
+        ),
     ]
 }
 

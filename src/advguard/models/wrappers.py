@@ -52,3 +52,59 @@ class EOTClassifier(ClassifierBase):
             g_sum = g if g_sum is None else g_sum + g
         k = float(self.samples)
         return z_sum / k, loss_sum / k, g_sum / k  # type: ignore[operator]
+
+
+def straight_through(value: torch.Tensor, approximation: torch.Tensor) -> torch.Tensor:
+    """BPDA's core (Athalye, Carlini & Wagner 2018, sec. 4.1): forward ``value``, backward
+    through ``approximation`` (a differentiable stand-in computed from the same input)."""
+    return value.detach() + (approximation - approximation.detach())  # exact forward value
+
+
+class SurrogateGradientClassifier(ClassifierBase):
+    """BPDA through a learned surrogate of the whole model, for undeclared defenses.
+
+    Athalye et al. 2018 (sec. 4.1) replace a non-differentiable layer ``f`` by a differentiable
+    ``g ~ f`` on the backward pass. When a model hides a random, non-differentiable
+    preprocessing inside itself, the layer cannot be named, so ``g`` approximates the *whole*
+    model: a white-box ``surrogate`` trained on the model's own answers (Papernot et al. 2017).
+    ``logits`` are those of ``model`` (an :class:`EOTClassifier` averages them over draws);
+    ``value_and_grad`` returns ``model``'s logits and loss with the gradient of the loss through
+    the surrogate's logits (``d loss / d z`` at the true logits, times the surrogate Jacobian).
+    Queries of ``model`` are counted by ``model``; surrogate gradients are counted on the
+    surrogate's own counter, not as target gradients.
+    """
+
+    def __init__(self, model: Any, surrogate: Any) -> None:
+        if not is_white_box(surrogate):
+            raise InputError("the surrogate must be a white-box model (forward/value_and_grad)")
+        if tuple(surrogate.input_shape) != tuple(model.input_shape) or int(
+            surrogate.num_classes
+        ) != int(model.num_classes):
+            raise InputError("the surrogate must take the model's inputs and classes")
+        super().__init__(
+            num_classes=model.num_classes, input_shape=model.input_shape, bounds=model.bounds
+        )
+        self.inner = model
+        self.surrogate = surrogate
+        self.device = getattr(model, "device", torch.device("cpu"))
+        self.queries = model.queries
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(x.to(self.device, self.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits, differentiable through the surrogate."""
+        value = self.logits(x.detach())
+        approx = self.surrogate.forward(x.to(self.surrogate.device)).to(value)
+        return straight_through(value, approx)
+
+    def value_and_grad(
+        self, x: torch.Tensor, loss_fn: LossFn
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.detach().to(self.device, self.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            z = self.forward(x)
+            loss = loss_fn(z)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        self.surrogate.queries.gradient += len(x)
+        return z.detach(), loss.detach(), grad.detach()

@@ -24,6 +24,7 @@ import torch
 
 from advguard.errors import InputError
 from advguard.models.base import ClassifierBase, LossFn, is_white_box
+from advguard.models.wrappers import straight_through
 
 
 class InputTransform:
@@ -61,8 +62,7 @@ def bpda(transform: InputTransform, x: torch.Tensor) -> torch.Tensor:
     """Forward value ``transform(x)``, gradient of ``transform.approximation(x)``."""
     with torch.no_grad():
         out = transform(x.detach())
-    approx = transform.approximation(x)
-    return approx + (out - approx).detach()
+    return straight_through(out, transform.approximation(x))
 
 
 class TransformedClassifier(ClassifierBase):
