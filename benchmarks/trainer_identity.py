@@ -3,7 +3,8 @@
 Trains PGD-AT (plain, with a clean-loss mix and SGD + cyclic schedule), TRADES, fast-AT
 (with in-epoch catastrophic-overfitting probes) for 2 epochs, an interrupted-and-resumed
 PGD-AT run, and DP-SGD for 1 epoch, all with ``small_cnn``/``mlp`` and fixed seeds, and
-saves the final weights, the histories and the manifests (timings and versions removed)::
+saves the final weights, the histories and the manifests (timings, versions, checkpoint
+file hashes and the config's ``device`` removed)::
 
     git checkout OLD && python benchmarks/trainer_identity.py before.pt
     git checkout NEW && python benchmarks/trainer_identity.py after.pt
@@ -33,7 +34,9 @@ def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
         if "sha256" in obj and "path" in obj:  # the checkpoint's file hash covers its timestamp
             return {"path": obj["path"]}
-        return {k: _strip(v) for k, v in obj.items() if k not in TIME_KEYS}
+        # the training device (added to TrainConfig by the refactor) is not a result
+        drop = TIME_KEYS | ({"device"} if "epsilon" in obj else set())
+        return {k: _strip(v) for k, v in obj.items() if k not in drop}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj

@@ -34,23 +34,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from advguard.atomic import atomic_write_text
-from advguard.defenses.training.trainer import (
+from advguard.defenses.training._common import (
     CHECKPOINT_NAME,
     MANIFEST_NAME,
+    Net,
     Progress,
     TrainResult,
-    _accuracy,
-    _check_choices,
-    _check_module,
-    _int,
-    _lr_factor,
-    _model_meta,
-    _Net,
-    _num,
-    _prepare_data,
-    _save_checkpoint,
-    _versions,
+    accuracy,
+    check_choices,
+    check_module,
     data_sha256,
+    integer,
+    lr_factor,
+    model_meta,
+    number,
+    prepare_data,
+    save_checkpoint,
+    versions,
 )
 from advguard.errors import InputError, MissingDependencyError
 
@@ -144,7 +144,7 @@ def dp_train(
             "epsilon is then reported), not both"
         )
     if noise_multiplier is None:
-        target = _num(
+        target = number(
             "target_epsilon",
             DEFAULT_TARGET_EPSILON if target_epsilon is None else target_epsilon,
             low=0.0,
@@ -153,26 +153,26 @@ def dp_train(
         sigma: float | None = None
     else:
         target = None
-        sigma = _num("noise_multiplier", noise_multiplier, low=0.0, strict=True)
-    clip = _num("max_grad_norm", max_grad_norm, low=0.0, strict=True)
-    epochs = _int("epochs", epochs, 1)
-    batch_size = _int("batch_size", batch_size, 1)
-    val_samples = _int("val_samples", val_samples, 1)
-    seed = _int("seed", seed, 0)
-    lr = _num("lr", lr, low=0.0, strict=True)
-    momentum = _num("momentum", momentum, low=0.0)
-    _check_choices(optimizer, lr_schedule)
+        sigma = number("noise_multiplier", noise_multiplier, low=0.0, strict=True)
+    clip = number("max_grad_norm", max_grad_norm, low=0.0, strict=True)
+    epochs = integer("epochs", epochs, 1)
+    batch_size = integer("batch_size", batch_size, 1)
+    val_samples = integer("val_samples", val_samples, 1)
+    seed = integer("seed", seed, 0)
+    lr = number("lr", lr, low=0.0, strict=True)
+    momentum = number("momentum", momentum, low=0.0)
+    check_choices(optimizer, lr_schedule)
     if accountant not in ACCOUNTANTS:
         raise InputError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
-    val_fraction = _num("val_fraction", val_fraction, low=0.0)
+    val_fraction = number("val_fraction", val_fraction, low=0.0)
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    lo, hi = (_num("bounds[0]", bounds[0]), _num("bounds[1]", bounds[1]))
+    lo, hi = (number("bounds[0]", bounds[0]), number("bounds[1]", bounds[1]))
     if not lo < hi:
         raise InputError(f"bounds must satisfy low < high, got {bounds}")
 
-    xt, yt = _prepare_data(x, y, (lo, hi))
-    net = _Net(module, preprocess.eval() if preprocess is not None else None).cpu()
+    xt, yt = prepare_data(x, y, (lo, hi))
+    net = Net(module, preprocess.eval() if preprocess is not None else None).cpu()
     errors = opacus.validators.ModuleValidator.validate(net, strict=False)
     if errors:
         raise InputError(
@@ -180,7 +180,7 @@ def dp_train(
             + "; ".join(str(e) for e in errors[:5])
             + " (opacus.validators.ModuleValidator.fix(model) replaces BatchNorm by GroupNorm)"
         )
-    n_classes = _check_module(net, xt, yt, num_classes)
+    n_classes = check_module(net, xt, yt, num_classes)
 
     torch.manual_seed(seed)
     tr_idx, val_idx = holdout_split(len(xt), val_fraction, seed)
@@ -197,7 +197,7 @@ def dp_train(
     if delta is None:
         delta_v = min(1e-5, 0.1 / n_train)
     else:
-        delta_v = _num("delta", delta, low=0.0, strict=True)
+        delta_v = number("delta", delta, low=0.0, strict=True)
         if delta_v >= 1.0 / n_train:
             raise InputError(
                 f"delta ({delta_v:g}) must be below 1/n_train ({1.0 / n_train:.3g}): with a "
@@ -287,17 +287,17 @@ def dp_train(
             "input_shape": input_shape,
             "num_classes": n_classes,
         },
-        "model": _model_meta(factory, factory_kwargs, input_shape, n_classes, (lo, hi), preprocess),
+        "model": model_meta(factory, factory_kwargs, input_shape, n_classes, (lo, hi), preprocess),
         "epochs": [],
         "stop_reason": None,
         "total_time_s": None,
-        "versions": {**_versions(), "opacus": str(opacus.__version__)},
+        "versions": {**versions(), "opacus": str(opacus.__version__)},
         "checkpoint": None,
     }
 
     def save() -> None:
         if ckpt_path is not None and man_path is not None:
-            _save_checkpoint(module, ckpt_path, manifest["model"])
+            save_checkpoint(module, ckpt_path, manifest["model"])
             atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
 
     n_batches = len(dp_loader)
@@ -311,7 +311,7 @@ def dp_train(
                 loss_sum, correct, seen = 0.0, 0, 0
                 for xb, yb in dp_loader:
                     for group in dp_opt.param_groups:
-                        group["lr"] = lr * _lr_factor(lr_schedule, step / total)
+                        group["lr"] = lr * lr_factor(lr_schedule, step / total)
                     dp_opt.zero_grad(set_to_none=True)
                     logits = dp_net(xb)
                     if len(xb) > 0:
@@ -336,7 +336,7 @@ def dp_train(
                         "lr": dp_opt.param_groups[0]["lr"],
                         "loss": loss_sum / max(1, seen),
                         "train_acc": correct / max(1, seen),
-                        "val_clean_acc": _accuracy(net, x_val, y_val, 512),
+                        "val_clean_acc": accuracy(net, x_val, y_val, 512),
                         "epsilon_spent": spent,
                         "time_s": time.perf_counter() - t_epoch,
                     }
