@@ -176,27 +176,7 @@ def dp_train(
         out_path = Path(out_dir) if out_dir is not None else None
         paths = (out_path / CHECKPOINT_NAME, out_path / MANIFEST_NAME) if out_path else None
         _train_epochs(run, net, module, split, cfg, manifest, paths, progress, dev)
-    manifest["status"] = "completed"
-    manifest["stop_reason"] = "completed all epochs"
-    manifest["total_time_s"] = time.perf_counter() - t_start
-    if cfg.target is not None and manifest["privacy"]["epsilon"] > cfg.target * 1.01 + 1e-9:
-        raise AssertionError(  # the accountant's own calibration failed: never ship that
-            f"spent epsilon {manifest['privacy']['epsilon']:.4f} exceeds the target {cfg.target}"
-        )
-    _save(module, manifest, paths)
-    if paths is not None:
-        from advguard.models.io import file_sha256
-
-        manifest["checkpoint"] = {"path": CHECKPOINT_NAME, "sha256": file_sha256(paths[0])}
-        atomic_write_text(paths[1], json.dumps(manifest, indent=2) + "\n")
-    return TrainResult(
-        module=module,
-        manifest=manifest,
-        checkpoint_path=paths[0] if paths is not None else None,
-        manifest_path=paths[1] if paths is not None else None,
-        preprocess=preprocess,
-        history=manifest["epochs"],
-    )
+    return _finish(module, preprocess, manifest, cfg, paths, t_start)
 
 
 @dataclass(frozen=True)
@@ -390,6 +370,38 @@ def _new_dp_manifest(
         "versions": {**versions(), "opacus": opacus_version},
         "checkpoint": None,
     }
+
+
+def _finish(
+    module: nn.Module,
+    preprocess: nn.Module | None,
+    manifest: dict[str, Any],
+    cfg: _DPConfig,
+    paths: tuple[Path, Path] | None,
+    t_start: float,
+) -> TrainResult:
+    """Complete the manifest (checking the spent budget), save the final weights."""
+    manifest["status"] = "completed"
+    manifest["stop_reason"] = "completed all epochs"
+    manifest["total_time_s"] = time.perf_counter() - t_start
+    if cfg.target is not None and manifest["privacy"]["epsilon"] > cfg.target * 1.01 + 1e-9:
+        raise AssertionError(  # the accountant's own calibration failed: never ship that
+            f"spent epsilon {manifest['privacy']['epsilon']:.4f} exceeds the target {cfg.target}"
+        )
+    _save(module, manifest, paths)
+    if paths is not None:
+        from advguard.models.io import file_sha256
+
+        manifest["checkpoint"] = {"path": CHECKPOINT_NAME, "sha256": file_sha256(paths[0])}
+        atomic_write_text(paths[1], json.dumps(manifest, indent=2) + "\n")
+    return TrainResult(
+        module=module,
+        manifest=manifest,
+        checkpoint_path=paths[0] if paths is not None else None,
+        manifest_path=paths[1] if paths is not None else None,
+        preprocess=preprocess,
+        history=manifest["epochs"],
+    )
 
 
 def _save(module: nn.Module, manifest: dict[str, Any], paths: tuple[Path, Path] | None) -> None:

@@ -75,7 +75,35 @@ class TrainConfig:
     steps``), ``eval_step_size`` (``2.5 * epsilon / eval_steps``), ``ramp_epochs``
     (``epochs // 3`` when ``epsilon`` is at least 20% of the input range, else 0),
     ``detect_co`` (on for fast-AT) and ``device`` (the module's own device, set by
-    :func:`train`). See :func:`adversarial_train` for the meaning of each field.
+    :func:`train`).
+
+    Methods
+    -------
+    ``"pgd-at"``
+        Madry et al. 2018: minimise CE on PGD examples (``steps`` steps of ``step_size``,
+        default ``2.5 * epsilon / steps``, random start). ``mix`` in [0, 1] is the weight
+        of the clean loss: ``mix * CE(x) + (1 - mix) * CE(x_adv)``.
+    ``"trades"``
+        Zhang et al. 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``; ``x_adv``
+        maximises the KL from ``x + 0.001 N(0, 1)`` with ``steps`` PGD steps.
+    ``"fast-at"``
+        Wong et al. 2020: FGSM from a uniform random start (``random_init``) with step
+        ``fast_alpha * epsilon`` (default 1.25). Catastrophic-overfitting detection is on:
+        after every epoch (and every ``co_check_every`` batches if given) PGD and FGSM
+        accuracy are measured on ``co_batch`` held-out samples; on collapse (see
+        :func:`detect_catastrophic_overfitting`) training stops and the best weights
+        are restored. The event is recorded in the manifest.
+
+    A ``val_fraction`` of the data is held out (stratification-free, seeded). After each
+    epoch clean and PGD robust accuracy (``eval_steps`` steps, at the full ``epsilon``) are
+    measured on at most ``val_samples`` held-out samples; the weights with the best robust
+    accuracy are kept and returned. ``patience`` (epochs without improvement after the
+    epsilon ramp) enables early stopping. ``ramp_epochs`` grows epsilon linearly from 0 over
+    the first epochs (default: ``epochs // 3`` when ``epsilon`` is at least 20% of the input
+    range, as for MNIST at 0.3; else 0).
+
+    ``device`` is where the module trains (default: its own device; an unavailable one is
+    a one-line error).
     """
 
     method: str = "pgd-at"
@@ -596,11 +624,26 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Adversarially train ``module`` as ``config`` says (see :func:`adversarial_train`).
+    """Adversarially train ``module`` on raw inputs ``x`` (N, ...) in ``config.bounds`` with
+    labels ``y`` as ``config`` (a :class:`TrainConfig`, validated here once) says.
 
-    The module trains on ``config.device`` (default: its own device) and keeps its device,
-    its train/eval flags and its frozen (``requires_grad=False``) parameters; only the
-    trainable parameters change.
+    With ``out_dir`` the best weights are written (atomically, after each improvement) to
+    ``out_dir/model.safetensors`` via :func:`advguard.models.io.save_torch` (with ``factory``
+    metadata when given, so ``load_model`` can rebuild it) and a manifest to
+    ``out_dir/manifest.json``. Deterministic for a given ``seed`` on CPU (the initial
+    weights are the caller's). ``max_time_s`` stops training (after evaluating the
+    current, partial epoch) once the wall-clock budget is spent.
+
+    Nothing is lost on a crash: with ``out_dir``, the full training state (current and
+    best weights, optimizer moments, RNG states, history) is saved after every epoch to
+    ``resume-state.safetensors`` + ``resume-state.json`` (no pickle). ``resume=True``
+    continues an interrupted run from its last finished epoch, with the same result as an
+    uninterrupted run on CPU; the configuration and the data must be the same (checked). A
+    run that finishes removes its resume state; ``resume=True`` without one starts afresh.
+
+    The module trains in place on ``config.device`` (default: its own device) and is
+    otherwise left as it was: same device, same train/eval flags, and parameters with
+    ``requires_grad=False`` stay frozen and unchanged (only trainable parameters change).
     """
     t_start = time.perf_counter()
     if not isinstance(module, nn.Module):
@@ -666,49 +709,9 @@ def adversarial_train(
 ) -> TrainResult:
     """Adversarially train ``module`` on raw inputs ``x`` (N, ...) in ``bounds`` with labels ``y``.
 
-    Methods
-    -------
-    ``"pgd-at"``
-        Madry et al. 2018: minimise CE on PGD examples (``steps`` steps of ``step_size``,
-        default ``2.5 * epsilon / steps``, random start). ``mix`` in [0, 1] is the weight
-        of the clean loss: ``mix * CE(x) + (1 - mix) * CE(x_adv)``.
-    ``"trades"``
-        Zhang et al. 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``; ``x_adv``
-        maximises the KL from ``x + 0.001 N(0, 1)`` with ``steps`` PGD steps.
-    ``"fast-at"``
-        Wong et al. 2020: FGSM from a uniform random start (``random_init``) with step
-        ``fast_alpha * epsilon`` (default 1.25). Catastrophic-overfitting detection is on:
-        after every epoch (and every ``co_check_every`` batches if given) PGD and FGSM
-        accuracy are measured on ``co_batch`` held-out samples; on collapse (see
-        :func:`detect_catastrophic_overfitting`) training stops and the best weights
-        are restored. The event is recorded in the manifest.
-
-    A ``val_fraction`` of the data is held out (stratification-free, seeded). After each
-    epoch clean and PGD robust accuracy (``eval_steps`` steps, at the full ``epsilon``) are
-    measured on at most ``val_samples`` held-out samples; the weights with the best robust
-    accuracy are kept and returned. ``patience`` (epochs without improvement after the
-    epsilon ramp) enables early stopping. ``ramp_epochs`` grows epsilon linearly from 0 over
-    the first epochs (default: ``epochs // 3`` when ``epsilon`` is at least 20% of the input
-    range, as for MNIST at 0.3; else 0).
-
-    With ``out_dir`` the best weights are written (atomically, after each improvement) to
-    ``out_dir/model.safetensors`` via :func:`advguard.models.io.save_torch` (with ``factory``
-    metadata when given, so ``load_model`` can rebuild it) and a manifest to
-    ``out_dir/manifest.json``. Deterministic for a given ``seed`` on CPU (the initial
-    weights are the caller's). ``max_time_s`` stops training (after evaluating the
-    current, partial epoch) once the wall-clock budget is spent.
-
-    Nothing is lost on a crash: with ``out_dir``, the full training state (current and
-    best weights, optimizer moments, RNG states, history) is saved after every epoch to
-    ``resume-state.safetensors`` + ``resume-state.json`` (no pickle). ``resume=True``
-    continues an interrupted run from its last finished epoch, with the same result as an
-    uninterrupted run on CPU; the configuration and the data must be the same (checked). A
-    run that finishes removes its resume state; ``resume=True`` without one starts afresh.
-
-    The caller's module is trained in place on ``device`` (default: the module's own
-    device) and otherwise left as it was: same device, same train/eval flags, and
-    parameters with ``requires_grad=False`` stay frozen and unchanged. The keywords build a
-    :class:`TrainConfig` for :func:`train`.
+    The keyword API: the keywords build a :class:`TrainConfig` (the methods and every
+    setting are described there) and :func:`train` runs it (outputs, resuming, and what
+    happens to the caller's module are described there).
     """
     if not isinstance(module, nn.Module):
         raise InputError(f"module must be a torch.nn.Module, got {type(module).__name__}")
