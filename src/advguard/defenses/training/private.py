@@ -167,7 +167,7 @@ def dp_train(
         n_classes = check_module(net, xt.to(dev), yt, num_classes)
         torch.manual_seed(cfg.seed)
         split = _split(xt, yt, cfg, delta)
-        run = _make_private(opacus, net, module, split, cfg)
+        run = _make_private(opacus, net, module, split, cfg, dev)
         manifest = _new_dp_manifest(
             cfg, run, split, xt, yt, n_classes, str(opacus.__version__),
             model_meta(factory, factory_kwargs, [int(d) for d in xt.shape[1:]], n_classes,
@@ -283,7 +283,7 @@ class _PrivateRun:
 
 
 def _make_private(
-    opacus: Any, net: nn.Module, module: nn.Module, split: _Split, cfg: _DPConfig
+    opacus: Any, net: nn.Module, module: nn.Module, split: _Split, cfg: _DPConfig, dev: torch.device
 ) -> _PrivateRun:
     """Opacus' privacy engine around the model, optimizer and a Poisson-sampled loader."""
     opt = make_optimizer(
@@ -297,7 +297,7 @@ def _make_private(
         generator=torch.Generator().manual_seed(cfg.seed + 1),
     )
     net.train()
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    noise_gen = torch.Generator(dev).manual_seed(cfg.seed + 2)  # the noise is drawn on dev
     with _quiet():
         engine = opacus.PrivacyEngine(accountant=cfg.accountant)
         if cfg.sigma is None:
