@@ -259,10 +259,10 @@ def prepare_data(
 # -- the caller's module: device, trainable parameters, restored flags ----------------
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter (or buffer); CPU for an empty module."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for param in module.parameters():
+        return param.device
+    for buf in module.buffers():
+        return buf.device
     return torch.device("cpu")
 
 

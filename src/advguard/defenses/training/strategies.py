@@ -204,7 +204,7 @@ def mixed_ce(
 
 def _scaled_step(cfg: TrainConfig, epsilon: float) -> float:
     """The inner step size at the current (ramped) ``epsilon``."""
-    return cfg.step_size * epsilon / cfg.epsilon if cfg.epsilon > 0 else 0.0
+    return (cfg.step_size or 0.0) * epsilon / cfg.epsilon if cfg.epsilon > 0 else 0.0
 
 
 @dataclass(frozen=True)

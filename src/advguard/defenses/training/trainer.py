@@ -171,14 +171,16 @@ class TrainConfig:
             )
         check_choices(self.optimizer, self.lr_schedule)
         optional = self._validated_optional(eps, sizes, (lo, hi))
-        return replace(
-            self, method=str(self.method), epsilon=eps, norm=norm, **sizes, **reals, seed=seed,
-            fast_alpha=fast_alpha, val_fraction=val_fraction, momentum=float(self.momentum),
-            random_init=bool(self.random_init), bounds=(lo, hi), **optional,
-            co_drop=number("co_drop", self.co_drop, low=0.0),
-            co_floor=number("co_floor", self.co_floor, low=0.0),
-            co_gap=number("co_gap", self.co_gap, low=0.0),
-        )  # fmt: skip
+        updates: dict[str, Any] = {
+            "method": str(self.method), "epsilon": eps, "norm": norm, **sizes, **reals,
+            "seed": seed, "fast_alpha": fast_alpha, "val_fraction": val_fraction,
+            "momentum": float(self.momentum), "random_init": bool(self.random_init),
+            "bounds": (lo, hi), **optional,
+            "co_drop": number("co_drop", self.co_drop, low=0.0),
+            "co_floor": number("co_floor", self.co_floor, low=0.0),
+            "co_gap": number("co_gap", self.co_gap, low=0.0),
+        }  # fmt: skip
+        return replace(self, **updates)
 
     def _validated_optional(
         self, eps: float, sizes: Mapping[str, int], bounds: tuple[float, float]
@@ -303,7 +305,8 @@ class Trainer:
         self.n_batches = math.ceil(len(self.x_tr) / cfg.batch_size)
         self.initial_state = copy.deepcopy(module.state_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_acc, self.best_epoch, self.since_best = -1.0, None, 0
+        self.best_acc, self.since_best = -1.0, 0
+        self.best_epoch: int | None = None
         self.best_probe: float | None = None
         self.stop_reason: str | None = None
         self.step_count, self.start_epoch, self.time_before = 0, 0, 0.0
