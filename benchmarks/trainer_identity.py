@@ -9,6 +9,9 @@ file hashes and the config's ``device`` removed)::
     git checkout OLD && python benchmarks/trainer_identity.py before.pt
     git checkout NEW && python benchmarks/trainer_identity.py after.pt
     python benchmarks/trainer_identity.py --diff before.pt after.pt
+
+(The trainer decomposition into TrainConfig/Trainer/strategies/resume: 111 of 111 outputs
+bit-identical; about 30 s on one CPU thread.)
 """
 
 import contextlib
