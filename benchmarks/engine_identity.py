@@ -29,7 +29,7 @@ from advguard.attacks.tabular.constrained_search import ConstrainedSearch
 from advguard.attacks.tabular.schema import FeatureSchema
 from advguard.attacks.transfer import TransferAttack
 from advguard.data import load_builtin
-from advguard.defenses.training.trainer import _Net, pgd_perturb, trades_perturb
+from advguard.defenses.training import pgd_perturb, trades_perturb
 from advguard.models import TorchClassifier
 from advguard.models.fit import fit
 from advguard.models.zoo import mlp, small_cnn
@@ -98,7 +98,7 @@ for norm, eps in (("linf", 0.2), ("l2", 1.0)):
 
 # trainer perturbations
 
-tn = _Net(net, None)
+tn = net  # the trainer attacks a bare module the same way
 for norm, eps in (("linf", 0.1), ("l2", 0.8)):
     g = torch.Generator().manual_seed(3)
     out[f"train-pgd-{norm}"] = pgd_perturb(

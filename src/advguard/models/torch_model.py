@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +36,12 @@ class TorchClassifier(ClassifierBase):
     Parameters
     ----------
     module:
-        The network; put in eval mode and left untouched otherwise.
+        The network, used in place (not copied). While a call of this adapter runs, the
+        network (and ``preprocess``) is in eval mode; afterwards every submodule's
+        train/eval flag is what it was. ``requires_grad`` of the parameters is never
+        changed: gradients are taken with respect to the inputs only, so the parameters'
+        ``.grad`` stay untouched (unless a caller runs ``backward()`` on the logits of
+        :meth:`forward` itself).
     input_shape:
         Shape of one raw input, without the batch dimension.
     num_classes:
@@ -45,7 +52,9 @@ class TorchClassifier(ClassifierBase):
         Optional module applied before ``module`` (e.g. :class:`Normalize`).
         Attacks differentiate through it.
     device:
-        Where the model runs; inputs are moved there.
+        Where the model runs (default: the module's device); inputs are moved there. A
+        ``device`` other than the module's moves the module there (``nn.Module.to`` works
+        in place).
     """
 
     def __init__(
@@ -62,18 +71,42 @@ class TorchClassifier(ClassifierBase):
         if not isinstance(module, nn.Module):
             raise InputError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.device = torch.device(device) if device is not None else _module_device(module)
-        self.module = module.to(self.device).eval()
-        self.preprocess = preprocess.to(self.device).eval() if preprocess is not None else None
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = module.to(self.device)
+        self.preprocess = preprocess.to(self.device) if preprocess is not None else None
+        self._eval_depth = 0
+        self._saved_flags: list[tuple[nn.Module, bool]] = []
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the duration of the outermost call; the flags are restored after.
+
+        Concurrent and nested calls share one eval period (a counter under a lock), so no
+        call ever runs while another one has restored training mode."""
+        with _MODE_LOCK:
+            if self._eval_depth == 0:
+                mods = [m for m in (self.module, self.preprocess) if m is not None]
+                self._saved_flags = [(sub, sub.training) for m in mods for sub in m.modules()]
+                for sub, _ in self._saved_flags:
+                    sub.training = False
+            self._eval_depth += 1
+        try:
+            yield
+        finally:
+            with _MODE_LOCK:
+                self._eval_depth -= 1
+                if self._eval_depth == 0:
+                    for sub, was_training in self._saved_flags:
+                        sub.training = was_training
+                    self._saved_flags = []
 
     # differentiable path ----------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with autograd enabled w.r.t. ``x``; counts forward queries."""
         self.queries.forward += len(x)
-        if self.preprocess is not None:
-            x = self.preprocess(x)
-        return self.module(x)
+        with self._eval_mode():
+            if self.preprocess is not None:
+                x = self.preprocess(x)
+            return self.module(x)
 
     __call__ = forward
 
@@ -105,6 +138,9 @@ class TorchClassifier(ClassifierBase):
             lambda z: nn.functional.cross_entropy(z, y, reduction="none"),
         )
         return g
+
+
+_MODE_LOCK = threading.Lock()  # guards only the eval-mode bookkeeping, never a computation
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -3,6 +3,10 @@ catastrophic-overfitting detection), epsilon ramp-up, early stopping on held-out
 robust accuracy, resumable runs, safetensors checkpoints and a JSON training manifest;
 and differentially private training (DP-SGD through Opacus, extra ``privacy``).
 
+Modules: ``trainer`` (:class:`TrainConfig`, :func:`train`, the :class:`Trainer`),
+``strategies`` (the methods: ``perturb`` + ``loss``), ``resume`` (the resume state),
+``private`` (DP-SGD) and ``_common`` (helpers shared inside this package).
+
 >>> from advguard.defenses.training import adversarial_train
 >>> res = adversarial_train(module, x, y, method="pgd-at", epsilon=0.3, epochs=10,
 ...                         out_dir="runs/at")  # doctest: +SKIP
@@ -14,21 +18,26 @@ from advguard.defenses.training.private import (
     dp_train,
     holdout_split,
 )
+from advguard.defenses.training.strategies import (
+    METHODS,
+    STRATEGIES,
+    fgsm_perturb,
+    pgd_perturb,
+    trades_perturb,
+)
 from advguard.defenses.training.trainer import (
     CHECKPOINT_NAME,
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
-    METHODS,
     TrainConfig,
+    Trainer,
     TrainResult,
     adversarial_train,
     data_sha256,
     detect_catastrophic_overfitting,
-    fgsm_perturb,
     load_manifest,
     load_trainable,
-    pgd_perturb,
-    trades_perturb,
+    train,
 )
 
 __all__ = [
@@ -38,8 +47,10 @@ __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA",
     "METHODS",
+    "STRATEGIES",
     "TrainConfig",
     "TrainResult",
+    "Trainer",
     "adversarial_train",
     "data_sha256",
     "detect_catastrophic_overfitting",
@@ -50,4 +61,5 @@ __all__ = [
     "load_trainable",
     "pgd_perturb",
     "trades_perturb",
+    "train",
 ]
