@@ -77,7 +77,8 @@ def test_penultimate_features_are_the_last_linear_input(models, digits_split):
     f = penultimate_features(clf, x)
     assert f.shape == (7, HIDDEN[-1])
     head = clf.module[-1]
-    logits = torch.as_tensor(f, dtype=torch.float32) @ head.weight.T + head.bias
+    with torch.no_grad():
+        logits = torch.as_tensor(f, dtype=torch.float32) @ head.weight.T + head.bias
     np.testing.assert_allclose(logits.numpy(), clf.predict_logits(x), atol=1e-4)
 
 
