@@ -103,7 +103,7 @@ class ConstrainedPGD(Attack):
         c = schema.compiled
         dev, dt = x.device, x.dtype
         clip = model.bounds
-        lo_np, hi_np = schema._effective_bounds(x.detach().cpu().double().numpy(), clip)
+        lo_np, hi_np = schema.effective_bounds(x.detach().cpu().double().numpy(), clip)
         lo_all = torch.as_tensor(lo_np, dtype=dt, device=dev)
         hi_all = torch.as_tensor(hi_np, dtype=dt, device=dev)
         imm = torch.as_tensor(c.immutable, device=dev)

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from advguard.attacks.tabular.schema import FeatureSchema, as_2d
+from advguard.attacks.tabular.arrays import as_2d
+from advguard.attacks.tabular.schema import FeatureSchema
 from advguard.errors import InputError
 
 
