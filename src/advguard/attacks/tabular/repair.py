@@ -164,6 +164,7 @@ def shrink_discrete_row(
     for _ in range(10_000):
         if cost() <= budget * (1 + 1e-12):
             break
+        best: int | np.integer
         best, best_val, is_group = -1, 0.0, False
         for j in scalar:
             v = abs(d[j]) ** power

@@ -103,7 +103,7 @@ def row_violations(
             vals = ", ".join(f"{c.names[k]}={x[i, k]:.3g}" for k in c.groups[g])
             msgs.append(f"one-hot group {c.group_names[g]!r} is not one-hot ({vals})")
         for r in np.flatnonzero(m["relation"][i]):
-            rel = relations[r]
+            rel = relations[int(r)]
             msgs.append(
                 f"relation {rel.describe()} violated: left side is {res[i, r] + rel.rhs:.6g}"  # type: ignore[index]
             )
@@ -127,7 +127,7 @@ def _feature_messages(
     """The per-feature violations of row ``i``."""
     msgs: list[str] = []
 
-    def f(j: int) -> str:
+    def f(j: int | np.integer) -> str:
         return c.names[j]
 
     for j in np.flatnonzero(m["finite"][i]):
