@@ -174,3 +174,20 @@ def test_cli_redteam_text_refuses_numeric_options(server, tmp_path, no_proxy):
     res = runner.invoke(app, _redteam_args(server.url, tmp_path, "--input-shape", "1,8,8"))
     assert res.exit_code == 2 and "input_shape describe numeric inputs" in res.output
     assert server.requests == 0
+
+
+def test_text_client_shares_retries_and_response_limits(server):
+    waits: list[float] = []
+    remote = client(server.url, retries=2, sleep=waits.append, max_response_bytes=65536)
+    server.fail_500 = 2
+    assert remote.predict_proba(["free entry to win cash"]).shape == (1, 2)
+    assert server.requests == 3 and len(waits) == 2 and remote.usage()["retries"] == 2
+    server.nested = 40
+    with pytest.raises(EndpointError, match="nested 41 levels deep, over the limit of 32"):
+        remote.predict_proba(["hi"])
+    server.nested = 0
+    server.stream_bytes = 1024 * 1024
+    with pytest.raises(EndpointError, match="more than 65536 bytes"):
+        remote.predict_proba(["hi"])
+    server.closing.set()
+    assert remote.queries.forward == 1  # failed answers count nothing
