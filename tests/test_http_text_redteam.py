@@ -12,10 +12,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from typer.testing import CliRunner
 
-from advguard.attacks.text import as_text_classifier
+from advguard.attacks.text import TextClassifier, as_text_classifier
 from advguard.cli import app
 from advguard.data import load_dataset
 from advguard.errors import InputError
+from advguard.evaluate.text_runner import evaluate_text
+from advguard.evaluate.threat_model import parse_threat_model
 from advguard.models import HttpTextClassifier
 from advguard.models.http_model import EndpointError, QueryBudgetExceeded
 from http_server import ModelServer
@@ -122,7 +124,7 @@ def _redteam_args(url: str, tmp_path, *extra: str) -> list[str]:
     return [*args, "--out", str(out), "--samples", "20", *extra]
 
 
-def test_cli_redteam_text_end_to_end(server, tmp_path, no_proxy):
+def test_cli_redteam_text_end_to_end(server, pipe, tmp_path, no_proxy):
     res = runner.invoke(app, _redteam_args(server.url, tmp_path, "--batch-size", "16"))
     assert res.exit_code in (0, 1), res.output
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -144,6 +146,13 @@ def test_cli_redteam_text_end_to_end(server, tmp_path, no_proxy):
     assert fooled is not None and fooled > 0  # the attacks do evade through HTTP
     assert {c["id"] for c in rep["sanity_checks"]} == {"text-verification", "text-larger-budget"}
     assert f"Endpoint answered {server.samples} samples" in " ".join(res.output.split())
+    # the same evaluation of the same model run locally gives the same numbers and queries
+    data = load_dataset("spamham")
+    local = evaluate_text(TextClassifier(pipe), data.texts, data.y, parse_threat_model(TEXT_TM))
+    assert local.model["queries"]["forward"] == server.samples
+    assert [r.robust_accuracy.value for r in local.results] == [
+        r["robust_accuracy"]["value"] for r in rep["results"]
+    ]
 
 
 @pytest.mark.parametrize("budget", [20, 27])
