@@ -6,6 +6,9 @@ logits (the contract is in ``docs/http-contract.md``)::
     POST <url>     {"inputs": [[...], ...]}
     200 OK         {"probabilities": [[...], ...]}     (or {"logits": [[...], ...]})
 
+:class:`HttpTextClassifier` sends texts instead (``{"inputs": ["text", ...]}``) through the
+same client, with the same limits, retries and budget.
+
 Only the standard library is used (``urllib.request``). Every answered sample counts in
 ``queries.forward``; a hard ``query_budget`` stops a request *before* it is sent when it
 would answer more samples than allowed. The API key is sent in a configurable header and
