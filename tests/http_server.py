@@ -46,20 +46,25 @@ class ModelServer:
     - ``extra_values``: add a field holding this many zeros to a normal answer.
     - ``short_body``: the next k answers announce their length but send only half the body.
 
+    ``text=True`` serves a text model: the input field must hold a list of strings and
+    ``predict`` gets that list.
+
     ``bytes_sent`` counts body bytes the server managed to write (streamed and dripped).
     """
 
     def __init__(
         self,
-        predict: Callable[[np.ndarray], np.ndarray],
+        predict: Callable[[Any], np.ndarray],
         *,
         api_key: str | None = None,
         api_key_header: str = "Authorization",
         api_key_prefix: str = "Bearer ",
         input_field: str = "inputs",
         output_field: str = "probabilities",
+        text: bool = False,
     ) -> None:
         self.predict = predict
+        self.text = text
         self.api_key = api_key
         self.api_key_header = api_key_header
         self.api_key_prefix = api_key_prefix
@@ -151,7 +156,13 @@ class ModelServer:
                 return 401, {}, json.dumps({"error": msg}).encode()
         try:
             req = json.loads(body)
-            x = np.asarray(req[self.input_field], dtype=np.float64)
+            raw = req[self.input_field]
+            if self.text:
+                if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+                    raise TypeError("inputs must be a list of strings")
+                x: Any = raw
+            else:
+                x = np.asarray(raw, dtype=np.float64)
         except (ValueError, KeyError, TypeError) as e:
             return 400, {}, json.dumps({"error": f"bad request: {e}"}).encode()
         if self.malformed:
@@ -159,7 +170,7 @@ class ModelServer:
         if self.nested:
             d = self.nested
             return 200, {}, b'{"probabilities": ' + b"[" * d + b"]" * d + b"}"
-        out = np.asarray(self.predict(x.reshape(len(x), -1)), dtype=np.float64)
+        out = np.asarray(self.predict(x if self.text else x.reshape(len(x), -1)), dtype=np.float64)
         with self._lock:
             self.samples += len(x)
         if self.wrong_classes:

@@ -23,6 +23,10 @@ from advguard.models.text_io import load_text_model, save_text_model
 
 runner = CliRunner()
 
+BB_LINF = (
+    "name: bb\nknowledge: black-box\nnorm: linf\nepsilons: [0.1]\nattacks: [{attack: square}]\n"
+)
+
 TEXT_TM = """
 name: text-test
 knowledge: black-box
@@ -180,6 +184,18 @@ def test_attack_and_redteam_refuse_text(text_model, tmp_path):
     )
     assert res.exit_code == 2 and "text threat model" in " ".join(res.output.split())
     from advguard.evaluate.redteam import run_redteam
+    from advguard.models.http_model import EndpointError
 
-    with pytest.raises(InputError, match="text endpoint is not supported"):
-        run_redteam("http://127.0.0.1:9/predict", "spamham", "text-standard", tmp_path)
+    # text endpoints are red-teamed (tests/test_http_text_redteam.py); a numeric threat
+    # model on text data is refused before any request, an unreachable one is named
+    with pytest.raises(InputError, match="spamham is text data"):
+        run_redteam("http://127.0.0.1:9/predict", "spamham", parse_threat_model(BB_LINF), tmp_path)
+    with pytest.raises(EndpointError, match="could not reach"):
+        run_redteam(
+            "http://127.0.0.1:9/predict",
+            "spamham",
+            "text-standard",
+            tmp_path,
+            retries=0,
+            client_options={"proxies": {}},
+        )

@@ -182,7 +182,12 @@ def redteam(
     ],
     data: DataOpt,
     threat_model: Annotated[
-        str, typer.Option("--threat-model", "-t", help="Black-box threat-model YAML file")
+        str,
+        typer.Option(
+            "--threat-model",
+            "-t",
+            help="Black-box threat model: preset or YAML (text: text-standard)",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-redteam"),
     input_shape: Annotated[
@@ -233,7 +238,7 @@ def redteam(
         bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
     ] = False,
 ) -> None:
-    """Red-team a live HTTP endpoint with black-box attacks; exit 1 if the SLOs fail."""
+    """Red-team a live HTTP endpoint (numeric or text data); exit 1 if the SLOs fail."""
     check_out_dir(out)
     from advguard.evaluate.redteam import run_redteam
     from advguard.evaluate.threat_model import load_threat_model

@@ -13,6 +13,13 @@ Two things differ from a local evaluation:
   what is missing, so the report is marked untrustworthy); ``resume=True`` with a larger
   budget continues from the checkpoint without re-querying finished batches.
 
+Text data (``modality == "text"``, e.g. ``spamham``) with a text threat model (``norm:
+edits``, e.g. ``text-standard``) goes to the text evaluation
+(:mod:`advguard.evaluate.text_runner`) through an
+:class:`~advguard.models.http_model.HttpTextClassifier`, which sends the texts as JSON
+strings. Text evaluations are not checkpointed: when the budget runs out, nothing is
+reported (:class:`QueryBudgetExceeded`) and ``resume`` is refused.
+
 The report names the endpoint without credentials or query-string values and never
 contains the API key.
 """
@@ -34,6 +41,7 @@ from advguard.evaluate.threat_model import ThreatModel, load_threat_model
 from advguard.models.http_model import (
     DEFAULT_MAX_RESPONSE_BYTES,
     HttpClassifier,
+    HttpTextClassifier,
     QueryBudgetExceeded,
 )
 
@@ -125,20 +133,10 @@ def run_redteam(
         from advguard.data import load_dataset
 
         data = load_dataset(str(data))
-    if tm.is_text or getattr(data, "modality", None) == "text":
-        raise InputError(
-            "red-teaming a text endpoint is not supported: the HTTP contract sends numeric "
-            "inputs; evaluate text models locally (advguard evaluate, norm: edits)"
-        )
-    model = HttpClassifier(
-        url,
-        input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
-        num_classes=num_classes if num_classes is not None else data.num_classes,
-        bounds=tuple(bounds) if bounds is not None else tuple(data.bounds),  # type: ignore[arg-type]
+    common: dict[str, Any] = dict(
         output=output,
         input_field=input_field,
         output_field=output_field,
-        flatten=flatten,
         api_key=api_key,
         api_key_header=api_key_header,
         api_key_prefix=api_key_prefix,
@@ -149,11 +147,61 @@ def run_redteam(
         query_budget=query_budget,
         **extra,
     )
+    model: HttpClassifier | HttpTextClassifier
+    if _check_text(tm, data):
+        numeric = [
+            name
+            for name, val in (
+                ("input_shape", input_shape),
+                ("bounds", bounds),
+                ("flatten", flatten),
+            )
+            if val not in (None, False)
+        ]
+        if numeric:
+            raise InputError(
+                f"{', '.join(numeric)} describe numeric inputs; {data.name} is text data and "
+                "a text endpoint is sent strings"
+            )
+        k = num_classes if num_classes is not None else data.num_classes
+        model = HttpTextClassifier(
+            url,
+            num_classes=k,
+            class_names=data.class_names if k == data.num_classes else None,
+            **common,
+        )
+    else:
+        model = HttpClassifier(
+            url,
+            input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
+            num_classes=num_classes if num_classes is not None else data.num_classes,
+            bounds=tuple(bounds) if bounds is not None else tuple(data.bounds),  # type: ignore[arg-type]
+            flatten=flatten,
+            **common,
+        )
     return redteam_model(model, data, tm, out_dir, progress=progress, resume=resume, html=html)
 
 
+def _check_text(tm: ThreatModel, data: Any) -> bool:
+    """Whether this is a text red-team; raise :class:`InputError` if data and threat model
+    disagree (before any request)."""
+    text_data = getattr(data, "modality", None) == "text"
+    if tm.is_text and not text_data:
+        raise InputError(
+            f"threat model {tm.name!r} is a text threat model (norm: edits) but "
+            f"{getattr(data, 'name', 'the data')} is {getattr(data, 'modality', 'numeric')} data; "
+            "give a text data set (e.g. spamham) or a numeric threat model"
+        )
+    if text_data and not tm.is_text:
+        raise InputError(
+            f"{data.name} is text data but threat model {tm.name!r} has norm {tm.norm}; use a "
+            "text threat model (norm: edits), e.g. the text-standard preset"
+        )
+    return text_data
+
+
 def redteam_model(
-    model: HttpClassifier,
+    model: HttpClassifier | HttpTextClassifier,
     data: Any,
     threat_model: ThreatModel,
     out_dir: str | Path,
@@ -162,9 +210,17 @@ def redteam_model(
     resume: bool = False,
     html: bool = True,
 ) -> JobResult:
-    """:func:`run_redteam` for an already built :class:`HttpClassifier`."""
+    """:func:`run_redteam` for an already built :class:`HttpClassifier` (numeric data) or
+    :class:`HttpTextClassifier` (text data, text threat model)."""
     tm = threat_model
     check_black_box(tm)
+    text = _check_text(tm, data)
+    if text != isinstance(model, HttpTextClassifier):
+        raise InputError(
+            f"{type(model).__name__} cannot be red-teamed on "
+            f"{getattr(data, 'modality', 'numeric')} data; use "
+            f"{'HttpTextClassifier' if text else 'HttpClassifier'}"
+        )
     out = Path(out_dir)
     ckpt = out / ".checkpoint"
     info: dict[str, Any] = {"name": f"HTTP endpoint {model.endpoint}", **model.describe()}
@@ -176,6 +232,16 @@ def redteam_model(
         )
         report = res.report
     except QueryBudgetExceeded as exc:
+        if isinstance(model, HttpTextClassifier):
+            raise QueryBudgetExceeded(
+                exc.budget,
+                exc.used,
+                exc.requested,
+                f"query budget of {exc.budget} texts ran out during the text evaluation "
+                f"({exc.used} answered, the next request needs {exc.requested} more); text "
+                "evaluations are not checkpointed, so nothing is reported: raise the query "
+                "budget, or lower the threat model's samples or the attacks' max_queries",
+            ) from exc
         exhausted = exc
         report = _partial_report(model, data, tm, ckpt, info, exc, time.perf_counter() - t0)
     report.model["queries"] = model.usage()

@@ -11,6 +11,7 @@ from advguard.models.http_model import (
     EndpointError,
     EndpointResponseError,
     HttpClassifier,
+    HttpTextClassifier,
     QueryBudgetExceeded,
 )
 from advguard.models.onnx_model import OnnxClassifier
@@ -23,6 +24,7 @@ __all__ = [
     "EndpointError",
     "EndpointResponseError",
     "HttpClassifier",
+    "HttpTextClassifier",
     "Normalize",
     "OnnxClassifier",
     "QueryBudgetExceeded",

@@ -6,6 +6,9 @@ logits (the contract is in ``docs/http-contract.md``)::
     POST <url>     {"inputs": [[...], ...]}
     200 OK         {"probabilities": [[...], ...]}     (or {"logits": [[...], ...]})
 
+:class:`HttpTextClassifier` sends texts instead (``{"inputs": ["text", ...]}``) through the
+same client, with the same limits, retries and budget.
+
 Only the standard library is used (``urllib.request``). Every answered sample counts in
 ``queries.forward``; a hard ``query_budget`` stops a request *before* it is sent when it
 would answer more samples than allowed. The API key is sent in a configurable header and
@@ -539,34 +542,55 @@ class HttpClassifier(ClassifierBase):
         exceed the budget, :class:`EndpointError` / :class:`EndpointResponseError` when
         the endpoint fails or breaks the contract.
         """
-        n = len(x)
-        if n == 0:
+        if len(x) == 0:
             return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
-        with self._lock:
-            self._reserve(n)  # the whole call must fit: no half-answered batches
-            arr = x.detach().to("cpu", torch.float32).numpy()
-            outs = []
-            for i in range(0, n, self.batch_size):
-                chunk = arr[i : i + self.batch_size]
-                scores = self._query(chunk)
-                self.samples_answered += len(chunk)
-                self.queries.forward += len(chunk)
-                outs.append(scores)
-        out = np.concatenate(outs)
+        out = self.query_scores(x.detach().to("cpu", torch.float32).numpy())
         if self.output == "probabilities":
             out = np.log(out + PROBA_EPS)
         return torch.from_numpy(out.astype(np.float32)).to(x.device)
 
-    def _payload(self, chunk: np.ndarray) -> bytes:
-        rows = chunk.reshape(len(chunk), -1) if self.flatten else chunk
+    def query_scores(self, inputs: np.ndarray | Sequence[str]) -> np.ndarray:
+        """The endpoint's checked scores for ``inputs`` as answered (``(n, num_classes)``
+        float64 probabilities or logits, per ``output``), in requests of ``batch_size``.
+
+        ``inputs`` is an array of raw inputs or a list of strings (sent as JSON strings).
+        Counts every answered sample; the whole call must fit in the query budget, else
+        :class:`QueryBudgetExceeded` is raised before anything is sent.
+        """
+        n = len(inputs)
+        if n == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float64)
+        with self._lock:
+            self._reserve(n)  # the whole call must fit: no half-answered batches
+            outs = []
+            for i in range(0, n, self.batch_size):
+                chunk = inputs[i : i + self.batch_size]
+                scores = self._query(chunk)
+                self.samples_answered += len(chunk)
+                self.queries.forward += len(chunk)
+                outs.append(scores)
+        return np.concatenate(outs)
+
+    def _payload(self, chunk: np.ndarray | Sequence[str]) -> bytes:
         body = dict(self.extra_fields)
-        body[self.input_field] = rows.tolist()
+        if isinstance(chunk, np.ndarray):
+            body[self.input_field] = (
+                chunk.reshape(len(chunk), -1) if self.flatten else chunk
+            ).tolist()
+        else:
+            body[self.input_field] = list(chunk)
         return json.dumps(body, allow_nan=False).encode("utf-8")
 
-    def _query(self, chunk: np.ndarray) -> np.ndarray:
+    def _query(self, chunk: np.ndarray | Sequence[str]) -> np.ndarray:
         data = self._payload(chunk)
         status, body = self._post(data)
         return self._parse(status, body, len(chunk))
+
+    def _contract(self) -> str:
+        return (
+            f"input field {self.input_field!r}, flatten={self.flatten}, "
+            f"input shape {self.input_shape}"
+        )
 
     def _redact(self, text: str) -> str:
         if self._secret:
@@ -626,10 +650,7 @@ class HttpClassifier(ClassifierBase):
                             f"({self.api_key_header or 'no key was given'})."
                         )
                     elif status in (400, 415, 422):
-                        hint = (
-                            f" Check the request contract: input field {self.input_field!r}, "
-                            f"flatten={self.flatten}, input shape {self.input_shape}."
-                        )
+                        hint = f" Check the request contract: {self._contract()}."
                     raise EndpointError(
                         f"{self.endpoint} answered HTTP {status} {exc.reason}: "
                         f"{self._excerpt(body)}.{hint}",
@@ -822,4 +843,99 @@ class HttpClassifier(ClassifierBase):
         return (
             f"HttpClassifier({self.endpoint!r}, num_classes={self.num_classes}, "
             f"input_shape={self.input_shape}, bounds={self.bounds}, output={self.output!r})"
+        )
+
+
+class _TextTransport(HttpClassifier):
+    """The HTTP client of :class:`HttpTextClassifier`: sends lists of strings."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise InputError(
+            f"{self.endpoint} is a text endpoint: query it with predict_proba(list of strings)"
+        )
+
+    def _contract(self) -> str:
+        return f"input field {self.input_field!r} holding a list of strings"
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        del info["flatten"]
+        return {**info, "modality": "text"}
+
+
+class HttpTextClassifier:
+    """Query a text classifier served over HTTP(S) as a black box.
+
+    ``POST <url> {"inputs": ["text", ...]}`` answered by ``{"probabilities": [[...], ...]}``
+    (or logits); see ``docs/http-contract.md``. It presents what text attacks and the text
+    evaluation use (:class:`advguard.attacks.text.TextModel`): ``predict_proba(list[str])``
+    returning probabilities (logits pass through a softmax), ``predict``, ``num_classes``,
+    ``class_names`` and the ``queries`` counter.
+
+    The requests go through :class:`HttpClassifier` (:attr:`client`), so the response
+    cap, the deadline, the JSON depth and size limits, retries, backoff, the query budget
+    (in texts answered) and the injectable clock are the same; every keyword argument of
+    :class:`HttpClassifier` except ``input_shape``, ``bounds`` and ``flatten`` (numeric
+    inputs only) is accepted in ``options``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        **options: Any,
+    ) -> None:
+        numeric = sorted({"input_shape", "bounds", "flatten"} & set(options))
+        if numeric:
+            raise InputError(
+                f"{', '.join(numeric)} describe numeric inputs; a text endpoint takes strings"
+            )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+            raise InputError(f"num_classes must be an integer, got {num_classes!r}")
+        self.client = _TextTransport(url, input_shape=(1,), num_classes=int(num_classes), **options)
+        self.num_classes = self.client.num_classes
+        names = None if class_names is None else [str(c) for c in class_names]
+        if names is not None and len(names) != self.num_classes:
+            raise InputError(f"class_names has {len(names)} entries for {self.num_classes} classes")
+        self.class_names: list[str] | None = names
+        self.queries = self.client.queries
+        self.endpoint = self.client.endpoint
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities ``(len(texts), num_classes)``; counts ``len(texts)`` queries."""
+        if isinstance(texts, str | bytes) or not isinstance(texts, Sequence | np.ndarray):
+            raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
+        items = list(texts)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise InputError(f"texts[{i}] is a {type(t).__name__}; every item must be a str")
+        scores = self.client.query_scores(items)
+        if self.client.output == "logits":
+            z = np.exp(scores - scores.max(axis=1, keepdims=True))
+            return z / z.sum(axis=1, keepdims=True)
+        return scores
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """Predicted class indices (column of the highest probability)."""
+        return self.predict_proba(texts).argmax(axis=1)
+
+    @property
+    def remaining_budget(self) -> int | None:
+        """Texts that may still be answered (None: unlimited)."""
+        return self.client.remaining_budget
+
+    def usage(self) -> dict[str, Any]:
+        """Traffic so far; see :meth:`HttpClassifier.usage`."""
+        return self.client.usage()
+
+    def describe(self) -> dict[str, Any]:
+        """Report-safe description (no credentials, no key); see :meth:`HttpClassifier.describe`."""
+        return self.client.describe()
+
+    def __repr__(self) -> str:
+        return (
+            f"HttpTextClassifier({self.endpoint!r}, num_classes={self.num_classes}, "
+            f"output={self.client.output!r})"
         )
