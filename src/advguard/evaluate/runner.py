@@ -266,6 +266,7 @@ class Evaluator:
         )
 
     def inputs(self, pos: np.ndarray, state: RunState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the samples at positions ``pos`` of the run."""
         ds_idx = state.records.index[pos]
         x = torch.as_tensor(self.x[ds_idx], dtype=torch.float32)
         y = torch.as_tensor(self.y[ds_idx], dtype=torch.long)
