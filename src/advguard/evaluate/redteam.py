@@ -289,7 +289,7 @@ def _partial_report(
     batches = [
         np.arange(i, min(i + tm.batch_size, len(idx))) for i in range(0, len(idx), tm.batch_size)
     ]
-    done = ev._load_checkpoint(state, idx)
+    done = ev.load_checkpoint(state, idx)
     if not done:
         raise QueryBudgetExceeded(
             exc.budget,
@@ -347,7 +347,7 @@ def _partial_report(
         details=details,
     )
     first_robust = [int(sub.robust_at(e).sum()) for e in range(len(state.epsilons))]
-    report = ev._build_report(
+    report = ev.build_report(
         part,
         idx[keep],
         [check],

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from advguard import _safejson
 from advguard.atomic import atomic_write_text
 from advguard.errors import InputError
+
+# SLOResult and Verdict are defined with the judging code; this module re-exports them
+from advguard.evaluate.verdict import SLOResult as SLOResult
+from advguard.evaluate.verdict import Verdict, judge_slo, slo_holds
 from advguard.stats import Proportion, clopper_pearson
 
 SCHEMA_VERSION = "1.0"
@@ -70,23 +74,6 @@ class SanityCheck(_M):
     details: dict[str, Any] = Field(default_factory=dict)
     escalation: str | None = Field(None, description="what the runner re-ran because of this check")
     status_before_escalation: Status | None = None
-
-
-class SLOResult(_M):
-    slo: str
-    metric: str
-    epsilon: float | None
-    value: float | None
-    ci_low: float | None
-    ci_high: float | None
-    holds: Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
-    note: str = ""
-
-
-class Verdict(_M):
-    status: Literal["pass", "fail", "untrustworthy", "no-slo"]
-    summary: str
-    slos: list[SLOResult]
 
 
 class Finding(_M):
@@ -304,7 +291,6 @@ def consistency_problems(report: Report) -> list[str]:
 
 def _verdict_problems(report: Report) -> list[str]:
     from advguard.evaluate.threat_model import SLO
-    from advguard.evaluate.verdict import judge_slo, slo_holds
 
     v = report.verdict
     if (v.status == "untrustworthy") != (not report.trustworthy):

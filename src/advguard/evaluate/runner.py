@@ -14,164 +14,69 @@ report keeps both numbers.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import platform
 import time
-import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from advguard import __version__, _safejson
-from advguard.atomic import atomic_path, atomic_write_text
 from advguard.attacks.norms import norm_of
-from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack, build_attack
+from advguard.attacks.registry import SuiteAttack, build_attack
 from advguard.errors import InputError
-from advguard.evaluate.report import (
-    AttackRow,
-    EpsilonResult,
-    Example,
-    FeatureChange,
-    Finding,
-    Report,
-    SanityCheck,
-    Stat,
-    SuiteEntry,
+from advguard.evaluate.build_report import (
+    build_report,
+    declared_defense,
+    environment,
+    findings,
+)
+from advguard.evaluate.checkpoint import (
+    clear_checkpoint,
+    load_checkpoint,
+    run_key,
+    save_checkpoint,
+)
+from advguard.evaluate.report import Example, Report, SanityCheck
+from advguard.evaluate.sanity import run_sanity_checks
+from advguard.evaluate.state import (
+    NEVER,
+    NOT_FOOLED,
+    STAGES,
+    Records,
+    RunState,
+    StageStats,
+    row_key,
+    select_samples,
+    sha256_array,
 )
 from advguard.evaluate.threat_model import ThreatModel, check_epsilons
 from advguard.models.base import check_inputs, is_evasion, is_white_box, label_count, mask_reject
 from advguard.models.checks import check_finite_logits
 from advguard.models.wrappers import EOTClassifier
-from advguard.stats import proportion, summary
+
+__all__ = [  # run state, checkpoints and report building moved out; their names stay here
+    "NEVER",
+    "NOT_FOOLED",
+    "STAGES",
+    "Evaluator",
+    "Progress",
+    "Records",
+    "RunState",
+    "StageStats",
+    "adaptive_models",
+    "declared_defense",
+    "environment",
+    "evaluate",
+    "findings",
+    "looks_random",
+    "row_key",
+    "select_samples",
+    "sha256_array",
+]
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "suite", "sanity", "escalation"."""
-
-NOT_FOOLED = -1
-NEVER = np.iinfo(np.int64).max
-STAGES = ("suite", "sanity", "escalation")
-
-
-def row_key(stage: str, e: int, order: int) -> int:
-    """Total order of attack rows: stage, then epsilon, then position in the stage."""
-    return STAGES.index(stage) * 1_000_000 + e * 1_000 + order
-
-
-@dataclass
-class Records:
-    """Per-sample outcome of the evaluation (arrays of length n_samples)."""
-
-    index: np.ndarray  # position in the data set
-    label: np.ndarray
-    clean_pred: np.ndarray
-    clean_conf: np.ndarray  # probability of the true class on the clean input
-    fooled_eps: np.ndarray  # index into epsilons of the first epsilon that fooled it, or -1
-    fooled_by: np.ndarray  # suite index of the attack that fooled it (or escalation id), or -1
-    linf: np.ndarray
-    l2: np.ndarray
-    l0: np.ndarray
-    adv_conf: np.ndarray  # probability of the true class on the adversarial input
-    row_at: np.ndarray  # (n, n_eps): smallest row key that fooled the sample at that epsilon
-
-    @classmethod
-    def empty(cls, n: int, n_eps: int) -> Records:
-        f = np.full(n, np.nan, dtype=np.float64)
-        i = np.full(n, NOT_FOOLED, dtype=np.int64)
-        return cls(
-            index=i.copy(),
-            label=i.copy(),
-            clean_pred=i.copy(),
-            clean_conf=f.copy(),
-            fooled_eps=i.copy(),
-            fooled_by=i.copy(),
-            linf=f.copy(),
-            l2=f.copy(),
-            l0=f.copy(),
-            adv_conf=f.copy(),
-            row_at=np.full((n, n_eps), NEVER, dtype=np.int64),
-        )
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return dict(vars(self))
-
-    @property
-    def correct(self) -> np.ndarray:
-        return self.clean_pred == self.label
-
-    def robust_at(self, e: int, before_key: int = NEVER) -> np.ndarray:
-        """Bool mask: correctly classified and not fooled at epsilon index ``e`` or below
-        (by rows ordered at or before ``before_key``, default all)."""
-        if before_key == NEVER:
-            return self.correct & (self.row_at[:, : e + 1] == NEVER).all(1)
-        return self.correct & (self.row_at[:, : e + 1] > before_key).all(1)
-
-
-@dataclass
-class StageStats:
-    """Bookkeeping of one attack at one epsilon (summed over batches)."""
-
-    attacked: int = 0
-    newly_fooled: int = 0
-    forward: int = 0
-    gradient: int = 0
-    seconds: float = 0.0
-
-    def add(self, other: dict[str, Any]) -> None:
-        for k, v in other.items():
-            setattr(self, k, getattr(self, k) + v)
-
-
-@dataclass
-class RunState:
-    epsilons: list[float]
-    attacks: list[SuiteAttack]
-    records: Records
-    stats: dict[tuple[int, str, str], StageStats] = field(default_factory=dict)
-    order: dict[tuple[str, str], int] = field(default_factory=dict)
-    examples: dict[int, list[Example]] = field(default_factory=dict)
-    feature_abs: dict[int, np.ndarray] = field(default_factory=dict)
-    feature_changed: dict[int, np.ndarray] = field(default_factory=dict)
-    feature_count: dict[int, int] = field(default_factory=dict)
-
-    def stat(self, e: int, attack: str, stage: str) -> StageStats:
-        self.order.setdefault((stage, attack), len([k for k in self.order if k[0] == stage]))
-        return self.stats.setdefault((e, attack, stage), StageStats())
-
-    def key(self, e: int, attack: str, stage: str) -> int:
-        self.stat(e, attack, stage)
-        return row_key(stage, e, self.order[(stage, attack)])
-
-
-def sha256_array(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def select_samples(n_total: int, n: int, seed: int) -> np.ndarray:
-    """Deterministic random subset (in random order) of ``n`` of ``n_total`` indices."""
-    if n_total == 0:
-        raise InputError("the data set is empty")
-    perm = np.random.default_rng(seed).permutation(n_total)
-    return np.sort(perm[: min(n, n_total)])
-
-
-def declared_defense(model: Any) -> tuple[list[str], bool]:
-    """(non-differentiable transform names, randomized?) that ``model`` declares."""
-    return list(getattr(model, "nondifferentiable", None) or []), bool(
-        getattr(model, "randomized", False)
-    )
 
 
 def adaptive_models(model: Any, tm: ThreatModel) -> tuple[Any, Any, dict[str, Any]]:
@@ -322,7 +227,7 @@ class Evaluator:
             for i in range(0, len(idx), tm.batch_size)
         ]
         if self.resume:
-            done = self._load_checkpoint(state, idx)
+            done = self.load_checkpoint(state, idx)
         else:
             self.clear_checkpoint()
             done = set()
@@ -332,7 +237,7 @@ class Evaluator:
                 self.progress("suite", b + 1, len(batches))
                 continue
             self._run_batch(state, pos, stage="suite")
-            self._save_checkpoint(state, idx, b, pos)
+            self.save_checkpoint(state, idx, b, pos)
             self.progress("suite", b + 1, len(batches))
         t_suite = self.clock() - t_start
 
@@ -340,12 +245,10 @@ class Evaluator:
         checks: list[SanityCheck] = []
         t_sanity = 0.0
         if tm.sanity_checks:
-            from advguard.evaluate.sanity import run_sanity_checks
-
             t0 = self.clock()
             checks = run_sanity_checks(self, state)
             t_sanity = self.clock() - t0
-        return self._build_report(
+        return self.build_report(
             state,
             idx,
             checks,
@@ -362,7 +265,8 @@ class Evaluator:
             },
         )
 
-    def _tensor(self, pos: np.ndarray, state: RunState) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, pos: np.ndarray, state: RunState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the samples at positions ``pos`` of the run."""
         ds_idx = state.records.index[pos]
         x = torch.as_tensor(self.x[ds_idx], dtype=torch.float32)
         y = torch.as_tensor(self.y[ds_idx], dtype=torch.long)
@@ -370,7 +274,7 @@ class Evaluator:
 
     def _run_batch(self, state: RunState, pos: np.ndarray, stage: str) -> None:
         rec, model = state.records, self.judge_model
-        x, y = self._tensor(pos, state)
+        x, y = self.inputs(pos, state)
         logits = model.logits(x)
         check_finite_logits(logits)  # NaN/Inf outputs: stop now, not after a misleading run
         probs = torch.softmax(logits.double(), 1).cpu()
@@ -433,7 +337,7 @@ class Evaluator:
         # trust nothing: re-check every claimed adversarial with the real model
         if fooled.any():
             fi = fooled.nonzero().squeeze(1)
-            check = self._verify(x_adv[fi], xs[fi], ys[fi], eps)
+            check = self.verify(x_adv[fi], xs[fi], ys[fi], eps)
             schema = getattr(attack.attack, "schema", None)
             if schema is not None:  # tabular constraints: an invalid row is no adversarial
                 valid = schema.validate_rows(
@@ -453,7 +357,7 @@ class Evaluator:
         )
         if n_new:
             fi = fooled.nonzero().squeeze(1)
-            self._record(
+            self.record(
                 state,
                 pos[sel[fi.numpy()]],
                 xs[fi],
@@ -466,7 +370,7 @@ class Evaluator:
             )
         return n_new
 
-    def _verify(
+    def verify(
         self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float
     ) -> torch.Tensor:
         """An adversarial counts only if it is in bounds, in the ball, and misclassified."""
@@ -483,7 +387,7 @@ class Evaluator:
         # of the wrong classes
         return ok & is_evasion(self.model, pred, y)
 
-    def _record(
+    def record(
         self,
         state: RunState,
         pos: np.ndarray,
@@ -534,119 +438,23 @@ class Evaluator:
     # -- checkpoints ----------------------------------------------------------
     def clear_checkpoint(self) -> None:
         """Drop an earlier run's checkpoint files (a fresh run must not list stale batches)."""
-        d = self.checkpoint_dir
-        if d is None or not d.is_dir():
-            return
-        for p in [*d.glob("batch-*.npz"), d / "state.json"]:
-            if p.is_file():
-                p.unlink()
+        clear_checkpoint(self.checkpoint_dir)
 
-    def _run_key(self, idx: np.ndarray) -> str:
-        h = hashlib.sha256()
-        h.update(self.tm.model_dump_json().encode())
-        h.update(str(self.model_info.get("sha256", "")).encode())
-        h.update(sha256_array(self.x, self.y, idx).encode())
-        return h.hexdigest()
+    def run_key(self, idx: np.ndarray) -> str:
+        """The key a checkpoint of this run (samples ``idx``) is stored under."""
+        return run_key(self.tm, self.model_info, self.x, self.y, idx)
 
-    def _save_checkpoint(self, state: RunState, idx: np.ndarray, b: int, pos: np.ndarray) -> None:
-        if self.checkpoint_dir is None:
-            return
-        d = self.checkpoint_dir
-        d.mkdir(parents=True, exist_ok=True)
-        rec = {k: v[pos] for k, v in state.records.as_dict().items()}
-        with atomic_path(d / f"batch-{b:05d}.npz") as tmp:
-            np.savez(tmp, pos=pos, **rec)
-        stats = {f"{e}|{a}|{s}": vars(v) for (e, a, s), v in state.stats.items()}
-        meta = {
-            "run_key": self._run_key(idx),
-            "batches": sorted(
-                int(p.stem.split("-")[1]) for p in d.glob("batch-*.npz") if ".tmp" not in p.name
-            ),
-            "stats": stats,
-            "order": [[a, b, o] for (a, b), o in state.order.items()],
-            "examples": {str(e): [x.model_dump() for x in v] for e, v in state.examples.items()},
-        }
-        atomic_write_text(d / "state.json", json.dumps(meta))
+    def save_checkpoint(self, state: RunState, idx: np.ndarray, b: int, pos: np.ndarray) -> None:
+        """Write finished batch ``b`` (positions ``pos``) to the checkpoint directory, if any."""
+        save_checkpoint(self.checkpoint_dir, lambda: self.run_key(idx), state, b, pos)
 
-    def _load_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
-        """Restore finished batches; a checkpoint that cannot be read is an :class:`InputError`
-        (never a partial restore: the caller's state is only changed on success)."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "state.json").exists():
-            return set()
-        trial = RunState(
-            state.epsilons,
-            state.attacks,
-            Records(**{k: v.copy() for k, v in state.records.as_dict().items()}),
-            stats=dict(state.stats),
-            order=dict(state.order),
-            examples=dict(state.examples),
-        )
-        try:
-            done = self._read_checkpoint(trial, idx)
-        except InputError:
-            raise
-        except (
-            ValueError,  # bad JSON/npz content, wrong shapes, bad numbers
-            TypeError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            OSError,  # unreadable file
-            EOFError,
-            MemoryError,  # a header claiming a huge array
-            zipfile.BadZipFile,
-        ) as e:
-            raise InputError(
-                f"checkpoint in {self.checkpoint_dir} is corrupt ({type(e).__name__}: "
-                f"{' '.join(str(e).split())[:160]}); delete it or drop --resume"
-            ) from None
-        state.records, state.stats, state.order = trial.records, trial.stats, trial.order
-        state.examples = trial.examples
-        return done
-
-    def _read_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
-        assert self.checkpoint_dir is not None
-        meta = _safejson.load_file(self.checkpoint_dir / "state.json", what="checkpoint state")
-        if not isinstance(meta, dict):
-            raise ValueError("state.json is not a JSON object")
-        if meta.get("run_key") != self._run_key(idx):
-            raise InputError(
-                f"checkpoint in {self.checkpoint_dir} belongs to a different run (model, data or "
-                "threat model changed); delete it or drop --resume"
-            )
-        done: set[int] = set()
-        n = len(idx)
-        for b in meta["batches"]:
-            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < max(n, 1):
-                raise ValueError(f"batch number {b!r} is out of range")
-            path = self.checkpoint_dir / f"batch-{b:05d}.npz"
-            if not path.exists():
-                continue
-            with np.load(path, allow_pickle=False) as z:
-                pos = np.asarray(z["pos"])
-                if (
-                    pos.dtype.kind not in "iu"
-                    or pos.ndim != 1
-                    or (len(pos) and (pos.min() < 0 or pos.max() >= n))
-                ):
-                    raise ValueError(f"{path.name}: sample positions are not indices < {n}")
-                for k, arr in state.records.as_dict().items():
-                    v = np.asarray(z[k])
-                    if v.shape != (len(pos), *arr.shape[1:]):
-                        raise ValueError(f"{path.name}: {k} has shape {v.shape}")
-                    arr[pos] = v
-            done.add(b)
-        for key, v in meta["stats"].items():
-            e, a, s = key.split("|")
-            state.stats[(int(e), a, s)] = StageStats(**v)
-        for a, b, o in meta.get("order", []):
-            state.order[(a, b)] = o
-        for e, exs in meta.get("examples", {}).items():
-            state.examples[int(e)] = [Example.model_validate(x) for x in exs]
-        return done
+    def load_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
+        """Restore finished batches into ``state``; returns their numbers (see
+        :func:`advguard.evaluate.checkpoint.load_checkpoint`)."""
+        return load_checkpoint(self.checkpoint_dir, lambda: self.run_key(idx), state, idx)
 
     # -- report ---------------------------------------------------------------
-    def _build_report(
+    def build_report(
         self,
         state: RunState,
         idx: np.ndarray,
@@ -654,180 +462,23 @@ class Evaluator:
         first_robust: list[int],
         timing: dict[str, float],
     ) -> Report:
-        from advguard.evaluate.verdict import judge
-
-        rec, tm = state.records, self.tm
-        n = len(idx)
-        n_correct = int(rec.correct.sum())
-        results = []
-        for e, eps in enumerate(state.epsilons):
-            robust = int(rec.robust_at(e).sum())
-            fooled = rec.correct & ~rec.robust_at(e)
-            rows = []
-            keyed = sorted(
-                (
-                    (state.key(ee, name, st), name, st, v)
-                    for (ee, name, st), v in state.stats.items()
-                    if ee == e
-                )
-            )
-            for order, (k, name, stage, v) in enumerate(keyed, start=1):
-                rows.append(
-                    AttackRow(
-                        attack=name,
-                        order=order,
-                        attacked=v.attacked,
-                        newly_fooled=v.newly_fooled,
-                        attack_success_rate=proportion(v.newly_fooled, v.attacked),
-                        robust_accuracy_after=proportion(int(rec.robust_at(e, k).sum()), n),
-                        forward_evals=v.forward,
-                        gradient_evals=v.gradient,
-                        seconds=v.seconds,
-                        examples_per_second=(v.attacked / v.seconds) if v.seconds > 0 else None,
-                        stage=stage,
-                    )
-                )
-            pert = {k: Stat(**summary(getattr(rec, k)[fooled])) for k in ("linf", "l2", "l0")}
-            drop = rec.clean_conf[fooled] - rec.adv_conf[fooled]
-            results.append(
-                EpsilonResult(
-                    epsilon=eps,
-                    robust_accuracy=proportion(robust, n),
-                    fooling_rate=proportion(int(fooled.sum()), n_correct),
-                    first_robust_accuracy=(
-                        proportion(first_robust[e], n) if first_robust[e] != robust else None
-                    ),
-                    perturbation=pert,
-                    mean_true_class_confidence_drop=float(drop.mean()) if len(drop) else None,
-                    per_attack=rows,
-                )
-            )
-        clean = proportion(n_correct, n)
-        trustworthy = not any(c.status == "fail" for c in checks)
-        verdict = judge(tm, clean, results, trustworthy, self.baseline)
-        suite = [
-            SuiteEntry(
-                order=i + 1,
-                attack=a.name,
-                description=a.entry.description,
-                knowledge=a.entry.knowledge,
-                params=a.params(),
-                atlas=list(a.entry.atlas),
-            )
-            for i, a in enumerate(state.attacks)
-        ]
-        feature_changes: dict[str, list[FeatureChange]] = {}
-        if self.feature_names is not None:
-            for e, tot in state.feature_abs.items():
-                cnt = state.feature_count[e]
-                order_f = np.argsort(-tot)[:15]
-                feature_changes[f"{state.epsilons[e]:g}"] = [
-                    FeatureChange(
-                        feature=self.feature_names[j],
-                        mean_abs_change=float(tot[j] / cnt),
-                        share_changed=float(state.feature_changed[e][j] / cnt),
-                    )
-                    for j in order_f
-                ]
-        examples = [x for e in sorted(state.examples) for x in state.examples[e]]
-        return Report(
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            advguard_version=__version__,
-            environment=environment(self.model),
-            model={
-                "adapter": type(self.model).__name__,
-                "num_classes": self.model.num_classes,
-                "input_shape": list(self.model.input_shape),
-                "bounds": list(self.model.bounds),
-                "white_box": is_white_box(self.model),
-                **(
-                    {"defense": self.model.describe(), "adaptive_attacks": self.adaptive}
-                    if (
-                        declared_defense(self.model) != ([], False)
-                        or hasattr(self.model, "reject_class")
-                    )
-                    and hasattr(self.model, "describe")
-                    else {}
-                ),
-                **self.model_info,
-            },
-            data={
-                "n_total": len(self.x),
-                "n_evaluated": n,
-                "sha256": self.data_info.get("sha256") or sha256_array(self.x, self.y),
-                **self.data_info,
-            },
-            threat_model=tm.model_dump(),
-            suite=suite,
-            sample_indices_sha256=sha256_array(idx),
-            clean_accuracy=clean,
-            results=results,
-            sanity_checks=checks,
-            trustworthy=trustworthy,
-            verdict=verdict,
-            findings=findings(tm, results, state.attacks),
-            examples=examples,
-            feature_changes=feature_changes,
-            timing=timing,
-            baseline=(
-                {
-                    "clean_accuracy": self.baseline.clean_accuracy.value,
-                    "created": self.baseline.created,
-                    "model": self.baseline.model,
-                }
-                if self.baseline is not None
-                else None
-            ),
+        """The report of this run's samples ``idx`` (see :func:`build_report.build_report`)."""
+        return build_report(
+            state,
+            idx,
+            checks,
+            first_robust,
+            timing,
+            tm=self.tm,
+            model=self.model,
+            adaptive=self.adaptive,
+            model_info=self.model_info,
+            data_info=self.data_info,
+            x=self.x,
+            y=self.y,
+            feature_names=self.feature_names,
+            baseline=self.baseline,
         )
-
-
-def findings(
-    tm: ThreatModel, results: list[EpsilonResult], attacks: list[SuiteAttack]
-) -> list[Finding]:
-    """One ATLAS-tagged finding per epsilon where attacks evaded the model."""
-    out = []
-    techniques = sorted({t for a in attacks for t in a.entry.atlas if t.startswith("AML.T0043.")})
-    for r in results:
-        fr = r.fooling_rate.value
-        if not fr:
-            continue
-        severity = "high" if fr >= 0.5 else "medium" if fr >= 0.2 else "low"
-        for tid in ["AML.T0015", *techniques]:
-            out.append(
-                Finding(
-                    atlas_technique=tid,
-                    atlas_name=ATLAS_TECHNIQUES[tid],
-                    atlas_version=ATLAS_VERSION,
-                    epsilon=r.epsilon,
-                    severity=severity,
-                    summary=(
-                        f"{r.fooling_rate.k} of {r.fooling_rate.n} correctly classified samples "
-                        f"({fr:.1%}) were evaded within {tm.norm} epsilon {r.epsilon:g}"
-                    ),
-                )
-            )
-    return out
-
-
-def environment(model: Any) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "numpy", "scipy", "scikit-learn", "onnxruntime", "pydantic"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    dev = getattr(model, "device", torch.device("cpu"))
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(dev),
-        "gpu": gpu,
-        "packages": versions,
-    }
 
 
 def evaluate(

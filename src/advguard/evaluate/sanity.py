@@ -41,7 +41,8 @@ from advguard.models.base import is_white_box
 from advguard.models.wrappers import EOTClassifier
 
 if TYPE_CHECKING:
-    from advguard.evaluate.runner import Evaluator, RunState
+    from advguard.evaluate.api import EvaluationContext
+    from advguard.evaluate.state import RunState
 
 RANDOMNESS_CALLS = 4
 """Calls of the model on the same inputs by the randomness check."""
@@ -65,7 +66,7 @@ REF = {
 }
 
 
-def run_sanity_checks(ev: Evaluator, state: RunState) -> list[SanityCheck]:
+def run_sanity_checks(ev: EvaluationContext, state: RunState) -> list[SanityCheck]:
     rec = state.records
     correct_pos = np.nonzero(rec.correct)[0]
     subset = correct_pos[: ev.tm.sanity_samples]
@@ -90,7 +91,7 @@ def run_sanity_checks(ev: Evaluator, state: RunState) -> list[SanityCheck]:
                 suggestion="Check the data, its labels, its bounds and the model's preprocessing.",
             )
         ]
-    x, y = ev._tensor(subset, state)
+    x, y = ev.inputs(subset, state)
 
     checks.append(_randomness(ev, state, x, y))
     tick()
@@ -120,7 +121,7 @@ def _white_attacks(state: RunState) -> list[SuiteAttack]:
     return [a for a in state.attacks if a.entry.knowledge == "white-box"]
 
 
-def _stronger(ev: Evaluator, a: SuiteAttack, factor: int = 2) -> SuiteAttack:
+def _stronger(ev: EvaluationContext, a: SuiteAttack, factor: int = 2) -> SuiteAttack:
     params = dict(a.spec_params)
     p = a.attack.params()
     if "steps" in p:
@@ -133,7 +134,10 @@ def _stronger(ev: Evaluator, a: SuiteAttack, factor: int = 2) -> SuiteAttack:
 
 
 def _escalate(
-    ev: Evaluator, state: RunState, attacks: list[tuple[str, SuiteAttack]], model: Any = None
+    ev: EvaluationContext,
+    state: RunState,
+    attacks: list[tuple[str, SuiteAttack]],
+    model: Any = None,
 ) -> int:
     """Re-run ``attacks`` on every surviving sample at every epsilon (stage 'escalation')."""
     rec = state.records
@@ -145,7 +149,7 @@ def _escalate(
         surv = np.nonzero(rec.robust_at(e))[0]
         for i in range(0, len(surv), bs):
             pos = surv[i : i + bs]
-            x, y = ev._tensor(pos, state)
+            x, y = ev.inputs(pos, state)
             for label, a in attacks:
                 total_new += ev.attack_survivors(
                     state, a, pos, x, y, e, eps, None, "escalation", label, model=model
@@ -173,7 +177,9 @@ def _check(
 
 
 # -- checks -------------------------------------------------------------------------------
-def _randomness(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor) -> SanityCheck:
+def _randomness(
+    ev: EvaluationContext, state: RunState, x: torch.Tensor, y: torch.Tensor
+) -> SanityCheck:
     z1 = ev.model.logits(x).cpu()
     # several calls: a defense drawing once per batch may repeat a draw (e.g. an identity resize)
     others = [ev.model.logits(x).cpu() for _ in range(RANDOMNESS_CALLS - 1)]
@@ -226,7 +232,9 @@ def _randomness(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor
     return c
 
 
-def _gradients(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor) -> SanityCheck:
+def _gradients(
+    ev: EvaluationContext, state: RunState, x: torch.Tensor, y: torch.Tensor
+) -> SanityCheck:
     from advguard.attacks import losses
 
     dev = ev.attack_model.device
@@ -315,7 +323,7 @@ def _gradients(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor)
 
 
 def _independent(
-    ev: Evaluator,
+    ev: EvaluationContext,
     state: RunState,
     subset: np.ndarray,
     x: torch.Tensor,
@@ -337,7 +345,7 @@ def _independent(
         ok = res.success.cpu() & res.attacked.cpu()
         if eps > 0 and ok.any():
             fi = ok.nonzero().squeeze(1)
-            ok[fi[~ev._verify(res.x_adv.cpu()[fi], x[fi], y[fi], eps)]] = False
+            ok[fi[~ev.verify(res.x_adv.cpu()[fi], x[fi], y[fi], eps)]] = False
         robust.append(int((~ok).sum()))
         # merge: samples still robust in the results but fooled here
         alive = state.records.robust_at(e)[subset]
@@ -354,7 +362,7 @@ def _independent(
         )
         if new.any():
             i = np.nonzero(new)[0]
-            ev._record(
+            ev.record(
                 state,
                 subset[i],
                 x[i],
@@ -369,7 +377,7 @@ def _independent(
 
 
 def _monotonic(
-    ev: Evaluator, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
+    ev: EvaluationContext, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
 ) -> SanityCheck:
     title = "Robust accuracy falls as epsilon grows"
     if len(state.epsilons) < 2:
@@ -412,7 +420,9 @@ def _monotonic(
     )
 
 
-def _large_epsilon(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Tensor) -> SanityCheck:
+def _large_epsilon(
+    ev: EvaluationContext, state: RunState, x: torch.Tensor, y: torch.Tensor
+) -> SanityCheck:
     lo, hi = ev.model.bounds
     d = int(np.prod(ev.model.input_shape))
     norm = ev.tm.norm
@@ -466,7 +476,7 @@ def _large_epsilon(ev: Evaluator, state: RunState, x: torch.Tensor, y: torch.Ten
 
 
 def _iterative_vs_fgsm(
-    ev: Evaluator, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
+    ev: EvaluationContext, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
 ) -> SanityCheck:
     title = "Iterative attacks beat single-step FGSM"
     rec = state.records
@@ -511,7 +521,7 @@ def _iterative_vs_fgsm(
 
 
 def _convergence(
-    ev: Evaluator, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
+    ev: EvaluationContext, state: RunState, subset: np.ndarray, x: torch.Tensor, y: torch.Tensor
 ) -> SanityCheck:
     title = "Attacks have converged"
     wb = _white_attacks(state)
@@ -560,7 +570,7 @@ def _convergence(
     return c
 
 
-def _black_vs_white(ev: Evaluator, state: RunState) -> SanityCheck:
+def _black_vs_white(ev: EvaluationContext, state: RunState) -> SanityCheck:
     title = "Black-box attacks do not beat white-box ones"
     kinds = {a.entry.knowledge for a in state.attacks}
     if kinds != {"white-box", "black-box"}:
@@ -602,7 +612,7 @@ def _black_vs_white(ev: Evaluator, state: RunState) -> SanityCheck:
     )
 
 
-def _adaptive(ev: Evaluator) -> SanityCheck:
+def _adaptive(ev: EvaluationContext) -> SanityCheck:
     """A declared defense must be attacked through (BPDA) and over (EOT) its transforms."""
     info = ev.adaptive
     nondiff, randomized = info["declared_nondifferentiable"], info["declared_randomized"]

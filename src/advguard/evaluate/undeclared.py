@@ -48,7 +48,8 @@ from advguard.evaluate.report import SanityCheck
 from advguard.models.wrappers import EOTClassifier, SurrogateGradientClassifier
 
 if TYPE_CHECKING:
-    from advguard.evaluate.runner import Evaluator, RunState
+    from advguard.evaluate.api import EvaluationContext
+    from advguard.evaluate.state import RunState
 
 CHECK_ID = "undeclared-defense"
 REFERENCE = (
@@ -91,7 +92,7 @@ def _budget(tm: Any, factor: int) -> dict[str, int]:
 
 
 def _surrogate_data(
-    ev: Evaluator, state: RunState, copies: int, gen: torch.Generator
+    ev: EvaluationContext, state: RunState, copies: int, gen: torch.Generator
 ) -> torch.Tensor:
     """Inputs the surrogate learns the model on: the evaluated samples and random points
     (uniform and ``+-eps`` corners) of the largest ball around each of them."""
@@ -115,7 +116,7 @@ def _surrogate_data(
 
 
 def _cascade(
-    ev: Evaluator,
+    ev: EvaluationContext,
     state: RunState,
     attacks: list[tuple[str, SuiteAttack, Any]],
     per_attack: dict[str, int],
@@ -147,7 +148,7 @@ def _cascade(
 
 
 def _round(
-    ev: Evaluator,
+    ev: EvaluationContext,
     state: RunState,
     factor: int,
     per_attack: dict[str, int],
@@ -245,7 +246,7 @@ def _round(
 
 
 def escalate_undeclared(
-    ev: Evaluator,
+    ev: EvaluationContext,
     state: RunState,
     checks: list[SanityCheck],
     subset: np.ndarray,
@@ -339,7 +340,7 @@ def escalate_undeclared(
     return c
 
 
-def _large_epsilon(ev: Evaluator, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def _large_epsilon(ev: EvaluationContext, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Square on EOT scores at the whole input range: must reach ~0% robust accuracy."""
     tm = ev.tm
     if tm.norm not in ("linf", "l2") or len(ev.model.input_shape) not in (2, 3):
@@ -353,7 +354,7 @@ def _large_epsilon(ev: Evaluator, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     ok = res.success.cpu()
     if ok.any():  # verified like every other example, on the averaged judge
         fi = ok.nonzero().squeeze(1)
-        ok[fi[~ev._verify(res.x_adv.cpu()[fi], x[fi], y[fi], big)]] = False
+        ok[fi[~ev.verify(res.x_adv.cpu()[fi], x[fi], y[fi], big)]] = False
     ra = 1.0 - float(ok.float().mean())
     return {"measured": True, "epsilon": big, "attack": "square+eot", "robust_accuracy": ra}
 

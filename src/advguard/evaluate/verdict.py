@@ -10,12 +10,35 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Literal
 
-from advguard.evaluate.report import EpsilonResult, SLOResult, Verdict
+from pydantic import BaseModel, ConfigDict
+
 from advguard.evaluate.threat_model import SLO, ThreatModel
 from advguard.stats import Proportion
 
 if TYPE_CHECKING:
-    from advguard.evaluate.report import Report
+    from advguard.evaluate.report import EpsilonResult, Report
+
+
+class SLOResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # as report.py's models
+
+    slo: str
+    metric: str
+    epsilon: float | None
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    holds: Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
+    note: str = ""
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # as report.py's models
+
+    status: Literal["pass", "fail", "untrustworthy", "no-slo"]
+    summary: str
+    slos: list[SLOResult]
+
 
 HoldsT = Literal["with-confidence", "point-estimate-only", "no"]
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}

@@ -1,0 +1,129 @@
+"""Run state of an evaluation: per-sample records, per-attack bookkeeping, sample selection.
+
+Plain data shared by the runner (``runner.py``), the sanity checks and escalations
+(``sanity.py``, ``undeclared.py``), checkpoints (``checkpoint.py``) and the report builder
+(``build_report.py``); it imports nothing else of advguard's evaluation code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from advguard.attacks.registry import SuiteAttack
+from advguard.errors import InputError
+from advguard.evaluate.report import Example
+
+NOT_FOOLED = -1
+NEVER = np.iinfo(np.int64).max
+STAGES = ("suite", "sanity", "escalation")
+
+
+def row_key(stage: str, e: int, order: int) -> int:
+    """Total order of attack rows: stage, then epsilon, then position in the stage."""
+    return STAGES.index(stage) * 1_000_000 + e * 1_000 + order
+
+
+@dataclass
+class Records:
+    """Per-sample outcome of the evaluation (arrays of length n_samples)."""
+
+    index: np.ndarray  # position in the data set
+    label: np.ndarray
+    clean_pred: np.ndarray
+    clean_conf: np.ndarray  # probability of the true class on the clean input
+    fooled_eps: np.ndarray  # index into epsilons of the first epsilon that fooled it, or -1
+    fooled_by: np.ndarray  # suite index of the attack that fooled it (or escalation id), or -1
+    linf: np.ndarray
+    l2: np.ndarray
+    l0: np.ndarray
+    adv_conf: np.ndarray  # probability of the true class on the adversarial input
+    row_at: np.ndarray  # (n, n_eps): smallest row key that fooled the sample at that epsilon
+
+    @classmethod
+    def empty(cls, n: int, n_eps: int) -> Records:
+        f = np.full(n, np.nan, dtype=np.float64)
+        i = np.full(n, NOT_FOOLED, dtype=np.int64)
+        return cls(
+            index=i.copy(),
+            label=i.copy(),
+            clean_pred=i.copy(),
+            clean_conf=f.copy(),
+            fooled_eps=i.copy(),
+            fooled_by=i.copy(),
+            linf=f.copy(),
+            l2=f.copy(),
+            l0=f.copy(),
+            adv_conf=f.copy(),
+            row_at=np.full((n, n_eps), NEVER, dtype=np.int64),
+        )
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dict(vars(self))
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.clean_pred == self.label
+
+    def robust_at(self, e: int, before_key: int = NEVER) -> np.ndarray:
+        """Bool mask: correctly classified and not fooled at epsilon index ``e`` or below
+        (by rows ordered at or before ``before_key``, default all)."""
+        if before_key == NEVER:
+            return self.correct & (self.row_at[:, : e + 1] == NEVER).all(1)
+        return self.correct & (self.row_at[:, : e + 1] > before_key).all(1)
+
+
+@dataclass
+class StageStats:
+    """Bookkeeping of one attack at one epsilon (summed over batches)."""
+
+    attacked: int = 0
+    newly_fooled: int = 0
+    forward: int = 0
+    gradient: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: dict[str, Any]) -> None:
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass
+class RunState:
+    epsilons: list[float]
+    attacks: list[SuiteAttack]
+    records: Records
+    stats: dict[tuple[int, str, str], StageStats] = field(default_factory=dict)
+    order: dict[tuple[str, str], int] = field(default_factory=dict)
+    examples: dict[int, list[Example]] = field(default_factory=dict)
+    feature_abs: dict[int, np.ndarray] = field(default_factory=dict)
+    feature_changed: dict[int, np.ndarray] = field(default_factory=dict)
+    feature_count: dict[int, int] = field(default_factory=dict)
+
+    def stat(self, e: int, attack: str, stage: str) -> StageStats:
+        self.order.setdefault((stage, attack), len([k for k in self.order if k[0] == stage]))
+        return self.stats.setdefault((e, attack, stage), StageStats())
+
+    def key(self, e: int, attack: str, stage: str) -> int:
+        self.stat(e, attack, stage)
+        return row_key(stage, e, self.order[(stage, attack)])
+
+
+def sha256_array(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def select_samples(n_total: int, n: int, seed: int) -> np.ndarray:
+    """Deterministic random subset (in random order) of ``n`` of ``n_total`` indices."""
+    if n_total == 0:
+        raise InputError("the data set is empty")
+    perm = np.random.default_rng(seed).permutation(n_total)
+    return np.sort(perm[: min(n, n_total)])
