@@ -20,6 +20,7 @@ number of values are checked against the expected batch before the body is parse
 
 from __future__ import annotations
 
+import email.message
 import email.utils
 import functools
 import http.client
@@ -36,7 +37,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
-from typing import Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -194,23 +195,23 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-class _GuardMixin:
+class _GuardMixin(http.client.HTTPConnection):
     def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._advguard_deadline = deadline
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
+        super().connect()
         if self._advguard_deadline is not None:
-            sock: Any = self.sock  # type: ignore[has-type]
+            sock: Any = self.sock
             self.sock: Any = _GuardedSocket(sock, self._advguard_deadline)
 
 
-class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):  # type: ignore[misc]
+class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):
     pass
 
 
-class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):  # type: ignore[misc]
+class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):
     pass
 
 
@@ -219,7 +220,7 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
 
     deadline: _Deadline | None = None
 
-    def http_open(self, req):  # type: ignore[no-untyped-def]
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         conn = functools.partial(_GuardedHTTPConnection, deadline=self.deadline)
         return self.do_open(conn, req)
 
@@ -231,7 +232,7 @@ class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         super().__init__(context=context)
         self._advguard_context = context
 
-    def https_open(self, req):  # type: ignore[no-untyped-def]
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         conn = functools.partial(_GuardedHTTPSConnection, deadline=self.deadline)
         return self.do_open(conn, req, context=self._advguard_context)
 
@@ -282,7 +283,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Never follow redirects: they would resend the API key to another location."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: email.message.Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         return None
 
 

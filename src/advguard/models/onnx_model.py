@@ -193,7 +193,8 @@ class OnnxClassifier(ClassifierBase):
         bounds: Sequence[float],
     ) -> int:
         static = [_static_dim(d) for d in dims[1:]]
-        inferred = math.prod(static) if static and all(s is not None for s in static) else None
+        known = [s for s in static if s is not None]
+        inferred = math.prod(known) if static and len(known) == len(static) else None
         if inferred is None:
             if given is not None:
                 return int(given)

@@ -30,8 +30,8 @@ class EOTClassifier(ClassifierBase):
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
         if is_white_box(model):  # gradient path only when the wrapped model has one
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.inner.forward(x) for _ in range(self.samples)]).mean(0)
@@ -44,11 +44,11 @@ class EOTClassifier(ClassifierBase):
     def _value_and_grad(
         self, x: torch.Tensor, loss_fn: LossFn
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z_sum = loss_sum = g_sum = None
-        for _ in range(self.samples):
+        z_sum, loss_sum, g_sum = self.inner.value_and_grad(x, loss_fn)
+        for _ in range(self.samples - 1):
             z, loss, g = self.inner.value_and_grad(x, loss_fn)
-            z_sum = z if z_sum is None else z_sum + z
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            g_sum = g if g_sum is None else g_sum + g
+            z_sum = z_sum + z
+            loss_sum = loss_sum + loss
+            g_sum = g_sum + g
         k = float(self.samples)
-        return z_sum / k, loss_sum / k, g_sum / k  # type: ignore[operator]
+        return z_sum / k, loss_sum / k, g_sum / k

@@ -48,8 +48,8 @@ class DetectorGuardedClassifier(ClassifierBase):
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
         if is_white_box(model) and detector.differentiable:
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
 
     def _combine(self, z: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         thr = float(self.detector.threshold)  # type: ignore[arg-type]

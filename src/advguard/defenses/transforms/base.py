@@ -91,8 +91,8 @@ class TransformedClassifier(ClassifierBase):
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
         if is_white_box(model):  # expose the gradient path only when the model has one
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
 
     # -- what the runner and the sanity checks read ---------------------------
     @property
