@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from numbers import Integral, Real
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 from advguard.errors import InputError
 
@@ -41,7 +41,7 @@ class ParameterError(InputError):
         self.param = param
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[Integral]:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -57,7 +57,7 @@ def integer(
     """``value`` as an ``int`` in ``[low, high]``; ``limit`` names a :data:`LIMITS` kind."""
     if not _is_int(value):
         raise ParameterError(name, f"{name} must be an integer, got {value!r}")
-    v = int(value)  # type: ignore[call-overload]
+    v = int(value)
     if low is not None and v < low:
         raise ParameterError(name, f"{name} must be an integer >= {low}, got {v}")
     if high is not None and v > high:

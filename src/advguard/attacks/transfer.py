@@ -33,7 +33,7 @@ import math
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from advguard.attacks.evasion.pgd import PGD
 from advguard.errors import InputError
 from advguard.models.base import ClassifierBase, LossFn, check_inputs, is_white_box
 from advguard.models.torch_model import Normalize, TorchClassifier
+
+if TYPE_CHECKING:  # the registry imports this module
+    from advguard.attacks.registry import SuiteAttack
 
 ARCHITECTURES = ("auto", "small_cnn", "mlp")
 LABEL_SOURCES = ("data", "target")
@@ -574,6 +577,7 @@ class TransferAttack(Attack):
             raise InputError("base_params must not set norm or seed; set them on the attack")
         check.flag("early_stop", early_stop)
         base_kw = {"allow_large": True, **base_params} if allow_large else dict(base_params)
+        self._base: _FullStepPGD | SuiteAttack
         if base == "pgd" and not early_stop:
             try:
                 self._base = _FullStepPGD(norm=self.norm, seed=self.seed, **base_kw)

@@ -21,6 +21,8 @@ SCHEMA_VERSION = "1.0"
 REPORT_KIND = "advguard.robustness-report"
 
 Status = Literal["pass", "warn", "fail", "skip"]
+Stage = Literal["suite", "escalation", "sanity"]
+Holds = Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
 
 
 class _M(BaseModel):
@@ -45,7 +47,7 @@ class AttackRow(_M):
     gradient_evals: int
     seconds: float
     examples_per_second: float | None
-    stage: Literal["suite", "escalation", "sanity"] = "suite"
+    stage: Stage = "suite"
 
 
 class EpsilonResult(_M):
@@ -68,7 +70,9 @@ class SanityCheck(_M):
     suggestion: str = ""
     reference: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
-    escalation: str | None = Field(None, description="what the runner re-ran because of this check")
+    escalation: str | None = Field(
+        default=None, description="what the runner re-ran because of this check"
+    )
     status_before_escalation: Status | None = None
 
 
@@ -79,7 +83,7 @@ class SLOResult(_M):
     value: float | None
     ci_low: float | None
     ci_high: float | None
-    holds: Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
+    holds: Holds
     note: str = ""
 
 
@@ -345,7 +349,7 @@ def _verdict_problems(report: Report) -> list[str]:
             ):
                 out.append(f"{name}: drop and interval do not match the measured accuracy")
                 continue
-            want = slo_holds(slo, got.value, got.ci_low, got.ci_high)
+            want: Holds = slo_holds(slo, got.value, got.ci_low, got.ci_high)
         else:
             exp = judge_slo(slo, report.clean_accuracy, report.results, None)
             if (exp.value, exp.ci_low, exp.ci_high) != (got.value, got.ci_low, got.ci_high):

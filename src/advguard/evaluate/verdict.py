@@ -8,7 +8,7 @@ A gate on 100 samples therefore cannot look as certain as one on 10,000.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from advguard.evaluate.metrics import Proportion
 from advguard.evaluate.report import EpsilonResult, SLOResult, Verdict
@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from advguard.evaluate.report import Report
 
 HoldsT = Literal["with-confidence", "point-estimate-only", "no"]
+
+
+class _SLOHead(TypedDict):
+    """The fields of :class:`SLOResult` that name the SLO."""
+
+    slo: str
+    metric: str
+    epsilon: float | None
+
+
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
@@ -31,7 +41,7 @@ def judge_slo(
     results: list[EpsilonResult],
     baseline: Report | None,
 ) -> SLOResult:
-    base = {"slo": str(slo), "metric": slo.metric, "epsilon": slo.epsilon}
+    base: _SLOHead = {"slo": str(slo), "metric": slo.metric, "epsilon": slo.epsilon}
     p: Proportion | None = None
     value = lo = hi = None
     note = ""

@@ -153,7 +153,7 @@ class _SLOBase(_Strict):
     model: LabelValue | None = Field(
         None, description="Model label value; omitted: every model, one alert per model."
     )
-    client: LabelValue | None = Field(None, description="Owner label put on the alerts.")
+    client: LabelValue | None = Field(default=None, description="Owner label put on the alerts.")
     description: Text = ""
 
 

@@ -40,7 +40,7 @@ class Policy(BaseModel):
     slo_mode: Literal["confidence", "point-estimate"] = "confidence"
     report_slos: bool = Field(True, description="judge the report's threat-model SLOs too")
     slos: list[SLO] = Field(default_factory=list)
-    min_samples: int | None = Field(None, ge=1)
+    min_samples: int | None = Field(default=None, ge=1)
     # regression limits against --baseline (e.g. the model now in production)
     max_robust_accuracy_drop: float | None = Field(
         1.0, ge=0, lt=100, description="points, at every epsilon in both; null: no limit"

@@ -93,22 +93,30 @@ class ConstrainedSearch(Attack):
     def _moves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kind, feature or group, sign or target column) for every possible move."""
         c = self.schema.compiled
-        kind, where, arg = [], [], []
+        kind: list[int] = []
+        where: list[int] = []
+        arg: list[int] = []
         for j in range(len(c.names)):
             if c.immutable[j] or c.categorical[j]:
                 continue
             if c.binary[j]:
-                kind.append(_FLIP), where.append(j), arg.append(0)
+                kind.append(_FLIP)
+                where.append(j)
+                arg.append(0)
                 continue
             # both ways, also for monotone features: moving back toward the original is
             # allowed, and repair clamps a forbidden move to a no-op (no query spent)
             for s in (1, -1):
-                kind.append(_SCALAR), where.append(j), arg.append(s)
+                kind.append(_SCALAR)
+                where.append(j)
+                arg.append(s)
         for g, cols in enumerate(c.groups):
             if c.group_immutable[g]:
                 continue
             for col in cols:
-                kind.append(_CATEGORY), where.append(g), arg.append(int(col))
+                kind.append(_CATEGORY)
+                where.append(g)
+                arg.append(int(col))
         return np.array(kind, dtype=np.int64), np.array(where, dtype=np.int64), np.array(arg)
 
     def _score(self, model: Any, xs: np.ndarray, y: torch.Tensor, t: torch.Tensor | None):

@@ -692,7 +692,8 @@ class FeatureSchema(BaseModel):
         c = self.compiled
         m = self._masks(x0, x)
         lo, hi = self._effective_bounds(x0)
-        res, _ = self._residuals(x) if len(c.ops) else (None, None)
+        # no relations: an empty (rows, 0) residual table
+        res = self._residuals(x)[0] if len(c.ops) else np.zeros((len(x), 0))
         out: list[list[str]] = []
         ball = None
         if epsilon is not None:
@@ -702,8 +703,8 @@ class FeatureSchema(BaseModel):
         for i in range(len(x)):
             msgs: list[str] = []
 
-            def f(j: int) -> str:
-                return c.names[j]
+            def f(j: int | np.integer[Any]) -> str:
+                return c.names[int(j)]
 
             for j in np.flatnonzero(m["finite"][i]):
                 msgs.append(f"feature {f(j)!r} is not a finite number ({x[i, j]})")
@@ -737,9 +738,9 @@ class FeatureSchema(BaseModel):
             for r in np.flatnonzero(m["relation"][i]):
                 rel = self.relations[r]
                 msgs.append(
-                    f"relation {rel.describe()} violated: left side is {res[i, r] + rel.rhs:.6g}"  # type: ignore[index]
+                    f"relation {rel.describe()} violated: left side is {res[i, r] + rel.rhs:.6g}"
                 )
-            if ball is not None and not ball_ok[i]:
+            if ball is not None and epsilon is not None and not ball_ok[i]:
                 msgs.append(
                     f"perturbation {norm} size {ball[i]:.6g} exceeds epsilon {float(epsilon):g}"
                 )
@@ -956,7 +957,7 @@ class FeatureSchema(BaseModel):
             if cost() <= budget * (1 + 1e-12):
                 break
             best, best_val, is_group = -1, 0.0, False
-            for j in scalar:
+            for j in scalar.tolist():
                 v = abs(d[j]) ** power
                 if v > best_val:
                     best, best_val, is_group = j, v, False
