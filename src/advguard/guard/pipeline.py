@@ -53,11 +53,18 @@ class InputDetector(Protocol):
 
 
 class StatefulVerdictLike(Protocol):
-    flagged: bool
-    detector: str
-    score: float
-    threshold: float
-    queries_seen: int
+    """Read-only view of a stateful detector's verdict (a frozen dataclass satisfies it)."""
+
+    @property
+    def flagged(self) -> bool: ...
+    @property
+    def detector(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def queries_seen(self) -> int: ...
 
 
 @runtime_checkable

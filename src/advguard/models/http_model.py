@@ -68,6 +68,19 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
+HttpOutput = Literal["probabilities", "logits"]
+"""What an endpoint returns: class probabilities or raw logits."""
+
+
+def parse_output(value: object) -> HttpOutput:
+    """``value`` as an :data:`HttpOutput` (the CLI passes a plain string)."""
+    if value == "probabilities":
+        return "probabilities"
+    if value == "logits":
+        return "logits"
+    raise InputError(f"output must be 'probabilities' or 'logits', got {value!r}")
+
+
 class QueryBudgetExceeded(AdvguardError):
     """The next request would answer more samples than the endpoint's ``query_budget``.
 
@@ -377,7 +390,7 @@ class HttpClassifier(ClassifierBase):
         input_shape: Sequence[int],
         num_classes: int,
         bounds: tuple[float, float] = (0.0, 1.0),
-        output: Literal["probabilities", "logits"] = "probabilities",
+        output: HttpOutput = "probabilities",
         input_field: str = "inputs",
         output_field: str | None = None,
         flatten: bool = False,
@@ -406,9 +419,7 @@ class HttpClassifier(ClassifierBase):
         super().__init__(num_classes=num_classes, input_shape=tuple(input_shape), bounds=bounds)
         self.url = self._check_url(url)
         self.endpoint = redact_url(self.url)
-        if output not in ("probabilities", "logits"):
-            raise InputError(f"output must be 'probabilities' or 'logits', got {output!r}")
-        self.output: str = output
+        self.output: HttpOutput = parse_output(output)
         for field_name, fval in (("input_field", input_field), ("output_field", output_field)):
             if fval is not None and (not isinstance(fval, str) or not fval):
                 raise InputError(f"{field_name} must be a non-empty string, got {fval!r}")

@@ -507,7 +507,7 @@ def compile_alertmanager(spec: SLOFile) -> dict[str, Any]:
     repeat = {"page": a.repeat_interval_page, "ticket": a.repeat_interval_ticket}
     routes: list[dict[str, Any]] = []
     for severity in ("page", "ticket"):
-        for names, models in by_windows.items():
+        for windows, models in by_windows.items():
             routes.append(
                 {
                     "matchers": [
@@ -516,7 +516,7 @@ def compile_alertmanager(spec: SLOFile) -> dict[str, Any]:
                     ],
                     "receiver": receivers[severity],
                     "repeat_interval": repeat[severity],
-                    "mute_time_intervals": list(names),
+                    "mute_time_intervals": list(windows),
                 }
             )
         route: dict[str, Any] = {

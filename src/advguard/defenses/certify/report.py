@@ -22,7 +22,7 @@ from advguard.evaluate.metrics import Proportion, proportion
 from advguard.evaluate.runner import _sha256_array, environment, select_samples
 
 SCHEMA_VERSION = "1.0"
-KIND = "certification"
+KIND: Literal["certification"] = "certification"
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 Progress = Any  # Callable[[str, int, int], None]
 
@@ -140,9 +140,9 @@ def certify_dataset(
         t_cert = time.perf_counter() - t1
         labels, rad = res.labels, res.radii
         curve = certified_accuracy_curve(labels, rad, ys, grid)
-        m = len(ys)
+        n = len(ys)
         points = [
-            CertifiedPoint(radius=float(r), certified_accuracy=proportion(round(c * m), m))
+            CertifiedPoint(radius=float(r), certified_accuracy=proportion(round(c * n), n))
             for r, c in zip(grid, curve, strict=True)
         ]
         abstain = proportion(int((labels == -1).sum()), len(ys))
