@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from advguard.guard.storage import (
     OutputPolicy,
     now,
 )
+
+if TYPE_CHECKING:  # cryptography is an optional extra (guard)
+    from cryptography.fernet import Fernet
 
 log = logging.getLogger("advguard.guard")
 
@@ -162,7 +165,7 @@ class Guard:
         stateful: Sequence[StatefulSlot] = (),
         limiter: Limiter | None = None,
         pepper: bytes | None = None,
-        fernet: Any | None = None,
+        fernet: Fernet | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg

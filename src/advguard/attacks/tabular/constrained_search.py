@@ -14,6 +14,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
+from advguard.models.base import Classifier
 
 _SCALAR, _FLIP, _CATEGORY = 0, 1, 2
 
@@ -82,7 +83,7 @@ class ConstrainedSearch(Attack):
         p["schema"] = schema_params(self.schema)
         return p
 
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         check_model(self.schema, model, self.name)
         return {"max_queries": self.max_queries}
 
@@ -119,14 +120,16 @@ class ConstrainedSearch(Attack):
                 arg.append(int(col))
         return np.array(kind, dtype=np.int64), np.array(where, dtype=np.int64), np.array(arg)
 
-    def _score(self, model: Any, xs: np.ndarray, y: torch.Tensor, t: torch.Tensor | None):
+    def _score(
+        self, model: Classifier, xs: np.ndarray, y: torch.Tensor, t: torch.Tensor | None
+    ) -> np.ndarray:
         logits = model.logits(torch.as_tensor(xs, dtype=torch.float32, device=y.device))
         s = losses.margin(logits, y) if t is None else losses.margin_targeted(logits, t)
         return s.detach().cpu().double().numpy()
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
