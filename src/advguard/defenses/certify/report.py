@@ -140,9 +140,11 @@ def certify_dataset(
         t_cert = time.perf_counter() - t1
         labels, rad = res.labels, res.radii
         curve = certified_accuracy_curve(labels, rad, ys, grid)
-        n = len(ys)
+        n_eval = len(ys)
         points = [
-            CertifiedPoint(radius=float(r), certified_accuracy=proportion(round(c * n), n))
+            CertifiedPoint(
+                radius=float(r), certified_accuracy=proportion(round(c * n_eval), n_eval)
+            )
             for r, c in zip(grid, curve, strict=True)
         ]
         abstain = proportion(int((labels == -1).sum()), len(ys))
