@@ -71,9 +71,16 @@ def integer(
     return v
 
 
-def positive_int(name: str, value: object, **kw: object) -> int:
+def positive_int(
+    name: str,
+    value: object,
+    *,
+    high: int | None = None,
+    limit: str | None = None,
+    allow_large: bool = False,
+) -> int:
     """An integer >= 1 (``high``, ``limit``, ``allow_large`` as in :func:`integer`)."""
-    return integer(name, value, low=1, **kw)  # type: ignore[arg-type]
+    return integer(name, value, low=1, high=high, limit=limit, allow_large=allow_large)
 
 
 def steps(name: str, value: object, *, allow_large: bool = False, low: int = 1) -> int:

@@ -59,7 +59,9 @@ class Comparison(BaseModel):
     b: Side
     rows: list[ComparisonRow]
     warnings: list[str] = Field(default_factory=list)
-    like_for_like: bool = Field(True, description="same norm/goal/knowledge/suite/samples/data")
+    like_for_like: bool = Field(
+        default=True, description="same norm/goal/knowledge/suite/samples/data"
+    )
     robust_tolerance: float
     clean_tolerance: float
 

@@ -115,6 +115,7 @@ def judge(
     slos = [judge_slo(s, clean, results, baseline) for s in tm.slos]
     failed = [s for s in slos if s.holds in ("no", "not-evaluable")]
     weak = [s for s in slos if s.holds == "point-estimate-only"]
+    status: Literal["pass", "fail", "untrustworthy", "no-slo"]
     if not trustworthy:
         status = "untrustworthy"
         summary = (
@@ -135,4 +136,4 @@ def judge(
             if weak
             else " with 95% confidence"
         )
-    return Verdict(status=status, summary=summary, slos=slos)  # type: ignore[arg-type]
+    return Verdict(status=status, summary=summary, slos=slos)

@@ -219,7 +219,7 @@ class RobustAccuracySLO(_SLOBase):
         "value", description="Alert on the point estimate or on the 95% CI lower bound."
     )
     max_age: Duration = "36h"
-    for_: Duration = Field("5m", alias="for")
+    for_: Duration = Field(default="5m", alias="for")
     severity: Literal["page", "ticket"] = "ticket"
 
 

@@ -1270,7 +1270,7 @@ class Registry:
 
         if not reports:
             return PromotionCheck("gate", False, "no readable report to judge")
-        policy = gate_policy if gate_policy is not None else Policy()  # type: ignore[call-arg]
+        policy = gate_policy if gate_policy is not None else Policy()
         try:
             prod = self.get(f"{info.name}@production")
         except InputError:

@@ -52,7 +52,9 @@ class DetectorGuardedClassifier(ClassifierBase):
             self.value_and_grad = self._value_and_grad
 
     def _combine(self, z: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        thr = float(self.detector.threshold)  # type: ignore[arg-type]
+        if self.detector.threshold is None:  # checked in __init__; refuse a reset detector
+            raise InputError("the detector lost its threshold; calibrate it again")
+        thr = float(self.detector.threshold)
         reject = z.amax(1) + self.sharpness * (score.to(z.dtype) - thr)
         return torch.cat([z, reject[:, None]], dim=1)
 
