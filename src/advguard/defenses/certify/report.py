@@ -115,7 +115,12 @@ def certify_dataset(
         lower_confidence_bound,
     )
 
-    if method not in ("smoothing", "ibp"):
+    chosen: Literal["smoothing", "ibp"]
+    if method == "smoothing":
+        chosen = "smoothing"
+    elif method == "ibp":
+        chosen = "ibp"
+    else:
         raise InputError(f"method must be 'smoothing' or 'ibp', got {method!r}")
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
@@ -150,7 +155,7 @@ def certify_dataset(
         abstain = proportion(int((labels == -1).sum()), len(ys))
         ok = (labels == ys) & (labels != -1)
         r_median = float(np.median(rad[ok])) if ok.any() else None
-        norm = "l2"
+        norm: Literal["l2", "linf"] = "l2"
     else:
         grid = sorted(epsilons if epsilons else [0.01])
         t1 = time.perf_counter()
@@ -177,8 +182,8 @@ def certify_dataset(
     report = CertificationReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         advguard_version=__version__,
-        method=method,  # type: ignore[arg-type]
-        norm=norm,  # type: ignore[arg-type]
+        method=chosen,
+        norm=norm,
         sigma=float(sigma) if method == "smoothing" else None,
         n0=int(n0) if method == "smoothing" else None,
         n=int(n) if method == "smoothing" else None,
