@@ -235,7 +235,7 @@ def scan_pickle_bytes(data: bytes, where: str) -> list[str]:
 def _picklescan(path: Path) -> list[str]:
     """Run ``picklescan`` when installed (defence in depth); return its findings."""
     try:
-        from picklescan.scanner import scan_file_path  # type: ignore[import-not-found]
+        from picklescan.scanner import scan_file_path
     except ImportError:
         return []
     result = scan_file_path(str(path))

@@ -754,7 +754,9 @@ class FeatureSchema(BaseModel):
         c = self.compiled
         # compare against a reference that differs everywhere, then keep absolute checks
         out: list[list[str]] = []
-        res, tol = self._residuals(xa) if len(c.ops) else (None, None)
+        # no relations: empty (rows, 0) residual and tolerance tables
+        empty = np.zeros((len(xa), 0))
+        res, tol = self._residuals(xa) if len(c.ops) else (empty, empty)
         for i in range(len(xa)):
             row = xa[i]
             msgs = []
@@ -777,7 +779,7 @@ class FeatureSchema(BaseModel):
                 if abs(row[cols].sum() - 1) > 1e-6:
                     msgs.append(f"one-hot group {c.group_names[g]!r} does not sum to 1")
             for r, op in enumerate(c.ops):
-                e, t = res[i, r], tol[i, r]  # type: ignore[index]
+                e, t = res[i, r], tol[i, r]
                 bad = e > t if op == "<=" else e < -t if op == ">=" else abs(e) > t
                 if bad:
                     msgs.append(f"relation {self.relations[r].describe()} does not hold")
