@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from numbers import Integral, Real
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 from advguard.errors import InputError
 
@@ -41,7 +41,7 @@ class ParameterError(InputError):
         self.param = param
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[Integral]:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -57,7 +57,7 @@ def integer(
     """``value`` as an ``int`` in ``[low, high]``; ``limit`` names a :data:`LIMITS` kind."""
     if not _is_int(value):
         raise ParameterError(name, f"{name} must be an integer, got {value!r}")
-    v = int(value)  # type: ignore[call-overload]
+    v = int(value)
     if low is not None and v < low:
         raise ParameterError(name, f"{name} must be an integer >= {low}, got {v}")
     if high is not None and v > high:
@@ -71,9 +71,16 @@ def integer(
     return v
 
 
-def positive_int(name: str, value: object, **kw: object) -> int:
+def positive_int(
+    name: str,
+    value: object,
+    *,
+    high: int | None = None,
+    limit: str | None = None,
+    allow_large: bool = False,
+) -> int:
     """An integer >= 1 (``high``, ``limit``, ``allow_large`` as in :func:`integer`)."""
-    return integer(name, value, low=1, **kw)  # type: ignore[arg-type]
+    return integer(name, value, low=1, high=high, limit=limit, allow_large=allow_large)
 
 
 def steps(name: str, value: object, *, allow_large: bool = False, low: int = 1) -> int:

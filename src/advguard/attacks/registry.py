@@ -61,7 +61,11 @@ class SuiteAttack:
         targets: torch.Tensor | None = None,
     ) -> AttackResult:
         if self.entry.sweep_targets and targets is None:
-            return self.attack.targeted_sweep(model, x, y, epsilon=epsilon)  # type: ignore[attr-defined]
+            from advguard.attacks.evasion.apgd import APGD
+
+            if not isinstance(self.attack, APGD):  # only APGD entries set sweep_targets
+                raise InputError(f"attack {self.name!r} cannot sweep targets")
+            return self.attack.targeted_sweep(model, x, y, epsilon=epsilon)
         return self.attack(model, x, y, epsilon=epsilon, targets=targets)
 
     def params(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import math
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,8 +43,17 @@ from advguard import _validate as check
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.evasion.pgd import PGD
 from advguard.errors import InputError
-from advguard.models.base import ClassifierBase, LossFn, check_inputs, is_white_box
+from advguard.models.base import (
+    Classifier,
+    ClassifierBase,
+    LossFn,
+    check_inputs,
+    is_white_box,
+)
 from advguard.models.torch_model import Normalize, TorchClassifier
+
+if TYPE_CHECKING:  # the registry imports this module
+    from advguard.attacks.registry import SuiteAttack
 
 ARCHITECTURES = ("auto", "small_cnn", "mlp")
 LABEL_SOURCES = ("data", "target")
@@ -574,6 +583,7 @@ class TransferAttack(Attack):
             raise InputError("base_params must not set norm or seed; set them on the attack")
         check.flag("early_stop", early_stop)
         base_kw = {"allow_large": True, **base_params} if allow_large else dict(base_params)
+        self._base: _FullStepPGD | SuiteAttack
         if base == "pgd" and not early_stop:
             try:
                 self._base = _FullStepPGD(norm=self.norm, seed=self.seed, **base_kw)
@@ -648,7 +658,7 @@ class TransferAttack(Attack):
         return None if self._cache is None else self._cache[1]
 
     # -- surrogates -----------------------------------------------------------------------------
-    def _check_compatible(self, ens: EnsembleClassifier, model: Any) -> None:
+    def _check_compatible(self, ens: EnsembleClassifier, model: Classifier) -> None:
         problems = []
         if tuple(ens.input_shape) != tuple(model.input_shape):
             problems.append(
@@ -670,7 +680,7 @@ class TransferAttack(Attack):
 
         return load_dataset(self.surrogate_data)  # type: ignore[arg-type]
 
-    def _surrogates_for(self, model: Any) -> tuple[EnsembleClassifier, dict[str, Any], int]:
+    def _surrogates_for(self, model: Classifier) -> tuple[EnsembleClassifier, dict[str, Any], int]:
         """The surrogate ensemble for ``model`` (trained on first use), its info, and the
         target queries spent by this call."""
         if self._given is not None:
@@ -739,7 +749,7 @@ class TransferAttack(Attack):
         return ens, info, spent
 
     # -- attack ---------------------------------------------------------------------------------
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         """Train (or fetch from the cache) the surrogates before any attack work; the target
         queries spent doing so count in the result's ``forward_evals``."""
         _, sinfo, spent = self._surrogates_for(model)
@@ -792,7 +802,7 @@ class TransferAttack(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,

@@ -38,8 +38,11 @@ def _split(text: str, option: str) -> list[str]:
 
 def _pr(d: dict[str, Any]) -> str:
     p, r, f = d["precision"], d["recall"], d["false_positive_rate"]
-    fmt = lambda v: "n/a" if v["value"] is None else f"{v['value']:.1%}"  # noqa: E731
-    return f"precision {fmt(p)}, recall {fmt(r)}, FPR {fmt(f)}"
+    return f"precision {_pct(p)}, recall {_pct(r)}, FPR {_pct(f)}"
+
+
+def _pct(v: dict[str, Any]) -> str:
+    return "n/a" if v["value"] is None else f"{v['value']:.1%}"
 
 
 @commands.command(name="scan")

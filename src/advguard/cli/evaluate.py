@@ -242,6 +242,7 @@ def redteam(
     check_out_dir(out)
     from advguard.evaluate.redteam import run_redteam
     from advguard.evaluate.threat_model import load_threat_model
+    from advguard.models.http_model import DEFAULT_MAX_RESPONSE_BYTES, parse_output
 
     api_key = None
     if api_key_env is not None:
@@ -266,14 +267,14 @@ def redteam(
             api_key_header=api_key_header,
             api_key_prefix=api_key_prefix,
             query_budget=query_budget,
-            output=output,  # type: ignore[arg-type]
+            output=parse_output(output),
             input_field=input_field,
             output_field=output_field,
             flatten=flatten,
             batch_size=batch_size,
             timeout=timeout,
             retries=retries,
-            **({"max_response_bytes": max_response_bytes} if max_response_bytes else {}),
+            max_response_bytes=max_response_bytes or DEFAULT_MAX_RESPONSE_BYTES,
             progress=progress_callback(bar),
             resume=resume,
         )

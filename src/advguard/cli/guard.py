@@ -234,7 +234,9 @@ def keys_create(
     policy = None
     if output is not None or decimals is not None:
         try:
-            policy = OutputPolicy(mode=output or "probabilities", top_k=top_k, decimals=decimals)  # type: ignore[arg-type]
+            policy = OutputPolicy.model_validate(
+                {"mode": output or "probabilities", "top_k": top_k, "decimals": decimals}
+            )
         except ValidationError as e:
             err = e.errors()[0]
             raise InputError(f"--{err['loc'][0]}: {err['msg']}") from None

@@ -141,7 +141,7 @@ def train_cmd(
             epochs=epochs, batch_size=batch_size, lr_schedule=lr_schedule,
             val_fraction=val_fraction, val_samples=eval_samples, bounds=ds.bounds,
             factory=factory, factory_kwargs=factory_kwargs, seed=seed, out_dir=out,
-            progress=lambda s, d, t: cb(labels.get(s, s), d, t),
+            progress=lambda s, d, t: cb(labels.get(s) or s, d, t),
         )  # fmt: skip
         if dp:
             res = dp_train(

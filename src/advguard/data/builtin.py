@@ -96,7 +96,7 @@ def load_builtin(name: str) -> Dataset:
 
         texts, labels, names = load_spamham()
         ds = Dataset(
-            x=texts,
+            x=np.asarray(texts, dtype=object),
             y=labels,
             bounds=(0.0, 1.0),
             num_classes=len(names),

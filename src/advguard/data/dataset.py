@@ -200,8 +200,8 @@ class Dataset:
         )
         h = hashlib.sha256(b"advguard-dataset-v1\n")
         h.update(header.encode("utf-8"))
-        h.update(memoryview(x).cast("B"))
-        h.update(memoryview(y).cast("B"))
+        h.update(x.data.cast("B"))
+        h.update(y.data.cast("B"))
         return h.hexdigest()
 
     # -------------------------------------------------------------- validation

@@ -304,20 +304,23 @@ def load_npz(
 def _size_hw(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+    if isinstance(image_size, bool):
+        raise InputError(f"image_size must be an int or (height, width), got {image_size!r}.")
+    if isinstance(image_size, (int, np.integer)):
         hw = (int(image_size), int(image_size))
     else:
         try:
-            hw = tuple(int(v) for v in image_size)  # type: ignore[union-attr]
+            values = tuple(int(v) for v in image_size)
         except (TypeError, ValueError) as exc:
             raise InputError(
                 f"image_size must be an int or (height, width), got {image_size!r}."
             ) from exc
-        if len(hw) != 2:
+        if len(values) != 2:
             raise InputError(f"image_size must be (height, width), got {image_size!r}.")
+        hw = (values[0], values[1])
     if min(hw) < 1:
         raise InputError(f"image_size must be positive, got {image_size!r}.")
-    return hw  # type: ignore[return-value]
+    return hw
 
 
 def _read_image(path: Path, size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
@@ -337,10 +340,10 @@ def _read_image(path: Path, size: tuple[int, int] | None, grayscale: bool) -> np
                 top = max(float(arr.max()), 1.0)
             arr = np.clip(arr / top, 0.0, 1.0)[None]
             return arr if grayscale else np.repeat(arr, 3, axis=0)
-        im = im.convert("L" if grayscale else "RGB")
+        img = im.convert("L" if grayscale else "RGB")
         if size is not None:
-            im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -552,12 +555,12 @@ def load_tabular(
     if na.to_numpy().any():
         if not drop_na:
             counts = na.sum()
-            cols = ", ".join(f"{c} ({int(n)})" for c, n in counts.items() if n)
+            missing_cols = ", ".join(f"{c} ({int(n)})" for c, n in counts.items() if n)
             first = int(np.flatnonzero(na.any(axis=1).to_numpy())[0])
             raise InputError(
-                f"{where}{int(counts.sum())} missing values in columns {cols}; first at data "
-                f"row {first} (0-based, header excluded). Pass drop_na=True to drop those "
-                "rows, or fill them in first."
+                f"{where}{int(counts.sum())} missing values in columns {missing_cols}; "
+                f"first at data row {first} (0-based, header excluded). Pass drop_na=True to "
+                "drop those rows, or fill them in first."
             )
         df = df.dropna()
         dropped = n_rows - len(df)

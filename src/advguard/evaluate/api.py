@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from advguard.attacks.registry import SuiteAttack
+    from advguard.evaluate.report import Stage
     from advguard.evaluate.state import RunState
     from advguard.evaluate.threat_model import ThreatModel
 
@@ -52,7 +53,7 @@ class EvaluationContext(Protocol):
         e: int,
         eps: float,
         targets: list[torch.Tensor] | None,
-        stage: str,
+        stage: Stage,
         label: str,
         model: Any = None,
     ) -> int:

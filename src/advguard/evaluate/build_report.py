@@ -26,6 +26,7 @@ from advguard.evaluate.report import (
     Finding,
     Report,
     SanityCheck,
+    Severity,
     Stat,
     SuiteEntry,
 )
@@ -197,7 +198,7 @@ def findings(
         fr = r.fooling_rate.value
         if not fr:
             continue
-        severity = "high" if fr >= 0.5 else "medium" if fr >= 0.2 else "low"
+        severity: Severity = "high" if fr >= 0.5 else "medium" if fr >= 0.2 else "low"
         for tid in ["AML.T0015", *techniques]:
             out.append(
                 Finding(

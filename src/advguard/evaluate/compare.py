@@ -30,12 +30,16 @@ class ComparisonRow(BaseModel):
 
     metric: Literal["clean_accuracy", "robust_accuracy"]
     epsilon: float | None = None
-    a: Proportion | None = Field(None, description="value in report A (None: not measured)")
-    b: Proportion | None = Field(None, description="value in report B (None: not measured)")
-    delta: float | None = Field(None, description="B - A as a fraction (negative: B is worse)")
+    a: Proportion | None = Field(default=None, description="value in report A (None: not measured)")
+    b: Proportion | None = Field(default=None, description="value in report B (None: not measured)")
+    delta: float | None = Field(
+        default=None, description="B - A as a fraction (negative: B is worse)"
+    )
     regression: bool = False
     improvement: bool = False
-    only_in: Literal["a", "b"] | None = Field(None, description="epsilon evaluated in one only")
+    only_in: Literal["a", "b"] | None = Field(
+        default=None, description="epsilon evaluated in one only"
+    )
 
 
 class Side(BaseModel):
@@ -55,7 +59,9 @@ class Comparison(BaseModel):
     b: Side
     rows: list[ComparisonRow]
     warnings: list[str] = Field(default_factory=list)
-    like_for_like: bool = Field(True, description="same norm/goal/knowledge/suite/samples/data")
+    like_for_like: bool = Field(
+        default=True, description="same norm/goal/knowledge/suite/samples/data"
+    )
     robust_tolerance: float
     clean_tolerance: float
 
@@ -76,7 +82,7 @@ def _row(
     metric: Any, eps: float | None, a: Proportion | None, b: Proportion | None, tol: float
 ) -> ComparisonRow:
     if a is None or b is None or a.value is None or b.value is None:
-        only = "b" if a is None else "a" if b is None else None
+        only: Literal["a", "b"] | None = "b" if a is None else "a" if b is None else None
         return ComparisonRow(metric=metric, epsilon=eps, a=a, b=b, only_in=only)
     delta = b.value - a.value
     return ComparisonRow(
@@ -150,10 +156,10 @@ def compare_reports(
             if r.epsilon is not None and r.only_in
         )
         warnings.append(f"epsilons evaluated in one report only: {eps_txt}")
-    for side, r in (("A", a), ("B", b)):
+    for which, r in (("A", a), ("B", b)):
         if not r.trustworthy:
             warnings.append(
-                f"report {side} is untrustworthy (failed sanity checks): its robust "
+                f"report {which} is untrustworthy (failed sanity checks): its robust "
                 "accuracy may be overestimated"
             )
 

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from advguard.atomic import atomic_write_text
-from advguard.evaluate.report import EpsilonResult, Example, Report
+from advguard.evaluate.report import EpsilonResult, Example, Report, Stage
 from advguard.stats import Proportion
 
 MAX_EXAMPLES = 48
@@ -96,7 +96,7 @@ def _draw_curve(report: Report, *, categorical: bool) -> str | None:
             lw=1.2,
             label=f"clean accuracy {pct(report.clean_accuracy.value)}",
         )
-    steps: dict[tuple[int, str, str], list[float]] = {}
+    steps: dict[tuple[int, str, Stage], list[float]] = {}
     for i, r in enumerate(res):
         for row in r.per_attack:
             key = (row.order, row.attack, row.stage)

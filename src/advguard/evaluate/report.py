@@ -25,6 +25,9 @@ SCHEMA_VERSION = "1.0"
 REPORT_KIND = "advguard.robustness-report"
 
 Status = Literal["pass", "warn", "fail", "skip"]
+Stage = Literal["suite", "escalation", "sanity"]
+Severity = Literal["info", "low", "medium", "high"]
+Holds = Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
 
 
 class _M(BaseModel):
@@ -49,7 +52,7 @@ class AttackRow(_M):
     gradient_evals: int
     seconds: float
     examples_per_second: float | None
-    stage: Literal["suite", "escalation", "sanity"] = "suite"
+    stage: Stage = "suite"
 
 
 class EpsilonResult(_M):
@@ -72,7 +75,9 @@ class SanityCheck(_M):
     suggestion: str = ""
     reference: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
-    escalation: str | None = Field(None, description="what the runner re-ran because of this check")
+    escalation: str | None = Field(
+        default=None, description="what the runner re-ran because of this check"
+    )
     status_before_escalation: Status | None = None
 
 
@@ -82,7 +87,7 @@ class Finding(_M):
     atlas_version: str
     epsilon: float | None
     summary: str
-    severity: Literal["info", "low", "medium", "high"]
+    severity: Severity
 
 
 class Example(_M):
@@ -331,7 +336,7 @@ def _verdict_problems(report: Report) -> list[str]:
             ):
                 out.append(f"{name}: drop and interval do not match the measured accuracy")
                 continue
-            want = slo_holds(slo, got.value, got.ci_low, got.ci_high)
+            want: Holds = slo_holds(slo, got.value, got.ci_low, got.ci_high)
         else:
             exp = judge_slo(slo, report.clean_accuracy, report.results, None)
             if (exp.value, exp.ci_low, exp.ci_high) != (got.value, got.ci_low, got.ci_high):

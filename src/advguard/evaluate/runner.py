@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advguard.attacks.norms import norm_of
+from advguard.attacks.norms import norm_of, parse_norm
 from advguard.attacks.registry import SuiteAttack, build_attack
 from advguard.errors import InputError
 from advguard.evaluate.build_report import (
@@ -37,7 +37,7 @@ from advguard.evaluate.checkpoint import (
     run_key,
     save_checkpoint,
 )
-from advguard.evaluate.report import Example, Report, SanityCheck
+from advguard.evaluate.report import Example, Report, SanityCheck, Stage
 from advguard.evaluate.sanity import run_sanity_checks
 from advguard.evaluate.state import (
     NEVER,
@@ -272,7 +272,7 @@ class Evaluator:
         y = torch.as_tensor(self.y[ds_idx], dtype=torch.long)
         return x, y
 
-    def _run_batch(self, state: RunState, pos: np.ndarray, stage: str) -> None:
+    def _run_batch(self, state: RunState, pos: np.ndarray, stage: Stage) -> None:
         rec, model = state.records, self.judge_model
         x, y = self.inputs(pos, state)
         logits = model.logits(x)
@@ -304,7 +304,7 @@ class Evaluator:
         e: int,
         eps: float,
         targets: list[torch.Tensor] | None,
-        stage: str,
+        stage: Stage,
         label: str,
         model: Any = None,
     ) -> int:
@@ -376,7 +376,7 @@ class Evaluator:
         """An adversarial counts only if it is in bounds, in the ball, and misclassified."""
         lo, hi = self.model.bounds
         tol = 1e-5 * max(1.0, eps)
-        d = norm_of(x_adv - x, self.tm.norm)
+        d = norm_of(x_adv - x, parse_norm(self.tm.norm))
         ok = (
             (d <= eps + tol)
             & (x_adv.flatten(1).amin(1) >= lo - 1e-6)

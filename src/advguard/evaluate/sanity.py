@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from advguard.attacks.registry import SuiteAttack, build_attack
-from advguard.evaluate.report import SanityCheck
+from advguard.evaluate.report import SanityCheck, Status
 from advguard.evaluate.undeclared import escalate_undeclared, triggered
 from advguard.models.base import is_white_box
 from advguard.models.wrappers import EOTClassifier
@@ -163,13 +163,13 @@ def _escalation_text(n_new: int, what: str) -> str:
 
 
 def _check(
-    cid: str, title: str, status: str, explanation: str, suggestion: str = "", **details: Any
+    cid: str, title: str, status: Status, explanation: str, suggestion: str = "", /, **details: Any
 ) -> SanityCheck:
     return SanityCheck(
         id=cid,
         title=title,
         status=status,
-        explanation=explanation,  # type: ignore[arg-type]
+        explanation=explanation,
         suggestion=suggestion,
         reference=REF.get(cid, ""),
         details=details,
@@ -405,7 +405,7 @@ def _monotonic(
             **details,
         )
     worst = max(b - a for _, _, a, b in rises)
-    status = "fail" if worst > max(1, 0.02 * n) else "warn"
+    status: Status = "fail" if worst > max(1, 0.02 * n) else "warn"
     txt = "; ".join(f"{b} robust at eps {e2:g} vs {a} at eps {e1:g}" for e1, e2, a, b in rises)
     return _check(
         "monotonic",
@@ -446,7 +446,7 @@ def _large_epsilon(
         return 1.0 - float(res.success.float().mean())
 
     ra = measure(1, 1)
-    status = "pass" if ra <= 0.02 else "warn" if ra <= 0.1 else "fail"
+    status: Status = "pass" if ra <= 0.02 else "warn" if ra <= 0.1 else "fail"
     details = {"epsilon": big, "attack": name, "robust_accuracy": ra, "samples": len(x)}
     explanation = (
         f"At epsilon {big:g} (the whole input range) {name} leaves "
@@ -500,7 +500,7 @@ def _iterative_vs_fgsm(
             f"FGSM finds no adversarial example on {n} samples that the suite missed.",
             **details,
         )
-    status = "fail" if worst > max(1, 0.02 * n) else "warn"
+    status: Status = "fail" if worst > max(1, 0.02 * n) else "warn"
     c = _check(
         "iterative-vs-single-step",
         title,
@@ -599,7 +599,7 @@ def _black_vs_white(ev: EvaluationContext, state: RunState) -> SanityCheck:
             "Black-box attacks found nothing the white-box attacks missed.",
             **details,
         )
-    status = "fail" if worst > 0.05 else "warn"
+    status: Status = "fail" if worst > 0.05 else "warn"
     return _check(
         "black-box-vs-white-box",
         title,

@@ -15,14 +15,14 @@ import numpy as np
 
 from advguard.attacks.registry import SuiteAttack
 from advguard.errors import InputError
-from advguard.evaluate.report import Example
+from advguard.evaluate.report import Example, Stage
 
 NOT_FOOLED = -1
 NEVER = np.iinfo(np.int64).max
 STAGES = ("suite", "sanity", "escalation")
 
 
-def row_key(stage: str, e: int, order: int) -> int:
+def row_key(stage: Stage, e: int, order: int) -> int:
     """Total order of attack rows: stage, then epsilon, then position in the stage."""
     return STAGES.index(stage) * 1_000_000 + e * 1_000 + order
 
@@ -96,18 +96,18 @@ class RunState:
     epsilons: list[float]
     attacks: list[SuiteAttack]
     records: Records
-    stats: dict[tuple[int, str, str], StageStats] = field(default_factory=dict)
-    order: dict[tuple[str, str], int] = field(default_factory=dict)
+    stats: dict[tuple[int, str, Stage], StageStats] = field(default_factory=dict)
+    order: dict[tuple[Stage, str], int] = field(default_factory=dict)
     examples: dict[int, list[Example]] = field(default_factory=dict)
     feature_abs: dict[int, np.ndarray] = field(default_factory=dict)
     feature_changed: dict[int, np.ndarray] = field(default_factory=dict)
     feature_count: dict[int, int] = field(default_factory=dict)
 
-    def stat(self, e: int, attack: str, stage: str) -> StageStats:
+    def stat(self, e: int, attack: str, stage: Stage) -> StageStats:
         self.order.setdefault((stage, attack), len([k for k in self.order if k[0] == stage]))
         return self.stats.setdefault((e, attack, stage), StageStats())
 
-    def key(self, e: int, attack: str, stage: str) -> int:
+    def key(self, e: int, attack: str, stage: Stage) -> int:
         self.stat(e, attack, stage)
         return row_key(stage, e, self.order[(stage, attack)])
 

@@ -108,9 +108,9 @@ def _surrogate_data(
             u = torch.rand(x.shape, generator=gen) * 2 - 1
             d = eps * (u.sign() if i % 2 else u)
         else:
-            from advguard.attacks.norms import random_in_ball
+            from advguard.attacks.norms import parse_norm, random_in_ball
 
-            d = random_in_ball(x, norm, eps, gen)
+            d = random_in_ball(x, parse_norm(norm), eps, gen)
         parts.append((x + d).clamp(lo, hi))
     return torch.cat(parts)
 

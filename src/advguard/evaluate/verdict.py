@@ -8,7 +8,7 @@ A gate on 100 samples therefore cannot look as certain as one on 10,000.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict
 
@@ -41,6 +41,16 @@ class Verdict(BaseModel):
 
 
 HoldsT = Literal["with-confidence", "point-estimate-only", "no"]
+
+
+class _SLOHead(TypedDict):
+    """The fields of :class:`SLOResult` that name the SLO."""
+
+    slo: str
+    metric: str
+    epsilon: float | None
+
+
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
@@ -54,7 +64,7 @@ def judge_slo(
     results: list[EpsilonResult],
     baseline: Report | None,
 ) -> SLOResult:
-    base = {"slo": str(slo), "metric": slo.metric, "epsilon": slo.epsilon}
+    base: _SLOHead = {"slo": str(slo), "metric": slo.metric, "epsilon": slo.epsilon}
     p: Proportion | None = None
     value = lo = hi = None
     note = ""
@@ -128,6 +138,7 @@ def judge(
     slos = [judge_slo(s, clean, results, baseline) for s in tm.slos]
     failed = [s for s in slos if s.holds in ("no", "not-evaluable")]
     weak = [s for s in slos if s.holds == "point-estimate-only"]
+    status: Literal["pass", "fail", "untrustworthy", "no-slo"]
     if not trustworthy:
         status = "untrustworthy"
         summary = (
@@ -148,4 +159,4 @@ def judge(
             if weak
             else " with 95% confidence"
         )
-    return Verdict(status=status, summary=summary, slos=slos)  # type: ignore[arg-type]
+    return Verdict(status=status, summary=summary, slos=slos)

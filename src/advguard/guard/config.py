@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -194,6 +194,10 @@ class GuardConfig(_Strict):
             raise ValueError("an action 'fallback' or 'review' needs a 'fallback' model")
         return self
 
+    @overload
+    def resolve(self, path: str) -> Path: ...
+    @overload
+    def resolve(self, path: None) -> None: ...
     def resolve(self, path: str | None) -> Path | None:
         """``path`` read relative to the config file's folder."""
         if path is None:

@@ -8,7 +8,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ async def read_capped(
     max_bytes: int,
     timeout_s: float,
     declared_length: str | None = None,
-    clock: Any = time.monotonic,
+    clock: Callable[[], float] = time.monotonic,
 ) -> bytes:
     """Read the body from ``chunks``, refusing (413) as soon as it passes ``max_bytes`` and
     (408) when it is not complete within ``timeout_s``."""

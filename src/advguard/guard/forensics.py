@@ -13,12 +13,15 @@ import json
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from advguard.errors import InputError
 from advguard.guard.storage import GuardStore, now
+
+if TYPE_CHECKING:  # cryptography is an optional extra (guard)
+    from cryptography.fernet import Fernet
 
 FINGERPRINT_TAG = b"advguard-guard-input-v1\n"
 
@@ -32,7 +35,7 @@ def fingerprint(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def load_fernet(env: str, file: Path | None) -> Any:
+def load_fernet(env: str, file: Path | None) -> Fernet:
     """A :class:`cryptography.fernet.Fernet` from ``file`` or ``$env``; InputError when neither
     holds a valid key. The key itself never appears in the message."""
     from cryptography.fernet import Fernet
@@ -72,13 +75,13 @@ def new_fernet_key(out: Path) -> Path:
     return out
 
 
-def encode_payload(x: np.ndarray, fernet: Any) -> bytes:
+def encode_payload(x: np.ndarray, fernet: Fernet) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
     return bytes(fernet.encrypt(buf.getvalue()))
 
 
-def decode_payload(token: bytes, fernet: Any) -> np.ndarray:
+def decode_payload(token: bytes, fernet: Fernet) -> np.ndarray:
     from cryptography.fernet import InvalidToken
 
     try:
@@ -124,7 +127,7 @@ def export_npz(
     out: Path,
     *,
     since: datetime | None,
-    fernet: Any | None,
+    fernet: Fernet | None,
     model: str | None = None,
 ) -> dict[str, Any]:
     """Write the forensic records since ``since`` to ``out`` (.npz, no pickles).

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from advguard.guard.storage import (
     now,
 )
 
+if TYPE_CHECKING:  # cryptography is an optional extra (guard)
+    from cryptography.fernet import Fernet
+
 log = logging.getLogger("advguard.guard")
 
 
@@ -53,11 +56,18 @@ class InputDetector(Protocol):
 
 
 class StatefulVerdictLike(Protocol):
-    flagged: bool
-    detector: str
-    score: float
-    threshold: float
-    queries_seen: int
+    """Read-only view of a stateful detector's verdict (a frozen dataclass satisfies it)."""
+
+    @property
+    def flagged(self) -> bool: ...
+    @property
+    def detector(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def queries_seen(self) -> int: ...
 
 
 @runtime_checkable
@@ -155,7 +165,7 @@ class Guard:
         stateful: Sequence[StatefulSlot] = (),
         limiter: Limiter | None = None,
         pepper: bytes | None = None,
-        fernet: Any | None = None,
+        fernet: Fernet | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg

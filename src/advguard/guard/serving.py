@@ -12,6 +12,7 @@ import numpy as np
 from advguard.errors import InputError
 from advguard.guard.config import GuardConfig, ModelSpec
 from advguard.guard.edge import InputSpec
+from advguard.models.base import Classifier
 
 
 @dataclass
@@ -20,7 +21,7 @@ class ServedModel:
 
     name: str
     version: str
-    classifier: Any
+    classifier: Classifier
     digest: str | None = None
 
     @property

@@ -12,7 +12,7 @@ sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 import torch
@@ -82,7 +82,8 @@ class LossFn(Protocol):
         ...
 
 
-def is_white_box(model: object) -> bool:
+def is_white_box(model: object) -> TypeGuard[WhiteBoxClassifier]:
+    """``model`` has the gradient path (``forward`` and ``value_and_grad``)."""
     return hasattr(model, "value_and_grad") and hasattr(model, "forward")
 
 

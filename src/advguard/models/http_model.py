@@ -23,6 +23,7 @@ number of values are checked against the expected batch before the body is parse
 
 from __future__ import annotations
 
+import email.message
 import email.utils
 import functools
 import http.client
@@ -39,7 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
-from typing import Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -68,6 +69,19 @@ READ_CHUNK = 64 * 1024
 # A JSON string literal (no catastrophic backtracking: the unrolled-loop form).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+HttpOutput = Literal["probabilities", "logits"]
+"""What an endpoint returns: class probabilities or raw logits."""
+
+
+def parse_output(value: object) -> HttpOutput:
+    """``value`` as an :data:`HttpOutput` (the CLI passes a plain string)."""
+    if value == "probabilities":
+        return "probabilities"
+    if value == "logits":
+        return "logits"
+    raise InputError(f"output must be 'probabilities' or 'logits', got {value!r}")
 
 
 class QueryBudgetExceeded(AdvguardError):
@@ -197,23 +211,23 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
-class _GuardMixin:
+class _GuardMixin(http.client.HTTPConnection):
     def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._advguard_deadline = deadline
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
+        super().connect()
         if self._advguard_deadline is not None:
-            sock: Any = self.sock  # type: ignore[has-type]
+            sock: Any = self.sock
             self.sock: Any = _GuardedSocket(sock, self._advguard_deadline)
 
 
-class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):  # type: ignore[misc]
+class _GuardedHTTPConnection(_GuardMixin, http.client.HTTPConnection):
     pass
 
 
-class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):  # type: ignore[misc]
+class _GuardedHTTPSConnection(_GuardMixin, http.client.HTTPSConnection):
     pass
 
 
@@ -222,7 +236,7 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
 
     deadline: _Deadline | None = None
 
-    def http_open(self, req):  # type: ignore[no-untyped-def]
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         conn = functools.partial(_GuardedHTTPConnection, deadline=self.deadline)
         return self.do_open(conn, req)
 
@@ -234,7 +248,7 @@ class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         super().__init__(context=context)
         self._advguard_context = context
 
-    def https_open(self, req):  # type: ignore[no-untyped-def]
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         conn = functools.partial(_GuardedHTTPSConnection, deadline=self.deadline)
         return self.do_open(conn, req, context=self._advguard_context)
 
@@ -285,7 +299,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Never follow redirects: they would resend the API key to another location."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: email.message.Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         return None
 
 
@@ -371,7 +393,7 @@ class HttpClassifier(ClassifierBase):
         input_shape: Sequence[int],
         num_classes: int,
         bounds: tuple[float, float] = (0.0, 1.0),
-        output: Literal["probabilities", "logits"] = "probabilities",
+        output: HttpOutput = "probabilities",
         input_field: str = "inputs",
         output_field: str | None = None,
         flatten: bool = False,
@@ -400,9 +422,7 @@ class HttpClassifier(ClassifierBase):
         super().__init__(num_classes=num_classes, input_shape=tuple(input_shape), bounds=bounds)
         self.url = self._check_url(url)
         self.endpoint = redact_url(self.url)
-        if output not in ("probabilities", "logits"):
-            raise InputError(f"output must be 'probabilities' or 'logits', got {output!r}")
-        self.output: str = output
+        self.output: HttpOutput = parse_output(output)
         for field_name, fval in (("input_field", input_field), ("output_field", output_field)):
             if fval is not None and (not isinstance(fval, str) or not fval):
                 raise InputError(f"{field_name} must be a non-empty string, got {fval!r}")

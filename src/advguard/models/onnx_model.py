@@ -169,12 +169,13 @@ class OnnxClassifier(ClassifierBase):
     def _resolve_input_shape(self, dims: list[Any], given: Sequence[int] | None) -> tuple[int, ...]:
         static = [_static_dim(d) for d in dims]
         if given is None:
-            if not dims or any(d is None for d in static):
+            known = [d for d in static if d is not None]
+            if not dims or len(known) != len(static):
                 raise InputError(
                     f"the ONNX input {self.input_name!r} has dynamic shape {['N', *dims]}; "
                     "pass input_shape (one sample, without the batch dimension)"
                 )
-            return tuple(int(d) for d in static)  # type: ignore[arg-type]
+            return tuple(int(d) for d in known)
         shape = tuple(int(d) for d in given)
         if len(shape) != len(dims) or any(
             s is not None and s != g for s, g in zip(static, shape, strict=False)
@@ -193,7 +194,8 @@ class OnnxClassifier(ClassifierBase):
         bounds: Sequence[float],
     ) -> int:
         static = [_static_dim(d) for d in dims[1:]]
-        inferred = math.prod(static) if static and all(s is not None for s in static) else None
+        known = [s for s in static if s is not None]
+        inferred = math.prod(known) if static and len(known) == len(static) else None
         if inferred is None:
             if given is not None:
                 return int(given)

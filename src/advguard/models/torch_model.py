@@ -16,6 +16,9 @@ from advguard.models.base import ClassifierBase, LossFn
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel (dim 1), part of the model, not of the data."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float] | float, std: Sequence[float] | float) -> None:
         super().__init__()
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard.errors import InputError
-from advguard.models.base import ClassifierBase, LossFn, is_white_box
+from advguard.models.base import (
+    Classifier,
+    ClassifierBase,
+    LossFn,
+    WhiteBoxClassifier,
+    is_white_box,
+)
 
 
 class EOTClassifier(ClassifierBase):
@@ -19,7 +23,7 @@ class EOTClassifier(ClassifierBase):
     black-box model only the averaged ``logits`` exist (score-based attacks, judging).
     """
 
-    def __init__(self, model: Any, samples: int = 10) -> None:
+    def __init__(self, model: Classifier, samples: int = 10) -> None:
         if int(samples) < 1:
             raise InputError(f"samples must be >= 1, got {samples}")
         super().__init__(
@@ -29,12 +33,20 @@ class EOTClassifier(ClassifierBase):
         self.samples = int(samples)
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
+        self._white: WhiteBoxClassifier | None = None
         if is_white_box(model):  # gradient path only when the wrapped model has one
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self._white = model
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
+
+    def _gradient_model(self) -> WhiteBoxClassifier:
+        if self._white is None:  # not reached: the gradient path is bound only for white-box
+            raise InputError(f"EOT around {type(self.inner).__name__} has no gradients")
+        return self._white
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.inner.forward(x) for _ in range(self.samples)]).mean(0)
+        inner = self._gradient_model()
+        return torch.stack([inner.forward(x) for _ in range(self.samples)]).mean(0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -44,14 +56,15 @@ class EOTClassifier(ClassifierBase):
     def _value_and_grad(
         self, x: torch.Tensor, loss_fn: LossFn
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z_sum = loss_sum = g_sum = None
-        for _ in range(self.samples):
-            z, loss, g = self.inner.value_and_grad(x, loss_fn)
-            z_sum = z if z_sum is None else z_sum + z
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            g_sum = g if g_sum is None else g_sum + g
+        inner = self._gradient_model()
+        z_sum, loss_sum, g_sum = inner.value_and_grad(x, loss_fn)
+        for _ in range(self.samples - 1):
+            z, loss, g = inner.value_and_grad(x, loss_fn)
+            z_sum = z_sum + z
+            loss_sum = loss_sum + loss
+            g_sum = g_sum + g
         k = float(self.samples)
-        return z_sum / k, loss_sum / k, g_sum / k  # type: ignore[operator]
+        return z_sum / k, loss_sum / k, g_sum / k
 
 
 def straight_through(value: torch.Tensor, approximation: torch.Tensor) -> torch.Tensor:
@@ -74,7 +87,7 @@ class SurrogateGradientClassifier(ClassifierBase):
     surrogate's own counter, not as target gradients.
     """
 
-    def __init__(self, model: Any, surrogate: Any) -> None:
+    def __init__(self, model: Classifier, surrogate: Classifier) -> None:
         if not is_white_box(surrogate):
             raise InputError("the surrogate must be a white-box model (forward/value_and_grad)")
         if tuple(surrogate.input_shape) != tuple(model.input_shape) or int(

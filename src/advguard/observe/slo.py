@@ -153,7 +153,7 @@ class _SLOBase(_Strict):
     model: LabelValue | None = Field(
         None, description="Model label value; omitted: every model, one alert per model."
     )
-    client: LabelValue | None = Field(None, description="Owner label put on the alerts.")
+    client: LabelValue | None = Field(default=None, description="Owner label put on the alerts.")
     description: Text = ""
 
 
@@ -219,7 +219,7 @@ class RobustAccuracySLO(_SLOBase):
         "value", description="Alert on the point estimate or on the 95% CI lower bound."
     )
     max_age: Duration = "36h"
-    for_: Duration = Field("5m", alias="for")
+    for_: Duration = Field(default="5m", alias="for")
     severity: Literal["page", "ticket"] = "ticket"
 
 
@@ -507,7 +507,7 @@ def compile_alertmanager(spec: SLOFile) -> dict[str, Any]:
     repeat = {"page": a.repeat_interval_page, "ticket": a.repeat_interval_ticket}
     routes: list[dict[str, Any]] = []
     for severity in ("page", "ticket"):
-        for names, models in by_windows.items():
+        for windows, models in by_windows.items():
             routes.append(
                 {
                     "matchers": [
@@ -516,7 +516,7 @@ def compile_alertmanager(spec: SLOFile) -> dict[str, Any]:
                     ],
                     "receiver": receivers[severity],
                     "repeat_interval": repeat[severity],
-                    "mute_time_intervals": list(names),
+                    "mute_time_intervals": list(windows),
                 }
             )
         route: dict[str, Any] = {

@@ -407,7 +407,7 @@ def run_gate(
         )
     else:
         warnings.append("no baseline: regression limits not checked")
-    status = "fail" if any(c.status == "fail" for c in checks) else "pass"
+    status: Literal["pass", "fail"] = "fail" if any(c.status == "fail" for c in checks) else "pass"
     return GateResult(
         status=status,
         policy=policy.name,

@@ -38,22 +38,23 @@ class Policy(BaseModel):
     description: str = ""
     require_trustworthy: bool = True
     slo_mode: Literal["confidence", "point-estimate"] = "confidence"
-    report_slos: bool = Field(True, description="judge the report's threat-model SLOs too")
+    report_slos: bool = Field(default=True, description="judge the report's threat-model SLOs too")
     slos: list[SLO] = Field(default_factory=list)
-    min_samples: int | None = Field(None, ge=1)
+    min_samples: int | None = Field(default=None, ge=1)
     # regression limits against --baseline (e.g. the model now in production)
     max_robust_accuracy_drop: float | None = Field(
-        1.0, ge=0, lt=100, description="points, at every epsilon in both; null: no limit"
+        default=1.0, ge=0, lt=100, description="points, at every epsilon in both; null: no limit"
     )
     max_clean_accuracy_drop: float | None = Field(
-        0.5, ge=0, lt=100, description="points; null: no limit"
+        default=0.5, ge=0, lt=100, description="points; null: no limit"
     )
     require_same_threat_model: bool = Field(
-        True, description="baseline must use the same norm, knowledge, goal, attacks, epsilons"
+        default=True,
+        description="baseline must use the same norm, knowledge, goal, attacks, epsilons",
     )
-    require_baseline: bool = Field(False, description="fail when no baseline is given")
+    require_baseline: bool = Field(default=False, description="fail when no baseline is given")
     require_attestation: bool = Field(
-        False,
+        default=False,
         description="the report must carry a signed attestation (the gate refuses to run "
         "without --public-key and --model)",
     )

@@ -178,11 +178,22 @@ def scan_pickle_bytes(data: bytes, where: str) -> list[str]:
             strings.append(last)
             continue
         if name in _MEMO_PUT:
-            key = len(memo) if name == "MEMOIZE" else int(arg)
+            if name == "MEMOIZE":
+                key = len(memo)
+            elif isinstance(arg, int):
+                key = arg
+            else:
+                raise UnsafeFileError(
+                    f"{where}: {name} without a memo index at byte {pos}; refused"
+                )
             memo[key] = last
             continue
         if name in _MEMO_GET:
-            last = memo.get(int(arg))
+            if not isinstance(arg, int):
+                raise UnsafeFileError(
+                    f"{where}: {name} without a memo index at byte {pos}; refused"
+                )
+            last = memo.get(arg)
             strings.append(last)
             continue
         if name in ("GLOBAL", "INST"):
@@ -224,7 +235,7 @@ def scan_pickle_bytes(data: bytes, where: str) -> list[str]:
 def _picklescan(path: Path) -> list[str]:
     """Run ``picklescan`` when installed (defence in depth); return its findings."""
     try:
-        from picklescan.scanner import scan_file_path  # type: ignore[import-not-found]
+        from picklescan.scanner import scan_file_path
     except ImportError:
         return []
     result = scan_file_path(str(path))

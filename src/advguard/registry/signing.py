@@ -309,7 +309,8 @@ def attest_report(model_digest: str, report: dict, private_key: Path) -> bytes:
     if not isinstance(report, dict):
         raise InputError("the report to attest must be a JSON object (dict)")
     key = _load_private(private_key)
-    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    raw_model = report.get("model")
+    model = raw_model if isinstance(raw_model, dict) else {}
     name = str(model.get("name") or model.get("path") or "model")
     statement = {
         "_type": STATEMENT_TYPE,

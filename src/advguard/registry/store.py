@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from advguard.errors import AdvguardError, InputError
@@ -98,6 +98,14 @@ def default_actor() -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _inserted_id(result: CursorResult[Any]) -> int:
+    """The primary key of the row a single-row INSERT created."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise AdvguardError("the registry database returned no id for an inserted row")
+    return int(key[0])
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -642,20 +650,22 @@ class Registry:
                 ).scalar()
                 number = int(current or 0) + 1
                 now = _now()
-                vid = conn.execute(
-                    insert(db.versions).values(
-                        model_id=model_id,
-                        version=number,
-                        format=fmt,
-                        artifacts=artifacts,
-                        model_digest=model_digest,
-                        input_spec=spec,
-                        provenance=provenance,
-                        stage="candidate",
-                        created_at=now,
-                        signature_path=signature_ref,
+                vid = _inserted_id(
+                    conn.execute(
+                        insert(db.versions).values(
+                            model_id=model_id,
+                            version=number,
+                            format=fmt,
+                            artifacts=artifacts,
+                            model_digest=model_digest,
+                            input_spec=spec,
+                            provenance=provenance,
+                            stage="candidate",
+                            created_at=now,
+                            signature_path=signature_ref,
+                        )
                     )
-                ).inserted_primary_key[0]
+                )
                 for row in report_rows:
                     conn.execute(
                         insert(db.reports).values(
@@ -732,11 +742,7 @@ class Registry:
             return int(mid)
         if not create:
             raise InputError(f"no model named {name!r} in the registry (see: registry list)")
-        return int(
-            conn.execute(
-                insert(db.models).values(name=name, created_at=_now())
-            ).inserted_primary_key[0]
-        )
+        return _inserted_id(conn.execute(insert(db.models).values(name=name, created_at=_now())))
 
     def _info(self, conn: Connection, name: str, row: Any) -> VersionInfo:
         """A version row read back and validated: the database is untrusted input."""
@@ -1169,7 +1175,7 @@ class Registry:
 
         if not reports:
             return PromotionCheck("gate", False, "no readable report to judge")
-        policy = gate_policy if gate_policy is not None else Policy()  # type: ignore[call-arg]
+        policy = gate_policy if gate_policy is not None else Policy()
         try:
             prod = self.get(f"{info.name}@production")
         except InputError:

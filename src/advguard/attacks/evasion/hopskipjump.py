@@ -51,6 +51,7 @@ from advguard import _validate as check
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 
 _MAX_HALVINGS = 30  # reference: unbounded; 2^-30 of the distance is far below float noise
 _BLEND_TOL = 0.001  # reference initialize(): blend binary search tolerance
@@ -161,7 +162,7 @@ class HopSkipJump(Attack):
         self.init_trials = int(init_trials)
         self.query_batch_size = int(query_batch_size)
 
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         return {"max_queries": self.max_queries}
 
     # -- geometry -------------------------------------------------------------
@@ -178,7 +179,7 @@ class HopSkipJump(Attack):
     # -- the attack ---------------------------------------------------------------
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,

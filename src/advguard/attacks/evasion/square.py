@@ -54,6 +54,7 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 
 _LOSSES = ("margin", "ce")
 _P_INIT_DEFAULT = {"linf": 0.8, "l2": 0.1}
@@ -173,14 +174,14 @@ class SquareAttack(Attack):
         self.restarts = int(restarts)
         self.loss = loss
 
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         _image_dims(tuple(model.input_shape))  # clear error before any work
         return {"max_queries": self.max_queries}
 
     # -- the attack ---------------------------------------------------------------
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,

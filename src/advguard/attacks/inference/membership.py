@@ -211,7 +211,7 @@ def lira_offline(
 
 
 def _auc(member: np.ndarray, non: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
+    from sklearn.metrics import roc_auc_score
 
     labels = np.r_[np.ones(len(member)), np.zeros(len(non))]
     return float(roc_auc_score(labels, np.r_[member, non]))
@@ -229,7 +229,7 @@ def roc_metrics(
 ) -> dict[str, Any]:
     """AUC (with a percentile bootstrap interval), TPR at each FPR in ``fprs`` (Clopper-Pearson
     interval on the TPR at the chosen threshold) and the ROC curve (thinned to ``max_points``)."""
-    from sklearn.metrics import roc_curve  # type: ignore[import-untyped]
+    from sklearn.metrics import roc_curve
 
     m = np.asarray(member_scores, dtype=np.float64)
     n = np.asarray(non_member_scores, dtype=np.float64)

@@ -14,6 +14,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
+from advguard.models.base import Classifier
 
 _SCALAR, _FLIP, _CATEGORY = 0, 1, 2
 
@@ -82,7 +83,7 @@ class ConstrainedSearch(Attack):
         p["schema"] = schema_params(self.schema)
         return p
 
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         check_model(self.schema, model, self.name)
         return {"max_queries": self.max_queries}
 
@@ -93,32 +94,42 @@ class ConstrainedSearch(Attack):
     def _moves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kind, feature or group, sign or target column) for every possible move."""
         c = self.schema.compiled
-        kind, where, arg = [], [], []
+        kind: list[int] = []
+        where: list[int] = []
+        arg: list[int] = []
         for j in range(len(c.names)):
             if c.immutable[j] or c.categorical[j]:
                 continue
             if c.binary[j]:
-                kind.append(_FLIP), where.append(j), arg.append(0)
+                kind.append(_FLIP)
+                where.append(j)
+                arg.append(0)
                 continue
             # both ways, also for monotone features: moving back toward the original is
             # allowed, and repair clamps a forbidden move to a no-op (no query spent)
             for s in (1, -1):
-                kind.append(_SCALAR), where.append(j), arg.append(s)
+                kind.append(_SCALAR)
+                where.append(j)
+                arg.append(s)
         for g, cols in enumerate(c.groups):
             if c.group_immutable[g]:
                 continue
             for col in cols:
-                kind.append(_CATEGORY), where.append(g), arg.append(int(col))
+                kind.append(_CATEGORY)
+                where.append(g)
+                arg.append(int(col))
         return np.array(kind, dtype=np.int64), np.array(where, dtype=np.int64), np.array(arg)
 
-    def _score(self, model: Any, xs: np.ndarray, y: torch.Tensor, t: torch.Tensor | None):
+    def _score(
+        self, model: Classifier, xs: np.ndarray, y: torch.Tensor, t: torch.Tensor | None
+    ) -> np.ndarray:
         logits = model.logits(torch.as_tensor(xs, dtype=torch.float32, device=y.device))
         s = losses.margin(logits, y) if t is None else losses.margin_targeted(logits, t)
         return s.detach().cpu().double().numpy()
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,

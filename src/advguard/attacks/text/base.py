@@ -167,9 +167,7 @@ class _State:
         return sum(1 for j in range(1, len(self.orig), 2) if self.orig[j])
 
 
-def _check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def _check_int(value: Any, name: str, minimum: int) -> int:
     limit = "queries" if "queries" in name else None
     return check.integer(name, value, low=minimum, limit=limit)
 
@@ -195,7 +193,7 @@ class TextAttack:
         max_queries: int,
         seed: int,
     ) -> None:
-        self.max_words = _check_int(max_words, "max_words", 1, allow_none=True)
+        self.max_words = None if max_words is None else _check_int(max_words, "max_words", 1)
         self.max_word_share = _check_share(max_word_share, "max_word_share")
         self.max_queries = _check_int(max_queries, "max_queries", 2)
         self.seed = check.integer("seed", seed, low=0)
@@ -321,7 +319,8 @@ class TextAttack:
         scores, preds, oks = oracle.query(["".join(p) for p, _ in candidates])
         if oks.any():
             idx = np.flatnonzero(oks)
-            b = int(idx[np.lexsort((scores[idx], [candidates[k][1] for k in idx]))[0]])
+            edits = np.array([candidates[k][1] for k in idx])
+            b = int(idx[np.lexsort((scores[idx], edits))[0]])
         else:
             b = int(np.argmin(scores))
         if not (oks[b] or scores[b] < state.score - 1e-12):

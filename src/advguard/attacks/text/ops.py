@@ -22,7 +22,7 @@ Operations (names accepted by ``CharAttack(ops=...)``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 import numpy as np
@@ -223,7 +223,9 @@ def parse_ops(ops: object, what: str = "ops") -> tuple[str, ...]:
     if ops is None:
         raise InputError(f"{what} must name at least one of {', '.join(CHAR_OPS)}")
     try:
-        names = tuple(ops)  # type: ignore[arg-type]
+        if not isinstance(ops, Iterable):
+            raise TypeError(f"{type(ops).__name__} is not iterable")
+        names = tuple(ops)
     except TypeError:
         raise InputError(
             f"{what} must be a sequence of operation names from {', '.join(CHAR_OPS)}"

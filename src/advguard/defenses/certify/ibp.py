@@ -198,7 +198,7 @@ def ibp_certify(
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y)
-    bounds: tuple[float, float] = tuple(getattr(model, "bounds", (0.0, 1.0)))  # type: ignore[assignment]
+    bounds: tuple[float, float] = tuple(getattr(model, "bounds", (0.0, 1.0)))
     if hasattr(model, "input_shape") and hasattr(model, "num_classes"):
         check_inputs(model, xt)  # type: ignore[arg-type]
         check_labels(model, yt, len(xt))  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from advguard.evaluate.runner import environment, select_samples, sha256_array
 from advguard.stats import Proportion, proportion
 
 SCHEMA_VERSION = "1.0"
-KIND = "certification"
+KIND: Literal["certification"] = "certification"
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 Progress = Any  # Callable[[str, int, int], None]
 
@@ -115,7 +115,12 @@ def certify_dataset(
         lower_confidence_bound,
     )
 
-    if method not in ("smoothing", "ibp"):
+    chosen: Literal["smoothing", "ibp"]
+    if method == "smoothing":
+        chosen = "smoothing"
+    elif method == "ibp":
+        chosen = "ibp"
+    else:
         raise InputError(f"method must be 'smoothing' or 'ibp', got {method!r}")
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
@@ -140,15 +145,17 @@ def certify_dataset(
         t_cert = time.perf_counter() - t1
         labels, rad = res.labels, res.radii
         curve = certified_accuracy_curve(labels, rad, ys, grid)
-        m = len(ys)
+        n_eval = len(ys)
         points = [
-            CertifiedPoint(radius=float(r), certified_accuracy=proportion(round(c * m), m))
+            CertifiedPoint(
+                radius=float(r), certified_accuracy=proportion(round(c * n_eval), n_eval)
+            )
             for r, c in zip(grid, curve, strict=True)
         ]
         abstain = proportion(int((labels == -1).sum()), len(ys))
         ok = (labels == ys) & (labels != -1)
         r_median = float(np.median(rad[ok])) if ok.any() else None
-        norm = "l2"
+        norm: Literal["l2", "linf"] = "l2"
     else:
         grid = sorted(epsilons if epsilons else [0.01])
         t1 = time.perf_counter()
@@ -175,8 +182,8 @@ def certify_dataset(
     report = CertificationReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         advguard_version=__version__,
-        method=method,  # type: ignore[arg-type]
-        norm=norm,  # type: ignore[arg-type]
+        method=chosen,
+        norm=norm,
         sigma=float(sigma) if method == "smoothing" else None,
         n0=int(n0) if method == "smoothing" else None,
         n=int(n) if method == "smoothing" else None,

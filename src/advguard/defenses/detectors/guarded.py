@@ -23,13 +23,19 @@ import torch
 from advguard import _validate as check
 from advguard.defenses.detectors.base import Detector
 from advguard.errors import InputError
-from advguard.models.base import ClassifierBase, LossFn, is_white_box
+from advguard.models.base import (
+    Classifier,
+    ClassifierBase,
+    LossFn,
+    WhiteBoxClassifier,
+    is_white_box,
+)
 
 
 class DetectorGuardedClassifier(ClassifierBase):
     """``model`` behind ``detector`` (calibrated); ``K + 1`` outputs, reject = index ``K``."""
 
-    def __init__(self, model: Any, detector: Detector, *, sharpness: float = 100.0) -> None:
+    def __init__(self, model: Classifier, detector: Detector, *, sharpness: float = 100.0) -> None:
         if not isinstance(detector, Detector):
             raise InputError(f"not a Detector: {type(detector).__name__}")
         if detector.threshold is None:
@@ -47,12 +53,16 @@ class DetectorGuardedClassifier(ClassifierBase):
         self.reject_class = model.num_classes
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
+        self._white: WhiteBoxClassifier | None = None
         if is_white_box(model) and detector.differentiable:
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self._white = model
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
 
     def _combine(self, z: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        thr = float(self.detector.threshold)  # type: ignore[arg-type]
+        if self.detector.threshold is None:  # checked in __init__; refuse a reset detector
+            raise InputError("the detector lost its threshold; calibrate it again")
+        thr = float(self.detector.threshold)
         reject = z.amax(1) + self.sharpness * (score.to(z.dtype) - thr)
         return torch.cat([z, reject[:, None]], dim=1)
 
@@ -63,7 +73,9 @@ class DetectorGuardedClassifier(ClassifierBase):
             return self._combine(self.inner.logits(x), self.detector.score_tensor(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._combine(self.inner.forward(x), self.detector.score_tensor(x, grad=True))
+        if self._white is None:  # not reached: the gradient path is bound only for white-box
+            raise InputError(f"{type(self.inner).__name__} has no gradients")
+        return self._combine(self._white.forward(x), self.detector.score_tensor(x, grad=True))
 
     def _value_and_grad(
         self, x: torch.Tensor, loss_fn: LossFn

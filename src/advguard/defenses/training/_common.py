@@ -49,7 +49,7 @@ class TrainResult:
             self.module,
             input_shape=tuple(m["input_shape"]),
             num_classes=int(m["num_classes"]),
-            bounds=tuple(m["bounds"]),  # type: ignore[arg-type]
+            bounds=tuple(m["bounds"]),
             preprocess=self.preprocess,
         )
 

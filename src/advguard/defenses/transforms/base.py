@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from advguard.errors import InputError
-from advguard.models.base import ClassifierBase, LossFn, is_white_box
+from advguard.models.base import (
+    Classifier,
+    ClassifierBase,
+    LossFn,
+    WhiteBoxClassifier,
+    is_white_box,
+)
 from advguard.models.wrappers import straight_through
 
 
@@ -74,7 +80,7 @@ class TransformedClassifier(ClassifierBase):
     """
 
     def __init__(
-        self, model: Any, transforms: Sequence[InputTransform], *, bpda: bool = False
+        self, model: Classifier, transforms: Sequence[InputTransform], *, bpda: bool = False
     ) -> None:
         transforms = list(transforms)
         if not transforms:
@@ -90,9 +96,11 @@ class TransformedClassifier(ClassifierBase):
         self.bpda = bool(bpda)
         self.device = getattr(model, "device", torch.device("cpu"))
         self.queries = model.queries  # share the counter
+        self._white: WhiteBoxClassifier | None = None
         if is_white_box(model):  # expose the gradient path only when the model has one
-            self.forward = self._forward  # type: ignore[method-assign]
-            self.value_and_grad = self._value_and_grad  # type: ignore[method-assign]
+            self._white = model
+            self.forward = self._forward
+            self.value_and_grad = self._value_and_grad
 
     # -- what the runner and the sanity checks read ---------------------------
     @property
@@ -123,7 +131,9 @@ class TransformedClassifier(ClassifierBase):
         return x.clamp(lo, hi)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.forward(self.apply(x))
+        if self._white is None:  # not reached: the gradient path is bound only for white-box
+            raise InputError(f"{type(self.inner).__name__} has no gradients")
+        return self._white.forward(self.apply(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

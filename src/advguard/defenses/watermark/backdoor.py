@@ -174,7 +174,7 @@ class Verification:
 def verify_watermark(model: Classifier, key: TriggerSet, *, alpha: float = 0.01) -> Verification:
     """Query ``model`` on the trigger set (``len(key.x)`` queries) and test its agreement with
     the assigned labels against chance ``1 / num_classes``."""
-    from scipy.stats import binomtest  # type: ignore[import-untyped]
+    from scipy.stats import binomtest
 
     if not 0 < alpha < 1:
         raise InputError(f"alpha must be in (0, 1), got {alpha}")
