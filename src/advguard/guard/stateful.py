@@ -227,7 +227,35 @@ class _KNNState:
     first_detection: int | None = None
 
 
-class KNNStatefulDetector:
+class _PerClientDetector:
+    """What both stateful detectors share: per-client state under one lock, ``reset``, the
+    number of tracked clients, and the verdict built from a client's state."""
+
+    name: str
+    _clients: _Clients
+    _lock: threading.Lock
+
+    def reset(self, client_id: str) -> None:
+        with self._lock:
+            self._clients.drop(_check_client(client_id))
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def _verdict(self, st: Any, score: float, threshold: float) -> StatefulVerdict:
+        return StatefulVerdict(
+            flagged=st.detections > 0,
+            detector=self.name,
+            score=score,
+            threshold=threshold,
+            queries_seen=st.seen,
+            detections=st.detections,
+            first_detection=st.first_detection,
+        )
+
+
+class KNNStatefulDetector(_PerClientDetector):
     """Stateful k-NN detector (Chen, Carlini & Wagner 2020; see the module docstring).
 
     Parameters
@@ -359,23 +387,7 @@ class KNNStatefulDetector:
                 st.buffer[st.pos] = row
                 st.pos = (st.pos + 1) % self.window
                 st.filled = min(st.filled + 1, self.window)
-            return StatefulVerdict(
-                flagged=st.detections > 0,
-                detector=self.name,
-                score=best,
-                threshold=thr,
-                queries_seen=st.seen,
-                detections=st.detections,
-                first_detection=st.first_detection,
-            )
-
-    def reset(self, client_id: str) -> None:
-        with self._lock:
-            self._clients.drop(_check_client(client_id))
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
+            return self._verdict(st, best, thr)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -405,7 +417,7 @@ class _PRADAState:
     first_detection: int | None = None
 
 
-class PRADADetector:
+class PRADADetector(_PerClientDetector):
     """PRADA model-extraction detector (Juuti et al. 2019, Algorithm 1; module docstring).
 
     Parameters
@@ -510,23 +522,7 @@ class PRADADetector:
                         st.detections += 1
                         if st.first_detection is None:
                             st.first_detection = st.seen
-            return StatefulVerdict(
-                flagged=st.detections > 0,
-                detector=self.name,
-                score=best,
-                threshold=self.delta,
-                queries_seen=st.seen,
-                detections=st.detections,
-                first_detection=st.first_detection,
-            )
-
-    def reset(self, client_id: str) -> None:
-        with self._lock:
-            self._clients.drop(_check_client(client_id))
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
+            return self._verdict(st, best, self.delta)
 
     def params(self) -> dict[str, Any]:
         return {
