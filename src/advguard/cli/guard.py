@@ -3,6 +3,8 @@ forensic records."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,11 +47,17 @@ def _config(config: Path | None, database_url: str | None = None) -> Any:
     return cfg
 
 
-def _store(config: Path | None, database_url: str | None) -> Any:
+@contextmanager
+def _store(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, Any]]:
+    """The config and the guard's store, closed however the command ends."""
     from advguard.guard.storage import GuardStore
 
     cfg = _config(config, database_url)
-    return cfg, GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
+    store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
+    try:
+        yield cfg, store
+    finally:
+        store.close()
 
 
 def _pepper(cfg: Any) -> bytes | None:
@@ -172,11 +180,8 @@ def guard_purge(
     """Delete decisions and forensic payloads older than the retention period."""
     from advguard.guard.forensics import purge
 
-    cfg, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (cfg, store):
         n = purge(store, days if days is not None else cfg.forensics.retention_days)
-    finally:
-        store.close()
     if as_json:
         print_json({"deleted": n})
     else:
@@ -195,14 +200,11 @@ def guard_export(
     """Write flagged/reviewed/sampled records (decrypted payloads + metadata) to an .npz."""
     from advguard.guard.forensics import export_npz, load_fernet, parse_since
 
-    cfg, store = _store(config, database_url)
-    fernet = None
-    if cfg.forensics.mode == "encrypted":
-        fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
-    try:
+    with _store(config, database_url) as (cfg, store):
+        fernet = None
+        if cfg.forensics.mode == "encrypted":
+            fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
         res = export_npz(store, out, since=parse_since(since), fernet=fernet, model=model)
-    finally:
-        store.close()
     if as_json:
         print_json(res)
     else:
@@ -240,11 +242,8 @@ def keys_create(
         except ValidationError as e:
             err = e.errors()[0]
             raise InputError(f"--{err['loc'][0]}: {err['msg']}") from None
-    cfg, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (cfg, store):
         created = create_key(store, name, scope or ["predict"], pepper=_pepper(cfg), output=policy)
-    finally:
-        store.close()
     if as_json:
         print_json(created.to_dict())
         return
@@ -257,11 +256,8 @@ def keys_list(
     config: ConfigOpt = None, database_url: DbUrlOpt = None, as_json: JsonOpt = False
 ) -> None:
     """List keys (ids, names, scopes; never the keys)."""
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         recs = [k.public() for k in store.list_keys()]
-    finally:
-        store.close()
     if as_json:
         print_json(recs)
         return
@@ -289,11 +285,8 @@ def keys_revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a key (requests with it get 401 from then on)."""
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         ok = store.revoke_key(key_id)
-    finally:
-        store.close()
     if not ok:
         raise InputError(f"no active key with id {key_id!r}")
     if as_json:
@@ -312,11 +305,8 @@ def keys_rotate(
     """Replace a key by a new one (same name, scopes, output policy); the old one is revoked."""
     from advguard.guard.auth import rotate_key
 
-    cfg, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (cfg, store):
         created = rotate_key(store, key_id, pepper=_pepper(cfg))
-    finally:
-        store.close()
     if as_json:
         print_json({**created.to_dict(), "replaces": key_id})
         return
@@ -337,11 +327,8 @@ def blocks_add(
     """Block a client (403 until removed or the TTL ends)."""
     from advguard.guard.pipeline import block_client
 
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         rec = block_client(store, client_id, reason, ttl)
-    finally:
-        store.close()
     if as_json:
         print_json(rec.public())
     else:
@@ -353,11 +340,8 @@ def blocks_list(
     config: ConfigOpt = None, database_url: DbUrlOpt = None, as_json: JsonOpt = False
 ) -> None:
     """List active blocks."""
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         recs = [b.public() for b in store.list_blocks()]
-    finally:
-        store.close()
     if as_json:
         print_json(recs)
         return
@@ -377,11 +361,8 @@ def blocks_remove(
     as_json: JsonOpt = False,
 ) -> None:
     """Lift a block."""
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         ok = store.remove_block(client_id)
-    finally:
-        store.close()
     if not ok:
         raise InputError(f"client {client_id!r} is not blocked")
     if as_json:
@@ -403,11 +384,8 @@ def review_list(
 
     if status not in REVIEW_STATES:
         raise InputError(f"--status must be one of {', '.join(REVIEW_STATES)}")
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         recs = [r.public() for r in store.iter_decisions(review_status=status)]
-    finally:
-        store.close()
     if as_json:
         print_json(recs)
         return
@@ -434,11 +412,8 @@ def _review_set(
     database_url: str | None,
     as_json: bool,
 ) -> None:
-    _, store = _store(config, database_url)
-    try:
+    with _store(config, database_url) as (_, store):
         ok = store.set_review(decision_id, status, note)
-    finally:
-        store.close()
     if not ok:
         raise InputError(f"no pending review with decision id {decision_id!r}")
     if as_json:
