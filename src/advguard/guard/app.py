@@ -27,6 +27,7 @@ from advguard.guard.edge import (
     read_capped,
 )
 from advguard.guard.metrics import CONTENT_TYPE_LATEST
+from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
 from advguard.guard.storage import KeyRecord
@@ -54,7 +55,7 @@ BODY_ERRORS = (
     "budget-exhausted",
 )
 
-_PREDICT_BODY = {
+PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
@@ -73,37 +74,6 @@ _PREDICT_BODY = {
                 }
             },
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-
-_V2_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "inputs": {
-                            "type": "array",
-                            "maxItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "shape", "datatype", "data"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "shape": {"type": "array", "items": {"type": "integer"}},
-                                    "datatype": {"type": "string"},
-                                    "data": {"type": "array", "items": {}},
-                                },
-                            },
-                        },
-                    },
-                }
-            }
         },
     }
 }
@@ -145,7 +115,9 @@ class CatchAll:
 
 
 def create_app(guard: Guard) -> FastAPI:
-    """The ASGI application serving ``guard``."""
+    """The ASGI application serving ``guard``: error handlers, then one route group each
+    (prediction, health, admin), then the OpenAPI document. A new group is a function taking
+    ``(app, guard)`` registered here."""
     app = FastAPI(
         title="advguard guard",
         version=__version__,
@@ -154,9 +126,17 @@ def create_app(guard: Guard) -> FastAPI:
         responses=openapi_responses("internal"),
     )
     app.state.guard = guard
-    cfg = guard.cfg
+    install_problem_handlers(app)
+    add_prediction_routes(app, guard)
+    add_health_routes(app, guard)
+    add_admin_routes(app, guard)
+    install_openapi(app)
+    return app
 
-    # -- errors ---------------------------------------------------------------------------
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Every error the app answers is an RFC 9457 problem document."""
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request.url.path)
@@ -182,148 +162,117 @@ def create_app(guard: Guard) -> FastAPI:
             Problem("invalid-input", "the request's parameters are not valid"), request.url.path
         )
 
-    # -- auth dependencies ----------------------------------------------------------------
-    def _key(scope: str) -> Callable[..., KeyRecord]:
-        def dep(
-            request: Request,
-            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-            x_api_key: Annotated[str | None, Depends(_api_key)],
-        ) -> KeyRecord:
-            auth = f"Bearer {cred.credentials}" if cred is not None else None
-            return guard.authenticate(auth, x_api_key, scope)
 
-        return dep
+def key_dependency(guard: Guard, scope: str) -> Callable[..., KeyRecord]:
+    """A FastAPI dependency that authenticates the caller's API key for ``scope``."""
 
-    predict_key = _key("predict")
-    admin_key = _key("admin")
+    def dep(
+        request: Request,
+        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        x_api_key: Annotated[str | None, Depends(_api_key)],
+    ) -> KeyRecord:
+        auth = f"Bearer {cred.credentials}" if cred is not None else None
+        return guard.authenticate(auth, x_api_key, scope)
 
-    async def _read(request: Request) -> bytes:
-        return await read_capped(
+    return dep
+
+
+Parse = Callable[[bytes, str], Any]
+Render = Callable[[Outcome, Any], dict[str, Any]]
+
+
+async def serve_prediction(
+    guard: Guard,
+    endpoint: str,
+    name: str,
+    key: KeyRecord,
+    request: Request,
+    parse: Parse,
+    render: Render,
+) -> JSONResponse:
+    """One prediction request through the pipeline: rate, read, parse, validate, budget,
+    process; the blocking steps run off the event loop."""
+    started = time.perf_counter()
+    status = 500
+    model = guard.get_model(name)
+    edge = guard.cfg.edge
+    try:
+        await run_in_threadpool(guard.check_rate, key, model.name)
+        body = await read_capped(
             request.stream(),
-            cfg.edge.max_body_bytes,
-            cfg.edge.read_timeout_s,
+            edge.max_body_bytes,
+            edge.read_timeout_s,
             request.headers.get("content-length"),
         )
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        # parsing a large body takes a while: keep it off the event loop
+        raw, extra = await run_in_threadpool(parse, body, ctype.lower())
+        x = await run_in_threadpool(guard.validate, raw, model)
+        budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
+        outcome = await run_in_threadpool(guard.process, key, model, x, started)
+        headers = budget.headers() if budget is not None else {}
+        headers["X-Decision-Id"] = outcome.decision_id
+        status = 200
+        return JSONResponse(render(outcome, extra), headers=headers)
+    except Problem as p:
+        status = p.status
+        raise
+    finally:
+        guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
+        guard.metrics.latency.labels(model.name, endpoint).observe(time.perf_counter() - started)
 
-    async def _serve(
-        endpoint: str,
-        name: str,
-        key: KeyRecord,
-        request: Request,
-        parse: Callable[[bytes, str], Any],
-        render: Callable[[Outcome, Any], dict[str, Any]],
-    ) -> JSONResponse:
-        started = time.perf_counter()
-        status = 500
-        model = guard.get_model(name)
-        try:
-            await run_in_threadpool(guard.check_rate, key, model.name)
-            body = await _read(request)
-            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-            # parsing a large body takes a while: keep it off the event loop
-            raw, extra = await run_in_threadpool(parse, body, ctype.lower())
-            x = await run_in_threadpool(guard.validate, raw, model)
-            budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
-            outcome = await run_in_threadpool(guard.process, key, model, x, started)
-            headers = budget.headers() if budget is not None else {}
-            headers["X-Decision-Id"] = outcome.decision_id
-            status = 200
-            return JSONResponse(render(outcome, extra), headers=headers)
-        except Problem as p:
-            status = p.status
-            raise
-        finally:
-            guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
-            guard.metrics.latency.labels(model.name, endpoint).observe(
-                time.perf_counter() - started
-            )
 
-    def _parse_v1(body: bytes, ctype: str) -> tuple[np.ndarray, None]:
+def _is_json(ctype: str) -> bool:
+    return ctype == "application/json" or ctype.endswith("+json")
+
+
+def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
+    """advguard's own predict endpoint and the Open Inference Protocol v2 infer endpoint."""
+    predict_key = key_dependency(guard, "predict")
+    depth = guard.cfg.edge.max_json_depth
+
+    def parse_v1(body: bytes, ctype: str) -> tuple[np.ndarray, None]:
         if ctype in ("application/x-npy", "application/octet-stream"):
             return parse_npy(body), None
-        if ctype != "application/json" and not ctype.endswith("+json"):
+        if not _is_json(ctype):
             raise Problem("unsupported-media-type", "send application/json or application/x-npy")
-        return parse_predict_json(parse_json(body, cfg.edge.max_json_depth)), None
+        return parse_predict_json(parse_json(body, depth)), None
 
-    def _parse_v2(body: bytes, ctype: str) -> tuple[np.ndarray, tuple[str | None, str]]:
-        if ctype != "application/json" and not ctype.endswith("+json"):
+    def parse_v2(body: bytes, ctype: str) -> tuple[np.ndarray, tuple[str | None, str]]:
+        if not _is_json(ctype):
             raise Problem("unsupported-media-type", "send application/json")
-        x, rid, name = parse_v2_infer(parse_json(body, cfg.edge.max_json_depth))
+        x, rid, name = parse_v2_infer(parse_json(body, depth))
         return x, (rid, name)
 
-    def _render_v1(o: Outcome, _extra: Any) -> dict[str, Any]:
+    def render_v1(o: Outcome, _extra: Any) -> dict[str, Any]:
         return o.body()
 
-    def _render_v2(o: Outcome, extra: tuple[str | None, str]) -> dict[str, Any]:
-        rid, _ = extra
-        b = o.body()
-        n = len(b["labels"])
-        outputs: list[dict[str, Any]] = [
-            {"name": "label", "shape": [n], "datatype": "INT64", "data": b["labels"]}
-        ]
-        if "probabilities" in b:
-            k = len(b["probabilities"][0]) if n else 0
-            outputs.insert(
-                0,
-                {
-                    "name": "probabilities",
-                    "shape": [n, k],
-                    "datatype": "FP32",
-                    "data": [v for row in b["probabilities"] for v in row],
-                },
-            )
-        if "top_k" in b:
-            k = len(b["top_k"][0]) if n else 0
-            outputs.append(
-                {
-                    "name": "top_k_labels",
-                    "shape": [n, k],
-                    "datatype": "INT64",
-                    "data": [e["label"] for row in b["top_k"] for e in row],
-                }
-            )
-            outputs.append(
-                {
-                    "name": "top_k_probabilities",
-                    "shape": [n, k],
-                    "datatype": "FP32",
-                    "data": [e["probability"] for row in b["top_k"] for e in row],
-                }
-            )
-        out: dict[str, Any] = {
-            "model_name": b["model"],
-            "model_version": b["model_version"],
-            "outputs": outputs,
-            "parameters": {"decision_id": b["decision_id"], "action": b["action"]},
-        }
-        if rid is not None:
-            out["id"] = rid
-        return out
+    def render_v2(o: Outcome, extra: tuple[str | None, str]) -> dict[str, Any]:
+        return v2_response(o.body(), extra[0])
 
-    # -- prediction endpoints ---------------------------------------------------------------
     @app.post(
         "/v1/models/{name}/predict",
         tags=["predict"],
         summary="Classify a batch (JSON {'inputs': [...]} or a .npy array)",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=_PREDICT_BODY,
+        openapi_extra=PREDICT_BODY,
     )
     async def predict(
         name: str, request: Request, key: KeyRecord = Depends(predict_key)
     ) -> JSONResponse:
-        return await _serve("v1-predict", name, key, request, _parse_v1, _render_v1)
+        return await serve_prediction(guard, "v1-predict", name, key, request, parse_v1, render_v1)
 
     @app.post(
         "/v2/models/{name}/infer",
         tags=["open inference protocol v2"],
         summary="Open Inference Protocol v2 inference",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=_V2_BODY,
+        openapi_extra=V2_BODY,
     )
     async def v2_infer(
         name: str, request: Request, key: KeyRecord = Depends(predict_key)
     ) -> JSONResponse:
-        return await _serve("v2-infer", name, key, request, _parse_v2, _render_v2)
+        return await serve_prediction(guard, "v2-infer", name, key, request, parse_v2, render_v2)
 
     @app.get(
         "/v2/models/{name}",
@@ -332,18 +281,7 @@ def create_app(guard: Guard) -> FastAPI:
         responses=openapi_responses(*AUTH_ERRORS, "model-not-found"),
     )
     def v2_model(name: str, key: KeyRecord = Depends(predict_key)) -> dict[str, Any]:
-        m = guard.get_model(name)
-        spec = m.spec
-        return {
-            "name": m.name,
-            "versions": [m.version],
-            "platform": "advguard-guard",
-            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, *spec.shape]}],
-            "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, spec.num_classes]},
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-            ],
-        }
+        return v2_metadata(guard.get_model(name))
 
     @app.get(
         "/v2/models/{name}/ready",
@@ -354,23 +292,30 @@ def create_app(guard: Guard) -> FastAPI:
         guard.get_model(name)
         return {"name": name, "ready": True}
 
+
+def stores_ready(guard: Guard) -> bool:
+    """True when the database and the rate-limit store answer."""
+    try:
+        with guard.store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return bool(guard.limiter.storage.check())
+    except Exception as exc:
+        log.warning("not ready: %s", type(exc).__name__)
+        return False
+
+
+def add_health_routes(app: FastAPI, guard: Guard) -> None:
+    """Liveness, readiness (both advguard's and OIP v2's) and the Prometheus metrics."""
+    not_ready = "the database or the rate-limit store does not answer"
+
     @app.get("/v2/health/live", tags=["health"])
     def v2_live() -> dict[str, bool]:
         return {"live": True}
 
-    def _ready() -> bool:
-        try:
-            with guard.store.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            return bool(guard.limiter.storage.check())
-        except Exception as exc:
-            log.warning("not ready: %s", type(exc).__name__)
-            return False
-
     @app.get("/v2/health/ready", tags=["health"], responses=openapi_responses("not-ready"))
     def v2_ready() -> dict[str, bool]:
-        if not _ready():
-            raise Problem("not-ready", "the database or the rate-limit store does not answer")
+        if not stores_ready(guard):
+            raise Problem("not-ready", not_ready)
         return {"ready": True}
 
     @app.get("/v2", tags=["open inference protocol v2"])
@@ -383,13 +328,18 @@ def create_app(guard: Guard) -> FastAPI:
 
     @app.get("/readyz", tags=["health"], responses=openapi_responses("not-ready"))
     def readyz() -> dict[str, str]:
-        if not _ready():
-            raise Problem("not-ready", "the database or the rate-limit store does not answer")
+        if not stores_ready(guard):
+            raise Problem("not-ready", not_ready)
         return {"status": "ready", "model": guard.model.name, "version": guard.model.version}
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
         return Response(guard.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_admin_routes(app: FastAPI, guard: Guard) -> None:
+    """Endpoints that need the ``admin`` scope."""
+    admin_key = key_dependency(guard, "admin")
 
     @app.get(
         "/v1/decisions/{decision_id}",
@@ -399,6 +349,11 @@ def create_app(guard: Guard) -> FastAPI:
     )
     def get_decision(decision_id: str, key: KeyRecord = Depends(admin_key)) -> dict[str, Any]:
         return guard.decision(decision_id)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document declares the Problem schema for every error; FastAPI's own 422
+    body (never sent: parameter errors are problems) is replaced by it."""
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -411,7 +366,6 @@ def create_app(guard: Guard) -> FastAPI:
         comps = schema.setdefault("components", {})
         schemas = comps.setdefault("schemas", {})
         schemas["Problem"] = ProblemModel.model_json_schema()
-        # FastAPI's own 422 (HTTPValidationError) is never sent: parameter errors are problems
         problem = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
@@ -426,7 +380,6 @@ def create_app(guard: Guard) -> FastAPI:
         return schema
 
     app.openapi = custom_openapi  # type: ignore[method-assign]
-    return app
 
 
 def wrap(app: FastAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
