@@ -104,6 +104,26 @@ class StatefulSlot:
 
 
 @dataclass
+class Detection:
+    """What the detectors said about one batch: per-detector scores, the reasons of every flag,
+    each row's action, and whether a stateful detector blocks the client."""
+
+    row_actions: list[str]
+    scores: dict[str, list[float] | float | None] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    flagged: bool = False
+    block: bool = False
+
+    def escalate_row(self, i: int, action: str) -> None:
+        if SEVERITY[action] > SEVERITY[self.row_actions[i]]:
+            self.row_actions[i] = action
+
+    def action(self) -> str:
+        """The batch's action: block, else the most severe row action."""
+        return "block" if self.block else max(self.row_actions, key=SEVERITY.__getitem__)
+
+
+@dataclass
 class Outcome:
     """What the API answers for one accepted request."""
 
@@ -298,71 +318,83 @@ class Guard:
         rate and budget were already taken. Raises :class:`Problem` for reject/block."""
         decision_id = uuid.uuid4().hex
         xs = self.sanitize(x, model)
-        scores: dict[str, list[float] | float | None] = {}
-        reasons: list[str] = []
-        row_actions = ["allow"] * len(xs)
-        flagged = False
+        det = self.detect(xs)
+        self.observe_stateful(key, xs, det)
+        action = det.action()
+        sampled = self.rng.random() < self.cfg.forensics.sample_rate
+        if sampled and not det.flagged and action == "allow":
+            det.reasons.append("sampled")
+        forensic = det.flagged or action != "allow" or sampled
+        probs = None if action in ("reject", "block") else self.answer(model, xs, det.row_actions)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if forensic or self.cfg.forensics.record_all_decisions:
+            self._record(decision_id, key, model, action, det, forensic, x, latency_ms)
+        self.metrics.decisions.labels(model.name, model.version, action).inc()
+        self.refuse_if_needed(action, key, decision_id, det.reasons)
+        assert probs is not None
+        self.metrics.rows.labels(model.name, model.version).inc(len(xs))
+        return Outcome(
+            decision_id,
+            action,
+            model,
+            self.fallback,
+            probs,
+            det.row_actions,
+            key.output or OutputPolicy(**self.cfg.output.model_dump()),
+        )
+
+    def detect(self, xs: np.ndarray) -> Detection:
+        """Score the sanitized batch with every input detector and map scores to row actions."""
+        det = Detection(row_actions=["allow"] * len(xs))
         for slot in self.detectors:
             s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")
-            scores[slot.name] = [round(float(v), 6) for v in s]
+            det.scores[slot.name] = [round(float(v), 6) for v in s]
             for i, a in enumerate(slot.actions(s)):
                 if a != "allow":
-                    flagged = True
-                    reasons.append(f"{slot.name}:row{i}:{a}")
-                if SEVERITY[a] > SEVERITY[row_actions[i]]:
-                    row_actions[i] = a
-        block = False
+                    det.flagged = True
+                    det.reasons.append(f"{slot.name}:row{i}:{a}")
+                det.escalate_row(i, a)
+        return det
+
+    def observe_stateful(self, key: KeyRecord, xs: np.ndarray, det: Detection) -> None:
+        """Feed the batch to every per-client stateful detector; a flag escalates all rows to
+        the detector's action (or blocks the client)."""
         for st in self.stateful:
             with st.lock:
                 v = st.detector.observe(key.key_id, xs)
-            scores[st.name] = float(v.score)
-            if v.flagged:
-                flagged = True
-                reasons.append(
-                    f"{st.name}:{st.action} (score {float(v.score):.4g} > "
-                    f"{float(v.threshold):.4g} after {int(v.queries_seen)} queries)"
-                )
-                if st.action == "block":
-                    block = True
-                else:
-                    row_actions = [
-                        st.action if SEVERITY[st.action] > SEVERITY[a] else a for a in row_actions
-                    ]
-        action = "block" if block else max(row_actions, key=SEVERITY.__getitem__)
-        sampled = self.rng.random() < self.cfg.forensics.sample_rate
-        if sampled and not flagged and action == "allow":
-            reasons.append("sampled")
-        forensic = flagged or action != "allow" or sampled
-
-        probs: np.ndarray | None = None
-        if action not in ("reject", "block"):
-            # flagged rows never reach the primary model
-            probs = np.empty((len(xs), model.spec.num_classes), dtype=np.float64)
-            fb = [i for i, a in enumerate(row_actions) if a in ("fallback", "review")]
-            ok = [i for i, a in enumerate(row_actions) if a == "allow"]
-            if ok:
-                probs[ok] = model.predict_proba(xs[ok])
-            if fb:
-                assert self.fallback is not None
-                probs[fb] = self.fallback.predict_proba(xs[fb])
-
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        if forensic or self.cfg.forensics.record_all_decisions:
-            self._record(
-                decision_id,
-                key,
-                model,
-                action,
-                flagged,
-                forensic,
-                reasons,
-                scores,
-                x,
-                latency_ms,
+            det.scores[st.name] = float(v.score)
+            if not v.flagged:
+                continue
+            det.flagged = True
+            det.reasons.append(
+                f"{st.name}:{st.action} (score {float(v.score):.4g} > "
+                f"{float(v.threshold):.4g} after {int(v.queries_seen)} queries)"
             )
-        self.metrics.decisions.labels(model.name, model.version, action).inc()
+            if st.action == "block":
+                det.block = True
+            else:
+                for i in range(len(det.row_actions)):
+                    det.escalate_row(i, st.action)
+
+    def answer(self, model: ServedModel, xs: np.ndarray, row_actions: list[str]) -> np.ndarray:
+        """Scores for the batch: allowed rows from ``model``, flagged rows from the fallback
+        (flagged rows never reach the primary model)."""
+        probs = np.empty((len(xs), model.spec.num_classes), dtype=np.float64)
+        fb = [i for i, a in enumerate(row_actions) if a in ("fallback", "review")]
+        ok = [i for i, a in enumerate(row_actions) if a == "allow"]
+        if ok:
+            probs[ok] = model.predict_proba(xs[ok])
+        if fb:
+            assert self.fallback is not None
+            probs[fb] = self.fallback.predict_proba(xs[fb])
+        return probs
+
+    def refuse_if_needed(
+        self, action: str, key: KeyRecord, decision_id: str, reasons: list[str]
+    ) -> None:
+        """Raise the problem for a block (and record the block) or a reject."""
         if action == "block":
             self.store.add_block(key.key_id, f"stateful detector: {'; '.join(reasons)}")
             log.warning(
@@ -376,17 +408,6 @@ class Guard:
                 decision_id=decision_id,
                 headers={"X-Decision-Id": decision_id},
             )
-        assert probs is not None
-        self.metrics.rows.labels(model.name, model.version).inc(len(xs))
-        return Outcome(
-            decision_id,
-            action,
-            model,
-            self.fallback,
-            probs,
-            row_actions,
-            key.output or OutputPolicy(**self.cfg.output.model_dump()),
-        )
 
     def _record(
         self,
@@ -394,10 +415,8 @@ class Guard:
         key: KeyRecord,
         model: ServedModel,
         action: str,
-        flagged: bool,
+        det: Detection,
         forensic: bool,
-        reasons: list[str],
-        scores: dict[str, list[float] | float | None],
         x: np.ndarray,
         latency_ms: float,
     ) -> None:
@@ -411,10 +430,10 @@ class Guard:
             model=model.name,
             version=model.version,
             action=action,  # type: ignore[arg-type]
-            flagged=flagged,
+            flagged=det.flagged,
             forensic=forensic,
-            reasons=reasons[:64],
-            scores=scores,
+            reasons=det.reasons[:64],
+            scores=det.scores,
             fingerprint=fingerprint(x),
             n_rows=len(x),
             shape=list(x.shape),
