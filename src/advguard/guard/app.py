@@ -39,7 +39,14 @@ _api_key = APIKeyHeader(
     name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader", description="API key"
 )
 
-AUTH_ERRORS = ("unauthorized", "forbidden", "client-blocked", "internal", "not-ready")
+AUTH_ERRORS = (
+    "unauthorized",
+    "forbidden",
+    "client-blocked",
+    "internal",
+    "not-ready",
+    "dependency-unavailable",
+)
 BODY_ERRORS = (
     "bad-request",
     "invalid-json",

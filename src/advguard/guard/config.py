@@ -97,6 +97,9 @@ class LimitsConfig(_Strict):
     #: ``redis://host:port/db`` shares the limits between guard instances; default memory.
     redis_url: str | None = None
     key_prefix: str = Field(default="advguard-guard", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
+    #: When the rate-limit store does not answer: refuse with 503 (false, the default) or let
+    #: requests through without rate limit and budget (true; logged). See guard/failsafe.py.
+    fail_open: bool = False
 
 
 class EdgeConfig(_Strict):
@@ -156,6 +159,9 @@ class ForensicsConfig(_Strict):
     retention_days: int = Field(default=30, ge=1, le=36_500)
     #: Record a decision row (no payload) for every request, so ``/v1/decisions/{id}`` works.
     record_all_decisions: bool = True
+    #: When a decision record cannot be written: refuse with 503 (false, the default) or send
+    #: the answer without its record (true; logged). See guard/failsafe.py.
+    fail_open: bool = False
 
 
 class GuardConfig(_Strict):

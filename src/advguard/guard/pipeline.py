@@ -27,6 +27,7 @@ from advguard.errors import InputError
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
 from advguard.guard.config import SEVERITY, GuardConfig
 from advguard.guard.edge import check_batch
+from advguard.guard.failsafe import DEPENDENCY_ERRORS, note_fail_open, unavailable
 from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
 from advguard.guard.metrics import GuardMetrics
 from advguard.guard.problems import Problem
@@ -261,6 +262,9 @@ class Guard:
             return authenticate(
                 self.store, extract_key(authorization, x_api_key), scope, pepper=self.pepper
             )
+        except DEPENDENCY_ERRORS as exc:  # keys cannot be read: always fail closed
+            log.error("database unavailable during authentication (%s)", type(exc).__name__)
+            raise unavailable("database") from None
         except AuthError as e:
             self.metrics.auth_failures.labels(e.kind).inc()
             headers = {"WWW-Authenticate": 'Bearer realm="advguard"'} if e.status == 401 else {}
@@ -281,8 +285,15 @@ class Guard:
             headers=res.headers(),
         )
 
-    def check_rate(self, key: KeyRecord, model: str) -> LimitResult:
-        res = self.limiter.hit_rate(key.key_id)
+    def check_rate(self, key: KeyRecord, model: str) -> LimitResult | None:
+        try:
+            res = self.limiter.hit_rate(key.key_id)
+        except DEPENDENCY_ERRORS as exc:
+            if not self.cfg.limits.fail_open:
+                log.error("rate-limit store unavailable (%s)", type(exc).__name__)
+                raise unavailable("rate-limit store") from None
+            note_fail_open("rate-limit store", "rate limit", exc)
+            return None
         if not res.allowed:
             raise self._refuse(res, model)
         return res
@@ -295,7 +306,14 @@ class Guard:
                 f"{rows} input rows exceed the whole query budget of {budget} rows per "
                 f"{self.cfg.limits.budget_period}",
             )
-        res = self.limiter.hit_budget(key.key_id, rows)
+        try:
+            res = self.limiter.hit_budget(key.key_id, rows)
+        except DEPENDENCY_ERRORS as exc:
+            if not self.cfg.limits.fail_open:
+                log.error("rate-limit store unavailable (%s)", type(exc).__name__)
+                raise unavailable("rate-limit store") from None
+            note_fail_open("rate-limit store", "query budget", exc)
+            return None
         if res is not None and not res.allowed:
             raise self._refuse(res, model)
         return res
@@ -396,7 +414,10 @@ class Guard:
     ) -> None:
         """Raise the problem for a block (and record the block) or a reject."""
         if action == "block":
-            self.store.add_block(key.key_id, f"stateful detector: {'; '.join(reasons)}")
+            try:
+                self.store.add_block(key.key_id, f"stateful detector: {'; '.join(reasons)}")
+            except DEPENDENCY_ERRORS as exc:  # refused all the same; the block is not stored
+                log.error("block of client %s not stored (%s)", key.key_id, type(exc).__name__)
             log.warning(
                 "client %s blocked by a stateful detector (decision %s)", key.key_id, decision_id
             )
@@ -442,14 +463,23 @@ class Guard:
             payload_encrypted=payload is not None,
             review_status="pending" if action == "review" else None,
         )
-        self.store.add_decision(rec)  # committed before the answer leaves
+        try:
+            self.store.add_decision(rec)  # committed before the answer leaves
+        except DEPENDENCY_ERRORS as exc:
+            if not self.cfg.forensics.fail_open:
+                log.error("decision %s not recorded (%s)", decision_id, type(exc).__name__)
+                raise unavailable("database") from None
+            note_fail_open("database", f"record of decision {decision_id}", exc)
 
     def decision(self, decision_id: str) -> dict[str, Any]:
         import re
 
         if not re.fullmatch(r"[0-9a-f]{32}", decision_id):
             raise Problem("decision-not-found", "no decision with this id")
-        rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
+        try:
+            rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
+        except DEPENDENCY_ERRORS:
+            raise unavailable("database") from None
         if rec is None:
             raise Problem("decision-not-found", "no decision with this id")
         return rec.public()

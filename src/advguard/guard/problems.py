@@ -32,6 +32,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "budget-exhausted": (429, "Query budget exhausted"),
     "internal": (500, "Internal error"),
     "not-ready": (503, "Service not ready"),
+    "dependency-unavailable": (503, "A store the guard depends on does not answer"),
 }
 
 

@@ -72,8 +72,11 @@ class Limiter:
                 self.storage = storage_from_string(cfg.redis_url, key_prefix=cfg.key_prefix)
             except Exception as exc:  # bad scheme, redis package missing
                 raise InputError(f"cannot use the rate-limit store: {type(exc).__name__}") from None
-            if not self.storage.check():
-                raise InputError("the rate-limit Redis does not answer (limits.redis_url)")
+            if not self.storage.check() and not cfg.fail_open:
+                raise InputError(
+                    "the rate-limit Redis does not answer (limits.redis_url); start it, or set "
+                    "limits.fail_open: true to serve without limits while it is down"
+                )
         else:
             self.storage = MemoryStorage()
         self.limiter = MovingWindowRateLimiter(self.storage)
