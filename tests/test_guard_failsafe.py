@@ -10,12 +10,12 @@ import random
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from guard_helpers import make_guard
-from netproxy import Proxy
 
 from advguard.guard.app import create_app
 from advguard.guard.auth import create_key
 from advguard.guard.problems import PROBLEM_BASE
+from guard_helpers import make_guard
+from netproxy import Proxy
 
 PREDICT = "/v1/models/digits/predict"
 
