@@ -39,6 +39,7 @@ class RegistrySource(_Strict):
 class ModelSpec(_Strict):
     """A served model: a file (``path``) or a registry version (``registry``)."""
 
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     name: str = Field(default="model", pattern=NAME_RE)
     path: str | None = None
     factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -46,6 +47,9 @@ class ModelSpec(_Strict):
     num_classes: int | None = Field(default=None, ge=2)
     bounds: list[float] | None = None
     registry: RegistrySource | None = None
+    #: A feature schema (YAML, see docs/tabular.md) makes this a tabular model: requests send
+    #: records keyed by feature name, checked against the schema's domain.
+    schema_path: str | None = Field(default=None, alias="schema")
 
     @field_validator("input_shape")
     @classmethod
@@ -110,11 +114,16 @@ class EdgeConfig(_Strict):
     max_batch: int = Field(default=256, ge=1, le=100_000)
     #: Inputs outside the model's bounds: refuse (422) or clip into them.
     out_of_bounds: Literal["reject", "clip"] = "reject"
+    #: Longest text (characters) a text model accepts per input.
+    max_text_chars: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
 class SanitizeConfig(_Strict):
     #: Bit-depth reduction of every input (feature squeezing, Xu et al. 2018); None: off.
     quantize_bits: int | None = Field(default=None, ge=1, le=16)
+    #: Text models: undo Unicode tricks (NFKC, confusables, invisible characters) before the
+    #: detectors and the model see the text (advguard.defenses.transforms.TextNormalizer).
+    text_normalize: bool = True
 
 
 class Band(_Strict):

@@ -120,7 +120,7 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     return obj
 
 
-def _as_float_array(data: Any, what: str) -> np.ndarray:
+def as_float_array(data: Any, what: str) -> np.ndarray:
     def bad_type() -> Problem:
         return Problem("invalid-input", f"{what} must be a (nested) list of numbers")
 
@@ -178,11 +178,14 @@ def check_batch(x: np.ndarray, spec: InputSpec, *, max_batch: int, clip: bool) -
     return out
 
 
-def parse_predict_json(obj: Any) -> np.ndarray:
-    """``{"inputs": [...]}`` (the HttpClassifier contract)."""
+def parse_predict_json(obj: Any) -> Any:
+    """``{"inputs": [...]}`` (the HttpClassifier contract): the ``inputs`` list, unconverted
+    (numbers, strings or records: the model's kind decides, see :mod:`.modalities`)."""
     if not isinstance(obj, dict) or "inputs" not in obj:
         raise Problem("invalid-input", 'the body must be a JSON object with the field "inputs"')
-    return _as_float_array(obj["inputs"], '"inputs"')
+    if not isinstance(obj["inputs"], list):
+        raise Problem("invalid-input", '"inputs" must be a list with one entry per input')
+    return obj["inputs"]
 
 
 def parse_npy(body: bytes) -> np.ndarray:
@@ -232,8 +235,10 @@ def parse_v2_infer(obj: Any) -> tuple[np.ndarray, str | None, str]:
     name, shape, dtype, data = t.get("name"), t.get("shape"), t.get("datatype"), t.get("data")
     if not isinstance(name, str) or len(name) > 100:
         raise Problem("invalid-input", "inputs[0].name must be a string")
-    if dtype not in V2_DTYPES:
-        raise Problem("invalid-input", f"inputs[0].datatype must be one of {', '.join(V2_DTYPES)}")
+    if dtype not in V2_DTYPES and dtype != "BYTES":
+        raise Problem(
+            "invalid-input", f"inputs[0].datatype must be one of {', '.join(V2_DTYPES)}, BYTES"
+        )
     if (
         not isinstance(shape, list)
         or not shape
@@ -241,7 +246,13 @@ def parse_v2_infer(obj: Any) -> tuple[np.ndarray, str | None, str]:
         or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
     ):
         raise Problem("invalid-input", "inputs[0].shape must be a list of non-negative integers")
-    arr = _as_float_array(data, "inputs[0].data").reshape(-1)
+    if dtype == "BYTES":  # text: a flat list of strings
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise Problem("invalid-input", "inputs[0].data must be strings for BYTES")
+        arr = np.empty(len(data), dtype=object)
+        arr[:] = data
+    else:
+        arr = as_float_array(data, "inputs[0].data").reshape(-1)
     if arr.size != math.prod(shape):
         raise Problem(
             "invalid-input",

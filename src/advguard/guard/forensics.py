@@ -24,10 +24,22 @@ if TYPE_CHECKING:  # cryptography is an optional extra (guard)
     from cryptography.fernet import Fernet
 
 FINGERPRINT_TAG = b"advguard-guard-input-v1\n"
+TEXT_TAG = b"advguard-guard-text-v1\n"
+#: Most characters in one stored text payload's JSON.
+MAX_TEXT_PAYLOAD = 64 * 1024 * 1024
+
+
+def _text_json(x: np.ndarray) -> bytes:
+    return json.dumps([str(t) for t in x.reshape(-1)], ensure_ascii=False).encode()
 
 
 def fingerprint(x: np.ndarray) -> str:
-    """SHA-256 of the canonical bytes of a batch: a tag, the shape, little-endian float32."""
+    """SHA-256 of the canonical bytes of a batch: a tag, the shape, little-endian float32; for
+    a batch of texts (object or unicode array) a text tag and the texts as UTF-8 JSON."""
+    if x.dtype.kind in "OU":
+        h = hashlib.sha256(TEXT_TAG)
+        h.update(_text_json(x))
+        return h.hexdigest()
     arr = np.ascontiguousarray(x, dtype="<f4")
     h = hashlib.sha256(FINGERPRINT_TAG)
     h.update(json.dumps(list(arr.shape)).encode() + b"\n")
@@ -76,6 +88,8 @@ def new_fernet_key(out: Path) -> Path:
 
 
 def encode_payload(x: np.ndarray, fernet: Fernet) -> bytes:
+    if x.dtype.kind in "OU":  # texts: tagged UTF-8 JSON
+        return bytes(fernet.encrypt(TEXT_TAG + _text_json(x)))
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
     return bytes(fernet.encrypt(buf.getvalue()))
@@ -88,6 +102,8 @@ def decode_payload(token: bytes, fernet: Fernet) -> np.ndarray:
         raw = fernet.decrypt(token)
     except InvalidToken:
         raise InputError("a stored payload does not decrypt with this forensic key") from None
+    if raw.startswith(TEXT_TAG):
+        return _decode_texts(raw[len(TEXT_TAG) :])
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError):
@@ -95,6 +111,15 @@ def decode_payload(token: bytes, fernet: Fernet) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
         raise InputError("a stored payload is not a float32 array")
     return arr
+
+
+def _decode_texts(raw: bytes) -> np.ndarray:
+    from advguard import _safejson
+
+    texts = _safejson.loads(raw, source="a stored text payload", max_bytes=MAX_TEXT_PAYLOAD)
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InputError("a stored text payload is not a list of strings")
+    return np.array(texts, dtype=np.str_)
 
 
 def parse_since(text: str | None, at: datetime | None = None) -> datetime | None:

@@ -43,11 +43,12 @@ V2_BODY = {
 def v2_metadata(m: ServedModel) -> dict[str, Any]:
     """``GET /v2/models/{name}``: the model's name, version and tensor signature."""
     spec = m.spec
+    dtype = "BYTES" if m.kind == "text" else "FP32"
     return {
         "name": m.name,
         "versions": [m.version],
         "platform": "advguard-guard",
-        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, *spec.shape]}],
+        "inputs": [{"name": "input-0", "datatype": dtype, "shape": [-1, *spec.shape]}],
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, spec.num_classes]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},

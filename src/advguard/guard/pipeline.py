@@ -26,10 +26,11 @@ import numpy as np
 from advguard.errors import InputError
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
 from advguard.guard.config import SEVERITY, GuardConfig
-from advguard.guard.edge import check_batch
+from advguard.guard.edge import as_float_array, check_batch
 from advguard.guard.failsafe import DEPENDENCY_ERRORS, note_fail_open, unavailable
 from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
 from advguard.guard.metrics import GuardMetrics
+from advguard.guard.modalities import tabular_batch, text_batch
 from advguard.guard.problems import Problem
 from advguard.guard.ratelimit import Limiter, LimitResult
 from advguard.guard.serving import ServedModel, load_served_model
@@ -200,13 +201,17 @@ class Guard:
         self.fernet = fernet
         self.rng = rng or random.Random()
         self.metrics = GuardMetrics()
+        from advguard.defenses.transforms.text import TextNormalizer
+
+        self.normalizer = TextNormalizer()
+        check_modality(cfg, model, self.detectors, self.stateful)
         needs_fallback = any(
             a in ("fallback", "review") for d in self.detectors for _, a in d.bands
         )
         needs_fallback |= any(s.action in ("fallback", "review") for s in self.stateful)
         if needs_fallback and fallback is None:
             raise InputError("an action 'fallback' or 'review' needs a fallback model")
-        if fallback is not None and fallback.spec != model.spec:
+        if fallback is not None and (fallback.spec, fallback.kind) != (model.spec, model.kind):
             raise InputError(
                 f"the fallback model takes {fallback.spec} but the model takes {model.spec}"
             )
@@ -230,6 +235,7 @@ class Guard:
             model = load_served_model(cfg.model, cfg)
         if fallback is None and cfg.fallback is not None:
             fallback = load_served_model(cfg.fallback, cfg)
+        check_modality(cfg, model, [], [])
         pepper = load_pepper(cfg.auth.pepper_env, cfg.resolve(cfg.auth.pepper_file))
         fernet = None
         if cfg.forensics.mode == "encrypted":
@@ -318,15 +324,28 @@ class Guard:
             raise self._refuse(res, model)
         return res
 
-    def validate(self, x: np.ndarray, model: ServedModel) -> np.ndarray:
-        return check_batch(
-            x,
-            model.spec,
-            max_batch=self.cfg.edge.max_batch,
-            clip=self.cfg.edge.out_of_bounds == "clip",
-        )
+    def validate(self, raw: Any, model: ServedModel) -> np.ndarray:
+        """The request's ``inputs`` (a parsed JSON list or an array) as a checked batch of the
+        model's kind: float32 tensors, a 1-D array of texts, or schema-checked tabular rows."""
+        edge = self.cfg.edge
+        if model.kind == "text":
+            return text_batch(raw, max_batch=edge.max_batch, max_chars=edge.max_text_chars)
+        if isinstance(raw, np.ndarray) and raw.dtype.kind not in "iuf":
+            raise Problem("invalid-input", f"model {model.name} takes numbers, not strings")
+        clip = edge.out_of_bounds == "clip"
+        if model.kind == "tabular":
+            assert model.schema is not None
+            return tabular_batch(raw, model.schema, model.spec, max_batch=edge.max_batch, clip=clip)
+        x = raw if isinstance(raw, np.ndarray) else as_float_array(raw, '"inputs"')
+        return check_batch(x, model.spec, max_batch=edge.max_batch, clip=clip)
 
     def sanitize(self, x: np.ndarray, model: ServedModel) -> np.ndarray:
+        if model.kind == "text":
+            if not self.cfg.sanitize.text_normalize:
+                return x
+            out = np.empty(len(x), dtype=object)
+            out[:] = [self.normalizer.normalize(str(t)) for t in x]
+            return out
         bits = self.cfg.sanitize.quantize_bits
         return _quantize(x, bits, model.spec.bounds) if bits else x
 
@@ -399,7 +418,7 @@ class Guard:
     def answer(self, model: ServedModel, xs: np.ndarray, row_actions: list[str]) -> np.ndarray:
         """Scores for the batch: allowed rows from ``model``, flagged rows from the fallback
         (flagged rows never reach the primary model)."""
-        probs = np.empty((len(xs), model.spec.num_classes), dtype=np.float64)
+        probs = np.empty((len(xs), model.num_classes), dtype=np.float64)
         fb = [i for i, a in enumerate(row_actions) if a in ("fallback", "review")]
         ok = [i for i, a in enumerate(row_actions) if a == "allow"]
         if ok:
@@ -485,6 +504,24 @@ class Guard:
         return rec.public()
 
 
+def check_modality(
+    cfg: GuardConfig,
+    model: ServedModel,
+    detectors: Sequence[DetectorSlot],
+    stateful: Sequence[StatefulSlot],
+) -> None:
+    """Refuse settings that do not apply to the model's kind of input."""
+    if model.kind != "text":
+        return
+    if detectors or stateful or cfg.detectors or cfg.stateful:
+        raise InputError(
+            "input and stateful detectors take numeric inputs; a text model takes neither yet "
+            "(use sanitize.text_normalize and the limits)"
+        )
+    if cfg.sanitize.quantize_bits:
+        raise InputError("sanitize.quantize_bits applies to numeric inputs, not a text model")
+
+
 # -- builders for the configured detectors --------------------------------------------
 def build_detectors(cfg: GuardConfig, model: ServedModel) -> list[DetectorSlot]:
     """Load the ``detectors:`` of ``cfg`` with ``advguard.defenses.detectors.load_detector``
@@ -526,7 +563,7 @@ def build_stateful_detectors(cfg: GuardConfig, model: ServedModel) -> list[State
         return []
     from advguard.guard.stateful import build_stateful
 
-    predict = model.classifier.predict
+    predict = model.tensor_classifier.predict
     return [
         StatefulSlot(s.name, build_stateful(dict(s.spec), predict=predict), s.action)
         for s in cfg.stateful
