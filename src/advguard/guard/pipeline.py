@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -291,16 +291,21 @@ class Guard:
             headers=res.headers(),
         )
 
-    def check_rate(self, key: KeyRecord, model: str) -> LimitResult | None:
+    def _hit(self, what: str, hit: Callable[[], LimitResult | None]) -> LimitResult | None:
+        """Run one limiter check; an unreachable store fails closed (503) unless
+        ``limits.fail_open``, which skips the check (None)."""
         try:
-            res = self.limiter.hit_rate(key.key_id)
+            return hit()
         except DEPENDENCY_ERRORS as exc:
             if not self.cfg.limits.fail_open:
                 log.error("rate-limit store unavailable (%s)", type(exc).__name__)
                 raise unavailable("rate-limit store") from None
-            note_fail_open("rate-limit store", "rate limit", exc)
+            note_fail_open("rate-limit store", what, exc)
             return None
-        if not res.allowed:
+
+    def check_rate(self, key: KeyRecord, model: str) -> LimitResult | None:
+        res = self._hit("rate limit", lambda: self.limiter.hit_rate(key.key_id))
+        if res is not None and not res.allowed:
             raise self._refuse(res, model)
         return res
 
@@ -312,14 +317,7 @@ class Guard:
                 f"{rows} input rows exceed the whole query budget of {budget} rows per "
                 f"{self.cfg.limits.budget_period}",
             )
-        try:
-            res = self.limiter.hit_budget(key.key_id, rows)
-        except DEPENDENCY_ERRORS as exc:
-            if not self.cfg.limits.fail_open:
-                log.error("rate-limit store unavailable (%s)", type(exc).__name__)
-                raise unavailable("rate-limit store") from None
-            note_fail_open("rate-limit store", "query budget", exc)
-            return None
+        res = self._hit("query budget", lambda: self.limiter.hit_budget(key.key_id, rows))
         if res is not None and not res.allowed:
             raise self._refuse(res, model)
         return res
