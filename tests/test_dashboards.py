@@ -18,7 +18,6 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from tests.guard_helpers import make_guard
 from typer.testing import CliRunner
 
 from advguard.cli import app as cli_app
@@ -27,6 +26,7 @@ from advguard.guard.auth import create_key
 from advguard.observe import grafana, names
 from advguard.observe.promql import references, variable_query_references
 from advguard.observe.slo import compile_rules, load_slo_file
+from guard_helpers import make_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMTOOL = shutil.which("promtool")
