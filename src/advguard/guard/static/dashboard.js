@@ -4,7 +4,7 @@
 
 (function () {
   const KEY = "advguard-admin-key";
-  const POLL_MS = 2000;
+  const POLL_MS = 5000;
   const ACTIONS = ["allow", "fallback", "review", "reject", "block"];
   const COLORS = { allow: "#2f8f4e", fallback: "#3f6fd1", review: "#c98a00", reject: "#c23b3b", block: "#7b2cbf" };
   const ID_RE = /^[0-9a-f]{32}$/;
