@@ -338,3 +338,88 @@ def test_export_writes_dashboards_and_provisioning(tmp_path: Path) -> None:
         cli_app, ["dashboards", "export", "--out", str(out), "--dashboards-path", "rel/path"]
     )
     assert bad.exit_code == 2 and "absolute path" in bad.stderr
+
+
+def _expr(dashboard: str, title: str, ref: str = "A") -> str:
+    """A panel's query with Grafana's variables replaced as Grafana would for 'All'."""
+    panel = next(p for p in grafana.load_dashboard(dashboard)["panels"] if p["title"] == title)
+    expr = next(t["expr"] for t in panel["targets"] if t["refId"] == ref)
+    expr = expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+    return re.sub(r"\$[a-z_]+", ".*", expr)
+
+
+def _case(title: str, dashboard: str, value: float, labels: str = "{}") -> dict[str, Any]:
+    return {
+        "expr": _expr(dashboard, title),
+        "eval_time": "70m",
+        "exp_samples": [{"labels": labels, "value": value}],
+    }
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) not installed")
+def test_queries_compute_the_right_numbers_in_promtool(tmp_path: Path) -> None:
+    """Key panels evaluated by promtool over known series: flag and reject rates, client
+    shares, SLO compliance and the share of models meeting their robustness SLOs."""
+    d = "advguard_guard_decisions_total"
+    m1 = 'model="m1",version="v1"'
+    series = [
+        (f'{d}{{{m1},action="allow"}}', "0+85x80"),
+        (f'{d}{{{m1},action="review"}}', "0+10x80"),
+        (f'{d}{{{m1},action="reject"}}', "0+5x80"),
+        (f'advguard_guard_detector_flags_total{{{m1},detector="squeeze"}}', "0+10x80"),
+        ('advguard_guard_client_queries_total{model="m1",client="aaa"}', "0+30x80"),
+        ('advguard_guard_client_queries_total{model="m1",client="bbb"}', "0+10x80"),
+        ('slo:flags:error_ratio_rate3d{slo="flags",model="m1"}', "0.01x80"),
+        ('slo:rejects:error_ratio_rate3d{slo="rejects",model="m1"}', "0.001x80"),
+        ('slo:robust_a:robust_accuracy{slo="robust_a",model="m1"}', "0.7x80"),
+        ('slo:robust_b:robust_accuracy{slo="robust_b",model="m2"}', "0.4x80"),
+        ('advguard_eval_verdict_passed{model="m1",threat_model="t1"}', "1x80"),
+        ('advguard_eval_verdict_passed{model="m1",threat_model="t2"}', "0x80"),
+        ('advguard_eval_verdict_passed{model="m2",threat_model="t1"}', "1x80"),
+    ]
+    alerts = [
+        (
+            'ALERTS{alertname="AdvguardSLOFastBurn",alertstate="firing",slo="flags",'
+            'model="m1",severity="page"}',
+            "1x80",
+        ),
+        (
+            'ALERTS{alertname="AdvguardRobustAccuracyBelowTarget",alertstate="firing",'
+            'slo="robust_b",model="m2",severity="ticket"}',
+            "1x80",
+        ),
+    ]
+    oc, ex = "advguard-oncall", "advguard-executive"
+    checks = [
+        _case("Flag rate by model and detector", oc, 0.1, '{model="m1",detector="squeeze"}'),
+        _case("Reject and block rate by model", oc, 0.05, '{model="m1",action="reject"}'),
+        _case("SLO compliance", ex, 0.5),
+        _case("Models meeting their robustness SLOs", ex, 0.5),
+        _case("Models whose last evaluation passed", ex, 0.5),
+        {
+            "expr": _expr(oc, "Client share of queries (range)"),
+            "eval_time": "70m",
+            "exp_samples": [
+                {"labels": '{model="m1",client="aaa"}', "value": 0.75},
+                {"labels": '{model="m1",client="bbb"}', "value": 0.25},
+            ],
+        },
+    ]
+    quiet = [
+        _case("SLO compliance", ex, 1.0),
+        _case("Models meeting their robustness SLOs", ex, 1.0),
+    ]
+
+    def group(with_series: list[tuple[str, str]], tests: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in with_series],
+            "promql_expr_test": tests,
+        }
+
+    doc = {"rule_files": [], "tests": [group(series + alerts, checks), group(series, quiet)]}
+    path = tmp_path / "dashboard-tests.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
