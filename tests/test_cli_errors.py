@@ -249,6 +249,14 @@ def out_file_quickstart(tmp: Path) -> list[str]:
     return ["quickstart", "--out", str(_a_file(tmp))]
 
 
+def dashboards_bad_url(tmp: Path) -> list[str]:
+    return ["dashboards", "export", "--out", str(tmp / "d"), "--prometheus-url", "file:///x"]
+
+
+def dashboards_out_is_file(tmp: Path) -> list[str]:
+    return ["dashboards", "export", "--out", str(_a_file(tmp))]
+
+
 CASES: dict[str, Builder] = {
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
@@ -274,6 +282,8 @@ CASES: dict[str, Builder] = {
     "redteam --out is a file": out_file_redteam,
     "train --out is a file": out_file_train,
     "quickstart --out is a file": out_file_quickstart,
+    "dashboards export --prometheus-url file://": dashboards_bad_url,
+    "dashboards export --out is a file": dashboards_out_is_file,
 }
 
 

@@ -21,6 +21,7 @@ from rich.markup import escape
 from advguard import __version__
 from advguard.cli import (
     certify,
+    dashboards,
     data,
     detector,
     evaluate,
@@ -47,6 +48,7 @@ MODULES: tuple[ModuleType, ...] = (
     registry,
     guard,
     slo,
+    dashboards,
     poison,
     data,
     privacy,

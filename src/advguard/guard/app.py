@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advguard import __version__
+from advguard.guard.dashboard import add_dashboard_routes
 from advguard.guard.edge import (
     parse_json,
     parse_npy,
@@ -137,6 +138,7 @@ def create_app(guard: Guard) -> FastAPI:
     add_prediction_routes(app, guard)
     add_health_routes(app, guard)
     add_admin_routes(app, guard)
+    add_dashboard_routes(app, guard)
     install_openapi(app)
     return app
 

@@ -338,8 +338,13 @@ class GuardStore:
         review_status: str | None = None,
         model: str | None = None,
         limit: int | None = None,
+        flagged_only: bool = False,
+        newest_first: bool = False,
     ) -> Iterator[DecisionRecord]:
-        q = select(self.decisions).order_by(self.decisions.c.ts)
+        ts = self.decisions.c.ts
+        q = select(self.decisions).order_by(ts.desc() if newest_first else ts)
+        if flagged_only:
+            q = q.where(self.decisions.c.flagged.is_(True))
         if since is not None:
             q = q.where(self.decisions.c.ts >= since)
         if forensic_only:
