@@ -7,19 +7,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advguard import __version__
 from advguard.guard.dashboard import add_dashboard_routes
+from advguard.guard.deps import key_dependency
 from advguard.guard.edge import (
     parse_json,
     parse_npy,
@@ -34,11 +34,6 @@ from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_r
 from advguard.guard.storage import KeyRecord
 
 log = logging.getLogger("advguard.guard")
-
-_bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", description="API key")
-_api_key = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader", description="API key"
-)
 
 AUTH_ERRORS = (
     "unauthorized",
@@ -170,20 +165,6 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(
             Problem("invalid-input", "the request's parameters are not valid"), request.url.path
         )
-
-
-def key_dependency(guard: Guard, scope: str) -> Callable[..., KeyRecord]:
-    """A FastAPI dependency that authenticates the caller's API key for ``scope``."""
-
-    def dep(
-        request: Request,
-        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        x_api_key: Annotated[str | None, Depends(_api_key)],
-    ) -> KeyRecord:
-        auth = f"Bearer {cred.credentials}" if cred is not None else None
-        return guard.authenticate(auth, x_api_key, scope)
-
-    return dep
 
 
 Parse = Callable[[bytes, str], Any]

@@ -23,17 +23,16 @@ import io
 import logging
 import math
 import re
-from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from advguard.errors import InputError
+from advguard.guard.deps import key_dependency
 from advguard.guard.forensics import decode_payload, fingerprint
 from advguard.guard.pipeline import Guard
 from advguard.guard.problems import Problem, openapi_responses
@@ -177,7 +176,7 @@ class ReviewNote(BaseModel):
 
 def add_dashboard_routes(app: FastAPI, guard: Guard) -> None:
     """The page, its assets and the admin JSON endpoints it polls."""
-    admin_key = key_dependency_for(guard)
+    admin_key = key_dependency(guard, "admin")
 
     def page(name: str) -> Response:
         return Response(asset(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
@@ -247,26 +246,6 @@ def add_dashboard_routes(app: FastAPI, guard: Guard) -> None:
             raise Problem("review-not-found", "no pending review with this decision id")
         log.info("review %s %s by key %s", decision_id, status, key.key_id)
         return {"id": decision_id, "review_status": status}
-
-
-_bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", description="API key")
-_api_key = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader", description="API key"
-)
-
-
-def key_dependency_for(guard: Guard) -> Callable[..., KeyRecord]:
-    """The admin-scope dependency (as ``app.key_dependency``, which this module cannot import:
-    ``app`` imports this module)."""
-
-    def dep(
-        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        x_api_key: Annotated[str | None, Depends(_api_key)],
-    ) -> KeyRecord:
-        auth = f"Bearer {cred.credentials}" if cred is not None else None
-        return guard.authenticate(auth, x_api_key, "admin")
-
-    return dep
 
 
 __all__ = [

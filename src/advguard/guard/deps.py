@@ -1,0 +1,33 @@
+"""FastAPI dependencies shared by every route group of the guard (the prediction API in
+:mod:`.app` and the admin groups in their own modules): the caller's API key, authenticated
+for a scope, from ``Authorization: Bearer`` or ``X-API-Key``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from advguard.guard.pipeline import Guard
+from advguard.guard.storage import KeyRecord
+
+bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", description="API key")
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader", description="API key"
+)
+
+
+def key_dependency(guard: Guard, scope: str) -> Callable[..., KeyRecord]:
+    """A dependency that authenticates the caller's API key for ``scope``."""
+
+    def dep(
+        request: Request,
+        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        x_api_key: Annotated[str | None, Depends(api_key_header)],
+    ) -> KeyRecord:
+        auth = f"Bearer {cred.credentials}" if cred is not None else None
+        return guard.authenticate(auth, x_api_key, scope)
+
+    return dep
