@@ -71,7 +71,8 @@ def load_goal_data(spec: str, model: Any, what: str) -> tuple[np.ndarray, np.nda
     return np.asarray(ds.x, dtype=np.float32), y
 
 
-def _sample(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample(xy: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = xy
     if len(x) <= n:
         return x, y
     idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
@@ -80,7 +81,9 @@ def _sample(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray
 
 def _class_param(v: int | None, model: Any, what: str) -> None:
     if v is not None and v >= model.num_classes:
-        raise InputError(f"goal parameter {what} {v} is not a class of the model (< {model.num_classes})")
+        raise InputError(
+            f"goal parameter {what} {v} is not a class of the model (< {model.num_classes})"
+        )
 
 
 # -- training ----------------------------------------------------------------------------
@@ -102,7 +105,9 @@ def train_zoo(
         seed=seed, bounds=bounds, val_fraction=0.1,
     )  # fmt: skip
     res = train(module, x, y, cfg, num_classes=model.num_classes)
-    clf = TorchClassifier(res.module, input_shape=shape, num_classes=model.num_classes, bounds=bounds)
+    clf = TorchClassifier(
+        res.module, input_shape=shape, num_classes=model.num_classes, bounds=bounds
+    )
     return clf, res.manifest
 
 
@@ -135,8 +140,11 @@ def _run_poisoning(
         elig = (y == p.source) if p.source is not None else (y != p.target)
         hits = int((np.asarray(pois.predict(x[elig])) == p.target).sum())
         base = int((np.asarray(ref.predict(x[elig])) == p.target).sum())
-        note = f"evaluation inputs {'of class ' + str(p.source) if p.source is not None else 'not of the target class'} classified as the target"
-        metrics.append(proportion_metric("attack_success_rate", proportion(hits, int(elig.sum())), note))
+        who = f"of class {p.source}" if p.source is not None else "not of the target class"
+        note = f"evaluation inputs {who} classified as the target"
+        metrics.append(
+            proportion_metric("attack_success_rate", proportion(hits, int(elig.sum())), note)
+        )
         metrics.append(
             proportion_metric("reference_attack_success_rate", proportion(base, int(elig.sum())))
         )
@@ -203,8 +211,8 @@ def _run_membership(
     from advguard.attacks.inference import audit_membership
 
     p: MembershipParams = spec.typed_params()
-    mx, my = _sample(*data["members"], p.max_samples, seed)
-    nx, ny = _sample(*(data.get("non_members") or (x, y)), p.max_samples, seed + 1)
+    mx, my = _sample(data["members"], p.max_samples, seed)
+    nx, ny = _sample(data.get("non_members") or (x, y), p.max_samples, seed + 1)
     audit = audit_membership(
         model, (mx, my), (nx, ny), population=data.get("population"), arch=p.arch,
         n_shadows=p.shadows, shadow_epochs=p.shadow_epochs, fprs=[p.fpr],
@@ -325,10 +333,14 @@ def run_goals(
         )
         out.append(
             GoalResult(
-                name=spec.name, kind=spec.kind, params=dict(spec.params), metrics=metrics,
-                atlas=list(GOAL_ATLAS[spec.kind]), details=details,
+                name=spec.name,
+                kind=spec.kind,
+                params=dict(spec.params),
+                metrics=metrics,
+                atlas=list(GOAL_ATLAS[spec.kind]),
+                details=details,
                 seconds=time.perf_counter() - t0,
-            )  # fmt: skip
+            )
         )
     if progress is not None:
         progress("goals", len(tm.goals), len(tm.goals))

@@ -19,6 +19,7 @@ import torch
 
 from advguard import __version__
 from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack
+from advguard.evaluate.goals import GoalResult, goal_findings, goal_slo_results, goal_specs
 from advguard.evaluate.report import (
     AttackRow,
     EpsilonResult,
@@ -30,7 +31,6 @@ from advguard.evaluate.report import (
     Stat,
     SuiteEntry,
 )
-from advguard.evaluate.goals import GoalResult, goal_findings, goal_slo_results, goal_specs
 from advguard.evaluate.state import RunState, sha256_array
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.evaluate.verdict import judge, verdict_of

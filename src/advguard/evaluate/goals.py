@@ -299,20 +299,21 @@ def judge_goal_slo(spec: GoalSpec, slo: GoalSLO, result: GoalResult | None) -> S
     """The :class:`~advguard.evaluate.verdict.SLOResult` of one goal SLO."""
     from advguard.evaluate.verdict import SLOResult, slo_holds
 
-    head = {"slo": f"{spec.name}: {slo}", "metric": slo.metric, "epsilon": None}
+    name = f"{spec.name}: {slo}"
     m = result.metric(slo.metric) if result is not None else None
     if m is None or m.value is None:
         why = "the goal did not run" if result is None else (m.note if m else "not measured")
         return SLOResult(
-            **head, value=None, ci_low=None, ci_high=None, holds="not-evaluable",
-            note=why or "not measured",
+            slo=name, metric=slo.metric, epsilon=None, value=None, ci_low=None, ci_high=None,
+            holds="not-evaluable", note=why or "not measured",
         )  # fmt: skip
     lo = m.ci_low if m.ci_low is not None else m.value
     hi = m.ci_high if m.ci_high is not None else m.value
     holds = slo_holds(slo, m.value, lo, hi)  # type: ignore[arg-type]
     return SLOResult(
-        **head, value=m.value, ci_low=m.ci_low, ci_high=m.ci_high, holds=holds, note=m.note
-    )
+        slo=name, metric=slo.metric, epsilon=None, value=m.value, ci_low=m.ci_low,
+        ci_high=m.ci_high, holds=holds, note=m.note,
+    )  # fmt: skip
 
 
 def goal_slo_results(specs: list[GoalSpec], results: list[GoalResult]) -> list[SLOResult]:
@@ -341,9 +342,12 @@ def _metric_problems(at: str, m: GoalMetric, metrics: dict[str, GoalMetric]) -> 
         ):
             return [f"{where}: value {m.value} is not k/n = {m.k}/{m.n}"]
         lo, hi = clopper_pearson(m.k, m.n, m.confidence)
-        if m.ci_low is None or m.ci_high is None or abs(m.ci_low - lo) > _TOL or abs(
-            m.ci_high - hi
-        ) > _TOL:
+        if (
+            m.ci_low is None
+            or m.ci_high is None
+            or abs(m.ci_low - lo) > _TOL
+            or abs(m.ci_high - hi) > _TOL
+        ):
             return [f"{where}: interval is not the Clopper-Pearson interval of {m.k}/{m.n}"]
         return []
     if m.k is not None or m.n is not None:
@@ -384,7 +388,9 @@ def goal_problems(specs: list[GoalSpec], results: list[GoalResult]) -> list[str]
         spec = spec_by_name.get(r.name)
         if spec is None or spec.kind != r.kind:
             out.append(f"{at}: no {r.kind} goal of that name in the threat model")
-        if set(r.atlas) != set(GOAL_ATLAS[r.kind]) or any(t not in ATLAS_TECHNIQUES for t in r.atlas):
+        if set(r.atlas) != set(GOAL_ATLAS[r.kind]) or any(
+            t not in ATLAS_TECHNIQUES for t in r.atlas
+        ):
             out.append(f"{at}: ATLAS techniques {r.atlas} are not those of a {r.kind} goal")
         if not (math.isfinite(r.seconds) and r.seconds >= 0):
             out.append(f"{at}: seconds {r.seconds} is not a finite number >= 0")
@@ -406,7 +412,11 @@ _HEADLINE = {
 
 
 def _summary(r: GoalResult, m: GoalMetric) -> str:
-    ci = f" [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None and m.ci_high is not None else ""
+    ci = (
+        f" [{m.ci_low:.3f}, {m.ci_high:.3f}]"
+        if m.ci_low is not None and m.ci_high is not None
+        else ""
+    )
     kn = f" ({m.k} of {m.n})" if m.k is not None else ""
     what = {
         "poisoning": f"label flipping of {r.params.get('rate', 0):.1%} of the training rows",
@@ -422,7 +432,7 @@ def goal_findings(results: list[GoalResult]) -> list[Any]:
     """One ATLAS-tagged finding per technique of each goal, with a severity from its headline
     metric (backdoor/poisoning attack success rate, membership AUC, extraction fidelity)."""
     from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION
-    from advguard.evaluate.report import Finding
+    from advguard.evaluate.report import Finding, Severity
 
     out = []
     for r in results:
@@ -434,13 +444,18 @@ def goal_findings(results: list[GoalResult]) -> list[Any]:
         if m is None or m.value is None:
             continue
         v = m.value
-        sev = "high" if v >= high else "medium" if v >= medium else "low" if v >= low else "info"
+        sev: Severity = (
+            "high" if v >= high else "medium" if v >= medium else "low" if v >= low else "info"
+        )
         for tid in r.atlas:
             out.append(
                 Finding(
-                    atlas_technique=tid, atlas_name=ATLAS_TECHNIQUES[tid],
-                    atlas_version=ATLAS_VERSION, epsilon=None, severity=sev,
+                    atlas_technique=tid,
+                    atlas_name=ATLAS_TECHNIQUES[tid],
+                    atlas_version=ATLAS_VERSION,
+                    epsilon=None,
+                    severity=sev,
                     summary=f"{r.name}: {_summary(r, m)}",
-                )  # fmt: skip
+                )
             )
     return out

@@ -314,7 +314,12 @@ def _goal_verdict_problems(report: Report, got: list[SLOResult]) -> list[str]:
         return [f"verdict judges {len(got)} goal SLOs, the threat model's goals have {len(want)}"]
     for w, g in zip(want, got, strict=True):
         if (w.slo, w.metric, w.value, w.ci_low, w.ci_high, w.holds) != (
-            g.slo, g.metric, g.value, g.ci_low, g.ci_high, g.holds
+            g.slo,
+            g.metric,
+            g.value,
+            g.ci_low,
+            g.ci_high,
+            g.holds,
         ):
             out.append(
                 f"verdict goal SLO '{w.slo}': {g.value} [{g.ci_low}, {g.ci_high}] {g.holds!r} "

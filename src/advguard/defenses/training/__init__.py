@@ -5,7 +5,8 @@ and differentially private training (DP-SGD through Opacus, extra ``privacy``).
 
 Modules: ``trainer`` (:class:`TrainConfig`, :func:`train`, the :class:`Trainer`),
 ``strategies`` (the methods: ``perturb`` + ``loss``), ``resume`` (the resume state),
-``private`` (DP-SGD), ``monitor`` (per-class loss drift between manifests) and ``_common`` (helpers shared inside this package).
+``private`` (DP-SGD), ``monitor`` (per-class loss drift between manifests) and ``_common``
+(helpers shared inside this package).
 
 >>> from advguard.defenses.training import adversarial_train
 >>> res = adversarial_train(module, x, y, method="pgd-at", epsilon=0.3, epochs=10,

@@ -61,7 +61,7 @@ def _drift(
     ratio = np.full(len(prev), np.nan)
     ratio[ok] = np.maximum(cur[ok], floor) / np.maximum(prev[ok], floor)
     med = float(np.median(ratio[ok])) if ok.any() else math.nan
-    out = []
+    out: list[dict[str, Any]] = []
     for c in range(len(prev)):
         if not ok[c]:
             out.append({"class": c, "previous": None, "current": None, "ratio": None,

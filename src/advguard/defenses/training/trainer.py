@@ -619,7 +619,9 @@ def epoch_stats(sums: dict[str, Any]) -> dict[str, Any]:
     counts = [int(v) for v in n.tolist()]
 
     def mean(key: str) -> list[float | None]:
-        return [float(t) / c if c else None for t, c in zip(sums[key].tolist(), counts, strict=True)]
+        return [
+            float(t) / c if c else None for t, c in zip(sums[key].tolist(), counts, strict=True)
+        ]
 
     return {
         "grad_norm": float(sums["grad_norm"]) / batches,
