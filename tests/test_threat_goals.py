@@ -132,8 +132,8 @@ def test_goals_measure_real_attacks(run: Run) -> None:
     assert flip.details["poisoned_rows"] == 140
     # the trainer's per-class loss drift singles out the class the rows were flipped into
     assert flip.details["loss_drift"]["flagged_classes"] == [0]
-    rel = flip.details["loss_drift"]["relative_loss"]
-    assert rel[0] > 3 and max(rel[1:]) < 2
+    z = flip.details["loss_drift"]["loss_z"]
+    assert z[0] > 5 and max(abs(v) for v in z[1:]) < 4
 
     mi = _goal(report, "membership-inference")
     auc, tpr = mi.metric("auc"), mi.metric("tpr_at_fpr")

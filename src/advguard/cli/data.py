@@ -166,10 +166,13 @@ def loss_drift_cmd(
         Path, typer.Argument(help="Previous version's training manifest.json (or its folder)")
     ],
     current: Annotated[Path, typer.Argument(help="New training manifest.json (or its folder)")],
-    threshold: Annotated[
+    z: Annotated[
         float,
-        typer.Option(help="Flag a class whose loss ratio is this many times the median ratio"),
-    ] = 2.0,
+        typer.Option(help="Flag a class whose loss change is this many spreads from the median"),
+    ] = 5.0,
+    min_delta: Annotated[
+        float, typer.Option(help="...and differs from the median change by this much (nats)")
+    ] = 0.1,
     window: Annotated[int, typer.Option(min=1, help="Last epochs averaged per run")] = 3,
     json_out: JsonOpt = False,
 ) -> None:
@@ -178,18 +181,18 @@ def loss_drift_cmd(
     from advguard.defenses.training import compare_manifests, load_manifest
 
     res = compare_manifests(
-        load_manifest(previous), load_manifest(current), threshold=threshold, window=window
+        load_manifest(previous), load_manifest(current), z=z, min_delta=min_delta, window=window
     )
     if json_out:
         print_json(res)
     else:
         table = Table(title=f"Per-class loss drift ({current} vs {previous})")
-        for col in ("class", "previous loss", "current loss", "ratio", "vs median", "flag"):
+        for col in ("class", "previous loss", "current loss", "change", "vs median", "z", "flag"):
             table.add_column(col)
         for r in res["loss"]:
             cells = [
                 "-" if r[k] is None else f"{r[k]:.4g}"
-                for k in ("previous", "current", "ratio", "relative")
+                for k in ("previous", "current", "change", "excess", "z")
             ]
             flag = f"[bold red]{r['direction']}[/]" if r["flagged"] else ""
             table.add_row(str(r["class"]), *cells, flag)

@@ -155,8 +155,10 @@ def _run_poisoning(
 def _drift_summary(d: dict[str, Any]) -> dict[str, Any]:
     return {
         "flagged_classes": d["flagged_classes"],
-        "threshold": d["threshold"],
-        "relative_loss": [r["relative"] for r in d["loss"]],
+        "z": d["z"],
+        "min_delta": d["min_delta"],
+        "loss_z": [r["z"] for r in d["loss"]],
+        "loss_excess": [r["excess"] for r in d["loss"]],
     }
 
 
