@@ -247,3 +247,28 @@ def test_registry_accepts_a_goal_report(run: Run, tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(InputError, match="inconsistent"):
         reg.push("digits-goals", run.model, reports=[tmp_path / "bad.json"])
+
+
+def test_evasion_and_goals_in_one_report(run: Run, tmp_path: Path) -> None:
+    from advguard.data import load_dataset
+    from advguard.defenses.goals import run_threat_model
+    from advguard.models.io import load_model
+
+    tm = parse_threat_model(
+        "name: both\nepsilons: [0.1]\nsamples: 40\nattacks: [{attack: fgsm}]\n"
+        "sanity_checks: false\nslos: [clean_accuracy >= 0.5]\n"
+        "goals: [{kind: extraction, params: {queries: 60, epochs: 5, checkpoints: 1},"
+        " slos: [fidelity <= 1.0]}]\n"
+    )
+    model = load_model(run.model)
+    res = run_threat_model(model, load_dataset(run.dir / "test.npz"), tm, tmp_path / "o")
+    report = load_report(res.json_path)
+    assert [r.epsilon for r in report.results] == [0.1] and report.clean_accuracy.n == 40
+    assert [s.slo for s in report.verdict.slos] == [
+        "clean_accuracy >= 0.5", "extraction: fidelity <= 1",
+    ]  # fmt: skip
+    assert report.verdict.slos[1].holds == "with-confidence"  # an interval never passes 1
+    assert report.goals[0].details["queries_used"] == 60
+    techniques = {f.atlas_technique for f in report.findings}
+    assert {"AML.T0024", "AML.T0024.002"} <= techniques
+    assert set(report.timing) >= {"goals"}

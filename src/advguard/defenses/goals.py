@@ -312,6 +312,12 @@ def _goal_data(spec: GoalSpec, model: Any) -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
+def load_goals_data(tm: ThreatModel, model: Any) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The data sets every goal of ``tm`` names, loaded and checked: bad data is an error
+    before any work (evasion included) is done."""
+    return [_goal_data(g, model) for g in tm.goals]
+
+
 def run_goals(
     model: Any,
     x: np.ndarray,
@@ -319,11 +325,15 @@ def run_goals(
     tm: ThreatModel,
     *,
     progress: Progress | None = None,
+    goal_data: list[dict[str, tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> list[GoalResult]:
-    """Run every goal of ``tm`` against ``model`` with evaluation data ``(x, y)``."""
+    """Run every goal of ``tm`` against ``model`` with evaluation data ``(x, y)``.
+
+    ``goal_data``: the data sets the goals name, as :func:`load_goals_data` returned them
+    (default: loaded here, before any goal runs)."""
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y).astype(np.int64)
-    data = [_goal_data(g, model) for g in tm.goals]  # bad data: an error before any work
+    data = goal_data if goal_data is not None else load_goals_data(tm, model)
     out = []
     for i, (spec, d) in enumerate(zip(tm.goals, data, strict=True)):
         if progress is not None:
@@ -379,6 +389,7 @@ def run_threat_model(
             f"data samples have shape {tuple(data.input_shape)} but the model expects "
             f"{tuple(model.input_shape)}"
         )
+    goal_data = load_goals_data(tm, model)
     if tm.has_evasion:
         report = run_evaluation(
             model, data, tm, out, model_info=model_info, baseline=baseline, progress=progress,
@@ -391,8 +402,15 @@ def run_threat_model(
             model, np.asarray(data.x), np.asarray(data.y), idx, tm=tm,
             model_info=model_info or {}, data_info=data_info(data), timing={},
         )  # fmt: skip
-    goals = run_goals(model, data.x, data.y, tm, progress=progress)
+    goals = run_goals(model, data.x, data.y, tm, progress=progress, goal_data=goal_data)
     return write_outputs(attach_goals(report, goals), out, html)
 
 
-__all__ = ["RUNNERS", "load_goal_data", "run_goals", "run_threat_model", "train_zoo"]
+__all__ = [
+    "RUNNERS",
+    "load_goal_data",
+    "load_goals_data",
+    "run_goals",
+    "run_threat_model",
+    "train_zoo",
+]
