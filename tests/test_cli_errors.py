@@ -257,7 +257,25 @@ def dashboards_out_is_file(tmp: Path) -> list[str]:
     return ["dashboards", "export", "--out", str(_a_file(tmp))]
 
 
+def loss_drift_not_a_manifest(tmp: Path) -> list[str]:
+    p = tmp / "manifest.json"
+    p.write_text('{"schema": "something-else", "epochs": []}')
+    return ["data", "loss-drift", str(p), str(p)]
+
+
+def goal_data_missing(tmp: Path) -> list[str]:
+    tm = tmp / "goals.yaml"
+    tm.write_text(
+        "name: g\nepsilons: [0.1]\nattacks: [{attack: fgsm}]\n"
+        "goals: [{kind: poisoning, params: {train_data: missing.npz}}]\n"
+    )
+    m, d = _model(tmp), _data(tmp)
+    return ["evaluate", "-m", str(m), "-d", str(d), "-t", str(tm), "--out", str(tmp / "o")]
+
+
 CASES: dict[str, Builder] = {
+    "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
+    "evaluate: a goal's training data is missing": goal_data_missing,
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
     "--factory ../../etc:passwd": factory_path,

@@ -374,10 +374,15 @@ def test_documented_schema_is_current():
 
     from advguard.evaluate.report import json_schema
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "report-schema-1.0.json"
+    doc = Path(__file__).resolve().parents[1] / "docs" / "report-schema-1.1.json"
     assert json.loads(doc.read_text()) == json.loads(json.dumps(json_schema())), (
-        "regenerate docs/report-schema-1.0.json from advguard.evaluate.report.json_schema()"
+        "regenerate docs/report-schema-1.1.json from advguard.evaluate.report.json_schema()"
     )
+    # 1.1 only added the optional ``goals`` section to 1.0 (kept as published)
+    old = json.loads((doc.parent / "report-schema-1.0.json").read_text())
+    new = json_schema()
+    assert set(new["properties"]) - set(old["properties"]) == {"goals"}
+    assert set(new["required"]) == set(old["required"])
 
 
 def test_html_survives_extreme_epsilons():

@@ -111,7 +111,7 @@ def test_train_with_config_equals_keyword_api(data):
 
 
 def test_strategy_registry_names_the_methods():
-    assert set(METHODS) == set(STRATEGIES) == {"pgd-at", "trades", "fast-at"}
+    assert set(METHODS) == set(STRATEGIES) == {"pgd-at", "trades", "fast-at", "standard"}
     cfg = TrainConfig(method="pgd-at", epsilon=0.1, steps=2).validated()
     for name, make in STRATEGIES.items():
         assert make(dataclasses.replace(cfg, method=name)).name == name

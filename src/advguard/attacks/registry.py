@@ -18,7 +18,9 @@ from advguard.attacks.base import Attack, AttackResult
 from advguard.errors import InputError
 
 ATLAS_VERSION = "5.0.0"
-"""ATLAS data release the technique IDs below were taken from (IDs are stable across 4.x-5.x)."""
+"""ATLAS data release the technique IDs below were taken from (IDs are stable across 4.x-5.x;
+the IDs and names below are also those of release 5.6.0, mitre-atlas/atlas-data
+dist/ATLAS.yaml)."""
 
 ATLAS_TECHNIQUES = {
     "AML.T0015": "Evade AI Model",
@@ -26,6 +28,13 @@ ATLAS_TECHNIQUES = {
     "AML.T0043.000": "Craft Adversarial Data: White-Box Optimization",
     "AML.T0043.001": "Craft Adversarial Data: Black-Box Optimization",
     "AML.T0043.002": "Craft Adversarial Data: Black-Box Transfer",
+    "AML.T0043.004": "Craft Adversarial Data: Insert Backdoor Trigger",
+    # training-time and privacy goals (advguard.evaluate.goals)
+    "AML.T0020": "Poison Training Data",
+    "AML.T0018.000": "Manipulate AI Model: Poison AI Model",
+    "AML.T0024": "Exfiltration via AI Inference API",
+    "AML.T0024.000": "Exfiltration via AI Inference API: Infer Training Data Membership",
+    "AML.T0024.002": "Exfiltration via AI Inference API: Extract AI Model",
 }
 
 

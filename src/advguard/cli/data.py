@@ -1,4 +1,5 @@
-"""advguard data: scan a training set for poisoned, mislabelled and duplicated rows."""
+"""advguard data: scan a training set for poisoned, mislabelled and duplicated rows, and
+compare the per-class training loss of two runs (loss drift)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,50 @@ def scan_cmd(
     console.print(f"Removed {int(removed.sum())} rows ({', '.join(rem)})")
     if out is not None:
         console.print(f"Cleaned set: [bold]{out}[/]")
+
+
+@commands.command(name="loss-drift")
+def loss_drift_cmd(
+    previous: Annotated[
+        Path, typer.Argument(help="Previous version's training manifest.json (or its folder)")
+    ],
+    current: Annotated[Path, typer.Argument(help="New training manifest.json (or its folder)")],
+    z: Annotated[
+        float,
+        typer.Option(help="Flag a class whose loss change is this many spreads from the median"),
+    ] = 5.0,
+    min_delta: Annotated[
+        float, typer.Option(help="...and differs from the median change by this much (nats)")
+    ] = 0.1,
+    window: Annotated[int, typer.Option(min=1, help="Last epochs averaged per run")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per-class training-loss drift between two training manifests (advguard train); exit 1
+    when a class is flagged (a poisoned target class stands out), 0 otherwise."""
+    from advguard.defenses.training import compare_manifests, load_manifest
+
+    res = compare_manifests(
+        load_manifest(previous), load_manifest(current), z=z, min_delta=min_delta, window=window
+    )
+    if json_out:
+        print_json(res)
+    else:
+        table = Table(title=f"Per-class loss drift ({current} vs {previous})")
+        for col in ("class", "previous loss", "current loss", "change", "vs median", "z", "flag"):
+            table.add_column(col)
+        for r in res["loss"]:
+            cells = [
+                "-" if r[k] is None else f"{r[k]:.4g}"
+                for k in ("previous", "current", "change", "excess", "z")
+            ]
+            flag = f"[bold red]{r['direction']}[/]" if r["flagged"] else ""
+            table.add_row(str(r["class"]), *cells, flag)
+        console.print(table)
+        flagged = res["flagged_classes"]
+        console.print(
+            f"Flagged classes: {', '.join(map(str, flagged))} (scan their rows: advguard data scan)"
+            if flagged
+            else "No class drifted beyond the threshold."
+        )
+    if res["flagged_classes"]:
+        raise typer.Exit(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -86,9 +86,13 @@ def evaluate_cmd(
         bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
     ] = False,
 ) -> None:
-    """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
+    """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input.
+
+    A threat model with ``goals`` (poisoning, backdoor, membership-inference, extraction)
+    runs them too, into the same report (docs/threat-models.md)."""
     check_out_dir(out)
-    from advguard.evaluate.job import load_model_and_data, run_evaluation
+    from advguard.defenses.goals import run_threat_model
+    from advguard.evaluate.job import load_model_and_data
     from advguard.evaluate.threat_model import load_threat_model
 
     tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
@@ -97,7 +101,7 @@ def evaluate_cmd(
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
-        res = run_evaluation(
+        res = run_threat_model(
             m,
             d,
             tm,
@@ -108,8 +112,26 @@ def evaluate_cmd(
             resume=resume,
         )
     render_summary(res.report, res.json_path, res.html_path)
+    if res.report.goals:
+        render_goals(res.report)
     if res.report.verdict.status in ("fail", "untrustworthy"):
         raise typer.Exit(1)
+
+
+def render_goals(report: Any) -> None:
+    """A table of the goal metrics (value, 95% interval, k/n) with their ATLAS IDs."""
+    table = Table(title="Training-time and privacy goals")
+    for col in ("goal", "metric", "value [95% CI]", "k/n", "ATLAS"):
+        table.add_column(col)
+    for g in report.goals:
+        for i, m in enumerate(g.metrics):
+            ci = f" [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None else ""
+            value = "n/a" if m.value is None else f"{m.value:.3f}{ci}"
+            kn = f"{m.k}/{m.n}" if m.k is not None else "-"
+            table.add_row(
+                g.name if i == 0 else "", m.name, value, kn, " ".join(g.atlas) if i == 0 else ""
+            )
+    console.print(table)
 
 
 @commands.command()

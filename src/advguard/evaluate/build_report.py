@@ -19,6 +19,7 @@ import torch
 
 from advguard import __version__
 from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION, SuiteAttack
+from advguard.evaluate.goals import GoalResult, goal_findings, goal_slo_results, goal_specs
 from advguard.evaluate.report import (
     AttackRow,
     EpsilonResult,
@@ -32,7 +33,7 @@ from advguard.evaluate.report import (
 )
 from advguard.evaluate.state import RunState, sha256_array
 from advguard.evaluate.threat_model import ThreatModel
-from advguard.evaluate.verdict import judge
+from advguard.evaluate.verdict import judge, verdict_of
 from advguard.models.base import is_white_box
 from advguard.stats import proportion, summary
 
@@ -235,3 +236,68 @@ def environment(model: Any) -> dict[str, Any]:
         "gpu": gpu,
         "packages": versions,
     }
+
+
+def attach_goals(report: Report, goals: list[GoalResult]) -> Report:
+    """``report`` with the results of its threat model's goals: the goal section, the
+    goal SLOs judged after the evasion SLOs in the verdict, and the goals' ATLAS findings."""
+    specs = goal_specs(report.threat_model)
+    n_evasion = len(report.threat_model.get("slos") or [])
+    slos = report.verdict.slos[:n_evasion] + goal_slo_results(specs, goals)
+    timing = {**report.timing, "goals": float(sum(g.seconds for g in goals))}
+    return report.model_copy(
+        update={
+            "goals": list(goals),
+            "verdict": verdict_of(slos, report.trustworthy),
+            "findings": [*report.findings, *goal_findings(goals)],
+            "timing": timing,
+        }
+    )
+
+
+def goals_only_report(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    idx: np.ndarray,
+    *,
+    tm: ThreatModel,
+    model_info: dict[str, Any],
+    data_info: dict[str, Any],
+    timing: dict[str, float],
+) -> Report:
+    """The report of a threat model without an evasion part: the model's clean accuracy on
+    the evaluated samples ``idx`` of ``(x, y)``, no epsilon results, no sanity checks (they
+    test evasion attacks). :func:`attach_goals` adds the goals."""
+    pred = np.asarray(model.predict(x[idx]))
+    clean = proportion(int((pred == y[idx]).sum()), len(idx))
+    report = Report(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        advguard_version=__version__,
+        environment=environment(model),
+        model={
+            "adapter": type(model).__name__,
+            "num_classes": model.num_classes,
+            "input_shape": list(model.input_shape),
+            "bounds": list(model.bounds),
+            "white_box": is_white_box(model),
+            **model_info,
+        },
+        data={
+            "n_total": len(x),
+            "n_evaluated": len(idx),
+            "sha256": data_info.get("sha256") or sha256_array(x, y),
+            **data_info,
+        },
+        threat_model=tm.model_dump(),
+        suite=[],
+        sample_indices_sha256=sha256_array(idx),
+        clean_accuracy=clean,
+        results=[],
+        sanity_checks=[],
+        trustworthy=True,
+        verdict=judge(tm, clean, [], True, None),
+        findings=[],
+        timing=timing,
+    )
+    return report

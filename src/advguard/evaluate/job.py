@@ -110,7 +110,7 @@ def run_evaluation(
     out = Path(out_dir)
     if tm.is_text or getattr(data, "modality", None) == "text":
         report = _text_report(model, data, tm, model_info, base, progress, resume)
-        return _write(report, out, html)
+        return write_outputs(report, out, html)
     if tuple(data.input_shape) != tuple(model.input_shape):
         raise InputError(
             f"data samples have shape {tuple(data.input_shape)} but the model expects "
@@ -129,7 +129,7 @@ def run_evaluation(
         checkpoint_dir=out / ".checkpoint",
         resume=resume,
     )
-    return _write(report, out, html)
+    return write_outputs(report, out, html)
 
 
 def _text_report(
@@ -167,7 +167,8 @@ def _text_report(
     )
 
 
-def _write(report: Report, out: Path, html: bool) -> JobResult:
+def write_outputs(report: Report, out: Path, html: bool) -> JobResult:
+    """Write ``report.json`` (and ``report.html`` when ``html``) to ``out``."""
     json_path = report.write(out)
     html_path = None
     if html:

@@ -15,13 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from advguard import _safejson
 from advguard.atomic import atomic_write_text
 from advguard.errors import InputError
+from advguard.evaluate.goals import GoalResult, goal_problems, goal_slo_results, goal_specs
 
 # SLOResult and Verdict are defined with the judging code; this module re-exports them
 from advguard.evaluate.verdict import SLOResult as SLOResult
 from advguard.evaluate.verdict import Verdict, judge_slo, slo_holds
 from advguard.stats import Proportion, clopper_pearson
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1 added ``goals`` (training-time and privacy goals); 1.0 reports read unchanged."""
 REPORT_KIND = "advguard.robustness-report"
 
 Status = Literal["pass", "warn", "fail", "skip"]
@@ -143,6 +145,10 @@ class Report(_M):
     )
     timing: dict[str, float]
     baseline: dict[str, Any] | None = None
+    goals: list[GoalResult] = Field(
+        default_factory=list,
+        description="training-time and privacy goals of the threat model (schema 1.1)",
+    )
 
     def result_at(self, epsilon: float) -> EpsilonResult | None:
         return next((r for r in self.results if abs(r.epsilon - epsilon) < 1e-12), None)
@@ -294,6 +300,34 @@ def consistency_problems(report: Report) -> list[str]:
     return out
 
 
+def _goal_verdict_problems(report: Report, got: list[SLOResult]) -> list[str]:
+    """Goal results consistent in themselves, and the verdict's goal SLOs recomputed."""
+    try:
+        specs = goal_specs(report.threat_model)
+    except ValueError as e:
+        return [f"threat_model.goals: {e}"]
+    out = goal_problems(specs, report.goals)
+    if out:
+        return out
+    want = goal_slo_results(specs, report.goals)
+    if len(want) != len(got):
+        return [f"verdict judges {len(got)} goal SLOs, the threat model's goals have {len(want)}"]
+    for w, g in zip(want, got, strict=True):
+        if (w.slo, w.metric, w.value, w.ci_low, w.ci_high, w.holds) != (
+            g.slo,
+            g.metric,
+            g.value,
+            g.ci_low,
+            g.ci_high,
+            g.holds,
+        ):
+            out.append(
+                f"verdict goal SLO '{w.slo}': {g.value} [{g.ci_low}, {g.ci_high}] {g.holds!r} "
+                f"is not the report's measured {w.value} [{w.ci_low}, {w.ci_high}] {w.holds!r}"
+            )
+    return out
+
+
 def _verdict_problems(report: Report) -> list[str]:
     from advguard.evaluate.threat_model import SLO
 
@@ -307,10 +341,10 @@ def _verdict_problems(report: Report) -> list[str]:
         slos = [SLO.model_validate(s) for s in raw]
     except ValidationError as e:
         return [f"threat_model.slos: unreadable SLO ({e.errors()[0]['msg']})"]
-    if len(v.slos) != len(slos):
+    if len(v.slos) < len(slos):
         return [f"verdict judges {len(v.slos)} SLOs, the threat model has {len(slos)}"]
-    out: list[str] = []
-    for slo, got in zip(slos, v.slos, strict=True):
+    out: list[str] = _goal_verdict_problems(report, v.slos[len(slos) :])
+    for slo, got in zip(slos, v.slos[: len(slos)], strict=True):
         name = f"verdict SLO '{slo}'"
         if got.metric != slo.metric:
             out.append(f"{name}: metric {got.metric!r}")

@@ -18,6 +18,13 @@ A threat model is YAML validated with pydantic; errors name the file, line and f
     slos:
       - robust_accuracy >= 0.80 at eps 0.1
       - clean_accuracy_drop <= 0.02
+    goals:                      # optional: training-time and privacy threats
+      - kind: backdoor          # poisoning | backdoor | membership-inference | extraction
+        params: {train_data: train.npz, rate: 0.05, target: 0}
+        slos: [attack_success_rate <= 0.05]
+
+A threat model with ``goals`` may leave out ``epsilons`` and ``attacks`` (no evasion part);
+see :mod:`advguard.evaluate.goals`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from advguard import _safejson
 from advguard import _validate as check
 from advguard.attacks.norms import parse_norm
 from advguard.errors import InputError
+from advguard.evaluate.goals import GOAL_PATH_PARAMS, GoalSpec
 
 METRICS = (
     "robust_accuracy",
@@ -158,13 +166,17 @@ class ThreatModel(BaseModel):
     knowledge: Literal["white-box", "black-box", "transfer"] = "white-box"
     goal: Literal["untargeted", "targeted"] = "untargeted"
     norm: str = "linf"
-    epsilons: list[float] = Field(min_length=1)
+    epsilons: list[float] = Field(default_factory=list)
     samples: int = Field(default=1000, ge=1)
     seed: int = 0
     batch_size: int = Field(default=256, ge=1)
     target_classes: int = Field(default=1, ge=1, description="targeted goal: top-k runner-ups")
-    attacks: list[AttackSpec] = Field(min_length=1)
+    attacks: list[AttackSpec] = Field(default_factory=list)
     slos: list[SLO] = Field(default_factory=list)
+    goals: list[GoalSpec] = Field(
+        default_factory=list,
+        description="training-time and privacy goals (advguard.evaluate.goals)",
+    )
     sanity_checks: bool = True
     escalate: bool = True
     sanity_samples: int = Field(default=100, ge=8)
@@ -204,6 +216,23 @@ class ThreatModel(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("epsilons must be distinct")
         return sorted(float(e) for e in v)
+
+    @model_validator(mode="after")
+    def _parts(self) -> ThreatModel:
+        if not self.goals or self.epsilons or self.attacks:
+            if not self.epsilons:
+                raise ValueError("epsilons: give at least one (or only goals, without attacks)")
+            if not self.attacks:
+                raise ValueError("attacks: give at least one (or only goals, without epsilons)")
+        names = [g.name for g in self.goals]
+        if len(set(names)) != len(names):
+            raise ValueError("goals: two goals have the same name; give each a 'name'")
+        return self
+
+    @property
+    def has_evasion(self) -> bool:
+        """The threat model has an evasion part (attacks at epsilons)."""
+        return bool(self.attacks)
 
     @model_validator(mode="after")
     def _large(self) -> ThreatModel:
@@ -280,9 +309,10 @@ def load_threat_model(spec: str | Path, *, allow_large: bool = False) -> ThreatM
 
 def _resolve_paths(tm: ThreatModel, base_dir: Path) -> None:
     """File parameters are relative to the threat-model file."""
-    for spec in tm.attacks:
-        extra = spec.model_extra or {}
-        for key in PATH_PARAMS:
+    for extra, keys in [(s.model_extra or {}, PATH_PARAMS) for s in tm.attacks] + [
+        (g.params, GOAL_PATH_PARAMS) for g in tm.goals
+    ]:
+        for key in keys:
             value = extra.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 candidate = base_dir / value.split("?", 1)[0]

@@ -134,8 +134,16 @@ def judge(
     results: list[EpsilonResult],
     trustworthy: bool,
     baseline: Report | None = None,
+    goal_slos: list[SLOResult] | None = None,
 ) -> Verdict:
+    """The verdict on ``tm``'s SLOs, then the already judged ``goal_slos`` (in that order)."""
     slos = [judge_slo(s, clean, results, baseline) for s in tm.slos]
+    return verdict_of(slos + list(goal_slos or []), trustworthy)
+
+
+def verdict_of(slos: list[SLOResult], trustworthy: bool) -> Verdict:
+    """The verdict of judged SLOs: untrustworthy, no-slo, fail (an SLO not met or not
+    evaluable) or pass."""
     failed = [s for s in slos if s.holds in ("no", "not-evaluable")]
     weak = [s for s in slos if s.holds == "point-estimate-only"]
     status: Literal["pass", "fail", "untrustworthy", "no-slo"]

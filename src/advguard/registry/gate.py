@@ -22,6 +22,7 @@ from advguard.evaluate.formatting import attack_suite as _attacks
 from advguard.evaluate.formatting import md as _md
 from advguard.evaluate.formatting import pct
 from advguard.evaluate.formatting import report_label as _label
+from advguard.evaluate.goals import GOAL_PATH_PARAMS, goal_specs, judge_goal_slo
 from advguard.evaluate.report import Report, parse_report
 from advguard.evaluate.threat_model import SLO
 from advguard.evaluate.verdict import judge_slo
@@ -252,6 +253,56 @@ def _slo_check(
     )
 
 
+def _goal_checks(report: Report, policy: Policy) -> list[Check]:
+    """One check per SLO of the report's threat-model goals (poisoning, backdoor, membership
+    inference, extraction), judged on the report's goal results like the evasion SLOs."""
+    try:
+        specs = goal_specs(report.threat_model)
+    except ValueError as e:
+        raise InputError(f"the report's threat model has an unreadable goal: {e}") from None
+    ok = {"with-confidence"} | (
+        {"point-estimate-only"} if policy.slo_mode == "point-estimate" else set()
+    )
+    mode = "95% interval" if policy.slo_mode == "confidence" else "point estimate"
+    by_name = {g.name: g for g in report.goals}
+    checks = []
+    for spec in specs:
+        for slo in spec.slos:
+            r = judge_goal_slo(spec, slo, by_name.get(spec.name))
+            ci = f" [{r.ci_low:.4f}, {r.ci_high:.4f}]" if r.ci_low is not None else ""
+            actual = "not evaluable" if r.value is None else f"{r.value:.4f}{ci}"
+            status: CheckStatus = "pass" if r.holds in ok else "fail"
+            msg = {
+                "no": "SLO not met",
+                "not-evaluable": r.note or "not evaluable",
+                "point-estimate-only": "holds on the point estimate only: the 95% interval "
+                "crosses the threshold; measure more samples (or use slo_mode: point-estimate)",
+            }.get(r.holds, r.holds.replace("-", " "))
+            checks.append(
+                Check(
+                    name=f"report goal SLO: {r.slo}",
+                    expected=f"{slo.op} {slo.threshold:g} ({mode})",
+                    actual=actual,
+                    status=status,
+                    message=msg,
+                )
+            )
+    return checks
+
+
+def _goal_setup(tm: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The goals of a dumped threat model, without the data paths (which may differ)."""
+    raw = tm.get("goals") or []
+    out = []
+    for g in raw if isinstance(raw, list) else []:
+        if isinstance(g, dict):
+            raw_params = g.get("params")
+            params = raw_params if isinstance(raw_params, dict) else {}
+            kept = {k: v for k, v in params.items() if k not in GOAL_PATH_PARAMS}
+            out.append((str(g.get("kind")), str(g.get("name")), canonical(kept)))
+    return out
+
+
 def _threat_model_diffs(base: Report, cand: Report) -> list[str]:
     diffs = []
     tb, tc = base.threat_model, cand.threat_model
@@ -262,6 +313,8 @@ def _threat_model_diffs(base: Report, cand: Report) -> list[str]:
     ec = sorted(r.epsilon for r in cand.results)
     if len(eb) != len(ec) or any(abs(a - b) > 1e-9 for a, b in zip(eb, ec, strict=False)):
         diffs.append(f"epsilons {eb} vs {ec}")
+    if _goal_setup(tb) != _goal_setup(tc):
+        diffs.append("threat-model goals (kinds, names or parameters)")
     if _attacks(base) != _attacks(cand):
         na, nc = (", ".join(s.attack for s in r.suite) or "?" for r in (base, cand))
         diffs.append(f"attack suites [{na}] vs [{nc}] (or their parameters)")
@@ -384,10 +437,12 @@ def run_gate(
         )
     slos = [("report", s) for s in _report_slos(report)] if policy.report_slos else []
     slos += [("policy", s) for s in policy.slos]
-    if not slos:
+    goal_checks = _goal_checks(report, policy) if policy.report_slos else []
+    if not slos and not goal_checks:
         warnings.append("no SLOs in the report's threat model or the policy: nothing is required")
     for src, slo in slos:
         checks.append(_slo_check(slo, report, baseline, policy, src))
+    checks += goal_checks
     if baseline is not None:
         if not baseline.trustworthy:
             warnings.append(

@@ -5,13 +5,15 @@ and differentially private training (DP-SGD through Opacus, extra ``privacy``).
 
 Modules: ``trainer`` (:class:`TrainConfig`, :func:`train`, the :class:`Trainer`),
 ``strategies`` (the methods: ``perturb`` + ``loss``), ``resume`` (the resume state),
-``private`` (DP-SGD) and ``_common`` (helpers shared inside this package).
+``private`` (DP-SGD), ``monitor`` (per-class loss drift between manifests) and ``_common``
+(helpers shared inside this package).
 
 >>> from advguard.defenses.training import adversarial_train
 >>> res = adversarial_train(module, x, y, method="pgd-at", epsilon=0.3, epochs=10,
 ...                         out_dir="runs/at")  # doctest: +SKIP
 """
 
+from advguard.defenses.training.monitor import compare_manifests
 from advguard.defenses.training.private import (
     ACCOUNTANTS,
     DP_MANIFEST_SCHEMA,
@@ -52,6 +54,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "adversarial_train",
+    "compare_manifests",
     "data_sha256",
     "detect_catastrophic_overfitting",
     "dp_train",

@@ -273,10 +273,30 @@ class FastAT:
         return mixed_ce(net, x, y, x_adv, self.cfg.mix)
 
 
+@dataclass(frozen=True)
+class Standard:
+    """Standard training (no adversarial examples): CE on the clean batch. With ``epsilon``
+    0 the held-out robust accuracy is the clean accuracy (no attack is run); used for the
+    poisoning goals and as the reference of loss-drift monitoring."""
+
+    cfg: TrainConfig
+    name: ClassVar[str] = "standard"
+
+    def perturb(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, gen: torch.Generator
+    ) -> torch.Tensor:
+        return x
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> Losses:
+        logits = net(x)
+        return F.cross_entropy(logits, y), logits, logits
+
+
 STRATEGIES: dict[str, Callable[[TrainConfig], Strategy]] = {
     PGDAT.name: PGDAT,
     TRADES.name: TRADES,
     FastAT.name: FastAT,
+    Standard.name: Standard,
 }
 METHODS: tuple[str, ...] = tuple(STRATEGIES)
 
@@ -286,6 +306,7 @@ __all__ = [
     "STRATEGIES",
     "TRADES",
     "FastAT",
+    "Standard",
     "Strategy",
     "fgsm_perturb",
     "mixed_ce",

@@ -423,6 +423,9 @@ class Trainer:
         loss, logits_clean, logits_adv = self.strategy.loss(net, xb, yb, x_adv)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        record_batch_stats(sums, logits_adv.detach(), yb, self.manifest["data"]["num_classes"])
+        sums["grad_norm"] += grad_norm(self.opt)
+        sums["batches"] += 1
         self.opt.step()
         self.step_count += 1
         sums["loss"] += float(loss.detach()) * len(idx)
@@ -439,7 +442,8 @@ class Trainer:
         c = self.cfg
         t_epoch = time.perf_counter()
         order = torch.randperm(len(self.x_tr), generator=self.gen)
-        sums: dict[str, Any] = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
+        sums: dict[str, Any] = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0,
+                                "grad_norm": 0.0, "batches": 0}  # fmt: skip
         eps_now, out_of_time = c.epsilon, False
         ramp_batches = (c.ramp_epochs or 0) * self.n_batches
         for b in range(self.n_batches):
@@ -476,6 +480,8 @@ class Trainer:
         g_eval = torch.Generator(self.pgen.device).manual_seed(c.seed + 1)
         assert c.eval_step_size is not None
         val_clean = accuracy(net, self.x_val, self.y_val, c.batch_size)
+        if c.epsilon == 0:  # no budget: robust accuracy is the clean accuracy
+            return val_clean, val_clean
         val_robust = accuracy(
             net, self.x_val, self.y_val, c.batch_size,
             lambda xb, yb, g=g_eval: pgd_perturb(
@@ -498,6 +504,7 @@ class Trainer:
             "train_adv_acc": sums["adv_correct"] / n,
             "train_clean_acc": sums["clean_correct"] / n if sums.get("clean_tracked") else None,
             "val_clean_acc": val_clean, "val_robust_acc": val_robust,
+            **epoch_stats(sums),
         }  # fmt: skip
         co_reason = None
         if c.detect_co:
@@ -569,6 +576,57 @@ class Trainer:
             preprocess=self.net.pre,
             history=self.history,
         )
+
+
+def record_batch_stats(
+    sums: dict[str, Any], logits: torch.Tensor, y: torch.Tensor, num_classes: int
+) -> None:
+    """Add one batch to the per-class sums of ``sums``: cross-entropy of each example trained
+    on, and the norm of its loss gradient with respect to the logits (``||softmax - onehot||``,
+    the EL2N score of Paul et al. 2021), so per-class means can be compared across runs."""
+    with torch.no_grad():
+        lg = logits.float()
+        ce = torch.nn.functional.cross_entropy(lg, y, reduction="none")
+        p = torch.softmax(lg, dim=1)
+        p[torch.arange(len(y), device=y.device), y] -= 1.0
+        gn = p.norm(dim=1)
+        yc = y.to("cpu")
+        for key, v in (("class_loss", ce), ("class_grad", gn)):
+            add = torch.bincount(yc, weights=v.to("cpu", torch.float64), minlength=num_classes)
+            sums[key] = sums[key] + add if key in sums else add
+        cnt = torch.bincount(yc, minlength=num_classes)
+        sums["class_n"] = sums["class_n"] + cnt if "class_n" in sums else cnt
+
+
+def grad_norm(opt: torch.optim.Optimizer) -> float:
+    """The L2 norm of the gradient over the optimizer's parameters (after ``backward``)."""
+    total = 0.0
+    for group in opt.param_groups:
+        for q in group["params"]:
+            if q.grad is not None:
+                total += float(q.grad.detach().float().pow(2).sum())
+    return math.sqrt(total)
+
+
+def epoch_stats(sums: dict[str, Any]) -> dict[str, Any]:
+    """The monitoring fields of an epoch row: mean parameter-gradient norm per batch and,
+    per class, the examples seen, their mean loss and mean logit-gradient norm (``None``
+    for a class with no example)."""
+    batches = max(1, int(sums.get("batches", 0)))
+    n = sums.get("class_n")
+    if n is None:
+        return {"grad_norm": None, "per_class": None}
+    counts = [int(v) for v in n.tolist()]
+
+    def mean(key: str) -> list[float | None]:
+        return [
+            float(t) / c if c else None for t, c in zip(sums[key].tolist(), counts, strict=True)
+        ]
+
+    return {
+        "grad_norm": float(sums["grad_norm"]) / batches,
+        "per_class": {"n": counts, "loss": mean("class_loss"), "grad_norm": mean("class_grad")},
+    }
 
 
 def _new_manifest(
