@@ -249,6 +249,12 @@ def out_file_quickstart(tmp: Path) -> list[str]:
     return ["quickstart", "--out", str(_a_file(tmp))]
 
 
+def guard_profile_too_few_rows(tmp: Path) -> list[str]:
+    # 40 reference rows cannot fill 10 quantile bins per feature
+    return ["guard", "profile", "-m", str(_model(tmp)), "-d", str(_data(tmp)), "--out",
+            str(tmp / "p.json")]  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
@@ -274,6 +280,7 @@ CASES: dict[str, Builder] = {
     "redteam --out is a file": out_file_redteam,
     "train --out is a file": out_file_train,
     "quickstart --out is a file": out_file_quickstart,
+    "guard profile: too few reference rows": guard_profile_too_few_rows,
 }
 
 
