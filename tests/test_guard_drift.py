@@ -53,11 +53,10 @@ def profile(clf, digits_split):
 
 
 def _stream(mon: DriftMonitor, clf: TorchClassifier, x: np.ndarray) -> tuple[float, ...]:
-    sig: tuple[float, ...] = ()
     for i in range(0, len(x), 7):
         b = x[i : i + 7]
-        sig = mon.update(b, clf.predict_proba(b))
-    return sig
+        mon.update(b, clf.predict_proba(b))
+    return mon.current()
 
 
 def test_same_traffic_is_stable_and_shifted_traffic_drifts(clf, profile, digits_split):
@@ -110,8 +109,10 @@ def test_window_counts_are_the_last_rows_exactly(profile):
 def test_too_few_rows_give_nan_and_refused_rows_count_as_inputs_only(profile):
     mon = DriftMonitor(profile, window=100, min_rows=20)
     x = np.full((15, 1, 8, 8), 0.2, np.float32)
-    assert all(np.isnan(v) for v in mon.update(x, None))
-    psi_in, psi_pred, z = mon.update(x, None)  # 30 input rows, no answered rows
+    mon.update(x, None)
+    assert all(np.isnan(v) for v in mon.current())
+    mon.update(x, None)
+    psi_in, psi_pred, z = mon.current()  # 30 input rows, no answered rows
     assert psi_in > 0.25 and np.isnan(psi_pred) and np.isnan(z)
 
 
@@ -164,7 +165,7 @@ def test_guard_exposes_the_drift_gauges(tmp_path, clf, profile, digits_split):
         )
         assert r.status_code == 200
     text = c.get("/metrics").text
-    psi_in, psi_pred, z = g.drift.signals()
+    psi_in, psi_pred, z = g.drift.current()
     assert psi_in > 0.25 and z < -3
     assert f'advguard_guard_drift_input_psi{{model="digits"}} {psi_in!r}' in text
     assert f'advguard_guard_drift_prediction_psi{{model="digits"}} {psi_pred!r}' in text

@@ -7,8 +7,8 @@ plus each row's standard deviation and mean absolute difference between neighbou
 noise raises) the decile bin edges and the share of reference rows in each bin; the mean and
 standard deviation of the model's top-1 confidence; and the distribution of its predicted
 classes. The guard's :class:`DriftMonitor` keeps the last ``window`` rows (their bin indices,
-predicted classes and confidences, in preallocated ring buffers with incremental counts) and
-after every request sets three gauges:
+predicted classes and confidences, in preallocated ring buffers whose counts every request
+updates incrementally); three gauges read the signals from those counts at every scrape:
 
 * ``advguard_guard_drift_input_psi``: the mean population stability index (PSI) of the
   features, ``sum((a - e) * ln(a / e))`` over bins (0.1 and 0.25 are the usual "watch" and
@@ -38,6 +38,7 @@ from advguard.errors import InputError
 __all__ = [
     "DriftMonitor",
     "DriftProfile",
+    "FeatureMap",
     "build_profile",
     "features",
     "load_profile",
@@ -64,17 +65,6 @@ def _grid(shape: tuple[int, ...]) -> int:
     return g
 
 
-def _block_means(x: np.ndarray, g: int) -> np.ndarray:
-    """(n, C, H, W) -> (n, C * g * g) means over a g x g grid of near-equal blocks."""
-    n, _, h, w = x.shape
-    rows = np.linspace(0, h, g + 1).astype(int)[:-1]
-    cols = np.linspace(0, w, g + 1).astype(int)[:-1]
-    s = np.add.reduceat(np.add.reduceat(x, rows, axis=2), cols, axis=3)
-    size = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
-    out: np.ndarray = (s / size).reshape(n, -1)
-    return out
-
-
 def _image_like(shape: tuple[int, ...]) -> bool:
     """(..., C, H, W) with at most 62 channels: pooled per channel; anything else by chunks."""
     return len(shape) >= 3 and shape[-1] > 1 and shape[-2] > 1 and math.prod(shape[:-2]) <= 62
@@ -88,24 +78,53 @@ def n_features(shape: tuple[int, ...]) -> int:
     return min(math.prod(shape), MAX_FEATURES - 2) + 2
 
 
+class FeatureMap:
+    """The drift features of inputs of one shape, with the pooling indices computed once:
+    block means (images: per channel over a grid of at most 4 x 4 cells; other inputs: up to
+    62 contiguous chunks of the flattened row), then each row's standard deviation and mean
+    absolute difference between neighbouring values. ``F = n_features(shape) <= 64``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.image = _image_like(self.shape)
+        if self.image:
+            c, h, w = math.prod(self.shape[:-2]), self.shape[-2], self.shape[-1]
+            g = _grid((c, h, w))
+            self.chw = (c, h, w)
+            self.rows = np.linspace(0, h, g + 1).astype(np.intp)[:-1]
+            self.cols = np.linspace(0, w, g + 1).astype(np.intp)[:-1]
+            size = np.diff(np.append(self.rows, h))[:, None] * np.diff(np.append(self.cols, w))
+            self.size = size.astype(np.float64)
+        else:
+            d = math.prod(self.shape)
+            k = min(d, MAX_FEATURES - 2)
+            self.starts = np.linspace(0, d, k + 1).astype(np.intp)[:-1]
+            self.lengths = np.diff(np.append(self.starts, d)).astype(np.float64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        flat = np.asarray(x, dtype=np.float64).reshape(n, -1)
+        if self.image:
+            img = flat.reshape(n, *self.chw)
+            s = np.add.reduceat(np.add.reduceat(img, self.rows, axis=2), self.cols, axis=3)
+            pooled = (s / self.size).reshape(n, -1)
+            rough = np.abs(np.diff(img, axis=-1)).mean(axis=(1, 2, 3))
+        else:
+            pooled = np.add.reduceat(flat, self.starts, axis=1) / self.lengths
+            rough = (
+                np.abs(np.diff(flat, axis=1)).mean(axis=1) if flat.shape[1] > 1 else 0 * flat[:, 0]
+            )
+        out = np.empty((n, pooled.shape[1] + 2))
+        out[:, :-2] = pooled
+        out[:, -2] = flat.std(axis=1)
+        out[:, -1] = rough
+        return out
+
+
 def features(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    """The drift features of a batch (n, *input_shape) as float64 (n, F), F <= 64: block
-    means (images: per channel over a grid; vectors: up to 62 contiguous chunks), then the
-    row's standard deviation and mean absolute difference between neighbouring values."""
-    n = len(x)
-    flat = np.asarray(x, dtype=np.float64).reshape(n, -1)
-    if _image_like(input_shape):
-        c = math.prod(input_shape[:-2])
-        img = flat.reshape(n, c, input_shape[-2], input_shape[-1])
-        pooled = _block_means(img, _grid((c, input_shape[-2], input_shape[-1])))
-        rough = np.abs(np.diff(img, axis=-1)).mean(axis=(1, 2, 3))
-    else:
-        d = flat.shape[1]
-        k = min(d, MAX_FEATURES - 2)
-        starts = np.linspace(0, d, k + 1).astype(int)[:-1]
-        pooled = np.add.reduceat(flat, starts, axis=1) / np.diff(np.append(starts, d))
-        rough = np.abs(np.diff(flat, axis=1)).mean(axis=1) if d > 1 else np.zeros(n)
-    return np.concatenate([pooled, flat.std(axis=1)[:, None], rough[:, None]], axis=1)
+    """The drift features of a batch (n, *input_shape) as float64 (n, F): see
+    :class:`FeatureMap`."""
+    return FeatureMap(input_shape)(x)
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -232,29 +251,29 @@ def load_profile(path: str | Path) -> DriftProfile:
 
 
 class _Ring:
-    """The last ``size`` rows of ``columns`` categorical values, with per-column counts."""
+    """The last ``size`` rows of ``columns`` categorical values, with per-column counts
+    (updated by the rows that enter and leave; no pass over the window)."""
 
     def __init__(self, size: int, columns: int, n_bins: int) -> None:
         self.size = size
         self.values = np.zeros((size, columns), dtype=np.int16)
         self.counts = np.zeros((columns, n_bins), dtype=np.int64)
-        self.cols = np.arange(columns)
+        self.offsets = np.arange(columns, dtype=np.intp) * n_bins
         self.pos = 0
         self.filled = 0
+
+    def _tally(self, rows: np.ndarray) -> np.ndarray:
+        flat = (rows + self.offsets).ravel()
+        return np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
 
     def push(self, rows: np.ndarray) -> None:
         rows = rows[-self.size :]
         n = len(rows)
         idx = (self.pos + np.arange(n)) % self.size
-        if self.filled == self.size:
-            old = self.values[idx]
-            np.subtract.at(self.counts, (np.broadcast_to(self.cols, old.shape), old), 1)
-        else:
-            full = max(0, self.filled + n - self.size)  # rows pushed into an already-used slot
-            if full:
-                old = self.values[idx[n - full :]]
-                np.subtract.at(self.counts, (np.broadcast_to(self.cols, old.shape), old), 1)
-        np.add.at(self.counts, (np.broadcast_to(self.cols, rows.shape), rows), 1)
+        used = min(n, max(0, self.filled + n - self.size))  # slots holding a row to forget
+        if used:
+            self.counts -= self._tally(self.values[idx[n - used :]])
+        self.counts += self._tally(rows)
         self.values[idx] = rows
         self.pos = int((self.pos + n) % self.size)
         self.filled = min(self.size, self.filled + n)
@@ -266,6 +285,7 @@ class DriftMonitor:
     def __init__(self, profile: DriftProfile, window: int = 1000, min_rows: int = 100) -> None:
         self.profile = profile
         self.shape = tuple(profile.input_shape)
+        self.features = FeatureMap(self.shape)
         self.window = window
         self.min_rows = min(min_rows, window)
         nb = max(len(f.proportions) for f in profile.features)
@@ -300,14 +320,19 @@ class DriftMonitor:
         idx: np.ndarray = (feats[:, :, None] > self.edges[None]).sum(axis=2).astype(np.int16)
         return idx
 
-    def update(self, x: np.ndarray, probs: np.ndarray | None) -> tuple[float, float, float]:
-        """Add a validated batch (and its answered probabilities, None when refused) and
-        return (input PSI, prediction PSI, confidence z), NaN while too few rows are in."""
-        idx = self._bin(features(x, self.shape))
+    def update(self, x: np.ndarray, probs: np.ndarray | None) -> None:
+        """Add a validated batch and its answered probabilities (None when refused: the
+        rows count as inputs only). O(batch x features); the signals wait for :meth:`current`."""
+        idx = self._bin(self.features(x))
         with self.lock:
             self.inputs.push(idx)
             if probs is not None and len(probs):
                 self._push_outputs(probs)
+
+    def current(self) -> tuple[float, float, float]:
+        """(input PSI, prediction PSI, confidence z) of the window now (NaN while it has fewer
+        than ``min_rows`` rows); what the gauges read at every scrape."""
+        with self.lock:
             return self.signals()
 
     def _push_outputs(self, probs: np.ndarray) -> None:
@@ -323,6 +348,7 @@ class DriftMonitor:
         ring.push(probs.argmax(axis=1).astype(np.int16)[:, None])
 
     def signals(self) -> tuple[float, float, float]:
+        """:meth:`current` without taking the lock."""
         nan = float("nan")
         psi_in = nan
         if self.inputs.filled >= self.min_rows:

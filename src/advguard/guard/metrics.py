@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -123,6 +123,13 @@ class TopClients:
                 dropped.append(weakest)
                 return client, dropped
             return OTHER, dropped
+
+
+def _nth(fn: Callable[[], tuple[float, float, float]], i: int) -> Callable[[], float]:
+    def read() -> float:
+        return fn()[i]
+
+    return read
 
 
 class GuardMetrics:
@@ -263,6 +270,12 @@ class GuardMetrics:
         h = self.top1_confidence.labels(model, version)
         for c in probs.max(axis=1).tolist():
             h.observe(c)
+
+    def watch_drift(self, model: str, current: Callable[[], tuple[float, float, float]]) -> None:
+        """Make the drift gauges of ``model`` read ``current()`` at every scrape."""
+        gauges = (self.drift_input_psi, self.drift_prediction_psi, self.drift_confidence_zscore)
+        for i, gauge in enumerate(gauges):
+            gauge.labels(model).set_function(_nth(current, i))
 
     def set_drift(self, model: str, values: Sequence[float]) -> None:
         psi_in, psi_pred, z = values

@@ -210,6 +210,7 @@ class Guard:
         self.drift = drift
         if drift is not None:
             drift.check(model.spec.shape, model.spec.num_classes, model.digest)
+            self.metrics.watch_drift(model.name, drift.current)
         needs_fallback = any(
             a in ("fallback", "review") for d in self.detectors for _, a in d.bands
         )
@@ -531,7 +532,7 @@ class Guard:
         if probs is not None:
             m.observe_confidence(model.name, model.version, probs)
         if self.drift is not None:
-            m.set_drift(model.name, self.drift.update(x, probs))
+            self.drift.update(x, probs)
         if obs.recording:
             attrs: dict[str, Any] = {
                 "advguard.model.name": model.name,
