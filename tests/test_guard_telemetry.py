@@ -163,3 +163,79 @@ def test_tracing_is_off_by_default_and_follows_the_otel_variables(tmp_path, modu
     om = c.get("/metrics", headers={"Accept": "application/openmetrics-text"}).text
     assert "trace_id" not in om and "advguard_guard_stage_latency_seconds_bucket" in om
     g.close()
+
+
+class _Collector:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (stdlib server + the OTLP protobuf types)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        received: list = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                received.append((self.path, req))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_otel_variables_export_spans_over_otlp_http(tmp_path, module, monkeypatch):
+    from advguard.guard.config import parse_config
+    from advguard.guard.pipeline import Guard
+    from advguard.guard.serving import ServedModel
+    from advguard.guard.storage import GuardStore
+    from advguard.models import TorchClassifier
+
+    col = _Collector()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", col.url)
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "guard-under-test")
+        cfg = parse_config("", "g.yaml", tmp_path)  # tracing comes from the environment only
+        served = ServedModel(
+            "digits", "digits:1", TorchClassifier(module, input_shape=(1, 8, 8), num_classes=10)
+        )
+        g = Guard.from_config(cfg, model=served, store=GuardStore(f"sqlite:///{tmp_path}/g.db"))
+        assert g.telemetry.tracing
+        c = TestClient(create_app(g))
+        k = create_key(g.store, "f").key
+        x = np.full((1, 1, 8, 8), 0.2, np.float32)
+        assert c.post(PREDICT, json={"inputs": x.tolist()}, headers=auth(k)).status_code == 200
+        g.close()  # flushes the batch processor
+    finally:
+        col.close()
+    assert col.received and all(path == "/v1/traces" for path, _ in col.received)
+    spans, services = [], set()
+    for _, req in col.received:
+        for rs in req.resource_spans:
+            services |= {a.value.string_value for a in rs.resource.attributes
+                         if a.key == "service.name"}  # fmt: skip
+            for ss in rs.scope_spans:
+                spans.extend(ss.spans)
+    assert services == {"guard-under-test"}
+    names = sorted(s.name for s in spans)
+    assert "POST /v1/models/{name}/predict" in names and "guard.predict" in names
+    assert len(spans) == 11 and len({s.trace_id for s in spans}) == 1
