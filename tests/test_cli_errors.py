@@ -272,6 +272,11 @@ def goal_data_missing(tmp: Path) -> list[str]:
     m, d = _model(tmp), _data(tmp)
     return ["evaluate", "-m", str(m), "-d", str(d), "-t", str(tm), "--out", str(tmp / "o")]
 
+def guard_profile_too_few_rows(tmp: Path) -> list[str]:
+    # 40 reference rows cannot fill 10 quantile bins per feature
+    return ["guard", "profile", "-m", str(_model(tmp)), "-d", str(_data(tmp)), "--out",
+            str(tmp / "p.json")]  # fmt: skip
+
 
 CASES: dict[str, Builder] = {
     "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
@@ -302,6 +307,7 @@ CASES: dict[str, Builder] = {
     "quickstart --out is a file": out_file_quickstart,
     "dashboards export --prometheus-url file://": dashboards_bad_url,
     "dashboards export --out is a file": dashboards_out_is_file,
+    "guard profile: too few reference rows": guard_profile_too_few_rows,
 }
 
 

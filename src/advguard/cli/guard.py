@@ -13,7 +13,9 @@ from rich.table import Table
 
 from advguard.cli._common import (
     Commands,
+    DataOpt,
     JsonOpt,
+    ModelOpt,
     console,
     parse_bounds,
     parse_shape,
@@ -151,6 +153,47 @@ def guard_check(
         print_json({"ok": True, "config": cfg.model_dump(mode="json")})
     else:
         console.print(f"{config}: valid guard config")
+
+
+@commands.command("profile")
+def guard_profile(
+    model: ModelOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Profile JSON to write")] = Path("profile.json"),
+    factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
+    bins: Annotated[int, typer.Option(min=2, max=32, help="Quantile bins per feature")] = 10,
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Use only this many rows (seeded)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute the drift reference profile of a model on reference data (for 'drift:')."""
+    import numpy as np
+
+    from advguard.evaluate.job import load_model_and_data
+    from advguard.guard.drift import build_profile, save_profile
+
+    m, d, info = load_model_and_data(
+        model, data, model_kwargs={"factory": factory} if factory else {}
+    )
+    x = np.asarray(d.x)
+    if samples is not None and samples < len(x):
+        x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:samples])]
+    profile = build_profile(m, x, bins=bins, model_digest=info.get("sha256"))
+    save_profile(profile, out)
+    summary = {
+        "out": str(out),
+        "rows": profile.n_reference,
+        "features": len(profile.features),
+        "confidence_mean": round(profile.confidence_mean, 6),
+        "confidence_std": round(profile.confidence_std, 6),
+        "model_digest": profile.model_digest,
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"profile of {summary['rows']} rows, {summary['features']} features -> {out}")
 
 
 @commands.command("forensic-key")

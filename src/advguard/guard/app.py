@@ -27,11 +27,12 @@ from advguard.guard.edge import (
     parse_v2_infer,
     read_capped,
 )
-from advguard.guard.metrics import CONTENT_TYPE_LATEST
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.serving import ServedModel
 from advguard.guard.storage import KeyRecord
+from advguard.guard.telemetry import RequestObs
 
 log = logging.getLogger("advguard.guard")
 
@@ -186,20 +187,26 @@ async def serve_prediction(
     status = 500
     model = guard.get_model(name)
     edge = guard.cfg.edge
+    obs = request_obs(guard, model, key, endpoint, request)
     try:
-        await run_in_threadpool(guard.check_rate, key, model.name)
-        body = await read_capped(
-            request.stream(),
-            edge.max_body_bytes,
-            edge.read_timeout_s,
-            request.headers.get("content-length"),
-        )
+        with obs.stage("limit"):
+            await run_in_threadpool(guard.check_rate, key, model.name)
+        with obs.stage("read"):
+            body = await read_capped(
+                request.stream(),
+                edge.max_body_bytes,
+                edge.read_timeout_s,
+                request.headers.get("content-length"),
+            )
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
         # parsing a large body takes a while: keep it off the event loop
-        raw, extra = await run_in_threadpool(parse, body, ctype.lower())
-        x = await run_in_threadpool(guard.validate, raw, model)
-        budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
-        outcome = await run_in_threadpool(guard.process, key, model, x, started)
+        with obs.stage("parse"):
+            raw, extra = await run_in_threadpool(parse, body, ctype.lower())
+        with obs.stage("validate"):
+            x = await run_in_threadpool(guard.validate, raw, model)
+        with obs.stage("limit"):
+            budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
+        outcome = await run_in_threadpool(guard.process, key, model, x, started, obs)
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
         status = 200
@@ -209,7 +216,32 @@ async def serve_prediction(
         raise
     finally:
         guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
-        guard.metrics.latency.labels(model.name, endpoint).observe(time.perf_counter() - started)
+        guard.metrics.latency.labels(model.name, endpoint).observe(
+            time.perf_counter() - started, obs.exemplar()
+        )
+        obs.finish(status)
+
+
+def request_obs(
+    guard: Guard, model: ServedModel, key: KeyRecord, endpoint: str, request: Request
+) -> RequestObs:
+    """Count the client's query and start the request's observer (and span, when tracing)."""
+    guard.metrics.count_client(model.name, key.key_id)
+    route = request.scope.get("route")
+    path = getattr(route, "path", endpoint)
+    return guard.telemetry.request(
+        model.name,
+        f"{request.method} {path}",
+        {
+            "http.request.method": request.method,
+            "http.route": path,
+            "advguard.endpoint": endpoint,
+            "advguard.model.name": model.name,
+            "advguard.model.version": model.version,
+            "advguard.client.key_id": key.key_id,
+        },
+        carrier=request.headers if guard.telemetry.tracing else None,
+    )
 
 
 def _is_json(ctype: str) -> bool:
@@ -323,8 +355,10 @@ def add_health_routes(app: FastAPI, guard: Guard) -> None:
         return {"status": "ready", "model": guard.model.name, "version": guard.model.version}
 
     @app.get("/metrics", tags=["health"], response_class=Response)
-    def metrics() -> Response:
-        return Response(guard.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request) -> Response:
+        # OpenMetrics (with exemplars) when the scraper asks for it, else the text format
+        body, ctype = guard.metrics.render_for(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": ctype})
 
 
 def add_admin_routes(app: FastAPI, guard: Guard) -> None:

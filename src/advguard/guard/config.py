@@ -173,6 +173,26 @@ class ForensicsConfig(_Strict):
     fail_open: bool = False
 
 
+class DriftConfig(_Strict):
+    """Drift signals against a reference profile (``advguard guard profile``); off without
+    ``profile``."""
+
+    profile: str | None = None
+    #: Rows in the sliding window the signals are computed over.
+    window: int = Field(default=1000, ge=10, le=1_000_000)
+    #: Rows the window needs before the gauges leave NaN.
+    min_rows: int = Field(default=100, ge=1, le=1_000_000)
+
+
+class TelemetryConfig(_Strict):
+    """Traces (OpenTelemetry; also switched on by the standard OTEL_* variables) and the
+    bound on per-client metric labels."""
+
+    tracing: bool = False
+    #: Clients with their own label in advguard_guard_client_queries_total (the rest: other).
+    top_clients: int = Field(default=20, ge=1, le=1000)
+
+
 class GuardConfig(_Strict):
     version: Literal[1] = 1
     model: ModelSpec | None = None
@@ -187,6 +207,8 @@ class GuardConfig(_Strict):
     stateful: list[StatefulConfig] = Field(default_factory=list)
     output: OutputConfig = Field(default_factory=OutputConfig)
     forensics: ForensicsConfig = Field(default_factory=ForensicsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     #: Folder relative paths are read from (the config file's folder); not a YAML key.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -26,6 +26,7 @@ import numpy as np
 from advguard.errors import InputError
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
 from advguard.guard.config import SEVERITY, GuardConfig
+from advguard.guard.drift import DriftMonitor, load_profile
 from advguard.guard.edge import as_float_array, check_batch
 from advguard.guard.failsafe import DEPENDENCY_ERRORS, note_fail_open, unavailable
 from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
@@ -41,9 +42,11 @@ from advguard.guard.storage import (
     OutputPolicy,
     now,
 )
+from advguard.guard.telemetry import RequestObs, Telemetry, build_provider, tracing_requested
 
 if TYPE_CHECKING:  # cryptography is an optional extra (guard)
     from cryptography.fernet import Fernet
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("advguard.guard")
 
@@ -115,6 +118,8 @@ class Detection:
     reasons: list[str] = field(default_factory=list)
     flagged: bool = False
     block: bool = False
+    #: Names of the detectors (input or stateful) that flagged a row or the client.
+    flagged_by: list[str] = field(default_factory=list)
 
     def escalate_row(self, i: int, action: str) -> None:
         if SEVERITY[action] > SEVERITY[self.row_actions[i]]:
@@ -189,6 +194,8 @@ class Guard:
         pepper: bytes | None = None,
         fernet: Fernet | None = None,
         rng: random.Random | None = None,
+        drift: DriftMonitor | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -200,11 +207,16 @@ class Guard:
         self.pepper = pepper
         self.fernet = fernet
         self.rng = rng or random.Random()
-        self.metrics = GuardMetrics()
+        self.metrics = GuardMetrics(cfg.telemetry.top_clients)
+        self.telemetry = Telemetry(self.metrics, tracer_provider)
         from advguard.defenses.transforms.text import TextNormalizer
 
         self.normalizer = TextNormalizer()
         check_modality(cfg, model, self.detectors, self.stateful)
+        self.drift = drift
+        if drift is not None:
+            drift.check(model.spec.shape, model.spec.num_classes, model.digest)
+            self.metrics.watch_drift(model.name, drift.current)
         needs_fallback = any(
             a in ("fallback", "review") for d in self.detectors for _, a in d.bands
         )
@@ -240,6 +252,11 @@ class Guard:
         fernet = None
         if cfg.forensics.mode == "encrypted":
             fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
+        drift = None
+        if cfg.drift.profile is not None:
+            profile = load_profile(cfg.resolve(cfg.drift.profile))
+            drift = DriftMonitor(profile, cfg.drift.window, cfg.drift.min_rows)
+        provider = build_provider() if tracing_requested(cfg.telemetry.tracing) else None
         store = store or GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
         return cls(
             cfg,
@@ -250,10 +267,13 @@ class Guard:
             stateful=build_stateful_detectors(cfg, model),
             pepper=pepper,
             fernet=fernet,
+            drift=drift,
+            tracer_provider=provider,
         )
 
     def close(self) -> None:
         self.store.close()
+        self.telemetry.shutdown()
 
     def get_model(self, name: str) -> ServedModel:
         if name != self.model.name:
@@ -348,23 +368,57 @@ class Guard:
         return _quantize(x, bits, model.spec.bounds) if bits else x
 
     # -- the whole request ------------------------------------------------------------
-    def process(self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float) -> Outcome:
+    def process(
+        self,
+        key: KeyRecord,
+        model: ServedModel,
+        x: np.ndarray,
+        started: float,
+        obs: RequestObs | None = None,
+    ) -> Outcome:
         """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
-        rate and budget were already taken. Raises :class:`Problem` for reject/block."""
+        rate and budget were already taken. Raises :class:`Problem` for reject/block. Each
+        stage is timed (and traced) through ``obs`` (default: a fresh one, finished here)."""
+        own = obs is None
+        run = self.telemetry.request(model.name) if obs is None else obs
+        try:
+            return self._process(key, model, x, started, run)
+        except Problem:
+            raise
+        except Exception:
+            self.metrics.decisions.labels(model.name, model.version, "error").inc()
+            raise
+        finally:
+            if own:
+                run.finish()
+
+    def _process(
+        self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float, obs: RequestObs
+    ) -> Outcome:
         decision_id = uuid.uuid4().hex
-        xs = self.sanitize(x, model)
-        det = self.detect(xs)
-        self.observe_stateful(key, xs, det)
+        with obs.stage("sanitize"):
+            xs = self.sanitize(x, model)
+        with obs.stage("detect"):
+            det = self.detect(xs)
+        with obs.stage("stateful"):
+            self.observe_stateful(key, xs, det)
         action = det.action()
         sampled = self.rng.random() < self.cfg.forensics.sample_rate
         if sampled and not det.flagged and action == "allow":
             det.reasons.append("sampled")
         forensic = det.flagged or action != "allow" or sampled
-        probs = None if action in ("reject", "block") else self.answer(model, xs, det.row_actions)
+        probs = None
+        if action not in ("reject", "block"):
+            with obs.stage("predict"):
+                probs = self.answer(model, xs, det.row_actions)
         latency_ms = (time.perf_counter() - started) * 1000.0
         if forensic or self.cfg.forensics.record_all_decisions:
-            self._record(decision_id, key, model, action, det, forensic, x, latency_ms)
+            with obs.stage("record"):
+                self._record(decision_id, key, model, action, det, forensic, x, latency_ms)
         self.metrics.decisions.labels(model.name, model.version, action).inc()
+        self.observe(model, key, x, det, action, probs, obs)
+        if obs.recording:
+            obs.set({"advguard.decision.id": decision_id})
         self.refuse_if_needed(action, key, decision_id, det.reasons)
         assert probs is not None
         self.metrics.rows.labels(model.name, model.version).inc(len(xs))
@@ -386,7 +440,10 @@ class Guard:
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")
             det.scores[slot.name] = [round(float(v), 6) for v in s]
-            for i, a in enumerate(slot.actions(s)):
+            acts = slot.actions(s)
+            if any(a != "allow" for a in acts):
+                det.flagged_by.append(slot.name)
+            for i, a in enumerate(acts):
                 if a != "allow":
                     det.flagged = True
                     det.reasons.append(f"{slot.name}:row{i}:{a}")
@@ -403,6 +460,7 @@ class Guard:
             if not v.flagged:
                 continue
             det.flagged = True
+            det.flagged_by.append(st.name)
             det.reasons.append(
                 f"{st.name}:{st.action} (score {float(v.score):.4g} > "
                 f"{float(v.threshold):.4g} after {int(v.queries_seen)} queries)"
@@ -483,10 +541,58 @@ class Guard:
         try:
             self.store.add_decision(rec)  # committed before the answer leaves
         except DEPENDENCY_ERRORS as exc:
+            self.metrics.forensic_write_failures.labels(model.name).inc()
             if not self.cfg.forensics.fail_open:
                 log.error("decision %s not recorded (%s)", decision_id, type(exc).__name__)
                 raise unavailable("database") from None
             note_fail_open("database", f"record of decision {decision_id}", exc)
+        except Exception:
+            # the request still fails (5xx): no answer leaves without its record
+            self.metrics.forensic_write_failures.labels(model.name).inc()
+            raise
+
+    def observe(
+        self,
+        model: ServedModel,
+        key: KeyRecord,
+        x: np.ndarray,
+        det: Detection,
+        action: str,
+        probs: np.ndarray | None,
+        obs: RequestObs,
+    ) -> None:
+        """Metrics of one decision (detector scores and flags, stateful alerts, top-1
+        confidence), the drift window, and the request span's attributes."""
+        m = self.metrics
+        for slot in self.detectors:
+            s = det.scores.get(slot.name)
+            if isinstance(s, list):
+                m.observe_scores(model.name, slot.name, np.asarray(s, dtype=np.float64))
+        for name in det.flagged_by:
+            m.detector_flags.labels(model.name, model.version, name).inc()
+        for st in self.stateful:
+            if st.name in det.flagged_by:
+                m.stateful_alerts.labels(model.name, st.name, st.action).inc()
+        if probs is not None:
+            m.observe_confidence(model.name, model.version, probs)
+        if self.drift is not None:
+            self.drift.update(x, probs)
+        if obs.recording:
+            attrs: dict[str, Any] = {
+                "advguard.model.name": model.name,
+                "advguard.model.version": model.version,
+                "advguard.decision": action,
+                "advguard.client.key_id": key.key_id,
+                "advguard.input.fingerprint": fingerprint(x),
+                "advguard.input.rows": len(x),
+                "advguard.detectors.flagged": list(det.flagged_by),
+            }
+            for name, sc in det.scores.items():
+                if sc is not None:
+                    attrs[f"advguard.detector.{name}.score"] = (
+                        sc[:64] if isinstance(sc, list) else sc
+                    )
+            obs.set(attrs)
 
     def decision(self, decision_id: str) -> dict[str, Any]:
         import re
@@ -518,6 +624,8 @@ def check_modality(
         )
     if cfg.sanitize.quantize_bits:
         raise InputError("sanitize.quantize_bits applies to numeric inputs, not a text model")
+    if cfg.drift.profile is not None:
+        raise InputError("drift profiles describe numeric inputs; a text model takes none yet")
 
 
 # -- builders for the configured detectors --------------------------------------------
