@@ -383,7 +383,9 @@ class Guard:
         run = self.telemetry.request(model.name) if obs is None else obs
         try:
             return self._process(key, model, x, started, run)
-        except Problem:
+        except Problem as p:
+            if p.slug == "dependency-unavailable":  # the decision store failed: an error
+                self.metrics.decisions.labels(model.name, model.version, "error").inc()
             raise
         except Exception:
             self.metrics.decisions.labels(model.name, model.version, "error").inc()
