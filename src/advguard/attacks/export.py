@@ -14,10 +14,11 @@ from advguard import __version__
 from advguard.atomic import atomic_path
 from advguard.attacks.registry import build_attack
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 
 
 def attack_dataset(
-    model: Any,
+    model: Classifier,
     data: Any,
     out: str | Path,
     *,
@@ -89,7 +90,7 @@ def attack_dataset(
 
 def _attack_batches(
     a: Any,
-    model: Any,
+    model: Classifier,
     data: Any,
     n: int,
     batch_size: int,

@@ -499,7 +499,7 @@ class _FullStepPGD(PGD):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
@@ -507,6 +507,7 @@ class _FullStepPGD(PGD):
         generator: torch.Generator,
     ) -> RunResult:
         assert epsilon is not None
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=False))
 
 

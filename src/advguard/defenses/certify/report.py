@@ -19,6 +19,7 @@ from advguard import __version__
 from advguard.errors import InputError
 from advguard.evaluate.html import png, prop
 from advguard.evaluate.runner import environment, select_samples, sha256_array
+from advguard.models.base import Classifier
 from advguard.stats import Proportion, proportion
 
 SCHEMA_VERSION = "1.0"
@@ -190,7 +191,7 @@ def _smoothing_settings(method: str, sigma: float, n0: int, n: int, alpha: float
     }
 
 
-def _model_section(model: Any, model_info: dict[str, Any] | None) -> dict[str, Any]:
+def _model_section(model: Classifier, model_info: dict[str, Any] | None) -> dict[str, Any]:
     return {
         **(model_info or {}),
         "class": type(model).__name__,

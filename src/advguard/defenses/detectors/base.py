@@ -31,7 +31,7 @@ import torch
 
 from advguard import _validate as check
 from advguard.errors import InputError
-from advguard.models.base import ArrayLike, check_inputs, check_labels
+from advguard.models.base import ArrayLike, Classifier, check_inputs, check_labels
 
 Progress = Callable[[str, int, int], None]
 
@@ -311,7 +311,7 @@ class AdversarialSet:
 
 
 def adversarial_examples(
-    model: Any,
+    model: Classifier,
     x: ArrayLike,
     y: ArrayLike,
     threat_model: Any,
@@ -390,7 +390,7 @@ def _untargeted_threat_model(threat_model: Any, epsilon: float | None) -> tuple[
 
 
 def _cascade(
-    model: Any,
+    model: Classifier,
     attacks: Sequence[Any],
     xt: torch.Tensor,
     yt: torch.Tensor,
