@@ -10,6 +10,11 @@ A push scans every file (:mod:`advguard.registry.scan`), writes the objects
 event and an audit entry in *one* database transaction. A crash before that
 commit leaves only unreferenced objects: the version is either fully visible or
 absent. Every read re-hashes the bytes.
+
+The hash-chained audit log (append, chain check, replay) lives in
+:mod:`advguard.registry.audit`, names and references (``NAME``, ``NAME:VERSION``,
+``NAME@STAGE``, artifact names) in :mod:`advguard.registry.refs` and the returned records in
+:mod:`advguard.registry.types`; this module re-exports their public names.
 """
 
 from __future__ import annotations
