@@ -9,6 +9,7 @@ adversarial trainer's pgd_perturb/trades_perturb with fixed seeds and saves ever
     python benchmarks/engine_identity.py --diff before.pt after.pt
 
 (The gradient-engine refactor: 49 of 49 outputs bit-identical.)
+(The split of every function over 80 lines into helpers, issue 12: 49 of 49 bit-identical.)
 """
 
 import sys

@@ -393,13 +393,13 @@ def test_database_values_are_validated_on_read(
 _CHILD = """
 import os, sys, time
 from pathlib import Path
-from advguard.registry import store
+from advguard.registry import audit, store
 root, model, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 db_url = sys.argv[4] if len(sys.argv) > 4 else None
 if mode == "crash":
     def die(*a, **k):
         os._exit(1)  # killed after the objects are written, inside the DB transaction
-    store._append_audit = die
+    audit.append_entry = die
 if mode == "midwrite":
     from advguard.registry import objects
     real_write = objects.atomic_write

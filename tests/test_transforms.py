@@ -96,8 +96,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def test_jpeg_changes_images_but_keeps_them_close(digits_split, digits_model):
-    _, _, x_te, y_te = digits_split
+def test_jpeg_changes_images_but_keeps_them_close(digits_split):
+    _, _, x_te, _ = digits_split
     x = torch.tensor(x_te)
     out = JpegCompression(75)(x)
     assert (out - x).abs().amax((1, 2, 3)).min() > 0  # every image is changed
@@ -118,15 +118,13 @@ def test_jpeg_changes_images_but_keeps_them_close(digits_split, digits_model):
     )[None]
     rgb_out = JpegCompression(90)(rgb)
     assert float(psnr(rgb_out, rgb)) > 30.0
-    # the defended CNN keeps its clean accuracy (measured: 0.980 both)
-    clean = digits_model.accuracy(x_te, y_te)
-    defended = TransformedClassifier(digits_model, [JpegCompression(75)]).accuracy(x_te, y_te)
-    assert defended >= clean - 0.03
 
 
+@pytest.mark.slow  # accuracy costs on the digits CNN: a characterization band
 def test_clean_accuracy_cost_on_digits(digits_split, digits_model):
     """What each transform costs on clean accuracy (397 digits test images, ~98% clean).
 
+    The defended CNN keeps its clean accuracy under JPEG 75 (measured: 0.980 both).
     Measured drops (points, 5 trainings): bit depth 3: 0, bit depth 2: 0, JPEG 75: 0,
     noise 0.05: -0.3..0.3, bit depth 1: 4.5..5.5, median 3x3: 8..14, median 2x2: 21..24
     (8x8 digits are too small for it).
@@ -145,6 +143,8 @@ def test_clean_accuracy_cost_on_digits(digits_split, digits_model):
     assert 0.01 < drop(BitDepthReduction(1)) < 0.15
     assert 0.02 < drop(MedianSmoothing(3)) < 0.2
     assert drop(MedianSmoothing(2)) > drop(MedianSmoothing(3))
+    jpeg = TransformedClassifier(digits_model, [JpegCompression(75)]).accuracy(x_te, y_te)
+    assert jpeg >= clean - 0.03
 
 
 def test_bit_depth_masks_gradients_and_bpda_restores_them(digits_eval, digits_model):

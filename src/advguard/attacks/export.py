@@ -14,10 +14,11 @@ from advguard import __version__
 from advguard.atomic import atomic_path
 from advguard.attacks.registry import build_attack
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 
 
 def attack_dataset(
-    model: Any,
+    model: Classifier,
     data: Any,
     out: str | Path,
     *,
@@ -52,22 +53,7 @@ def attack_dataset(
         )
     a = build_attack(attack, norm=norm, seed=seed, **(params or {}))
     n = len(data) if samples is None else min(samples, len(data))
-    xs, advs, succ, preds = [], [], [], []
-    if progress is not None:
-        progress(0, n)  # show the bar at once: one batch of a long attack can take a while
-    for i in range(0, n, batch_size):
-        x = torch.as_tensor(data.x[i : min(i + batch_size, n)], dtype=torch.float32)
-        y = torch.as_tensor(data.y[i : min(i + batch_size, n)], dtype=torch.long)
-        res = a.run(model, x, y, epsilon)
-        xs.append(x.numpy())
-        advs.append(res.x_adv.cpu().numpy())
-        succ.append(res.success.cpu().numpy())
-        preds.append(model.predict(res.x_adv))
-        if progress is not None:
-            progress(min(i + batch_size, n), n)
-    x_all = np.concatenate(xs)
-    success = np.concatenate(succ)
-    pred = np.concatenate(preds)
+    x_all, x_adv, success, pred = _attack_batches(a, model, data, n, batch_size, epsilon, progress)
     y_all = np.asarray(data.y[:n])
     meta = {
         "advguard_version": __version__,
@@ -86,7 +72,7 @@ def attack_dataset(
     with atomic_path(out) as tmp:
         np.savez_compressed(
             tmp,
-            x_adv=np.concatenate(advs),
+            x_adv=x_adv,
             x=x_all,
             y=y_all,
             success=success,
@@ -100,3 +86,30 @@ def attack_dataset(
         "robust_accuracy": robust,
         "path": str(out),
     }
+
+
+def _attack_batches(
+    a: Any,
+    model: Classifier,
+    data: Any,
+    n: int,
+    batch_size: int,
+    epsilon: float,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``n`` samples attacked batch by batch: inputs, adversarial examples,
+    success and the model's predictions on the adversarial examples."""
+    xs, advs, succ, preds = [], [], [], []
+    if progress is not None:
+        progress(0, n)  # show the bar at once: one batch of a long attack can take a while
+    for i in range(0, n, batch_size):
+        x = torch.as_tensor(data.x[i : min(i + batch_size, n)], dtype=torch.float32)
+        y = torch.as_tensor(data.y[i : min(i + batch_size, n)], dtype=torch.long)
+        res = a.run(model, x, y, epsilon)
+        xs.append(x.numpy())
+        advs.append(res.x_adv.cpu().numpy())
+        succ.append(res.success.cpu().numpy())
+        preds.append(model.predict(res.x_adv))
+        if progress is not None:
+            progress(min(i + batch_size, n), n)
+    return np.concatenate(xs), np.concatenate(advs), np.concatenate(succ), np.concatenate(preds)

@@ -16,6 +16,7 @@ import torch
 from advguard._validate import ParameterError
 from advguard.attacks.base import Attack, AttackResult
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 
 ATLAS_VERSION = "5.0.0"
 """ATLAS data release the technique IDs below were taken from (IDs are stable across 4.x-5.x;
@@ -63,7 +64,7 @@ class SuiteAttack:
 
     def run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float,

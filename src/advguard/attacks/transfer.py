@@ -180,7 +180,48 @@ def _label_data(
     check_inputs(_Spec(shape, bnds), torch.from_numpy(xa))  # type: ignore[arg-type]
     n_avail = len(xa)
     notes: list[str] = []
+    xa, ya, n_used, spent, label_source = _labels(xa, y, target, query_budget, notes)
+    k, classes_seen = _check_classes(ya, k, notes)
+    perm = np.random.default_rng(seed).permutation(n_used)
+    n_hold = round(holdout * n_used)
+    if holdout > 0 and n_used - n_hold < MIN_QUERY_BUDGET // 2:
+        n_hold = 0
+    hold, train = perm[:n_hold], perm[n_hold:]
+    agree_x, agree_y, agree_spent = _agreement_set(xa, ya, hold, target, label_source, query_budget)
+    return {
+        "x": xa,
+        "y": ya,
+        "train": train,
+        "hold": hold,
+        "agree_x": agree_x,
+        "agree_y": agree_y,
+        "input_shape": shape,
+        "num_classes": k,
+        "bounds": bnds,
+        "device": getattr(target, "device", torch.device("cpu")),
+        "info": {
+            "labels": label_source,
+            "samples_available": n_avail,
+            "samples_used": int(n_used),
+            "truncated_to_budget": bool(label_source == "target" and n_used < n_avail),
+            "query_budget": query_budget,
+            "train_samples": len(train),
+            "holdout_samples": int(n_hold),
+            "classes_seen": classes_seen,
+            "target_queries": int(spent + agree_spent),
+            "target_queries_labels": int(spent),
+            "target_queries_agreement": int(agree_spent),
+            "notes": notes,
+        },
+    }
 
+
+def _labels(
+    xa: np.ndarray, y: Any, target: Any, query_budget: int | None, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray, int, int, str]:
+    """The inputs used, their labels (``y``, or the target's answers within the budget), how
+    many, the target queries spent and where the labels came from."""
+    n_avail = len(xa)
     if y is None:
         if target is None:
             raise InputError(
@@ -214,6 +255,11 @@ def _label_data(
             raise InputError(
                 f"only {n_used} surrogate training sample(s); need at least {MIN_QUERY_BUDGET}"
             )
+    return xa, ya, n_used, spent, label_source
+
+
+def _check_classes(ya: np.ndarray, k: int | None, notes: list[str]) -> tuple[int, int]:
+    """The number of classes (``max(y) + 1`` by default) and how many the labels cover."""
     if k is None:
         k = int(ya.max()) + 1 if len(ya) else 0
     if len(ya) and (ya.min() < 0 or ya.max() >= k):
@@ -228,13 +274,19 @@ def _label_data(
         )
     if classes_seen < k:
         notes.append(f"the training labels cover only {classes_seen} of {k} classes")
+    return k, classes_seen
 
-    perm = np.random.default_rng(seed).permutation(n_used)
-    n_hold = round(holdout * n_used)
-    if holdout > 0 and n_used - n_hold < MIN_QUERY_BUDGET // 2:
-        n_hold = 0
-    hold, train = perm[:n_hold], perm[n_hold:]
 
+def _agreement_set(
+    xa: np.ndarray,
+    ya: np.ndarray,
+    hold: np.ndarray,
+    target: Any,
+    label_source: str,
+    query_budget: int | None,
+) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """Held-out inputs with the target's answers (to measure agreement) and their cost."""
+    n_hold = len(hold)
     agree_x = agree_y = None
     agree_spent = 0
     if n_hold and target is not None:
@@ -248,32 +300,7 @@ def _label_data(
             f0 = target.queries.forward
             agree_y = np.asarray(target.predict(agree_x), dtype=np.int64) if m else None
             agree_spent = target.queries.forward - f0
-    return {
-        "x": xa,
-        "y": ya,
-        "train": train,
-        "hold": hold,
-        "agree_x": agree_x,
-        "agree_y": agree_y,
-        "input_shape": shape,
-        "num_classes": k,
-        "bounds": bnds,
-        "device": getattr(target, "device", torch.device("cpu")),
-        "info": {
-            "labels": label_source,
-            "samples_available": n_avail,
-            "samples_used": int(n_used),
-            "truncated_to_budget": bool(label_source == "target" and n_used < n_avail),
-            "query_budget": query_budget,
-            "train_samples": len(train),
-            "holdout_samples": int(n_hold),
-            "classes_seen": classes_seen,
-            "target_queries": int(spent + agree_spent),
-            "target_queries_labels": int(spent),
-            "target_queries_agreement": int(agree_spent),
-            "notes": notes,
-        },
-    }
+    return agree_x, agree_y, agree_spent
 
 
 def _fit_member(
@@ -472,7 +499,7 @@ class _FullStepPGD(PGD):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
@@ -480,6 +507,7 @@ class _FullStepPGD(PGD):
         generator: torch.Generator,
     ) -> RunResult:
         assert epsilon is not None
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=False))
 
 
@@ -555,10 +583,45 @@ class TransferAttack(Attack):
         seed: int = 0,
         allow_large: bool = False,
     ) -> None:
+        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        self._base = self._base_attack(base, base_params, early_stop, allow_large)
+        self.base = base
+        self.base_params = dict(base_params or {})
+        self.early_stop = early_stop
+
+        # -- surrogates: given, or a lazy training spec
+        if (surrogates is None) == (surrogate_data is None):
+            raise InputError(
+                "give either surrogates=[TorchClassifier, ...] or surrogate_data='<dataset>' "
+                "(with labels, query_budget, ensemble...) to train them, not both"
+            )
+        check.choice("labels", labels, LABEL_SOURCES)
+        if query_budget is not None:
+            check.queries(
+                "query_budget", query_budget, low=MIN_QUERY_BUDGET, allow_large=allow_large
+            )
+        check.integer("ensemble", ensemble, low=1, high=100)
+        check.choice("architecture", architecture, ARCHITECTURES)
+        check.steps("epochs", epochs, allow_large=allow_large)
+        check.number("holdout", holdout, low=0.0, high=0.5)
+        check.choice("combine", combine, COMBINE)
+        self._set_surrogates(surrogates, surrogate_data, combine)
+        self.labels = labels
+        self.query_budget = None if query_budget is None else int(query_budget)
+        self.ensemble = int(ensemble)
+        self.architecture = architecture
+        self.epochs = int(epochs)
+        self.combine = combine
+        self.holdout = float(holdout)
+        # cache of trained surrogates: (weak reference to the target, ensemble, info)
+        self._cache: tuple[Callable[[], Any], EnsembleClassifier, dict[str, Any]] | None = None
+
+    def _base_attack(
+        self, base: str, base_params: dict[str, Any] | None, early_stop: bool, allow_large: bool
+    ) -> _FullStepPGD | SuiteAttack:
+        """The white-box attack run on the surrogate (PGD without early stop by default)."""
         from advguard.attacks.registry import ATTACKS, build_attack
 
-        super().__init__(norm=norm, seed=seed, allow_large=allow_large)
-        # -- base attack
         if not isinstance(base, str) or base not in ATTACKS:
             raise InputError(
                 f"unknown base attack {base!r}; give the registry name of a white-box attack: "
@@ -583,34 +646,15 @@ class TransferAttack(Attack):
             raise InputError("base_params must not set norm or seed; set them on the attack")
         check.flag("early_stop", early_stop)
         base_kw = {"allow_large": True, **base_params} if allow_large else dict(base_params)
-        self._base: _FullStepPGD | SuiteAttack
         if base == "pgd" and not early_stop:
             try:
-                self._base = _FullStepPGD(norm=self.norm, seed=self.seed, **base_kw)
+                return _FullStepPGD(norm=self.norm, seed=self.seed, **base_kw)
             except TypeError as e:
                 raise InputError(f"bad base_params for attack 'pgd': {e}") from None
-        else:
-            self._base = build_attack(base, norm=self.norm, seed=self.seed, **base_kw)
-        self.base = base
-        self.base_params = dict(base_params)
-        self.early_stop = early_stop
+        return build_attack(base, norm=self.norm, seed=self.seed, **base_kw)
 
-        # -- surrogates: given, or a lazy training spec
-        if (surrogates is None) == (surrogate_data is None):
-            raise InputError(
-                "give either surrogates=[TorchClassifier, ...] or surrogate_data='<dataset>' "
-                "(with labels, query_budget, ensemble...) to train them, not both"
-            )
-        check.choice("labels", labels, LABEL_SOURCES)
-        if query_budget is not None:
-            check.queries(
-                "query_budget", query_budget, low=MIN_QUERY_BUDGET, allow_large=allow_large
-            )
-        check.integer("ensemble", ensemble, low=1, high=100)
-        check.choice("architecture", architecture, ARCHITECTURES)
-        check.steps("epochs", epochs, allow_large=allow_large)
-        check.number("holdout", holdout, low=0.0, high=0.5)
-        check.choice("combine", combine, COMBINE)
+    def _set_surrogates(self, surrogates: Any, surrogate_data: Any, combine: str) -> None:
+        """The given surrogates (as an ensemble), or the data set to train them on."""
         self._given: list[Any] | None = None
         if surrogates is not None:
             given = [surrogates] if is_white_box(surrogates) else list(surrogates)
@@ -629,15 +673,6 @@ class TransferAttack(Attack):
             else (None if surrogate_data is None else getattr(surrogate_data, "name", "dataset"))
         )
         self._dataset = surrogate_data if hasattr(surrogate_data, "x") else None
-        self.labels = labels
-        self.query_budget = None if query_budget is None else int(query_budget)
-        self.ensemble = int(ensemble)
-        self.architecture = architecture
-        self.epochs = int(epochs)
-        self.combine = combine
-        self.holdout = float(holdout)
-        # cache of trained surrogates: (weak reference to the target, ensemble, info)
-        self._cache: tuple[Callable[[], Any], EnsembleClassifier, dict[str, Any]] | None = None
 
     # -- configuration ------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

@@ -105,17 +105,7 @@ def scan_cmd(
             truth=truth, seed=seed, progress=progress_callback(bar),
         )  # fmt: skip
     removed = res["removed"]
-    # rank suspicious rows by how many methods flag them, then by the removal methods' scores
-    votes = sum(f.astype(int) for f in res["flagged"].values())
-    key = sum(res["scores"][k] for k in rem)
-    order = np.lexsort((-key, -votes))
-    rows: list[dict[str, Any]] = [
-        {"row": int(i), "label": int(ds.y[i]),
-         "flagged_by": [k for k, f in res["flagged"].items() if f[i]],
-         "scores": {k: float(s[i]) for k, s in res["scores"].items()},
-         "removed": bool(removed[i])}
-        for i in order[:top] if votes[i] > 0
-    ]  # fmt: skip
+    rows = _suspicious_rows(res, rem, ds.y, top)
     if out is not None:
         keep = ~removed
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +124,33 @@ def scan_cmd(
     if json_out:
         print_json(summary)
         return
-    table = Table(title=f"Data scan of {len(ds)} rows")
+    _print_scan(res, rows, rem, len(ds), out)
+
+
+def _suspicious_rows(res: dict[str, Any], rem: list[str], y: Any, top: int) -> list[dict[str, Any]]:
+    """The ``top`` flagged rows, by how many methods flag them, then the removal scores."""
+    import numpy as np
+
+    removed = res["removed"]
+    votes = sum(f.astype(int) for f in res["flagged"].values())
+    key = sum(res["scores"][k] for k in rem)
+    order = np.lexsort((-key, -votes))
+    rows: list[dict[str, Any]] = [
+        {"row": int(i), "label": int(y[i]),
+         "flagged_by": [k for k, f in res["flagged"].items() if f[i]],
+         "scores": {k: float(s[i]) for k, s in res["scores"].items()},
+         "removed": bool(removed[i])}
+        for i in order[:top] if votes[i] > 0
+    ]  # fmt: skip
+    return rows
+
+
+def _print_scan(
+    res: dict[str, Any], rows: list[dict[str, Any]], rem: list[str], n: int, out: Path | None
+) -> None:
+    """Per-method counts, suspicious classes and rows, and what was removed."""
+    removed = res["removed"]
+    table = Table(title=f"Data scan of {n} rows")
     for col in ("method", "flagged", "against manifest"):
         table.add_column(col)
     for k, v in res["methods"].items():

@@ -197,68 +197,90 @@ def attack(
     console.print(f"Adversarial examples written to [bold]{out}[/]")
 
 
+UrlOpt = Annotated[
+    str, typer.Option(help="http(s) endpoint taking POST JSON (docs/http-contract.md)")
+]
+BlackBoxThreatOpt = Annotated[
+    str,
+    typer.Option(
+        "--threat-model",
+        "-t",
+        help="Black-box threat model: preset or YAML (text: text-standard)",
+    ),
+]
+DataShapeOpt = Annotated[
+    str | None, typer.Option(help="One input's shape, e.g. 1,28,28 (default: the data's)")
+]
+DataClassesOpt = Annotated[int | None, typer.Option(min=2, help="Classes (default: the data's)")]
+DataBoundsOpt = Annotated[
+    str | None, typer.Option(help="Input range LOW,HIGH (default: the data's)")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option(help="Name of the environment variable holding the API key (never the key)"),
+]
+ApiKeyHeaderOpt = Annotated[
+    str, typer.Option(help="Header carrying the key, e.g. Authorization or X-API-Key")
+]
+ApiKeyPrefixOpt = Annotated[
+    str | None,
+    typer.Option(help="Prefix before the key (default 'Bearer ' for Authorization, else none)"),
+]
+QueryBudgetOpt = Annotated[
+    int | None, typer.Option(min=0, help="Most samples the endpoint may answer in this run")
+]
+OutputKindOpt = Annotated[
+    str, typer.Option(help="What the endpoint returns: probabilities or logits")
+]
+InputFieldOpt = Annotated[str, typer.Option(help="JSON field of the inputs")]
+OutputFieldOpt = Annotated[
+    str | None, typer.Option(help="JSON field of the scores (default: --output's value)")
+]
+FlattenOpt = Annotated[bool, typer.Option(help="Send each input as a flat list.")]
+RequestBatchOpt = Annotated[int, typer.Option(min=1, help="Most samples per request.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(min=0.001, help="Seconds per request in total (connect, headers and body)."),
+]
+MaxResponseOpt = Annotated[
+    int | None, typer.Option(min=1, help="Most bytes of one response body [default: 16 MiB]")
+]
+RetriesOpt = Annotated[int, typer.Option(min=0, help="Retries on errors, 5xx and 429.")]
+SamplesOverrideOpt = Annotated[int | None, typer.Option(min=1, help="Override sample count.")]
+EpsilonsOverrideOpt = Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")]
+SeedOverrideOpt = Annotated[int | None, typer.Option(help="Override seed.")]
+ResumeRunOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
+AllowLargeOpt = Annotated[
+    bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
+]
+
+
 @commands.command()
 def redteam(
-    url: Annotated[
-        str, typer.Option(help="http(s) endpoint taking POST JSON (docs/http-contract.md)")
-    ],
+    url: UrlOpt,
     data: DataOpt,
-    threat_model: Annotated[
-        str,
-        typer.Option(
-            "--threat-model",
-            "-t",
-            help="Black-box threat model: preset or YAML (text: text-standard)",
-        ),
-    ],
+    threat_model: BlackBoxThreatOpt,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("advguard-redteam"),
-    input_shape: Annotated[
-        str | None, typer.Option(help="One input's shape, e.g. 1,28,28 (default: the data's)")
-    ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option(min=2, help="Classes (default: the data's)")
-    ] = None,
-    bounds: Annotated[
-        str | None, typer.Option(help="Input range LOW,HIGH (default: the data's)")
-    ] = None,
-    api_key_env: Annotated[
-        str | None,
-        typer.Option(help="Name of the environment variable holding the API key (never the key)"),
-    ] = None,
-    api_key_header: Annotated[
-        str, typer.Option(help="Header carrying the key, e.g. Authorization or X-API-Key")
-    ] = "Authorization",
-    api_key_prefix: Annotated[
-        str | None,
-        typer.Option(help="Prefix before the key (default 'Bearer ' for Authorization, else none)"),
-    ] = None,
-    query_budget: Annotated[
-        int | None, typer.Option(min=0, help="Most samples the endpoint may answer in this run")
-    ] = None,
-    output: Annotated[
-        str, typer.Option(help="What the endpoint returns: probabilities or logits")
-    ] = "probabilities",
-    input_field: Annotated[str, typer.Option(help="JSON field of the inputs")] = "inputs",
-    output_field: Annotated[
-        str | None, typer.Option(help="JSON field of the scores (default: --output's value)")
-    ] = None,
-    flatten: Annotated[bool, typer.Option(help="Send each input as a flat list.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Most samples per request.")] = 64,
-    timeout: Annotated[
-        float,
-        typer.Option(min=0.001, help="Seconds per request in total (connect, headers and body)."),
-    ] = 30.0,
-    max_response_bytes: Annotated[
-        int | None, typer.Option(min=1, help="Most bytes of one response body [default: 16 MiB]")
-    ] = None,
-    retries: Annotated[int, typer.Option(min=0, help="Retries on errors, 5xx and 429.")] = 3,
-    samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
-    epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
-    allow_large: Annotated[
-        bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
-    ] = False,
+    input_shape: DataShapeOpt = None,
+    num_classes: DataClassesOpt = None,
+    bounds: DataBoundsOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    api_key_header: ApiKeyHeaderOpt = "Authorization",
+    api_key_prefix: ApiKeyPrefixOpt = None,
+    query_budget: QueryBudgetOpt = None,
+    output: OutputKindOpt = "probabilities",
+    input_field: InputFieldOpt = "inputs",
+    output_field: OutputFieldOpt = None,
+    flatten: FlattenOpt = False,
+    batch_size: RequestBatchOpt = 64,
+    timeout: TimeoutOpt = 30.0,
+    max_response_bytes: MaxResponseOpt = None,
+    retries: RetriesOpt = 3,
+    samples: SamplesOverrideOpt = None,
+    epsilons: EpsilonsOverrideOpt = None,
+    seed: SeedOverrideOpt = None,
+    resume: ResumeRunOpt = False,
+    allow_large: AllowLargeOpt = False,
 ) -> None:
     """Red-team a live HTTP endpoint (numeric or text data); exit 1 if the SLOs fail."""
     check_out_dir(out)
@@ -266,13 +288,7 @@ def redteam(
     from advguard.evaluate.threat_model import load_threat_model
     from advguard.models.http_model import DEFAULT_MAX_RESPONSE_BYTES, parse_output
 
-    api_key = None
-    if api_key_env is not None:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise AdvguardError(
-                f"environment variable {api_key_env} (from --api-key-env) is not set or empty"
-            )
+    api_key = _api_key_from_env(api_key_env)
     tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
@@ -301,20 +317,37 @@ def redteam(
             resume=resume,
         )
     render_summary(res.report, res.json_path, res.html_path)
-    q = res.report.model.get("queries", {})
+    _print_endpoint_queries(res.report)
+    if res.report.verdict.status in ("fail", "untrustworthy"):
+        raise typer.Exit(1)
+
+
+def _api_key_from_env(api_key_env: str | None) -> str | None:
+    """The API key held by the named environment variable (None when no name is given)."""
+    if api_key_env is None:
+        return None
+    api_key = os.environ.get(api_key_env)
+    if not api_key:
+        raise AdvguardError(
+            f"environment variable {api_key_env} (from --api-key-env) is not set or empty"
+        )
+    return api_key
+
+
+def _print_endpoint_queries(report: Any) -> None:
+    """How many samples and requests the endpoint answered, and whether the budget ran out."""
+    q = report.model.get("queries", {})
     console.print(
         f"Endpoint answered {q.get('samples_answered')} samples in {q.get('requests_sent')} "
         f"requests ({q.get('retries')} retries)"
         + (f"; budget left {q['budget_left']}" if q.get("budget_left") is not None else "")
     )
-    if res.report.model.get("query_budget_exhausted"):
+    if report.model.get("query_budget_exhausted"):
         console.print(
             "[dark_orange]Query budget exhausted[/]: the report covers "
-            f"{res.report.data['n_evaluated']} of {res.report.data.get('n_requested')} samples; "
+            f"{report.data['n_evaluated']} of {report.data.get('n_requested')} samples; "
             "re-run with --resume and a larger --query-budget"
         )
-    if res.report.verdict.status in ("fail", "untrustworthy"):
-        raise typer.Exit(1)
 
 
 @report_commands.command("compare")

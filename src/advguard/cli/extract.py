@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -62,7 +62,6 @@ def extract(
     json_out: JsonOpt = False,
 ) -> None:
     """Extract a copy of a black-box model within a query budget (Orekondy 2019; Papernot 2017)."""
-    import numpy as np
 
     from advguard.attacks.extraction import (
         EvalSet,
@@ -73,8 +72,7 @@ def extract(
     from advguard.attacks.extraction.common import load_query_pool
     from advguard.attacks.extraction.report import write_extraction_report
     from advguard.errors import InputError
-    from advguard.models import HttpClassifier
-    from advguard.models.io import CLI_OPTION_NAMES, load_model, option_names, save_torch
+    from advguard.models.io import save_torch
 
     if method not in ("knockoff", "jacobian"):
         raise InputError(f"--method must be knockoff or jacobian, got {method!r}")
@@ -83,32 +81,10 @@ def extract(
     if arch not in ("mlp", "small_cnn"):
         raise InputError(f"--arch must be mlp or small_cnn, got {arch!r}")
     x, y = load_query_pool(data)
-    if target.startswith(("http://", "https://")):
-        key = None
-        if api_key_env is not None:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise InputError(f"environment variable {api_key_env} is not set or empty")
-        if num_classes is None:
-            raise InputError("--num-classes is required for a URL target")
-        shape = parse_shape(input_shape) or tuple(x.shape[1:])
-        model = HttpClassifier(
-            target, input_shape=shape, num_classes=num_classes,
-            bounds=parse_bounds(bounds) or (0.0, 1.0), output=output,  # type: ignore[arg-type]
-            api_key=key,
-        )  # fmt: skip
-    else:
-        with option_names(CLI_OPTION_NAMES):
-            model = load_model(
-                target, **model_options(factory, input_shape, num_classes, bounds, False)
-            )
-    if eval_data is not None:
-        ex, ey = load_query_pool(eval_data)
-    else:
-        perm = np.random.default_rng(seed).permutation(len(x))
-        n_eval = max(1, len(x) // 5)
-        ex, ey = x[perm[:n_eval]], (y[perm[:n_eval]] if y is not None else None)
-        x = x[perm[n_eval:]]
+    model = _target_model(
+        target, tuple(x.shape[1:]), api_key_env, output, factory, input_shape, num_classes, bounds
+    )
+    x, ex, ey = _held_out(x, y, eval_data, seed)
     ev = EvalSet.from_target(model, ex, ey)
     with progress_bar() as bar:
         cb = progress_callback(bar)
@@ -130,11 +106,66 @@ def extract(
             res.to_dict() | {"files": {"model": str(weights), "json": str(jp), "html": str(hp)}}
         )
         return
+    _print_extraction(res, f"{method} ({mode})", budget)
+    console.print(f"Stolen model: [bold]{weights}[/]; report: [bold]{jp}[/] and [bold]{hp}[/]")
+
+
+def _print_extraction(res: Any, what: str, budget: int) -> None:
+    """Queries used, fidelity, accuracy and transfer rate of the stolen model."""
     console.print(
-        f"{method} ({mode}): {res.queries_used} of {budget} queries, fidelity "
+        f"{what}: {res.queries_used} of {budget} queries, fidelity "
         f"{res.final['fidelity']['value']:.1%}"
         + (f", accuracy {res.final['accuracy']['value']:.1%}" if "accuracy" in res.final else "")
     )
     if res.transfer is not None:
         console.print(f"PGD transfer to the target: {res.transfer['transfer']['value']:.1%}")
-    console.print(f"Stolen model: [bold]{weights}[/]; report: [bold]{jp}[/] and [bold]{hp}[/]")
+
+
+def _target_model(
+    target: str,
+    pool_shape: tuple[int, ...],
+    api_key_env: str | None,
+    output: str,
+    factory: str | None,
+    input_shape: str | None,
+    num_classes: int | None,
+    bounds: str | None,
+) -> Any:
+    """The model to steal: an HTTP endpoint (URL) or a model file."""
+    from advguard.errors import InputError
+    from advguard.models import HttpClassifier
+    from advguard.models.io import CLI_OPTION_NAMES, load_model, option_names
+
+    if not target.startswith(("http://", "https://")):
+        with option_names(CLI_OPTION_NAMES):
+            return load_model(
+                target, **model_options(factory, input_shape, num_classes, bounds, False)
+            )
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise InputError(f"environment variable {api_key_env} is not set or empty")
+    if num_classes is None:
+        raise InputError("--num-classes is required for a URL target")
+    shape = parse_shape(input_shape) or pool_shape
+    return HttpClassifier(
+        target, input_shape=shape, num_classes=num_classes,
+        bounds=parse_bounds(bounds) or (0.0, 1.0), output=output,  # type: ignore[arg-type]
+        api_key=key,
+    )  # fmt: skip
+
+
+def _held_out(x: Any, y: Any, eval_data: str | None, seed: int) -> tuple[Any, Any, Any]:
+    """The query pool and the held-out set (``--eval-data``, or 20% of the pool)."""
+    import numpy as np
+
+    from advguard.attacks.extraction.common import load_query_pool
+
+    if eval_data is not None:
+        ex, ey = load_query_pool(eval_data)
+        return x, ex, ey
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_eval = max(1, len(x) // 5)
+    ex, ey = x[perm[:n_eval]], (y[perm[:n_eval]] if y is not None else None)
+    return x[perm[n_eval:]], ex, ey

@@ -236,7 +236,7 @@ def registry_promote(
     a passed gate (exit 1 when refused); --force --reason overrides, recorded in the audit log.
     """
     from advguard.registry.promotion import PromotionRefusedError
-    from advguard.registry.store import check_version
+    from advguard.registry.refs import check_version
 
     if not version.isascii() or not version.isdigit() or len(version) > 19:
         raise InputError(f"version {version!r} must be a positive integer below 2^63")

@@ -217,10 +217,18 @@ class Dataset:
         negative or too large labels, fewer than 2 classes, and names/types/
         per-feature bounds that do not match the data.
         """
-        w = self._where()
-        x, y = self.x, self.y
-
         # num_classes and bounds first: later messages refer to them.
+        self._validate_header()
+        if self.modality == "text":
+            self._validate_text()
+            return self._validate_labels()
+        self._validate_shapes()
+        self._validate_values()
+        return self._validate_labels()
+
+    def _validate_header(self) -> None:
+        """``num_classes``, ``bounds`` (normalised to floats) and ``modality``."""
+        w = self._where()
         if isinstance(self.num_classes, bool) or not isinstance(
             self.num_classes, (int, np.integer)
         ):
@@ -247,11 +255,10 @@ class Dataset:
             raise InputError(
                 f"{w}modality must be 'image', 'tabular' or 'text', got {self.modality!r}."
             )
-        if self.modality == "text":
-            self._validate_text()
-            return self._validate_labels()
 
-        # shapes
+    def _validate_shapes(self) -> None:
+        """Non-empty ``x`` of shape ``(N, *input_shape)`` and one label per sample."""
+        w, x, y = self._where(), self.x, self.y
         if x.ndim == 0 or len(x) == 0:
             raise InputError(
                 f"{w}the dataset is empty (0 samples). Check the file, the keys/columns "
@@ -275,7 +282,10 @@ class Dataset:
         if any(s == 0 for s in x.shape[1:]):
             raise InputError(f"{w}input shape {self.input_shape} has an empty dimension.")
 
-        # values
+    def _validate_values(self) -> None:
+        """Float inputs, all finite and inside ``bounds``."""
+        w, x = self._where(), self.x
+        lo, hi = self.bounds
         if x.dtype.kind != "f":
             raise InputError(
                 f"{w}x must be a float32 array, got dtype {x.dtype}. Convert and scale it "
@@ -307,8 +317,6 @@ class Dataset:
                 f"(bounds=({float(flat.min()):g}, {float(flat.max()):g})) or rescale x "
                 "(e.g. uint8 pixels / 255 for bounds (0, 1))."
             )
-
-        return self._validate_labels()
 
     def _validate_text(self) -> None:
         w, x, y = self._where(), self.x, self.y

@@ -175,6 +175,41 @@ def load_npz(
     """
     p = _existing_file(path, "NPZ")
     where = f"{p}: "
+    x, y = _read_npz_arrays(p, x_key, y_key, where)
+    meta: dict[str, Any] = {"x_key": x_key, "y_key": y_key, "x_dtype_in_file": str(x.dtype)}
+    if x.dtype.kind not in "biuf":
+        raise InputError(
+            f"{where}inputs {x_key!r} have dtype {x.dtype}; a numeric array is needed."
+        )
+    xf, factor = _scaled_inputs(x, scale, bounds, meta)
+    if bounds is None:
+        bounds = (0.0, 1.0) if factor == 255.0 else _infer_bounds(xf)
+        meta["bounds_inferred"] = True
+    xf = _channels_first_layout(xf, channels_first, meta, f"{where}inputs {x_key!r}")
+
+    y, note = _labels_1d(np.asarray(y), where)
+    if note:
+        meta["labels"] = note
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if y.size and y.dtype.kind in "iu" else 2
+        if class_names is not None:
+            num_classes = max(num_classes, len(class_names))
+    ds = Dataset(
+        x=xf,
+        y=y,
+        bounds=(float(bounds[0]), float(bounds[1])),
+        num_classes=num_classes,
+        class_names=list(class_names) if class_names is not None else None,
+        name=p.stem,
+        source=str(p),
+        modality="tabular" if xf.ndim == 2 else "image",
+        metadata=meta,
+    )
+    return ds.validate()
+
+
+def _check_npz_signature(p: Path, x_key: str, y_key: str, where: str) -> None:
+    """Refuse pickles, bare ``.npy`` files and anything that is not a zip archive."""
     with open(p, "rb") as fh:
         head = fh.read(6)
     if head[:1] == b"\x80":  # pickle protocol >= 2 opcode
@@ -192,6 +227,11 @@ def load_npz(
             f"{where}cannot read as a NumPy .npz archive (no zip signature). Save the "
             "arrays with np.savez(path, x=x, y=y)."
         )
+
+
+def _read_npz_arrays(p: Path, x_key: str, y_key: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs and labels arrays of an ``.npz`` archive, read without unpickling."""
+    _check_npz_signature(p, x_key, y_key, where)
     _check_npz_headers(p, (x_key, y_key), where)
     try:
         archive = np.load(p, allow_pickle=False)
@@ -218,26 +258,33 @@ def load_npz(
                     f"{where}no array named {key!r} for the {role}; available keys: "
                     f"{', '.join(keys) or '(none)'}. Pass x_key=... and y_key=..."
                 )
-            try:
-                arrays[key] = archive[key]
-            except ValueError as exc:
-                if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-                    raise UnsafeFileError(
-                        f"{where}array {key!r} is a pickled object array; pickled arrays "
-                        "are refused because loading them can run code. Store plain "
-                        "numeric arrays (e.g. np.savez with x.astype(np.float32))."
-                    ) from exc
-                raise InputError(f"{where}cannot read array {key!r}: {exc}") from exc
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise InputError(f"{where}cannot read array {key!r}: {exc}") from exc
-    x, y = arrays[x_key], arrays[y_key]
-    meta: dict[str, Any] = {"x_key": x_key, "y_key": y_key, "x_dtype_in_file": str(x.dtype)}
+            arrays[key] = _npz_member(archive, key, where)
+    return arrays[x_key], arrays[y_key]
 
-    if x.dtype.kind not in "biuf":
-        raise InputError(
-            f"{where}inputs {x_key!r} have dtype {x.dtype}; a numeric array is needed."
-        )
-    # scaling
+
+def _npz_member(archive: Any, key: str, where: str) -> np.ndarray:
+    """One array of an open archive; pickled object arrays are refused."""
+    try:
+        return np.asarray(archive[key])
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise UnsafeFileError(
+                f"{where}array {key!r} is a pickled object array; pickled arrays "
+                "are refused because loading them can run code. Store plain "
+                "numeric arrays (e.g. np.savez with x.astype(np.float32))."
+            ) from exc
+        raise InputError(f"{where}cannot read array {key!r}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{where}cannot read array {key!r}: {exc}") from exc
+
+
+def _scaled_inputs(
+    x: np.ndarray,
+    scale: Literal["auto"] | float | None,
+    bounds: tuple[float, float] | None,
+    meta: dict[str, Any],
+) -> tuple[np.ndarray, float | None]:
+    """``x`` as float32 divided by the scale factor (``"auto"``: 255 for uint8 in [0, 1])."""
     factor: float | None = None
     if scale == "auto":
         if x.dtype == np.uint8 and (bounds is None or tuple(map(float, bounds)) == (0.0, 1.0)):
@@ -253,17 +300,19 @@ def load_npz(
     if factor is not None and factor != 1.0:
         xf = (x.astype(np.float64) / factor).astype(np.float32)
         meta["scaled_by"] = factor
-    if bounds is None:
-        bounds = (0.0, 1.0) if factor == 255.0 else _infer_bounds(xf)
-        meta["bounds_inferred"] = True
+    return xf, factor
 
-    # layout
+
+def _channels_first_layout(
+    xf: np.ndarray, channels_first: bool | Literal["auto"], meta: dict[str, Any], what: str
+) -> np.ndarray:
+    """Inputs in ``(N, D)`` or ``(N, C, H, W)`` layout; ``meta["layout"]`` notes a change."""
     if channels_first not in (True, False, "auto"):
         raise InputError(f"channels_first must be True, False or 'auto', got {channels_first!r}.")
     if xf.ndim == 3:
-        xf = xf[:, None]
         meta["layout"] = "NHW -> NCHW"
-    elif xf.ndim == 4:
+        return xf[:, None]
+    if xf.ndim == 4:
         if channels_first == "auto":
             c_first, c_last = xf.shape[1] in _CHANNELS, xf.shape[3] in _CHANNELS
             square_last = xf.shape[1] == xf.shape[2]
@@ -271,33 +320,15 @@ def load_npz(
         else:
             transpose = not channels_first
         if transpose:
-            xf = np.ascontiguousarray(xf.transpose(0, 3, 1, 2))
             meta["layout"] = "NHWC -> NCHW"
-    elif xf.ndim not in (2,):
+            return np.ascontiguousarray(xf.transpose(0, 3, 1, 2))
+        return xf
+    if xf.ndim != 2:
         raise InputError(
-            f"{where}inputs {x_key!r} have shape {x.shape}; expected (N, D), (N, H, W), "
+            f"{what} have shape {xf.shape}; expected (N, D), (N, H, W), "
             "(N, H, W, C) or (N, C, H, W)."
         )
-
-    y, note = _labels_1d(np.asarray(y), where)
-    if note:
-        meta["labels"] = note
-    if num_classes is None:
-        num_classes = int(y.max()) + 1 if y.size and y.dtype.kind in "iu" else 2
-        if class_names is not None:
-            num_classes = max(num_classes, len(class_names))
-    ds = Dataset(
-        x=xf,
-        y=y,
-        bounds=(float(bounds[0]), float(bounds[1])),
-        num_classes=num_classes,
-        class_names=list(class_names) if class_names is not None else None,
-        name=p.stem,
-        source=str(p),
-        modality="tabular" if xf.ndim == 2 else "image",
-        metadata=meta,
-    )
-    return ds.validate()
+    return xf
 
 
 # ------------------------------------------------------------------ image folder
@@ -369,6 +400,31 @@ def load_image_folder(
         raise InputError(f"'{rootp}' is not a directory; expected root/<class>/<image> files.")
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     size = _size_hw(image_size)
+    class_dirs, files, labels, skipped = _image_files(rootp, exts)
+    x = _read_images(files, size, grayscale)
+    ds = Dataset(
+        x=x,
+        y=np.asarray(labels, dtype=np.int64),
+        bounds=(0.0, 1.0),
+        num_classes=len(class_dirs),
+        class_names=[d.name for d in class_dirs],
+        name=rootp.name or str(rootp),
+        source=str(rootp),
+        modality="image",
+        metadata={
+            "files": [str(f.relative_to(rootp)) for f in files],
+            "skipped_files": skipped,
+            "image_size": size,
+            "grayscale": grayscale,
+        },
+    )
+    return ds.validate()
+
+
+def _image_files(
+    rootp: Path, exts: tuple[str, ...]
+) -> tuple[list[Path], list[Path], list[int], int]:
+    """Class folders, image files, their labels and the number of skipped files."""
 
     def is_image(p: Path) -> bool:
         return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
@@ -401,7 +457,11 @@ def load_image_folder(
             )
         files.extend(imgs)
         labels.extend([cid] * len(imgs))
+    return class_dirs, files, labels, skipped
 
+
+def _read_images(files: list[Path], size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
+    """The images stacked as float32 ``(N, C, H, W)``; all must share one size."""
     arrays: list[np.ndarray] = []
     for f in files:
         try:
@@ -415,24 +475,7 @@ def load_image_folder(
                 "size. Pass image_size=(height, width) to resize them."
             )
         arrays.append(arr)
-    x = np.stack(arrays).astype(np.float32, copy=False)
-    ds = Dataset(
-        x=x,
-        y=np.asarray(labels, dtype=np.int64),
-        bounds=(0.0, 1.0),
-        num_classes=len(class_dirs),
-        class_names=[d.name for d in class_dirs],
-        name=rootp.name or str(rootp),
-        source=str(rootp),
-        modality="image",
-        metadata={
-            "files": [str(f.relative_to(rootp)) for f in files],
-            "skipped_files": skipped,
-            "image_size": size,
-            "grayscale": grayscale,
-        },
-    )
-    return ds.validate()
+    return np.stack(arrays).astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------- tabular
@@ -507,140 +550,13 @@ def load_tabular(
     p = _existing_file(path, "Table")
     where = f"{p}: "
     df = _read_table(p)
-    import pandas as pd
-
     columns = [str(c) for c in df.columns]
     df.columns = columns
-    if target not in columns:
-        raise InputError(
-            f"{where}target column {target!r} not found; columns are: {', '.join(columns)}."
-        )
-    if features is None:
-        features = [c for c in columns if c != target]
-    else:
-        features = [str(f) for f in features]
-        missing = [f for f in features if f not in columns]
-        if missing:
-            raise InputError(
-                f"{where}feature columns not found: {', '.join(missing)}; columns are: "
-                f"{', '.join(columns)}."
-            )
-        if target in features:
-            raise InputError(f"{where}the target column {target!r} is also listed as a feature.")
-        dupes = sorted({f for f in features if features.count(f) > 1})
-        if dupes:
-            raise InputError(f"{where}features listed twice: {', '.join(dupes)}.")
-    if not features:
-        raise InputError(f"{where}no feature columns besides the target {target!r}.")
-    types_in = dict(feature_types or {})
-    unknown = [c for c in types_in if c not in features]
-    if unknown:
-        raise InputError(
-            f"{where}feature_types names columns that are not features: {', '.join(unknown)}."
-        )
-    bad_types = {c: t for c, t in types_in.items() if t not in FEATURE_TYPES}
-    if bad_types:
-        c, t = next(iter(bad_types.items()))
-        raise InputError(
-            f"{where}feature_types[{c!r}] is {t!r}; allowed: {', '.join(FEATURE_TYPES)}."
-        )
-
-    used = [*features, target]
-    df = df[used]
-    n_rows = len(df)
-    if n_rows == 0:
-        raise InputError(f"{where}the table has a header but no data rows.")
-    na = df.isna()
-    dropped = 0
-    if na.to_numpy().any():
-        if not drop_na:
-            counts = na.sum()
-            missing_cols = ", ".join(f"{c} ({int(n)})" for c, n in counts.items() if n)
-            first = int(np.flatnonzero(na.any(axis=1).to_numpy())[0])
-            raise InputError(
-                f"{where}{int(counts.sum())} missing values in columns {missing_cols}; "
-                f"first at data row {first} (0-based, header excluded). Pass drop_na=True to "
-                "drop those rows, or fill them in first."
-            )
-        df = df.dropna()
-        dropped = n_rows - len(df)
-        if len(df) == 0:
-            raise InputError(f"{where}every row has a missing value; drop_na=True left no data.")
-    df = df.reset_index(drop=True)
-
-    # target -> class ids
-    t = df[target]
-    from pandas.api import types as pt
-
-    uniq = t.unique()
-    if pt.is_numeric_dtype(t) or pt.is_bool_dtype(t):
-        order = sorted(uniq.tolist())
-    else:
-        order = sorted(uniq.tolist(), key=str)
-    class_ids = {v: i for i, v in enumerate(order)}
-    y = t.map(class_ids).to_numpy(dtype=np.int64)
-    class_names = []
-    for v in order:
-        s = str(v)
-        if isinstance(v, float) and v.is_integer():
-            s = str(int(v))
-        class_names.append(s)
-
-    # features -> float32 columns
-    cols: list[np.ndarray] = []
-    names: list[str] = []
-    types: list[str] = []
-    encoding: dict[str, dict[str, Any]] = {}
-    for c in features:
-        col = df[c]
-        kind = types_in.get(c) or _type_of(col)
-        if kind == "categorical":
-            values = col.astype(str)
-            cats = sorted(values.unique().tolist())
-            if len(cats) > max_categories:
-                raise InputError(
-                    f"{where}column {c!r} has {len(cats)} distinct text values (more than "
-                    f"max_categories={max_categories}); it looks like an id or free text. "
-                    "Leave it out with features=[...] or raise max_categories."
-                )
-            onehot_names = [f"{c}={v}" for v in cats]
-            codes = pd.Categorical(values, categories=cats).codes
-            block = np.zeros((len(df), len(cats)), dtype=np.float32)
-            block[np.arange(len(df)), codes] = 1.0
-            cols.extend(block.T)
-            names.extend(onehot_names)
-            types.extend(["categorical"] * len(cats))
-            encoding[c] = {"categories": cats, "columns": onehot_names}
-            continue
-        if pt.is_bool_dtype(col):
-            num = col.astype(np.float64)
-        else:
-            num = pd.to_numeric(col, errors="coerce")
-            bad = np.flatnonzero(num.isna().to_numpy())
-            if len(bad):
-                raise InputError(
-                    f"{where}column {c!r} is declared {kind} but {len(bad)} values are not "
-                    f"numbers (first at data row {int(bad[0])}: {col.iloc[bad[0]]!r}). "
-                    "Declare it 'categorical' or clean the column."
-                )
-        arr = num.to_numpy(dtype=np.float64)
-        if kind == "binary" and not np.isin(arr, (0.0, 1.0)).all():
-            raise InputError(
-                f"{where}column {c!r} is declared binary but holds values other than 0/1; "
-                "declare it 'categorical' or 'numeric'."
-            )
-        if kind == "integer":
-            finite = arr[np.isfinite(arr)]
-            if not (np.floor(finite) == finite).all():
-                raise InputError(
-                    f"{where}column {c!r} is declared integer but holds fractional values; "
-                    "declare it 'numeric'."
-                )
-        cols.append(arr.astype(np.float32))
-        names.append(c)
-        types.append(kind)
-
-    x = np.stack(cols, axis=1).astype(np.float32, copy=False)
+    features = _table_features(columns, target, features, where)
+    types_in = _declared_types(feature_types, features, where)
+    df, dropped = _complete_rows(df[[*features, target]], drop_na, where)
+    y, order, class_names = _class_ids(df[target])
+    x, names, types, encoding = _encode_features(df, features, types_in, max_categories, where)
     finite_x = np.where(np.isfinite(x), x, np.nan)
     with np.errstate(all="ignore"):
         f_lo = np.nan_to_num(np.nanmin(finite_x, axis=0), nan=0.0)
@@ -668,6 +584,174 @@ def load_tabular(
         },
     )
     return ds.validate()
+
+
+def _table_features(
+    columns: list[str], target: str, features: Sequence[str] | None, where: str
+) -> list[str]:
+    """The feature columns (default: all but the target), checked against the table."""
+    if target not in columns:
+        raise InputError(
+            f"{where}target column {target!r} not found; columns are: {', '.join(columns)}."
+        )
+    if features is None:
+        features = [c for c in columns if c != target]
+    else:
+        features = [str(f) for f in features]
+        missing = [f for f in features if f not in columns]
+        if missing:
+            raise InputError(
+                f"{where}feature columns not found: {', '.join(missing)}; columns are: "
+                f"{', '.join(columns)}."
+            )
+        if target in features:
+            raise InputError(f"{where}the target column {target!r} is also listed as a feature.")
+        dupes = sorted({f for f in features if features.count(f) > 1})
+        if dupes:
+            raise InputError(f"{where}features listed twice: {', '.join(dupes)}.")
+    if not features:
+        raise InputError(f"{where}no feature columns besides the target {target!r}.")
+    return features
+
+
+def _declared_types(
+    feature_types: Mapping[str, str] | None, features: list[str], where: str
+) -> dict[str, str]:
+    """The ``feature_types`` overrides, each naming a feature and an allowed type."""
+    types_in = dict(feature_types or {})
+    unknown = [c for c in types_in if c not in features]
+    if unknown:
+        raise InputError(
+            f"{where}feature_types names columns that are not features: {', '.join(unknown)}."
+        )
+    bad_types = {c: t for c, t in types_in.items() if t not in FEATURE_TYPES}
+    if bad_types:
+        c, t = next(iter(bad_types.items()))
+        raise InputError(
+            f"{where}feature_types[{c!r}] is {t!r}; allowed: {', '.join(FEATURE_TYPES)}."
+        )
+    return types_in
+
+
+def _complete_rows(df: Any, drop_na: bool, where: str) -> tuple[Any, int]:
+    """The table without missing values (refused unless ``drop_na``) and the rows dropped."""
+    n_rows = len(df)
+    if n_rows == 0:
+        raise InputError(f"{where}the table has a header but no data rows.")
+    na = df.isna()
+    dropped = 0
+    if na.to_numpy().any():
+        if not drop_na:
+            counts = na.sum()
+            missing_cols = ", ".join(f"{c} ({int(n)})" for c, n in counts.items() if n)
+            first = int(np.flatnonzero(na.any(axis=1).to_numpy())[0])
+            raise InputError(
+                f"{where}{int(counts.sum())} missing values in columns {missing_cols}; "
+                f"first at data row {first} (0-based, header excluded). Pass drop_na=True to "
+                "drop those rows, or fill them in first."
+            )
+        df = df.dropna()
+        dropped = n_rows - len(df)
+        if len(df) == 0:
+            raise InputError(f"{where}every row has a missing value; drop_na=True left no data.")
+    return df.reset_index(drop=True), dropped
+
+
+def _class_ids(t: Any) -> tuple[np.ndarray, list[Any], list[str]]:
+    """Class ids of the target column, its sorted values and their names."""
+    from pandas.api import types as pt
+
+    uniq = t.unique()
+    if pt.is_numeric_dtype(t) or pt.is_bool_dtype(t):
+        order = sorted(uniq.tolist())
+    else:
+        order = sorted(uniq.tolist(), key=str)
+    class_ids = {v: i for i, v in enumerate(order)}
+    y = t.map(class_ids).to_numpy(dtype=np.int64)
+    class_names = []
+    for v in order:
+        s = str(v)
+        if isinstance(v, float) and v.is_integer():
+            s = str(int(v))
+        class_names.append(s)
+    return y, order, class_names
+
+
+def _encode_features(
+    df: Any, features: list[str], types_in: dict[str, str], max_categories: int, where: str
+) -> tuple[np.ndarray, list[str], list[str], dict[str, dict[str, Any]]]:
+    """Features as float32 columns: categorical ones one-hot encoded, others checked."""
+    cols: list[np.ndarray] = []
+    names: list[str] = []
+    types: list[str] = []
+    encoding: dict[str, dict[str, Any]] = {}
+    for c in features:
+        col = df[c]
+        kind = types_in.get(c) or _type_of(col)
+        if kind == "categorical":
+            block, cats, onehot_names = _one_hot(col, c, max_categories, where)
+            cols.extend(block.T)
+            names.extend(onehot_names)
+            types.extend(["categorical"] * len(cats))
+            encoding[c] = {"categories": cats, "columns": onehot_names}
+            continue
+        cols.append(_numeric_column(col, c, kind, where))
+        names.append(c)
+        types.append(kind)
+    return np.stack(cols, axis=1).astype(np.float32, copy=False), names, types, encoding
+
+
+def _one_hot(
+    col: Any, c: str, max_categories: int, where: str
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """One-hot block of a text column, its sorted categories and the encoded column names."""
+    import pandas as pd
+
+    values = col.astype(str)
+    cats = sorted(values.unique().tolist())
+    if len(cats) > max_categories:
+        raise InputError(
+            f"{where}column {c!r} has {len(cats)} distinct text values (more than "
+            f"max_categories={max_categories}); it looks like an id or free text. "
+            "Leave it out with features=[...] or raise max_categories."
+        )
+    onehot_names = [f"{c}={v}" for v in cats]
+    codes = pd.Categorical(values, categories=cats).codes
+    block = np.zeros((len(values), len(cats)), dtype=np.float32)
+    block[np.arange(len(values)), codes] = 1.0
+    return block, cats, onehot_names
+
+
+def _numeric_column(col: Any, c: str, kind: str, where: str) -> np.ndarray:
+    """A numeric, integer or binary column as float32, checked against its declared type."""
+    import pandas as pd
+    from pandas.api import types as pt
+
+    if pt.is_bool_dtype(col):
+        num = col.astype(np.float64)
+    else:
+        num = pd.to_numeric(col, errors="coerce")
+        bad = np.flatnonzero(num.isna().to_numpy())
+        if len(bad):
+            raise InputError(
+                f"{where}column {c!r} is declared {kind} but {len(bad)} values are not "
+                f"numbers (first at data row {int(bad[0])}: {col.iloc[bad[0]]!r}). "
+                "Declare it 'categorical' or clean the column."
+            )
+    arr = num.to_numpy(dtype=np.float64)
+    if kind == "binary" and not np.isin(arr, (0.0, 1.0)).all():
+        raise InputError(
+            f"{where}column {c!r} is declared binary but holds values other than 0/1; "
+            "declare it 'categorical' or 'numeric'."
+        )
+    if kind == "integer":
+        finite = arr[np.isfinite(arr)]
+        if not (np.floor(finite) == finite).all():
+            raise InputError(
+                f"{where}column {c!r} is declared integer but holds fractional values; "
+                "declare it 'numeric'."
+            )
+    return arr.astype(np.float32)
 
 
 # ------------------------------------------------------------------ entry point

@@ -122,31 +122,7 @@ def compare_reports(
             )
         )
 
-    warnings: list[str] = []
-    ta, tb = a.threat_model, b.threat_model
-    for key, what in (("norm", "norm"), ("knowledge", "attacker knowledge"), ("goal", "goal")):
-        if ta.get(key) != tb.get(key):
-            warnings.append(
-                f"{what} differs: A uses {ta.get(key)!r}, B uses {tb.get(key)!r}; "
-                "the robust accuracies measure different threats"
-            )
-    if _attacks(a) != _attacks(b):
-        na, nb = (", ".join(s.attack for s in r.suite) or "?" for r in (a, b))
-        warnings.append(
-            f"attack suites differ (A: {na}; B: {nb}, or their "
-            "parameters); a weaker suite overestimates robust accuracy"
-        )
-    if a.clean_accuracy.n != b.clean_accuracy.n or ta.get("samples") != tb.get("samples"):
-        warnings.append(
-            f"sample counts differ (A: n={a.clean_accuracy.n}, "
-            f"B: n={b.clean_accuracy.n}); confidence intervals are not comparable"
-        )
-    if a.data.get("sha256") and b.data.get("sha256") and a.data["sha256"] != b.data["sha256"]:
-        warnings.append("the data sets differ (data sha256); deltas mix model and data changes")
-    elif a.sample_indices_sha256 != b.sample_indices_sha256:
-        warnings.append(
-            "the evaluated samples differ (sample_indices_sha256); deltas include sampling noise"
-        )
+    warnings = _mismatch_warnings(a, b)
     like_for_like = not warnings
     only = [r for r in rows if r.only_in]
     if only:
@@ -181,6 +157,36 @@ def compare_reports(
         robust_tolerance=robust_tolerance,
         clean_tolerance=clean_tolerance,
     )
+
+
+def _mismatch_warnings(a: Report, b: Report) -> list[str]:
+    """Why the two reports are not like for like: threat, suite, samples or data differ."""
+    warnings: list[str] = []
+    ta, tb = a.threat_model, b.threat_model
+    for key, what in (("norm", "norm"), ("knowledge", "attacker knowledge"), ("goal", "goal")):
+        if ta.get(key) != tb.get(key):
+            warnings.append(
+                f"{what} differs: A uses {ta.get(key)!r}, B uses {tb.get(key)!r}; "
+                "the robust accuracies measure different threats"
+            )
+    if _attacks(a) != _attacks(b):
+        na, nb = (", ".join(s.attack for s in r.suite) or "?" for r in (a, b))
+        warnings.append(
+            f"attack suites differ (A: {na}; B: {nb}, or their "
+            "parameters); a weaker suite overestimates robust accuracy"
+        )
+    if a.clean_accuracy.n != b.clean_accuracy.n or ta.get("samples") != tb.get("samples"):
+        warnings.append(
+            f"sample counts differ (A: n={a.clean_accuracy.n}, "
+            f"B: n={b.clean_accuracy.n}); confidence intervals are not comparable"
+        )
+    if a.data.get("sha256") and b.data.get("sha256") and a.data["sha256"] != b.data["sha256"]:
+        warnings.append("the data sets differ (data sha256); deltas mix model and data changes")
+    elif a.sample_indices_sha256 != b.sample_indices_sha256:
+        warnings.append(
+            "the evaluated samples differ (sample_indices_sha256); deltas include sampling noise"
+        )
+    return warnings
 
 
 # ----------------------------------------------------------------------------- views

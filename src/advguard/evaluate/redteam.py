@@ -147,7 +147,21 @@ def run_redteam(
         query_budget=query_budget,
         **extra,
     )
-    model: HttpClassifier | HttpTextClassifier
+    model = _endpoint_model(url, tm, data, common, input_shape, num_classes, bounds, flatten)
+    return redteam_model(model, data, tm, out_dir, progress=progress, resume=resume, html=html)
+
+
+def _endpoint_model(
+    url: str,
+    tm: ThreatModel,
+    data: Any,
+    common: dict[str, Any],
+    input_shape: Sequence[int] | None,
+    num_classes: int | None,
+    bounds: tuple[float, float] | None,
+    flatten: bool,
+) -> HttpClassifier | HttpTextClassifier:
+    """The client for the endpoint: text (strings) or numeric, as the data and threat model say."""
     if _check_text(tm, data):
         numeric = [
             name
@@ -164,22 +178,20 @@ def run_redteam(
                 "a text endpoint is sent strings"
             )
         k = num_classes if num_classes is not None else data.num_classes
-        model = HttpTextClassifier(
+        return HttpTextClassifier(
             url,
             num_classes=k,
             class_names=data.class_names if k == data.num_classes else None,
             **common,
         )
-    else:
-        model = HttpClassifier(
-            url,
-            input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
-            num_classes=num_classes if num_classes is not None else data.num_classes,
-            bounds=tuple(bounds) if bounds is not None else tuple(data.bounds),  # type: ignore[arg-type]
-            flatten=flatten,
-            **common,
-        )
-    return redteam_model(model, data, tm, out_dir, progress=progress, resume=resume, html=html)
+    return HttpClassifier(
+        url,
+        input_shape=tuple(input_shape) if input_shape is not None else data.input_shape,
+        num_classes=num_classes if num_classes is not None else data.num_classes,
+        bounds=tuple(bounds) if bounds is not None else tuple(data.bounds),  # type: ignore[arg-type]
+        flatten=flatten,
+        **common,
+    )
 
 
 def _check_text(tm: ThreatModel, data: Any) -> bool:
@@ -310,42 +322,8 @@ def _partial_report(
         order=state.order,
         examples=state.examples,
     )
-    suite_done = len(done) == len(batches)
-    n_req, n_done = len(idx), len(keep)
-    details = {
-        "query_budget": exc.budget,
-        "samples_answered": exc.used,
-        "next_request_samples": exc.requested,
-        "batches_done": len(done),
-        "batches_total": len(batches),
-        "samples_evaluated": n_done,
-        "samples_requested": n_req,
-    }
-    if suite_done:
-        explanation = (
-            f"The query budget of {exc.budget} samples ran out during the sanity checks, after "
-            f"the attack suite had finished on all {n_req} samples. The sanity checks, which "
-            "catch false robustness (e.g. an attack that fails at an unbounded epsilon), did "
-            "not run, so the robust accuracy may be overstated."
-        )
-    else:
-        explanation = (
-            f"The query budget of {exc.budget} samples ran out in batch {len(done) + 1} of "
-            f"{len(batches)}: only {n_done} of the {n_req} requested samples were evaluated "
-            "(the first batches in data-set order, which need not be a representative "
-            "subset) and the sanity checks did not run."
-        )
-    check = SanityCheck(
-        id="query-budget",
-        title="Evaluation finished within the query budget",
-        status="fail",
-        explanation=explanation,
-        suggestion=(
-            "Re-run with resume and a larger query budget: finished batches are kept in the "
-            "checkpoint and not queried again."
-        ),
-        details=details,
-    )
+    n_req = len(idx)
+    check = _budget_check(exc, len(done), len(batches), len(keep), n_req)
     first_robust = [int(sub.robust_at(e).sum()) for e in range(len(state.epsilons))]
     report = ev.build_report(
         part,
@@ -360,3 +338,43 @@ def _partial_report(
     )
     report.data["n_requested"] = n_req
     return report
+
+
+def _budget_check(
+    exc: QueryBudgetExceeded, n_done_batches: int, n_batches: int, n_done: int, n_req: int
+) -> SanityCheck:
+    """The failed ``query-budget`` check: where the budget ran out and what was evaluated."""
+    details = {
+        "query_budget": exc.budget,
+        "samples_answered": exc.used,
+        "next_request_samples": exc.requested,
+        "batches_done": n_done_batches,
+        "batches_total": n_batches,
+        "samples_evaluated": n_done,
+        "samples_requested": n_req,
+    }
+    if n_done_batches == n_batches:
+        explanation = (
+            f"The query budget of {exc.budget} samples ran out during the sanity checks, after "
+            f"the attack suite had finished on all {n_req} samples. The sanity checks, which "
+            "catch false robustness (e.g. an attack that fails at an unbounded epsilon), did "
+            "not run, so the robust accuracy may be overstated."
+        )
+    else:
+        explanation = (
+            f"The query budget of {exc.budget} samples ran out in batch {n_done_batches + 1} of "
+            f"{n_batches}: only {n_done} of the {n_req} requested samples were evaluated "
+            "(the first batches in data-set order, which need not be a representative "
+            "subset) and the sanity checks did not run."
+        )
+    return SanityCheck(
+        id="query-budget",
+        title="Evaluation finished within the query budget",
+        status="fail",
+        explanation=explanation,
+        suggestion=(
+            "Re-run with resume and a larger query budget: finished batches are kept in the "
+            "checkpoint and not queried again."
+        ),
+        details=details,
+    )

@@ -291,27 +291,7 @@ def _gradients(
             **details,
         )
         if ev.tm.escalate and ev.tm.norm in ("linf", "l2"):
-            c.status_before_escalation = "warn"
-            steps = max(100, *(int(a.attack.params().get("steps", 0)) for a in state.attacks))
-            extra = [
-                (
-                    "pgd-margin",
-                    build_attack(
-                        "pgd",
-                        norm=ev.tm.norm,
-                        seed=ev.tm.seed + 7,
-                        steps=steps,
-                        loss="margin",
-                        restarts=2,
-                    ),
-                ),
-                (
-                    "apgd-dlr",
-                    build_attack("apgd-dlr", norm=ev.tm.norm, seed=ev.tm.seed + 7, steps=steps),
-                ),
-            ]
-            n_new = _escalate(ev, state, extra)
-            c.escalation = _escalation_text(n_new, "margin losses (PGD-margin, APGD-DLR)")
+            _escalate_margin_losses(ev, state, c)
         return c
     return _check(
         "gradients",
@@ -320,6 +300,31 @@ def _gradients(
         f"Gradients are finite and non-zero on {n - ce_bad} of {n} samples.",
         **details,
     )
+
+
+def _escalate_margin_losses(ev: EvaluationContext, state: RunState, c: SanityCheck) -> None:
+    """Re-run the survivors with margin losses (PGD-margin, APGD-DLR); note it on ``c``."""
+    c.status_before_escalation = "warn"
+    steps = max(100, *(int(a.attack.params().get("steps", 0)) for a in state.attacks))
+    extra = [
+        (
+            "pgd-margin",
+            build_attack(
+                "pgd",
+                norm=ev.tm.norm,
+                seed=ev.tm.seed + 7,
+                steps=steps,
+                loss="margin",
+                restarts=2,
+            ),
+        ),
+        (
+            "apgd-dlr",
+            build_attack("apgd-dlr", norm=ev.tm.norm, seed=ev.tm.seed + 7, steps=steps),
+        ),
+    ]
+    n_new = _escalate(ev, state, extra)
+    c.escalation = _escalation_text(n_new, "margin losses (PGD-margin, APGD-DLR)")
 
 
 def _independent(

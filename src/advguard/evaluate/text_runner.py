@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +76,39 @@ def text_attack(spec_attack: str, params: dict[str, Any], budget: int, seed: int
     if spec_attack == "word" and "max_words" not in kw and "max_word_share" not in kw:
         kw["max_words"], kw["max_word_share"] = None, 1.0  # the edit budget binds
     return build_attack(spec_attack, norm="edits", seed=seed, max_char_edits=budget, **kw)
+
+
+@dataclass
+class _Samples:
+    """The evaluated texts, their labels, clean predictions and (targeted) goals."""
+
+    idx: np.ndarray
+    texts: list[str]
+    y: np.ndarray
+    clean_pred: np.ndarray
+    clean_conf: np.ndarray
+    targets: np.ndarray | None
+    correct: np.ndarray
+
+
+@dataclass
+class _Evasions:
+    """Per text: the epsilon index it was first evaded at (-1: never), its verified edits,
+    words changed and true-class confidence; claims the re-check rejected; kept examples."""
+
+    fooled_eps: np.ndarray
+    edits: np.ndarray
+    words: np.ndarray
+    adv_conf: np.ndarray
+    rejected: int = 0
+    examples: list[Example] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n: int) -> _Evasions:
+        return cls(
+            np.full(n, -1, dtype=np.int64), np.full(n, np.nan), np.full(n, np.nan),
+            np.full(n, np.nan),
+        )  # fmt: skip
 
 
 class TextEvaluator:
@@ -144,69 +178,57 @@ class TextEvaluator:
         idx = select_samples(len(self.texts), tm.samples, tm.seed)
         texts = [self.texts[i] for i in idx]
         y = self.y[idx].astype(np.int64)
-        n, n_eps = len(idx), len(tm.epsilons)
+        n = len(idx)
         f0 = model.queries.forward
         clean = model.predict_proba(texts)
         clean_pred = clean.argmax(1)
-        clean_conf = clean[np.arange(n), y]
-        targets = self._goal_targets(clean, y)
-        correct = clean_pred == y
-        fooled_eps = np.full(n, -1, dtype=np.int64)
-        edits = np.full(n, np.nan)
-        words = np.full(n, np.nan)
-        adv_conf = np.full(n, np.nan)
-        adv_text: dict[int, str] = {}
-        rejected = 0
+        s = _Samples(
+            idx=idx,
+            texts=texts,
+            y=y,
+            clean_pred=clean_pred,
+            clean_conf=clean[np.arange(n), y],
+            targets=self._goal_targets(clean, y),
+            correct=clean_pred == y,
+        )
+        ev = _Evasions.empty(n)
+        rows = self._cascade(s, ev)
+        t_suite = time.perf_counter() - t_start
+        results = self._epsilon_results(s, ev, rows)
+        checks: list[SanityCheck] = []
+        t0 = time.perf_counter()
+        if tm.sanity_checks:
+            survivors = s.correct & (ev.fooled_eps < 0)
+            checks = [
+                self._check_verification(ev.rejected),
+                self._check_larger_budget(texts, y, s.targets, survivors),
+            ]
+        timing = {
+            "suite_seconds": t_suite,
+            "sanity_and_escalation_seconds": time.perf_counter() - t0,
+            "total_seconds": time.perf_counter() - t_start,
+        }
+        return self._report(idx, y, s.correct, results, checks, ev.examples, timing, f0)
+
+    def _cascade(self, s: _Samples, ev: _Evasions) -> dict[int, list[AttackRow]]:
+        """The suite's attacks per epsilon, ascending, each on the texts still standing."""
+        tm, model = self.tm, self.model
+        n = len(s.idx)
         rows: dict[int, list[AttackRow]] = {}
-        examples: list[Example] = []
-        total = n_eps * len(tm.attacks)
+        total = len(tm.epsilons) * len(tm.attacks)
         step = 0
         self.progress("suite", 0, total)
         for e, eps_f in enumerate(tm.epsilons):
             eps = int(eps_f)
             rows[e] = []
             for order, spec in enumerate(tm.attacks, start=1):
-                alive = np.flatnonzero(correct & (fooled_eps < 0))
+                alive = np.flatnonzero(s.correct & (ev.fooled_eps < 0))
                 t0, q0 = time.perf_counter(), model.queries.forward
                 newly = 0
                 if eps >= 1 and len(alive):
-                    attack = text_attack(spec.attack, spec.params, eps, tm.seed).attack
-                    sub = [texts[i] for i in alive]
-                    res = attack(
-                        model, sub, y[alive], targets=None if targets is None else targets[alive]
-                    )
-                    claim = np.flatnonzero(res.success & res.attacked)
-                    if len(claim):
-                        orig = [sub[i] for i in claim]
-                        adv = [res.adversarial[i] for i in claim]
-                        tt = None if targets is None else targets[alive[claim]]
-                        ok, d, probs = self._verify(orig, adv, y[alive[claim]], tt, eps)
-                        rejected += int((~ok).sum())
-                        for j in np.flatnonzero(ok):
-                            i = int(alive[claim[j]])
-                            fooled_eps[i] = e
-                            edits[i] = d[j]
-                            words[i] = res.word_edits[claim[j]]
-                            adv_conf[i] = probs[j, y[i]]
-                            adv_text[i] = adv[j]
-                            newly += 1
-                            if len(examples) < self.keep_examples:
-                                examples.append(
-                                    Example(
-                                        epsilon=eps_f,
-                                        attack=spec.attack,
-                                        index=int(idx[i]),
-                                        label=int(y[i]),
-                                        clean_prediction=int(clean_pred[i]),
-                                        clean_confidence=float(clean_conf[i]),
-                                        adversarial_prediction=int(probs[j].argmax()),
-                                        adversarial_confidence=float(probs[j].max()),
-                                        x=[texts[i]],
-                                        x_adv=[adv[j]],
-                                    )
-                                )
+                    newly = self._attack(spec, e, eps_f, alive, s, ev)
                 secs = time.perf_counter() - t0
-                robust_now = int((correct & (fooled_eps < 0)).sum())
+                robust_now = int((s.correct & (ev.fooled_eps < 0)).sum())
                 rows[e].append(
                     AttackRow(
                         attack=spec.attack,
@@ -224,14 +246,63 @@ class TextEvaluator:
                 )
                 step += 1
                 self.progress("suite", step, total)
-        t_suite = time.perf_counter() - t_start
+        return rows
 
+    def _attack(
+        self, spec: Any, e: int, eps_f: float, alive: np.ndarray, s: _Samples, ev: _Evasions
+    ) -> int:
+        """One attack on the ``alive`` texts; records the verified evasions, returns their count."""
+        eps = int(eps_f)
+        targets = s.targets
+        attack = text_attack(spec.attack, spec.params, eps, self.tm.seed).attack
+        sub = [s.texts[i] for i in alive]
+        res = attack(
+            self.model, sub, s.y[alive], targets=None if targets is None else targets[alive]
+        )
+        claim = np.flatnonzero(res.success & res.attacked)
+        if not len(claim):
+            return 0
+        orig = [sub[i] for i in claim]
+        adv = [res.adversarial[i] for i in claim]
+        tt = None if targets is None else targets[alive[claim]]
+        ok, d, probs = self._verify(orig, adv, s.y[alive[claim]], tt, eps)
+        ev.rejected += int((~ok).sum())
+        newly = 0
+        for j in np.flatnonzero(ok):
+            i = int(alive[claim[j]])
+            ev.fooled_eps[i] = e
+            ev.edits[i] = d[j]
+            ev.words[i] = res.word_edits[claim[j]]
+            ev.adv_conf[i] = probs[j, s.y[i]]
+            newly += 1
+            if len(ev.examples) < self.keep_examples:
+                ev.examples.append(
+                    Example(
+                        epsilon=eps_f,
+                        attack=spec.attack,
+                        index=int(s.idx[i]),
+                        label=int(s.y[i]),
+                        clean_prediction=int(s.clean_pred[i]),
+                        clean_confidence=float(s.clean_conf[i]),
+                        adversarial_prediction=int(probs[j].argmax()),
+                        adversarial_confidence=float(probs[j].max()),
+                        x=[s.texts[i]],
+                        x_adv=[adv[j]],
+                    )
+                )
+        return newly
+
+    def _epsilon_results(
+        self, s: _Samples, ev: _Evasions, rows: dict[int, list[AttackRow]]
+    ) -> list[EpsilonResult]:
+        """Robust accuracy, fooling rate and perturbation statistics per epsilon."""
+        n, correct = len(s.idx), s.correct
         n_correct = int(correct.sum())
         results = []
-        for e, eps_f in enumerate(tm.epsilons):
-            fooled = correct & (fooled_eps >= 0) & (fooled_eps <= e)
+        for e, eps_f in enumerate(self.tm.epsilons):
+            fooled = correct & (ev.fooled_eps >= 0) & (ev.fooled_eps <= e)
             robust = n_correct - int(fooled.sum())
-            drop = clean_conf[fooled] - adv_conf[fooled]
+            drop = s.clean_conf[fooled] - ev.adv_conf[fooled]
             results.append(
                 EpsilonResult(
                     epsilon=eps_f,
@@ -239,27 +310,14 @@ class TextEvaluator:
                     fooling_rate=proportion(int(fooled.sum()), n_correct),
                     first_robust_accuracy=None,
                     perturbation={
-                        "edits": Stat(**summary(edits[fooled])),
-                        "words": Stat(**summary(words[fooled])),
+                        "edits": Stat(**summary(ev.edits[fooled])),
+                        "words": Stat(**summary(ev.words[fooled])),
                     },
                     mean_true_class_confidence_drop=float(drop.mean()) if len(drop) else None,
                     per_attack=rows[e],
                 )
             )
-
-        checks: list[SanityCheck] = []
-        t0 = time.perf_counter()
-        if tm.sanity_checks:
-            checks = [
-                self._check_verification(rejected),
-                self._check_larger_budget(texts, y, targets, correct & (fooled_eps < 0)),
-            ]
-        timing = {
-            "suite_seconds": t_suite,
-            "sanity_and_escalation_seconds": time.perf_counter() - t0,
-            "total_seconds": time.perf_counter() - t_start,
-        }
-        return self._report(idx, y, correct, results, checks, examples, timing, f0)
+        return results
 
     # -- sanity checks ------------------------------------------------------------
     def _check_verification(self, rejected: int) -> SanityCheck:

@@ -175,6 +175,42 @@ def _round(
         holdout=0.1,
     )
     surrogate_forward = ev.model.queries.forward - f0
+    draws = b["draws"]
+    attacks = _round_attacks(ev, state, factor, b, seed, eot, surrogate)
+    found = _cascade(ev, state, attacks, per_attack, among)
+    info[f"round_{factor}x"] = {
+        "budget_per_sample_and_epsilon": {
+            **b,
+            "square_model_evaluations": b["square_queries"] * draws,
+            "spsa_model_evaluations": (2 * b["spsa_samples"] + 1) * b["spsa_steps"] * draws,
+        },
+        "surrogate": {
+            "training_inputs": len(sx),
+            "model_evaluations": int(surrogate_forward),
+            "agreement": sinfo.get("agreement"),
+            "architecture": sinfo.get("architecture"),
+        },
+        "attacks": [label for label, _, _ in attacks],
+        "attacked": "all survivors" if among is None else f"survivors among {len(among)} samples",
+        "newly_fooled_per_epsilon": {
+            f"{eps:g}": n for eps, n in zip(state.epsilons, found, strict=True)
+        },
+    }
+    return found
+
+
+def _round_attacks(
+    ev: EvaluationContext,
+    state: RunState,
+    factor: int,
+    b: dict[str, int],
+    seed: int,
+    eot: EOTClassifier,
+    surrogate: Any,
+) -> list[tuple[str, SuiteAttack, Any]]:
+    """One round's attacks (label, attack, model they query): transfer and BPDA through the
+    surrogate, and (for Lp norms) Square and SPSA on EOT-averaged scores."""
+    tm = ev.tm
     tag = f" x{factor}" if factor > 1 else ""
     draws = b["draws"]
     attacks: list[tuple[str, SuiteAttack, Any]] = [
@@ -223,26 +259,7 @@ def _round(
                 eot,
             )
         )
-    found = _cascade(ev, state, attacks, per_attack, among)
-    info[f"round_{factor}x"] = {
-        "budget_per_sample_and_epsilon": {
-            **b,
-            "square_model_evaluations": b["square_queries"] * draws,
-            "spsa_model_evaluations": (2 * b["spsa_samples"] + 1) * b["spsa_steps"] * draws,
-        },
-        "surrogate": {
-            "training_inputs": len(sx),
-            "model_evaluations": int(surrogate_forward),
-            "agreement": sinfo.get("agreement"),
-            "architecture": sinfo.get("architecture"),
-        },
-        "attacks": [label for label, _, _ in attacks],
-        "attacked": "all survivors" if among is None else f"survivors among {len(among)} samples",
-        "newly_fooled_per_epsilon": {
-            f"{eps:g}": n for eps, n in zip(state.epsilons, found, strict=True)
-        },
-    }
-    return found
+    return attacks
 
 
 def escalate_undeclared(
@@ -296,6 +313,20 @@ def escalate_undeclared(
         "large_epsilon": large,
         **info,
     }
+    return _escalation_check(checks, details, rounds, converged, large, n)
+
+
+def _escalation_check(
+    checks: list[SanityCheck],
+    details: dict[str, Any],
+    rounds: list[list[int]],
+    converged: bool,
+    large: dict[str, Any],
+    n: int,
+) -> SanityCheck:
+    """The escalation's check: warn when it converged (and downgrade the checks it makes
+    moot), fail when its last round still fooled samples."""
+    last = rounds[-1]
     found_by = ", ".join(f"{k}: {v}" for k, v in details["found_by"].items()) or "none"
     text = (
         "re-ran all epsilons on the surviving samples with gradient-free attacks on "

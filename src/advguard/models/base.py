@@ -77,7 +77,7 @@ class WhiteBoxClassifier(Classifier, Protocol):
 
 
 class LossFn(Protocol):
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, /) -> torch.Tensor:
         """Per-sample loss (shape ``[batch]``) to be maximised by the attack."""
         ...
 

@@ -423,6 +423,38 @@ class HttpClassifier(ClassifierBase):
         self.url = self._check_url(url)
         self.endpoint = redact_url(self.url)
         self.output: HttpOutput = parse_output(output)
+        self._set_fields(input_field, output_field, output, flatten, extra_fields)
+        self._set_limits(
+            timeout, deadline, backoff, max_backoff, max_retry_after, max_response_bytes,
+            max_json_depth, max_json_values, retries, batch_size, query_budget,
+        )  # fmt: skip
+        self._set_credentials(headers, api_key, api_key_header, api_key_prefix)
+        self._http_handler = _GuardedHTTPHandler()
+        self._https_handler = _GuardedHTTPSHandler(context=ssl_context)
+        handlers: list[Any] = [_NoRedirect(), self._http_handler, self._https_handler]
+        if proxies is not None:
+            handlers.append(urllib.request.ProxyHandler(dict(proxies)))
+        self._opener = urllib.request.build_opener(*handlers)
+        self._rng = random.Random(seed)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+
+        self.samples_answered = 0
+        self.requests_sent = 0
+        self.retries_done = 0
+        self.seconds_waited = 0.0
+
+    # -- construction helpers ---------------------------------------------
+    def _set_fields(
+        self,
+        input_field: str,
+        output_field: str | None,
+        output: str,
+        flatten: bool,
+        extra_fields: Mapping[str, Any] | None,
+    ) -> None:
+        """The JSON fields of the request and the response."""
         for field_name, fval in (("input_field", input_field), ("output_field", output_field)):
             if fval is not None and (not isinstance(fval, str) or not fval):
                 raise InputError(f"{field_name} must be a non-empty string, got {fval!r}")
@@ -432,6 +464,22 @@ class HttpClassifier(ClassifierBase):
         self.extra_fields = dict(extra_fields or {})
         if self.input_field in self.extra_fields:
             raise InputError(f"extra_fields must not contain the input field {input_field!r}")
+
+    def _set_limits(
+        self,
+        timeout: float,
+        deadline: float | None,
+        backoff: float,
+        max_backoff: float,
+        max_retry_after: float,
+        max_response_bytes: int,
+        max_json_depth: int,
+        max_json_values: int | None,
+        retries: int,
+        batch_size: int,
+        query_budget: int | None,
+    ) -> None:
+        """Time limits, response size limits, retries, batch size and query budget."""
         deadline = timeout if deadline is None else deadline
         for name, val, lo in (
             ("timeout", timeout, 0.0),
@@ -453,6 +501,14 @@ class HttpClassifier(ClassifierBase):
                 raise InputError(f"{name} must be an integer >= 1, got {ival!r}")
         self.max_response_bytes = int(max_response_bytes)
         self.max_json_depth = int(max_json_depth)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        self._set_counts(max_json_values, retries, batch_size, query_budget)
+
+    def _set_counts(
+        self, max_json_values: int | None, retries: int, batch_size: int, query_budget: int | None
+    ) -> None:
         if max_json_values is not None and (
             not isinstance(max_json_values, int | np.integer)
             or isinstance(max_json_values, bool)
@@ -462,9 +518,6 @@ class HttpClassifier(ClassifierBase):
                 f"max_json_values must be an integer >= 1 or None, got {max_json_values!r}"
             )
         self.max_json_values = None if max_json_values is None else int(max_json_values)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_retry_after = float(max_retry_after)
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise InputError(f"retries must be an integer >= 0, got {retries!r}")
         self.retries = retries
@@ -479,6 +532,14 @@ class HttpClassifier(ClassifierBase):
             raise InputError(f"query_budget must be an integer >= 0 or None, got {query_budget!r}")
         self.query_budget = None if query_budget is None else int(query_budget)
 
+    def _set_credentials(
+        self,
+        headers: Mapping[str, str] | None,
+        api_key: str | None,
+        api_key_header: str,
+        api_key_prefix: str | None,
+    ) -> None:
+        """Request headers, with the API key under ``api_key_header``."""
         # The credential lives only in this private header dict; never in repr/describe.
         self._headers: dict[str, str] = {
             "Content-Type": "application/json",
@@ -502,23 +563,6 @@ class HttpClassifier(ClassifierBase):
             self._secret = api_key
             self._headers[api_key_header] = f"{api_key_prefix}{api_key}"
 
-        self._http_handler = _GuardedHTTPHandler()
-        self._https_handler = _GuardedHTTPSHandler(context=ssl_context)
-        handlers: list[Any] = [_NoRedirect(), self._http_handler, self._https_handler]
-        if proxies is not None:
-            handlers.append(urllib.request.ProxyHandler(dict(proxies)))
-        self._opener = urllib.request.build_opener(*handlers)
-        self._rng = random.Random(seed)
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-
-        self.samples_answered = 0
-        self.requests_sent = 0
-        self.retries_done = 0
-        self.seconds_waited = 0.0
-
-    # -- construction helpers ---------------------------------------------
     @staticmethod
     def _check_url(url: str) -> str:
         if not isinstance(url, str) or not url.strip():
@@ -646,43 +690,7 @@ class HttpClassifier(ClassifierBase):
                 with self._opener.open(req, timeout=self.timeout) as resp:
                     return int(resp.status), self._read_body(resp)
             except urllib.error.HTTPError as exc:
-                status = int(exc.code)
-                try:
-                    body = exc.read(ERROR_BODY_BYTES)
-                except (OSError, http.client.HTTPException):
-                    body = b""
-                finally:
-                    exc.close()
-                if 300 <= status < 400:
-                    where = exc.headers.get("Location", "") if exc.headers else ""
-                    raise EndpointError(
-                        f"{self.endpoint} answered HTTP {status} (redirect to "
-                        f"{redact_url(where) if where else 'an unknown location'}); redirects "
-                        "are not followed so the API key stays with the configured endpoint. "
-                        "Pass the final URL.",
-                        status=status,
-                    ) from None
-                if status not in RETRY_STATUSES:
-                    hint = ""
-                    if status in (401, 403):
-                        hint = (
-                            " Check the API key and the header it is sent in "
-                            f"({self.api_key_header or 'no key was given'})."
-                        )
-                    elif status in (400, 415, 422):
-                        hint = f" Check the request contract: {self._contract()}."
-                    raise EndpointError(
-                        f"{self.endpoint} answered HTTP {status} {exc.reason}: "
-                        f"{self._excerpt(body)}.{hint}",
-                        status=status,
-                    ) from None
-                last_status = status
-                last = f"HTTP {status} {exc.reason}: {self._excerpt(body)}"
-                if status == 429:
-                    header = exc.headers.get("Retry-After") if exc.headers else None
-                    ra = parse_retry_after(header)
-                    if ra is not None:
-                        retry_after = min(ra, self.max_retry_after)
+                last_status, last, retry_after = self._retryable_http_error(exc)
             except DeadlineExceeded as exc:
                 last_status = None
                 last = f"{exc} (deadline per request)"
@@ -691,17 +699,7 @@ class HttpClassifier(ClassifierBase):
                 last = f"no response within {self.timeout:g} s ({exc or 'timed out'})"
             except urllib.error.URLError as exc:
                 last_status = None
-                reason = exc.reason
-                if isinstance(reason, DeadlineExceeded):
-                    last = f"{reason} (deadline per request)"
-                elif isinstance(reason, TimeoutError):
-                    last = f"no response within {self.timeout:g} s ({reason or 'timed out'})"
-                elif isinstance(reason, ssl.SSLError):
-                    raise EndpointError(
-                        f"TLS error talking to {self.endpoint}: {self._redact(str(reason))}"
-                    ) from None
-                else:
-                    last = self._redact(str(reason))
+                last = self._retryable_url_error(exc)
             except (http.client.HTTPException, ConnectionError, OSError) as exc:
                 last_status = None
                 last = self._redact(f"{type(exc).__name__}: {exc}")
@@ -710,18 +708,76 @@ class HttpClassifier(ClassifierBase):
             if attempt + 1 < attempts:
                 self.retries_done += 1
                 self._wait(retry_after if retry_after is not None else self._backoff_delay(attempt))
-        if last_status is not None:
+        raise self._gave_up(attempts, last, last_status)
+
+    def _retryable_http_error(self, exc: urllib.error.HTTPError) -> tuple[int, str, float | None]:
+        """Status, description and Retry-After (429) of a retryable HTTP error; raise
+        :class:`EndpointError` for redirects and statuses that retrying cannot fix."""
+        status = int(exc.code)
+        try:
+            body = exc.read(ERROR_BODY_BYTES)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        finally:
+            exc.close()
+        if 300 <= status < 400:
+            where = exc.headers.get("Location", "") if exc.headers else ""
             raise EndpointError(
+                f"{self.endpoint} answered HTTP {status} (redirect to "
+                f"{redact_url(where) if where else 'an unknown location'}); redirects "
+                "are not followed so the API key stays with the configured endpoint. "
+                "Pass the final URL.",
+                status=status,
+            ) from None
+        if status not in RETRY_STATUSES:
+            hint = ""
+            if status in (401, 403):
+                hint = (
+                    " Check the API key and the header it is sent in "
+                    f"({self.api_key_header or 'no key was given'})."
+                )
+            elif status in (400, 415, 422):
+                hint = f" Check the request contract: {self._contract()}."
+            raise EndpointError(
+                f"{self.endpoint} answered HTTP {status} {exc.reason}: "
+                f"{self._excerpt(body)}.{hint}",
+                status=status,
+            ) from None
+        retry_after: float | None = None
+        if status == 429:
+            header = exc.headers.get("Retry-After") if exc.headers else None
+            ra = parse_retry_after(header)
+            if ra is not None:
+                retry_after = min(ra, self.max_retry_after)
+        return status, f"HTTP {status} {exc.reason}: {self._excerpt(body)}", retry_after
+
+    def _retryable_url_error(self, exc: urllib.error.URLError) -> str:
+        """Description of a connection failure; raise :class:`EndpointError` for TLS errors."""
+        reason = exc.reason
+        if isinstance(reason, DeadlineExceeded):
+            return f"{reason} (deadline per request)"
+        if isinstance(reason, TimeoutError):
+            return f"no response within {self.timeout:g} s ({reason or 'timed out'})"
+        if isinstance(reason, ssl.SSLError):
+            raise EndpointError(
+                f"TLS error talking to {self.endpoint}: {self._redact(str(reason))}"
+            ) from None
+        return self._redact(str(reason))
+
+    def _gave_up(self, attempts: int, last: str, last_status: int | None) -> EndpointError:
+        """The error after the last attempt failed."""
+        if last_status is not None:
+            return EndpointError(
                 f"{self.endpoint} still failing after {attempts} attempt(s): {last}",
                 status=last_status,
             )
         if "deadline per request" in last:
-            raise EndpointError(
+            return EndpointError(
                 f"{self.endpoint} did not answer in time after {attempts} attempt(s): {last}. "
                 "The service is too slow or stalls mid-answer; raise the timeout if it is "
                 "just slow."
             )
-        raise EndpointError(
+        return EndpointError(
             f"could not reach {self.endpoint} after {attempts} attempt(s): {last}. "
             "Check that the service is up and the URL, port and network are right."
         )

@@ -637,26 +637,7 @@ def load_torch(
         else {}
     )
     recorded = meta.get("factory")
-    if factory is None:
-        if recorded is None:
-            raise InputError(
-                f"{path} needs a factory ('package.module:callable' building the nn.Module): "
-                f"none recorded in the file, pass {_opt('factory')}"
-            )
-        if not is_zoo_factory(recorded):
-            raise UnsafeFileError(
-                f"{path} names the factory {recorded!r} in its metadata; advguard never runs "
-                "code named by a model file (only advguard.models.zoo factories are built from "
-                f"metadata). If you trust that code, pass it explicitly: "
-                f"{_explicit('factory', recorded)}"
-            )
-        factory = recorded
-    elif isinstance(factory, str):
-        check_factory_spec(factory)
-    elif not callable(factory):
-        raise InputError(
-            f"{_opt('factory')} must be a 'package.module:callable' string or a callable"
-        )
+    factory = _factory_in_effect(factory, recorded, path)
     kwargs_from_file = False
     if factory_kwargs is None and isinstance(factory, str) and factory == recorded:
         factory_kwargs = meta.get("factory_kwargs")
@@ -688,6 +669,31 @@ def load_torch(
         preprocess=preprocess,
         device=device,
     )
+
+
+def _factory_in_effect(factory: Factory | None, recorded: Any, path: Path) -> Factory:
+    """The caller's factory, or the file's recorded one only when it is a zoo factory."""
+    if factory is None:
+        if recorded is None:
+            raise InputError(
+                f"{path} needs a factory ('package.module:callable' building the nn.Module): "
+                f"none recorded in the file, pass {_opt('factory')}"
+            )
+        if not is_zoo_factory(recorded):
+            raise UnsafeFileError(
+                f"{path} names the factory {recorded!r} in its metadata; advguard never runs "
+                "code named by a model file (only advguard.models.zoo factories are built from "
+                f"metadata). If you trust that code, pass it explicitly: "
+                f"{_explicit('factory', recorded)}"
+            )
+        return str(recorded)
+    if isinstance(factory, str):
+        check_factory_spec(factory)
+    elif not callable(factory):
+        raise InputError(
+            f"{_opt('factory')} must be a 'package.module:callable' string or a callable"
+        )
+    return factory
 
 
 def load_torchscript(

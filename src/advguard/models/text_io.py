@@ -131,20 +131,11 @@ def load_text_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     ``info`` holds ``num_classes``, ``class_names`` and a short description. Raises
     :class:`InputError` naming the field for any malformed or oversized file.
     """
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"text model {str(p)!r} does not exist")
-    size = p.stat().st_size
-    if size > MAX_TEXT_MODEL_BYTES:
-        raise InputError(f"{p}: {size} bytes, more than the {MAX_TEXT_MODEL_BYTES} allowed")
-    try:
-        doc = json.loads(p.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InputError(f"{p}: not a valid JSON text model ({e})") from None
+    doc = _read_text_model_json(p)
     where = f"{p}: "
     if not isinstance(doc, dict) or doc.get("format") != TEXT_MODEL_FORMAT:
         raise InputError(f"{where}not an advguard text model (format {TEXT_MODEL_FORMAT!r})")
@@ -166,43 +157,13 @@ def load_text_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(cdoc, dict) or cdoc.get("type") != "logistic-regression":
         raise InputError(f"{where}classifier.type must be 'logistic-regression'")
     tfidf = vdoc["type"] == "tfidf"
-    params = vdoc.get("params")
-    if not isinstance(params, dict):
-        raise InputError(f"{where}vectorizer.params must be a mapping")
-    expected = [k2 for k2 in _ALLOWED if tfidf or k2 not in _TFIDF_ONLY]
-    if sorted(params) != sorted(expected):
-        raise InputError(f"{where}vectorizer.params must have exactly: {', '.join(expected)}")
-    for key, value in params.items():
-        rule = _ALLOWED[key]
-        ok = (
-            rule(value)
-            if callable(rule)
-            else any(type(value) is type(r) and value == r for r in rule)
-        )
-        if not ok:
-            raise InputError(f"{where}vectorizer.params.{key} has an unsupported value {value!r}")
-    vocab = vdoc.get("vocabulary")
-    if not isinstance(vocab, list) or not 1 <= len(vocab) <= MAX_VOCABULARY:
-        raise InputError(f"{where}vectorizer.vocabulary must be a list of 1..{MAX_VOCABULARY}")
-    if not all(isinstance(t, str) and 0 < len(t) <= MAX_TERM_CHARS for t in vocab):
-        raise InputError(f"{where}vectorizer.vocabulary must hold non-empty short strings")
-    if len(set(vocab)) != len(vocab):
-        raise InputError(f"{where}vectorizer.vocabulary has repeated terms")
+    params = _vectorizer_params(vdoc, tfidf, where)
+    vocab = _vocabulary(vdoc, where)
     n_feat = len(vocab)
     rows = 1 if k == 2 else k
     coef = _floats(cdoc.get("coef"), (rows, n_feat), f"{where}classifier.coef")
     intercept = _floats(cdoc.get("intercept"), (rows,), f"{where}classifier.intercept")
-    kw = dict(params)
-    kw["ngram_range"] = tuple(kw["ngram_range"])
-    cls = TfidfVectorizer if tfidf else CountVectorizer
-    vec = cls(vocabulary={t: i for i, t in enumerate(vocab)}, **kw)
-    if tfidf and params["use_idf"]:
-        idf = _floats(vdoc.get("idf"), (n_feat,), f"{where}vectorizer.idf")
-        if (idf <= 0).any():
-            raise InputError(f"{where}vectorizer.idf must be positive")
-        vec.idf_ = idf
-    elif vdoc.get("idf") is not None:
-        raise InputError(f"{where}vectorizer.idf must be null without use_idf")
+    vec = _vectorizer(vdoc, tfidf, params, vocab, where)
     clf = LogisticRegression()
     clf.classes_ = np.arange(k)
     clf.coef_ = coef
@@ -218,6 +179,71 @@ def load_text_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
         ),
     }
     return pipeline, info
+
+
+def _read_text_model_json(p: Path) -> Any:
+    """The parsed JSON of a text model file (size-limited)."""
+    if not p.is_file():
+        raise InputError(f"text model {str(p)!r} does not exist")
+    size = p.stat().st_size
+    if size > MAX_TEXT_MODEL_BYTES:
+        raise InputError(f"{p}: {size} bytes, more than the {MAX_TEXT_MODEL_BYTES} allowed")
+    try:
+        return json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{p}: not a valid JSON text model ({e})") from None
+
+
+def _vectorizer_params(vdoc: dict[str, Any], tfidf: bool, where: str) -> dict[str, Any]:
+    """The vectorizer's parameters: exactly the allowed keys, each with a supported value."""
+    params = vdoc.get("params")
+    if not isinstance(params, dict):
+        raise InputError(f"{where}vectorizer.params must be a mapping")
+    expected = [k2 for k2 in _ALLOWED if tfidf or k2 not in _TFIDF_ONLY]
+    if sorted(params) != sorted(expected):
+        raise InputError(f"{where}vectorizer.params must have exactly: {', '.join(expected)}")
+    for key, value in params.items():
+        rule = _ALLOWED[key]
+        ok = (
+            rule(value)
+            if callable(rule)
+            else any(type(value) is type(r) and value == r for r in rule)
+        )
+        if not ok:
+            raise InputError(f"{where}vectorizer.params.{key} has an unsupported value {value!r}")
+    return params
+
+
+def _vocabulary(vdoc: dict[str, Any], where: str) -> list[str]:
+    vocab = vdoc.get("vocabulary")
+    if not isinstance(vocab, list) or not 1 <= len(vocab) <= MAX_VOCABULARY:
+        raise InputError(f"{where}vectorizer.vocabulary must be a list of 1..{MAX_VOCABULARY}")
+    if not all(isinstance(t, str) and 0 < len(t) <= MAX_TERM_CHARS for t in vocab):
+        raise InputError(f"{where}vectorizer.vocabulary must hold non-empty short strings")
+    if len(set(vocab)) != len(vocab):
+        raise InputError(f"{where}vectorizer.vocabulary has repeated terms")
+    return vocab
+
+
+def _vectorizer(
+    vdoc: dict[str, Any], tfidf: bool, params: dict[str, Any], vocab: list[str], where: str
+) -> Any:
+    """The fitted TF-IDF or count vectorizer over the stored vocabulary (and idf)."""
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+
+    n_feat = len(vocab)
+    kw = dict(params)
+    kw["ngram_range"] = tuple(kw["ngram_range"])
+    cls = TfidfVectorizer if tfidf else CountVectorizer
+    vec = cls(vocabulary={t: i for i, t in enumerate(vocab)}, **kw)
+    if tfidf and params["use_idf"]:
+        idf = _floats(vdoc.get("idf"), (n_feat,), f"{where}vectorizer.idf")
+        if (idf <= 0).any():
+            raise InputError(f"{where}vectorizer.idf must be positive")
+        vec.idf_ = idf
+    elif vdoc.get("idf") is not None:
+        raise InputError(f"{where}vectorizer.idf must be null without use_idf")
+    return vec
 
 
 __all__ = [

@@ -148,109 +148,121 @@ def build_registry(
         raise InputError("cannot tell the model's name from the files; pass --model NAME")
     _check_label(model, "model name")
     reg = CollectorRegistry(auto_describe=True)
-
     if report is not None:
-        tm = report.threat_model.get("name")
-        if not isinstance(tm, str) or not tm:
-            raise InputError("the report's threat model has no name")
-        _check_label(tm, "threat model name")
-        run = {"model": model, "threat_model": tm}
-        per_eps = ["model", "threat_model", "epsilon"]
-        ra = Gauge(
-            "advguard_eval_robust_accuracy",
-            "Robust accuracy of the last evaluation (worst case over the attack suite), by "
-            "model, threat model and epsilon.",
-            per_eps,
-            registry=reg,
-        )
-        ra_low = Gauge(
-            "advguard_eval_robust_accuracy_ci_low",
-            "Lower end of the 95% Clopper-Pearson interval of the robust accuracy.",
-            per_eps,
-            registry=reg,
-        )
-        fool = Gauge(
-            "advguard_eval_fooling_rate",
-            "Share of correctly classified samples the attacks flipped, by epsilon.",
-            per_eps,
-            registry=reg,
-        )
-        for r in report.results:
-            labels = {**run, "epsilon": epsilon_label(r.epsilon)}
-            if r.robust_accuracy.value is not None:
-                ra.labels(**labels).set(r.robust_accuracy.value)
-                ra_low.labels(**labels).set(r.robust_accuracy.ci_low)
-            if r.fooling_rate.value is not None:
-                fool.labels(**labels).set(r.fooling_rate.value)
-        clean = Gauge(
-            "advguard_eval_clean_accuracy",
-            "Clean accuracy on the evaluated samples.",
-            list(run),
-            registry=reg,
-        )
-        if report.clean_accuracy.value is not None:
-            clean.labels(**run).set(report.clean_accuracy.value)
-        Gauge(
-            "advguard_eval_trustworthy",
-            "1 if every sanity check of the last evaluation passed (its numbers can be "
-            "trusted), 0 if not.",
-            list(run),
-            registry=reg,
-        ).labels(**run).set(1 if report.trustworthy else 0)
-        Gauge(
-            "advguard_eval_verdict_passed",
-            "1 if the last evaluation's verdict is pass (trustworthy and every SLO holds).",
-            list(run),
-            registry=reg,
-        ).labels(**run).set(1 if report.verdict.status == "pass" else 0)
-        Gauge(
-            "advguard_eval_samples",
-            "Number of samples the last evaluation attacked.",
-            list(run),
-            registry=reg,
-        ).labels(**run).set(int(report.data.get("n_evaluated", 0)))
-        Gauge(
-            "advguard_eval_timestamp_seconds",
-            "When the last evaluation ran (seconds since the epoch).",
-            list(run),
-            registry=reg,
-        ).labels(**run).set(_timestamp(report.created, "report"))
-
+        _report_metrics(reg, report, model)
     if gate is not None:
-        g = {"model": model, "policy": str(gate.policy)[:200]}
-        Gauge(
-            "advguard_gate_passed",
-            "1 if the last release gate passed, 0 if it failed.",
-            list(g),
-            registry=reg,
-        ).labels(**g).set(1 if gate.passed else 0)
-        Gauge(
-            "advguard_gate_failed_checks",
-            "Number of failed checks in the last release gate.",
-            list(g),
-            registry=reg,
-        ).labels(**g).set(len(gate.failures))
-
+        _gate_metrics(reg, gate, model)
     if certification is not None:
-        c = certification
-        cl = {"model": model, "method": c.method, "norm": c.norm}
-        cert = Gauge(
-            "advguard_certified_accuracy",
-            "Certified accuracy of the last certification run at a radius (L2 radius for "
-            "smoothing, Linf epsilon for IBP).",
-            [*cl, "radius"],
-            registry=reg,
-        )
-        for p in c.results:
-            if p.certified_accuracy.value is not None:
-                cert.labels(**cl, radius=epsilon_label(p.radius)).set(p.certified_accuracy.value)
-        Gauge(
-            "advguard_certification_timestamp_seconds",
-            "When the last certification ran (seconds since the epoch).",
-            list(cl),
-            registry=reg,
-        ).labels(**cl).set(_timestamp(c.created, "certification report"))
+        _certification_metrics(reg, certification, model)
     return reg, model
+
+
+def _report_metrics(reg: CollectorRegistry, report: Any, model: str) -> None:
+    """The evaluation's robust and clean accuracy, trust, verdict, samples and time."""
+    tm = report.threat_model.get("name")
+    if not isinstance(tm, str) or not tm:
+        raise InputError("the report's threat model has no name")
+    _check_label(tm, "threat model name")
+    run = {"model": model, "threat_model": tm}
+    per_eps = ["model", "threat_model", "epsilon"]
+    ra = Gauge(
+        "advguard_eval_robust_accuracy",
+        "Robust accuracy of the last evaluation (worst case over the attack suite), by "
+        "model, threat model and epsilon.",
+        per_eps,
+        registry=reg,
+    )
+    ra_low = Gauge(
+        "advguard_eval_robust_accuracy_ci_low",
+        "Lower end of the 95% Clopper-Pearson interval of the robust accuracy.",
+        per_eps,
+        registry=reg,
+    )
+    fool = Gauge(
+        "advguard_eval_fooling_rate",
+        "Share of correctly classified samples the attacks flipped, by epsilon.",
+        per_eps,
+        registry=reg,
+    )
+    for r in report.results:
+        labels = {**run, "epsilon": epsilon_label(r.epsilon)}
+        if r.robust_accuracy.value is not None:
+            ra.labels(**labels).set(r.robust_accuracy.value)
+            ra_low.labels(**labels).set(r.robust_accuracy.ci_low)
+        if r.fooling_rate.value is not None:
+            fool.labels(**labels).set(r.fooling_rate.value)
+    clean = Gauge(
+        "advguard_eval_clean_accuracy",
+        "Clean accuracy on the evaluated samples.",
+        list(run),
+        registry=reg,
+    )
+    if report.clean_accuracy.value is not None:
+        clean.labels(**run).set(report.clean_accuracy.value)
+    Gauge(
+        "advguard_eval_trustworthy",
+        "1 if every sanity check of the last evaluation passed (its numbers can be "
+        "trusted), 0 if not.",
+        list(run),
+        registry=reg,
+    ).labels(**run).set(1 if report.trustworthy else 0)
+    Gauge(
+        "advguard_eval_verdict_passed",
+        "1 if the last evaluation's verdict is pass (trustworthy and every SLO holds).",
+        list(run),
+        registry=reg,
+    ).labels(**run).set(1 if report.verdict.status == "pass" else 0)
+    Gauge(
+        "advguard_eval_samples",
+        "Number of samples the last evaluation attacked.",
+        list(run),
+        registry=reg,
+    ).labels(**run).set(int(report.data.get("n_evaluated", 0)))
+    Gauge(
+        "advguard_eval_timestamp_seconds",
+        "When the last evaluation ran (seconds since the epoch).",
+        list(run),
+        registry=reg,
+    ).labels(**run).set(_timestamp(report.created, "report"))
+
+
+def _gate_metrics(reg: CollectorRegistry, gate: Any, model: str) -> None:
+    """Whether the release gate passed and how many checks failed."""
+    g = {"model": model, "policy": str(gate.policy)[:200]}
+    Gauge(
+        "advguard_gate_passed",
+        "1 if the last release gate passed, 0 if it failed.",
+        list(g),
+        registry=reg,
+    ).labels(**g).set(1 if gate.passed else 0)
+    Gauge(
+        "advguard_gate_failed_checks",
+        "Number of failed checks in the last release gate.",
+        list(g),
+        registry=reg,
+    ).labels(**g).set(len(gate.failures))
+
+
+def _certification_metrics(reg: CollectorRegistry, certification: Any, model: str) -> None:
+    """Certified accuracy per radius and when the certification ran."""
+    c = certification
+    cl = {"model": model, "method": c.method, "norm": c.norm}
+    cert = Gauge(
+        "advguard_certified_accuracy",
+        "Certified accuracy of the last certification run at a radius (L2 radius for "
+        "smoothing, Linf epsilon for IBP).",
+        [*cl, "radius"],
+        registry=reg,
+    )
+    for p in c.results:
+        if p.certified_accuracy.value is not None:
+            cert.labels(**cl, radius=epsilon_label(p.radius)).set(p.certified_accuracy.value)
+    Gauge(
+        "advguard_certification_timestamp_seconds",
+        "When the last certification ran (seconds since the epoch).",
+        list(cl),
+        registry=reg,
+    ).labels(**cl).set(_timestamp(c.created, "certification report"))
 
 
 def write_textfile(registry: CollectorRegistry, path: str | Path) -> Path:

@@ -10,6 +10,11 @@ A push scans every file (:mod:`advguard.registry.scan`), writes the objects
 event and an audit entry in *one* database transaction. A crash before that
 commit leaves only unreferenced objects: the version is either fully visible or
 absent. Every read re-hashes the bytes.
+
+The hash-chained audit log (append, chain check, replay) lives in
+:mod:`advguard.registry.audit`, names and references (``NAME``, ``NAME:VERSION``,
+``NAME@STAGE``, artifact names) in :mod:`advguard.registry.refs` and the returned records in
+:mod:`advguard.registry.types`; this module re-exports their public names.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import getpass
-import hashlib
-import itertools
 import json
 import os
 import random
@@ -37,7 +40,8 @@ from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from advguard.errors import AdvguardError, InputError
-from advguard.registry import db
+from advguard.registry import audit, db
+from advguard.registry.audit import GENESIS_HASH, audit_hash, canonical_json
 from advguard.registry.db import STAGES
 from advguard.registry.objects import (
     CollectableStore,
@@ -49,6 +53,15 @@ from advguard.registry.objects import (
     sha256_file,
 )
 from advguard.registry.promotion import PromotionCheck, PromotionRefusedError, PromotionRules
+from advguard.registry.refs import (
+    MAX_VERSION,
+    check_artifact_name,
+    check_file_names,
+    check_name,
+    check_name_set,
+    check_version,
+    parse_ref,
+)
 from advguard.registry.scan import ScanResult, scan_files, validate_safetensors
 from advguard.registry.types import (
     AuditCheck,
@@ -62,16 +75,28 @@ from advguard.registry.types import (
     VersionInfo,
 )
 
+# The audit chain lives in ``audit.py``, names and references in ``refs.py``; their public
+# names stay importable from here.
+__all__ = [
+    "GENESIS_HASH",
+    "MAX_VERSION",
+    "Registry",
+    "audit_hash",
+    "canonical_json",
+    "check_artifact_name",
+    "check_name",
+    "check_version",
+    "default_actor",
+    "default_root",
+    "git_revision",
+    "parse_ref",
+]
+
 Progress = Callable[[str, int, int], None]
 
 REPORT_KIND = "advguard.robustness-report"
-GENESIS_HASH = "0" * 64
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _RETRIES = 30
-MAX_VERSION = 2**63 - 1
 #: Artifact file names the pull writes itself (an artifact may not shadow them).
-_RESERVED_NAMES = ("MODEL_CARD.md", "version.json", "signature.sigstore.json")
-_RESERVED_DIRS = ("reports",)
 _MAX_ARTIFACTS = 1000
 _MAX_REPORTS = 1000
 _MAX_TEXT = 1000
@@ -116,17 +141,6 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat(timespec="seconds")
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def audit_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
-    """sha256 over the canonical JSON of the entry (seq, ts, actor, action, subject,
-    details) followed by the previous entry's hash."""
-    body = {k: entry[k] for k in ("seq", "ts", "actor", "action", "subject", "details")}
-    return hashlib.sha256((canonical_json(body) + prev_hash).encode("utf-8")).hexdigest()
-
-
 def git_revision(cwd: Path | None = None) -> str | None:
     """``git rev-parse HEAD`` of ``cwd`` (``+dirty`` when there are local changes), or None."""
     try:
@@ -145,91 +159,6 @@ def git_revision(cwd: Path | None = None) -> str | None:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-# -- helpers ----------------------------------------------------------------------
-def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
-    """``NAME``, ``NAME:VERSION`` or ``NAME@STAGE`` -> (name, version, stage)."""
-    name, version, stage = ref, None, None
-    if "@" in ref:
-        name, stage = ref.rsplit("@", 1)
-        if stage not in STAGES:
-            raise InputError(f"unknown stage {stage!r} in {ref!r}; stages: {', '.join(STAGES)}")
-    elif ":" in ref:
-        name, v = ref.rsplit(":", 1)
-        if not v.isascii() or not v.isdigit() or len(v) > 19:
-            raise InputError(
-                f"version in {ref!r} must be a positive integer below 2^63 (e.g. {name}:3)"
-            )
-        version = check_version(int(v))
-    check_name(name)
-    return name, version, stage
-
-
-def check_version(version: Any) -> int:
-    """A version number: an integer in 1 .. 2^63-1 (what every database can store)."""
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise InputError(f"version {version!r} must be an integer")
-    if not 1 <= version <= MAX_VERSION:
-        raise InputError(f"version {version} is out of range (1 to 2^63-1)")
-    return version
-
-
-def check_name(name: str) -> str:
-    if not _NAME.match(name or "") or ".." in name:
-        raise InputError(
-            f"model name {name!r} is invalid: use letters, digits, '.', '_', '-', '/' "
-            "(no ':' or '@'), at most 200 characters"
-        )
-    return name
-
-
-def check_artifact_name(name: Any) -> str:
-    """An artifact's stored name: a relative POSIX path that stays inside the folder it is
-    pulled into (no absolute path, drive, '..', '.', empty part, backslash or control
-    character) and does not shadow a file ``pull`` writes itself."""
-    if not isinstance(name, str) or not 0 < len(name) <= 255:
-        raise InputError(f"artifact name {name!r} must be a non-empty string (at most 255)")
-    parts = name.split("/")
-    if (
-        "\\" in name
-        or name.startswith("/")
-        or ":" in parts[0]
-        or any(ord(c) < 32 or c == "\x7f" for c in name)
-        or any(p in ("", ".", "..") for p in parts)
-        or len(parts) > 16
-    ):
-        raise InputError(
-            f"artifact name {name!r} must be a relative path without '..', '.', empty parts, "
-            "backslashes or control characters"
-        )
-    if name in _RESERVED_NAMES or parts[0] in _RESERVED_DIRS:
-        raise InputError(
-            f"artifact name {name!r} is reserved for what pull writes itself "
-            f"({', '.join(_RESERVED_NAMES)}, {'/, '.join(_RESERVED_DIRS)}/)"
-        )
-    return name
-
-
-def _check_name_set(names: Sequence[str]) -> None:
-    ordered = sorted(names)
-    for a, b in itertools.pairwise(ordered):
-        if b.startswith(a + "/"):
-            raise InputError(f"artifact name {a!r} is also used as a folder by {b!r}")
-
-
-def _check_file_names(files: Mapping[str, Path]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for name, path in files.items():
-        check_artifact_name(name)
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"model file not found: {p}")
-        out[name] = p
-    if not out:
-        raise InputError("push needs at least one model file (--model FILE)")
-    _check_name_set(list(out))
-    return out
 
 
 MAX_REPORT_BYTES = 64 << 20
@@ -347,7 +276,7 @@ def _db_artifacts(value: Any) -> dict[str, dict[str, Any]]:
         if "format" in art:
             entry["format"] = _db_text(art["format"], f"the format of artifact {name!r}", 40)
         out[name] = entry
-    _check_name_set(list(out))
+    check_name_set(list(out))
     return out
 
 
@@ -462,38 +391,6 @@ def _retrying(fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _append_audit(
-    conn: Connection, actor: str, action: str, subject: str, details: Mapping[str, Any]
-) -> AuditEntry:
-    last = conn.execute(
-        select(db.audit.c.seq, db.audit.c.hash).order_by(db.audit.c.seq.desc()).limit(1)
-    ).first()
-    seq, prev = (1, GENESIS_HASH) if last is None else (last.seq + 1, last.hash)
-    details_json = canonical_json(dict(details))
-    entry = {
-        "seq": seq,
-        "ts": _now().isoformat(timespec="microseconds"),
-        "actor": actor,
-        "action": action,
-        "subject": subject,
-        "details": json.loads(details_json),
-    }
-    digest = audit_hash(entry, prev)
-    conn.execute(
-        insert(db.audit).values(
-            seq=seq,
-            ts=entry["ts"],
-            actor=actor,
-            action=action,
-            subject=subject,
-            details=details_json,
-            prev_hash=prev,
-            hash=digest,
-        )
-    )
-    return AuditEntry(**entry, prev_hash=prev, hash=digest)
-
-
 # -- the registry ----------------------------------------------------------------
 class Registry:
     """A model registry rooted at ``root`` (metadata DB + content-addressed objects).
@@ -583,7 +480,7 @@ class Registry:
         check_name(name)
         if isinstance(files, str | os.PathLike):
             files = {Path(files).name: Path(files)}
-        files = _check_file_names(files)
+        files = check_file_names(files)
         step = progress or (lambda stage, done, total: None)
         total = len(files) + len(reports) + 2
         self._remove_stale_temp_files()
@@ -604,10 +501,47 @@ class Registry:
         model_digest = artifacts[primary_name]["sha256"]
         if model_digest != primary_digest:
             raise InputError(f"{primary} changed during the push; push again")
+        key = Path(private_key) if private_key is not None else None
+        signature_ref, report_rows = self._store_signed(files, parsed, key, model_digest, step)
+        # the signature covers the files as read now; they must still be what we stored
+        for fname, path in files.items():
+            if sha256_file(path)[0] != artifacts[fname]["sha256"]:
+                raise InputError(f"{path} changed during the push; push again")
 
+        provenance = {
+            "training_data_sha256": data_hash,
+            "training_config": dict(training_config) if training_config is not None else None,
+            "code_revision": code_revision if code_revision is not None else git_revision(),
+            "user": self.actor,
+            "pushed_at": _now().isoformat(timespec="seconds"),
+            "factory": spec.get("factory"),
+        }
+        version = {
+            "format": fmt,
+            "artifacts": artifacts,
+            "model_digest": model_digest,
+            "input_spec": spec,
+            "provenance": provenance,
+            "signature_path": signature_ref,
+        }
+        number = _retrying(lambda: self._insert_version(name, version, report_rows))
+        step("commit", total, total)
+        info = self.get(f"{name}:{number}")
+        info.scan = [s.to_dict() for s in scans]
+        return info
+
+    def _store_signed(
+        self,
+        files: Mapping[str, Path],
+        parsed: Sequence[tuple[dict[str, Any], bytes]],
+        key: Path | None,
+        model_digest: str,
+        step: Progress,
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        """Store the model signature (with a key) and the reports with their attestations."""
+        total = len(files) + len(parsed) + 2
         signature_ref: str | None = None
         report_rows: list[dict[str, Any]] = []
-        key = Path(private_key) if private_key is not None else None
         if key is not None:
             from advguard.registry import signing
 
@@ -626,86 +560,65 @@ class Registry:
                 {"threat_model": data["threat_model"]["name"], "digest": digest, "att": att_ref}
             )
             step("store", len(files) + len(report_rows), total)
-        # the signature covers the files as read now; they must still be what we stored
-        for fname, path in files.items():
-            if sha256_file(path)[0] != artifacts[fname]["sha256"]:
-                raise InputError(f"{path} changed during the push; push again")
+        return signature_ref, report_rows
 
-        provenance = {
-            "training_data_sha256": data_hash,
-            "training_config": dict(training_config) if training_config is not None else None,
-            "code_revision": code_revision if code_revision is not None else git_revision(),
-            "user": self.actor,
-            "pushed_at": _now().isoformat(timespec="seconds"),
-            "factory": spec.get("factory"),
-        }
-
-        def txn() -> int:
-            with self.engine.begin() as conn:
-                model_id = self._model_id(conn, name, create=True)
-                current = conn.execute(
-                    select(func.max(db.versions.c.version)).where(
-                        db.versions.c.model_id == model_id
-                    )
-                ).scalar()
-                number = int(current or 0) + 1
-                now = _now()
-                vid = _inserted_id(
-                    conn.execute(
-                        insert(db.versions).values(
-                            model_id=model_id,
-                            version=number,
-                            format=fmt,
-                            artifacts=artifacts,
-                            model_digest=model_digest,
-                            input_spec=spec,
-                            provenance=provenance,
-                            stage="candidate",
-                            created_at=now,
-                            signature_path=signature_ref,
-                        )
-                    )
-                )
-                for row in report_rows:
-                    conn.execute(
-                        insert(db.reports).values(
-                            version_id=vid,
-                            threat_model=row["threat_model"],
-                            report_digest=row["digest"],
-                            attestation_path=row["att"],
-                            created_at=now,
-                        )
-                    )
+    def _insert_version(
+        self, name: str, version: dict[str, Any], report_rows: Sequence[dict[str, Any]]
+    ) -> int:
+        """One transaction: the next version number of ``name`` (stage candidate), its
+        reports, its first stage event and the push's audit entry."""
+        with self.engine.begin() as conn:
+            model_id = self._model_id(conn, name, create=True)
+            current = conn.execute(
+                select(func.max(db.versions.c.version)).where(db.versions.c.model_id == model_id)
+            ).scalar()
+            number = int(current or 0) + 1
+            now = _now()
+            vid = _inserted_id(
                 conn.execute(
-                    insert(db.stage_events).values(
-                        version_id=vid,
-                        from_stage=None,
-                        to_stage="candidate",
-                        reason="push",
-                        actor=self.actor,
-                        ts=now,
+                    insert(db.versions).values(
+                        model_id=model_id,
+                        version=number,
+                        stage="candidate",
+                        created_at=now,
+                        **version,
                     )
                 )
-                _append_audit(
-                    conn,
-                    self.actor,
-                    "push",
-                    f"{name}:{number}",
-                    {
-                        "model_digest": model_digest,
-                        "artifacts": {k: v["sha256"] for k, v in artifacts.items()},
-                        "reports": [r["digest"] for r in report_rows],
-                        "signed": signature_ref is not None,
-                        "format": fmt,
-                    },
+            )
+            for row in report_rows:
+                conn.execute(
+                    insert(db.reports).values(
+                        version_id=vid,
+                        threat_model=row["threat_model"],
+                        report_digest=row["digest"],
+                        attestation_path=row["att"],
+                        created_at=now,
+                    )
                 )
-                return number
-
-        number = _retrying(txn)
-        step("commit", total, total)
-        info = self.get(f"{name}:{number}")
-        info.scan = [s.to_dict() for s in scans]
-        return info
+            conn.execute(
+                insert(db.stage_events).values(
+                    version_id=vid,
+                    from_stage=None,
+                    to_stage="candidate",
+                    reason="push",
+                    actor=self.actor,
+                    ts=now,
+                )
+            )
+            audit.append_entry(
+                conn,
+                self.actor,
+                "push",
+                f"{name}:{number}",
+                {
+                    "model_digest": version["model_digest"],
+                    "artifacts": {k: v["sha256"] for k, v in version["artifacts"].items()},
+                    "reports": [r["digest"] for r in report_rows],
+                    "signed": version["signature_path"] is not None,
+                    "format": version["format"],
+                },
+            )
+            return number
 
     @staticmethod
     def _format_and_spec(
@@ -1020,12 +933,12 @@ class Registry:
         sig: dict[str, str] = {}
         checked = 0
         rows = self._audit_rows()
-        chain = self._check_chain(rows)
+        chain = audit.check_chain(rows)
         if not chain.ok:
             problems.append(f"audit log broken at {chain.reason}")
-        state, _ = self._replay(rows)
+        state, _ = audit.replay(rows)
         for info in infos:
-            problems += self._state_problems(info, state)
+            problems += audit.state_problems(info, state)
             objs = [(f"{info.ref} {n}", a["sha256"]) for n, a in info.artifacts.items()]
             for r in info.reports:
                 objs.append((f"{info.ref} report {r.threat_model}", r.digest))
@@ -1081,7 +994,7 @@ class Registry:
         promotion to production pushes the version, a rollback pops the version it
         replaced and pushes the one it restored; the top is the current production."""
         rows = self._audit_rows()
-        check = self._check_chain(rows)
+        check = audit.check_chain(rows)
         if not check.ok:
             raise InputError(
                 f"the registry audit log is broken at {check.reason}; refusing to roll back "
@@ -1258,7 +1171,7 @@ class Registry:
                     details["forced"] = True
                     details["reason"] = reason
                     details["overridden"] = [c.to_dict() for c in failed]
-                _append_audit(conn, self.actor, "promote", ref, details)
+                audit.append_entry(conn, self.actor, "promote", ref, details)
 
         _retrying(txn)
         return self.get(ref)
@@ -1306,7 +1219,7 @@ class Registry:
                 now = _now()
                 self._set_stage(conn, cur, "archived", now, "archive")
                 self._set_stage(conn, prev, "production", now, "rollback")
-                _append_audit(
+                audit.append_entry(
                     conn,
                     self.actor,
                     "rollback",
@@ -1403,7 +1316,7 @@ class Registry:
 
             def txn() -> None:
                 with self.engine.begin() as conn:
-                    _append_audit(
+                    audit.append_entry(
                         conn,
                         self.actor,
                         "gc",
@@ -1443,101 +1356,6 @@ class Registry:
         with self.engine.connect() as conn:
             return list(conn.execute(select(db.audit).order_by(db.audit.c.seq)).all())
 
-    @staticmethod
-    def _check_chain(rows: Sequence[Any]) -> AuditCheck:
-        prev = GENESIS_HASH
-        for i, r in enumerate(rows, start=1):
-            where = f"entry {r.seq} ({r.action} {r.subject} by {r.actor} at {r.ts})"
-            if r.seq != i:
-                return AuditCheck(False, len(rows), prev, r.seq, f"{where}: expected seq {i}")
-            if r.prev_hash != prev:
-                return AuditCheck(
-                    False,
-                    len(rows),
-                    prev,
-                    r.seq,
-                    f"{where}: prev_hash does not link to entry {i - 1}",
-                )
-            try:
-                details = db.bounded_json_loads(r.details, what="audit details")
-            except InputError:
-                return AuditCheck(False, len(rows), prev, r.seq, f"{where}: details are not JSON")
-            entry = {
-                "seq": r.seq,
-                "ts": r.ts,
-                "actor": r.actor,
-                "action": r.action,
-                "subject": r.subject,
-                "details": details,
-            }
-            if audit_hash(entry, prev) != r.hash or canonical_json(details) != r.details:
-                return AuditCheck(
-                    False, len(rows), prev, r.seq, f"{where}: content does not match its hash"
-                )
-            prev = r.hash
-        return AuditCheck(True, len(rows), prev)
-
-    @staticmethod
-    def _replay(rows: Sequence[Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-        """What the audit log says every version is: its stage (replaying push, promote and
-        rollback) and what was pushed (model digest, artifact digests, reports, signed)."""
-        state: dict[str, dict[str, Any]] = {}
-        problems: list[str] = []
-
-        def move(ref: str, stage: Any, seq: int) -> None:
-            if ref not in state:
-                problems.append(f"audit entry {seq} moves {ref}, which was never pushed")
-            elif stage not in STAGES:
-                problems.append(f"audit entry {seq} moves {ref} to unknown stage {stage!r}")
-            else:
-                state[ref]["stage"] = stage
-
-        for r in rows:
-            try:
-                d = db.bounded_json_loads(r.details, what="audit details")
-                subject = str(r.subject)
-                name = subject.rsplit(":", 1)[0]
-                if r.action == "push":
-                    state[subject] = {
-                        "stage": "candidate",
-                        "model_digest": d["model_digest"],
-                        "artifacts": d["artifacts"],
-                        "reports": d["reports"],
-                        "signed": d["signed"],
-                    }
-                elif r.action == "promote":
-                    move(subject, d["to"], r.seq)
-                    for v in d.get("archived", []):
-                        move(f"{name}:{int(v)}", "archived", r.seq)
-                elif r.action == "rollback":
-                    move(f"{name}:{int(d['from_version'])}", "archived", r.seq)
-                    move(subject, "production", r.seq)
-            except (InputError, KeyError, TypeError, ValueError, AttributeError):
-                problems.append(f"audit entry {r.seq} ({r.action} {r.subject}) is malformed")
-        return state, problems
-
-    @staticmethod
-    def _state_problems(info: VersionInfo, state: Mapping[str, dict[str, Any]]) -> list[str]:
-        """Where a version's database row disagrees with the audit log."""
-        logged = state.get(info.ref)
-        if logged is None:
-            return [f"{info.ref} is in the database but its push is not in the audit log"]
-        out = []
-        if logged["stage"] != info.stage:
-            out.append(
-                f"{info.ref} is in stage {info.stage} in the database, but the audit log says "
-                f"{logged['stage']} (the stage was changed outside advguard)"
-            )
-        if logged["model_digest"] != info.model_digest:
-            out.append(f"{info.ref}: model digest differs from the one recorded at push")
-        if logged["artifacts"] != {k: v["sha256"] for k, v in info.artifacts.items()}:
-            out.append(f"{info.ref}: artifacts differ from those recorded at push")
-        if logged["reports"] != [r.digest for r in info.reports]:
-            out.append(f"{info.ref}: attached reports differ from those recorded at push")
-        if bool(logged["signed"]) != (info.signature is not None):
-            out.append(f"{info.ref}: signature presence differs from what was recorded at push")
-        return out
-
     def _all_versions(self) -> list[VersionInfo]:
         out: list[VersionInfo] = []
         with self.engine.connect() as conn:
@@ -1552,11 +1370,11 @@ class Registry:
         replay the log and compare every version in the database with it: a stage, digest,
         report or signature changed directly in the database is reported."""
         rows = self._audit_rows()
-        check = self._check_chain(rows)
-        state, problems = self._replay(rows)
+        check = audit.check_chain(rows)
+        state, problems = audit.replay(rows)
         infos = self._all_versions()
         for info in infos:
-            problems += self._state_problems(info, state)
+            problems += audit.state_problems(info, state)
         for ref in sorted(set(state) - {i.ref for i in infos}):
             problems.append(f"{ref} is in the audit log but missing from the database")
         check.state_problems = problems
@@ -1568,13 +1386,13 @@ class Registry:
     def require_consistent(self, info: VersionInfo) -> None:
         """Refuse a version whose row disagrees with the (intact) audit log."""
         rows = self._audit_rows()
-        check = self._check_chain(rows)
+        check = audit.check_chain(rows)
         if not check.ok:
             raise InputError(
                 f"the registry audit log is broken at {check.reason}; refusing to use "
                 f"{info.ref} (run `advguard registry audit --verify`)"
             )
-        state, _ = self._replay(rows)
-        problems = self._state_problems(info, state)
+        state, _ = audit.replay(rows)
+        problems = audit.state_problems(info, state)
         if problems:
             raise InputError(f"refusing {info.ref}: {'; '.join(problems)}")

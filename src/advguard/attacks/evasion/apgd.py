@@ -20,7 +20,14 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackResult, RunResult
 from advguard.attacks.norms import normalize, project, random_in_ball
-from advguard.models.base import Classifier, is_evasion, label_count, mask_reject
+from advguard.models.base import (
+    Classifier,
+    WhiteBoxClassifier,
+    is_evasion,
+    is_white_box,
+    label_count,
+    mask_reject,
+)
 
 _LOSSES = ("ce", "dlr")
 _MOMENTUM = 0.75
@@ -104,6 +111,7 @@ class APGD(Attack):
         generator: torch.Generator,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         out = x.clone()
         out_loss = torch.full((len(x),), float("-inf"), device=x.device)
         done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -124,7 +132,7 @@ class APGD(Attack):
 
     def _single_run(
         self,
-        model: Any,
+        model: WhiteBoxClassifier,
         x: torch.Tensor,
         y: torch.Tensor,
         t: torch.Tensor | None,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
+from advguard.models.base import Classifier, is_white_box
 
 _UPPER_INIT = 1e10  # "no upper bound on c found yet"
 _TANH_CLAMP = 1.0 - 1e-6  # keeps atanh finite for inputs exactly on the bounds
@@ -91,13 +90,14 @@ class CarliniWagnerL2(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
         generator: torch.Generator,
     ) -> RunResult:
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         lo, hi = model.bounds
         half = (hi - lo) / 2.0
         n, dev = len(x), x.device

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard import _validate as check
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import per_sample
+from advguard.models.base import Classifier, is_white_box
 
 
 class DeepFool(Attack):
@@ -63,13 +62,14 @@ class DeepFool(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
         generator: torch.Generator,
     ) -> RunResult:
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         lo, hi = model.bounds
         n, dev = len(x), x.device
         k = min(self.candidates, model.num_classes)

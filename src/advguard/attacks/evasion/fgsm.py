@@ -10,13 +10,12 @@ already misclassified, the final clip, the success check, query accounting), and
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import normalize
+from advguard.models.base import Classifier, is_white_box
 
 
 class FGSM(Attack):
@@ -32,13 +31,14 @@ class FGSM(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
         generator: torch.Generator,
     ) -> RunResult:
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         _, _, g = model.value_and_grad(x, losses.for_goal("ce", y, targets))
         return RunResult(x + epsilon * normalize(g, self.norm))

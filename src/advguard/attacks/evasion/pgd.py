@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard import _validate as check
@@ -11,6 +9,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import flat, normalize, project, random_in_ball
+from advguard.models.base import Classifier, WhiteBoxClassifier, is_white_box
 
 _LOSSES = ("ce", "margin")
 
@@ -86,7 +85,7 @@ class PGD(Attack):
 
     def _descend(
         self,
-        model: Any,
+        model: WhiteBoxClassifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float,
@@ -126,12 +125,13 @@ class PGD(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
         generator: torch.Generator,
     ) -> RunResult:
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=True))

@@ -27,14 +27,13 @@ the initial loss, ``2 * samples`` per iteration); with an EOT model each query c
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import project, random_in_ball
+from advguard.models.base import Classifier
 
 
 class SPSA(Attack):
@@ -89,7 +88,7 @@ class SPSA(Attack):
 
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,

@@ -16,6 +16,7 @@ from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import normalize, project, random_in_ball
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
+from advguard.models.base import Classifier, is_white_box
 
 _LOSSES = ("ce", "margin")
 
@@ -81,7 +82,7 @@ class ConstrainedPGD(Attack):
         p["schema"] = schema_params(self.schema)
         return p
 
-    def _setup(self, model: Any) -> dict[str, Any]:
+    def _setup(self, model: Classifier) -> dict[str, Any]:
         check_model(self.schema, model, self.name)
         return {}
 
@@ -91,7 +92,7 @@ class ConstrainedPGD(Attack):
     # ------------------------------------------------------------------ internals
     def _run(
         self,
-        model: Any,
+        model: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
         epsilon: float | None,
@@ -99,6 +100,7 @@ class ConstrainedPGD(Attack):
         generator: torch.Generator,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
+        assert is_white_box(model)  # needs_gradients: the base class checked it
         schema = self.schema
         c = schema.compiled
         dev, dt = x.device, x.dtype

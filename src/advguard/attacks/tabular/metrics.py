@@ -45,24 +45,7 @@ def tabular_metrics(
     ).reshape(-1)
     if len(ok) != len(x0) or xa.shape != x0.shape:
         raise InputError("x, x_adv and success must describe the same rows")
-    c = schema.compiled
-    d = np.abs(xa - x0)
-    changed = d > 0
-
-    # units: plain features, then one-hot groups
-    plain = np.flatnonzero(c.group_of < 0)
-    names = [c.names[j] for j in plain] + list(c.group_names)
-    unit_changed = np.concatenate(
-        [changed[:, plain]] + [changed[:, cols].any(1, keepdims=True) for cols in c.groups],
-        axis=1,
-    )
-    unit_abs = np.concatenate(
-        [d[:, plain]] + [d[:, cols].sum(1, keepdims=True) / 2 for cols in c.groups], axis=1
-    )
-    unit_cost = np.concatenate(
-        [c.cost[plain]] + [np.array([c.cost[cols].mean()]) for cols in c.groups]
-    )
-    cost = (unit_abs * unit_cost).sum(1)
+    names, unit_changed, unit_abs, cost = _unit_changes(schema, x0, xa)
     n_changed = unit_changed.sum(1)
 
     valid = schema.validate_rows(x0, xa)
@@ -81,6 +64,43 @@ def tabular_metrics(
             raise InputError("attacked must have one entry per row")
         out["n_attacked"] = int(att.sum())
         out["evasion_rate_attacked"] = float(ok[att].mean()) if att.any() else 0.0
+    out.update(_change_stats(ok, names, unit_changed, unit_abs, n_changed, cost, top_k))
+    return out
+
+
+def _unit_changes(
+    schema: FeatureSchema, x0: np.ndarray, xa: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Per row and unit (plain features, then one-hot groups): the unit names, whether it
+    changed, its absolute change and the row's weighted cost."""
+    c = schema.compiled
+    d = np.abs(xa - x0)
+    changed = d > 0
+    plain = np.flatnonzero(c.group_of < 0)
+    names = [c.names[j] for j in plain] + list(c.group_names)
+    unit_changed = np.concatenate(
+        [changed[:, plain]] + [changed[:, cols].any(1, keepdims=True) for cols in c.groups],
+        axis=1,
+    )
+    unit_abs = np.concatenate(
+        [d[:, plain]] + [d[:, cols].sum(1, keepdims=True) / 2 for cols in c.groups], axis=1
+    )
+    unit_cost = np.concatenate(
+        [c.cost[plain]] + [np.array([c.cost[cols].mean()]) for cols in c.groups]
+    )
+    return names, unit_changed, unit_abs, (unit_abs * unit_cost).sum(1)
+
+
+def _change_stats(
+    ok: np.ndarray,
+    names: list[str],
+    unit_changed: np.ndarray,
+    unit_abs: np.ndarray,
+    n_changed: np.ndarray,
+    cost: np.ndarray,
+    top_k: int,
+) -> dict[str, Any]:
+    """Changed units and cost over the successful rows, and the most changed units."""
     if ok.any():
         nc, co = n_changed[ok], cost[ok]
         share = unit_changed[ok].mean(0)
@@ -90,7 +110,7 @@ def tabular_metrics(
             0.0,
         )
         order = [i for i in np.argsort(-share, kind="stable") if share[i] > 0][:top_k]
-        out.update(
+        return dict(
             features_changed_mean=float(nc.mean()),
             features_changed_median=float(np.median(nc)),
             features_changed_max=int(nc.max()),
@@ -105,13 +125,11 @@ def tabular_metrics(
                 for i in order
             ],
         )
-    else:
-        out.update(
-            features_changed_mean=None,
-            features_changed_median=None,
-            features_changed_max=None,
-            cost_mean=None,
-            cost_median=None,
-            most_changed=[],
-        )
-    return out
+    return dict(
+        features_changed_mean=None,
+        features_changed_median=None,
+        features_changed_max=None,
+        cost_mean=None,
+        cost_median=None,
+        most_changed=[],
+    )

@@ -119,8 +119,6 @@ def activation_clustering(
     go to one other class than stay in their own (their raw content belongs elsewhere: relabelled
     rows). Without ``x`` the decision is the size and silhouette rule alone, which flags natural
     sub-styles of clean classes far more often."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA, FastICA
     from sklearn.metrics import silhouette_samples
 
     f, y = _check(features, labels)
@@ -138,14 +136,7 @@ def activation_clustering(
         idx = np.flatnonzero(y == c)
         if len(idx) < 4:
             continue
-        fc = f[idx]
-        d = max(1, min(dims, fc.shape[1], len(idx) - 1))
-        if reduce == "ica":
-            z = FastICA(n_components=d, random_state=seed, max_iter=500).fit_transform(fc)
-        else:
-            z = PCA(n_components=d, random_state=seed).fit_transform(fc)
-        km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z)
-        lab = km.labels_
+        z, lab = _two_clusters(f[idx], dims, reduce, seed)
         sizes = np.bincount(lab, minlength=2)
         if sizes.min() == 0:
             continue
@@ -179,6 +170,20 @@ def activation_clustering(
         {"dims": dims, "reduce": reduce, "max_share": max_share,
          "min_silhouette": min_silhouette, "seed": seed},
     )  # fmt: skip
+
+
+def _two_clusters(fc: np.ndarray, dims: int, reduce: str, seed: int) -> tuple[Any, np.ndarray]:
+    """One class's features reduced (PCA or ICA) to ``dims`` and split by 2-means."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA, FastICA
+
+    d = max(1, min(dims, fc.shape[1], len(fc) - 1))
+    if reduce == "ica":
+        z = FastICA(n_components=d, random_state=seed, max_iter=500).fit_transform(fc)
+    else:
+        z = PCA(n_components=d, random_state=seed).fit_transform(fc)
+    km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z)
+    return z, km.labels_
 
 
 def _reclassify(

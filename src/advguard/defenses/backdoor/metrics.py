@@ -13,11 +13,12 @@ import numpy as np
 
 from advguard.attacks.poisoning.triggers import TriggerSpec
 from advguard.errors import InputError
+from advguard.models.base import Classifier
 from advguard.stats import proportion
 
 
 def backdoor_metrics(
-    model: Any, x_test: np.ndarray, y_test: np.ndarray, trigger_spec: TriggerSpec
+    model: Classifier, x_test: np.ndarray, y_test: np.ndarray, trigger_spec: TriggerSpec
 ) -> dict[str, Any]:
     """Clean accuracy on ``(x_test, y_test)`` and ASR of ``trigger_spec`` (dicts of
     :class:`~advguard.stats.Proportion` fields)."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from advguard.errors import InputError
+from advguard.models.base import WhiteBoxClassifier
 
 MAD_CONSTANT = 1.4826
 
@@ -91,7 +92,7 @@ def anomaly_index(norms: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def reverse_trigger(
-    model: Any,
+    model: WhiteBoxClassifier,
     x: torch.Tensor,
     target: int,
     *,
@@ -153,7 +154,7 @@ def reverse_trigger(
 
 
 def neural_cleanse(
-    model: Any,
+    model: WhiteBoxClassifier,
     x_clean: np.ndarray,
     y_clean: np.ndarray | None = None,
     *,

@@ -19,6 +19,7 @@ from advguard import __version__
 from advguard.errors import InputError
 from advguard.evaluate.html import png, prop
 from advguard.evaluate.runner import environment, select_samples, sha256_array
+from advguard.models.base import Classifier
 from advguard.stats import Proportion, proportion
 
 SCHEMA_VERSION = "1.0"
@@ -108,20 +109,7 @@ def certify_dataset(
     progress: Progress | None = None,
 ) -> CertificationRun:
     """Certify (a deterministic random subset of) ``x, y``; write certify.json/.html."""
-    from advguard.defenses.certify.ibp import ibp_certify
-    from advguard.defenses.certify.smoothing import (
-        SmoothedClassifier,
-        certified_accuracy_curve,
-        lower_confidence_bound,
-    )
-
-    chosen: Literal["smoothing", "ibp"]
-    if method == "smoothing":
-        chosen = "smoothing"
-    elif method == "ibp":
-        chosen = "ibp"
-    else:
-        raise InputError(f"method must be 'smoothing' or 'ibp', got {method!r}")
+    chosen = _method(method)
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
         raise InputError(f"need one label per input, got {len(y)} labels for {len(x)} inputs")
@@ -136,44 +124,19 @@ def certify_dataset(
     abstain = None
     r_median = None
     if method == "smoothing":
-        grid = sorted(radii if radii is not None else DEFAULT_RADII)
-        if any(r < 0 or not np.isfinite(r) for r in grid):
-            raise InputError(f"radii must be finite and >= 0, got {grid}")
-        smoothed = SmoothedClassifier(model, sigma, batch_size=batch_size, seed=seed)
         t1 = time.perf_counter()
-        res = smoothed.certify(xs, n0=n0, n=n, alpha=alpha, progress=progress)
+        points, labels, rad = _smoothing_curve(
+            model, xs, ys, sigma, n0, n, alpha, radii, seed, batch_size, progress
+        )
         t_cert = time.perf_counter() - t1
-        labels, rad = res.labels, res.radii
-        curve = certified_accuracy_curve(labels, rad, ys, grid)
-        n_eval = len(ys)
-        points = [
-            CertifiedPoint(
-                radius=float(r), certified_accuracy=proportion(round(c * n_eval), n_eval)
-            )
-            for r, c in zip(grid, curve, strict=True)
-        ]
         abstain = proportion(int((labels == -1).sum()), len(ys))
         ok = (labels == ys) & (labels != -1)
         r_median = float(np.median(rad[ok])) if ok.any() else None
         norm: Literal["l2", "linf"] = "l2"
     else:
-        grid = sorted(epsilons if epsilons else [0.01])
         t1 = time.perf_counter()
-        masks = []
-        for i, e in enumerate(grid):
-            masks.append(ibp_certify(model, xs, ys, e))
-            if progress is not None:
-                progress("ibp", i + 1, len(grid))
+        points, labels, rad = _ibp_curve(model, xs, ys, epsilons, progress)
         t_cert = time.perf_counter() - t1
-        points = [
-            CertifiedPoint(radius=float(e), certified_accuracy=proportion(int(m.sum()), len(ys)))
-            for e, m in zip(grid, masks, strict=True)
-        ]
-        # radius per sample = largest certified epsilon on the grid (0 if none)
-        rad = np.zeros(len(ys))
-        for e, m in zip(grid, masks, strict=True):
-            rad[m] = e
-        labels = np.where(rad > 0, ys, -1)
         norm = "linf"
     d_info = dict(data_info or {})
     d_info.update(
@@ -184,44 +147,126 @@ def certify_dataset(
         advguard_version=__version__,
         method=chosen,
         norm=norm,
-        sigma=float(sigma) if method == "smoothing" else None,
-        n0=int(n0) if method == "smoothing" else None,
-        n=int(n) if method == "smoothing" else None,
-        alpha=float(alpha) if method == "smoothing" else None,
+        **_smoothing_settings(method, sigma, n0, n, alpha),
         seed=int(seed),
         n_samples=len(ys),
         clean_accuracy=clean,
         abstain_rate=abstain,
         results=points,
         radius_median=r_median,
-        radius_cap=(
-            float(sigma * gaussian.ppf(lower_confidence_bound(int(n), int(n), alpha)))
-            if method == "smoothing"
-            else None
-        ),
         timing={
             "clean_s": round(t_clean, 4),
             "certify_s": round(t_cert, 4),
             "per_sample_s": round(t_cert / len(ys), 6),
         },
-        model={
-            **(model_info or {}),
-            "class": type(model).__name__,
-            "input_shape": list(model.input_shape),
-            "num_classes": int(model.num_classes),
-            "bounds": list(model.bounds),
-        },
+        model=_model_section(model, model_info),
         data=d_info,
         environment=environment(model),
         guarantee=_guarantee(method, alpha),
     )
-    out = Path(out_dir)
+    json_path, html_path = _write_report(report, Path(out_dir))
+    return CertificationRun(report, json_path, html_path, labels, np.asarray(rad, dtype=float))
+
+
+def _method(method: str) -> Literal["smoothing", "ibp"]:
+    if method == "smoothing":
+        return "smoothing"
+    if method == "ibp":
+        return "ibp"
+    raise InputError(f"method must be 'smoothing' or 'ibp', got {method!r}")
+
+
+def _smoothing_settings(method: str, sigma: float, n0: int, n: int, alpha: float) -> dict[str, Any]:
+    """The report's smoothing fields (None for IBP), with the largest certifiable radius."""
+    from advguard.defenses.certify.smoothing import lower_confidence_bound
+
+    if method != "smoothing":
+        return {"sigma": None, "n0": None, "n": None, "alpha": None, "radius_cap": None}
+    return {
+        "sigma": float(sigma),
+        "n0": int(n0),
+        "n": int(n),
+        "alpha": float(alpha),
+        "radius_cap": float(sigma * gaussian.ppf(lower_confidence_bound(int(n), int(n), alpha))),
+    }
+
+
+def _model_section(model: Classifier, model_info: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        **(model_info or {}),
+        "class": type(model).__name__,
+        "input_shape": list(model.input_shape),
+        "num_classes": int(model.num_classes),
+        "bounds": list(model.bounds),
+    }
+
+
+def _smoothing_curve(
+    model: Any,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    radii: list[float] | None,
+    seed: int,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[list[CertifiedPoint], np.ndarray, np.ndarray]:
+    """Randomized smoothing: certified accuracy per L2 radius, labels and radii per sample."""
+    from advguard.defenses.certify.smoothing import SmoothedClassifier, certified_accuracy_curve
+
+    grid = sorted(radii if radii is not None else DEFAULT_RADII)
+    if any(r < 0 or not np.isfinite(r) for r in grid):
+        raise InputError(f"radii must be finite and >= 0, got {grid}")
+    smoothed = SmoothedClassifier(model, sigma, batch_size=batch_size, seed=seed)
+    res = smoothed.certify(xs, n0=n0, n=n, alpha=alpha, progress=progress)
+    labels, rad = res.labels, res.radii
+    curve = certified_accuracy_curve(labels, rad, ys, grid)
+    n_eval = len(ys)
+    points = [
+        CertifiedPoint(radius=float(r), certified_accuracy=proportion(round(c * n_eval), n_eval))
+        for r, c in zip(grid, curve, strict=True)
+    ]
+    return points, labels, rad
+
+
+def _ibp_curve(
+    model: Any,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    epsilons: list[float] | None,
+    progress: Progress | None,
+) -> tuple[list[CertifiedPoint], np.ndarray, np.ndarray]:
+    """Interval bound propagation: certified accuracy per Linf epsilon, labels and radii."""
+    from advguard.defenses.certify.ibp import ibp_certify
+
+    grid = sorted(epsilons if epsilons else [0.01])
+    masks = []
+    for i, e in enumerate(grid):
+        masks.append(ibp_certify(model, xs, ys, e))
+        if progress is not None:
+            progress("ibp", i + 1, len(grid))
+    points = [
+        CertifiedPoint(radius=float(e), certified_accuracy=proportion(int(m.sum()), len(ys)))
+        for e, m in zip(grid, masks, strict=True)
+    ]
+    # radius per sample = largest certified epsilon on the grid (0 if none)
+    rad = np.zeros(len(ys))
+    for e, m in zip(grid, masks, strict=True):
+        rad[m] = e
+    return points, np.where(rad > 0, ys, -1), rad
+
+
+def _write_report(report: CertificationReport, out: Path) -> tuple[Path, Path]:
+    """certify.json and certify.html in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "certify.json"
     json_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2), encoding="utf-8")
     html_path = out / "certify.html"
     html_path.write_text(render_html(report), encoding="utf-8")
-    return CertificationRun(report, json_path, html_path, labels, np.asarray(rad, dtype=float))
+    return json_path, html_path
 
 
 def load_certification(path: str | Path) -> CertificationReport:

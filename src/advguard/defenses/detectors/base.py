@@ -31,7 +31,7 @@ import torch
 
 from advguard import _validate as check
 from advguard.errors import InputError
-from advguard.models.base import ArrayLike, check_inputs, check_labels
+from advguard.models.base import ArrayLike, Classifier, check_inputs, check_labels
 
 Progress = Callable[[str, int, int], None]
 
@@ -311,7 +311,7 @@ class AdversarialSet:
 
 
 def adversarial_examples(
-    model: Any,
+    model: Classifier,
     x: ArrayLike,
     y: ArrayLike,
     threat_model: Any,
@@ -329,25 +329,8 @@ def adversarial_examples(
     ``progress(stage, done, total)`` is called after every batch.
     """
     from advguard.attacks.registry import build_attack
-    from advguard.evaluate.threat_model import ThreatModel, load_threat_model
 
-    if isinstance(threat_model, str | Path):
-        tm = load_threat_model(threat_model)
-    elif isinstance(threat_model, ThreatModel):
-        tm = threat_model
-    else:
-        raise InputError(
-            f"threat_model must be a ThreatModel, a preset name or a YAML path, "
-            f"got {type(threat_model).__name__}"
-        )
-    if tm.goal != "untargeted":
-        raise InputError("adversarial_examples supports untargeted threat models only")
-    if epsilon is None:
-        eps = max(tm.epsilons)
-    else:
-        eps = float(epsilon)
-        if not any(abs(eps - e) < 1e-12 for e in tm.epsilons):
-            raise InputError(f"epsilon {epsilon} is not one of the threat model's {tm.epsilons}")
+    tm, eps = _untargeted_threat_model(threat_model, epsilon)
     bs = check.positive_int("batch_size", tm.batch_size if batch_size is None else batch_size)
 
     xt = torch.as_tensor(x)
@@ -364,6 +347,59 @@ def adversarial_examples(
     todo = (pred == yt).nonzero().squeeze(1)
     n_attacked = len(todo)
     adv = torch.empty(0, *xt.shape[1:])
+    idx_out, adv_out, names, per_attack = _cascade(model, attacks, xt, yt, todo, eps, bs, progress)
+    if adv_out:
+        adv = torch.cat(adv_out)
+        index = torch.cat(idx_out).numpy()
+    else:
+        index = np.zeros(0, dtype=np.int64)
+    return AdversarialSet(
+        x_adv=adv.numpy(),
+        index=index,
+        attack=names,
+        epsilon=eps,
+        norm=tm.norm,
+        n_total=len(xt),
+        n_attacked=n_attacked,
+        n_success=len(index),
+        per_attack=per_attack,
+    )
+
+
+def _untargeted_threat_model(threat_model: Any, epsilon: float | None) -> tuple[Any, float]:
+    """The threat model (object, preset or path; untargeted only) and the epsilon to use."""
+    from advguard.evaluate.threat_model import ThreatModel, load_threat_model
+
+    if isinstance(threat_model, str | Path):
+        tm = load_threat_model(threat_model)
+    elif isinstance(threat_model, ThreatModel):
+        tm = threat_model
+    else:
+        raise InputError(
+            f"threat_model must be a ThreatModel, a preset name or a YAML path, "
+            f"got {type(threat_model).__name__}"
+        )
+    if tm.goal != "untargeted":
+        raise InputError("adversarial_examples supports untargeted threat models only")
+    if epsilon is None:
+        return tm, max(tm.epsilons)
+    eps = float(epsilon)
+    if not any(abs(eps - e) < 1e-12 for e in tm.epsilons):
+        raise InputError(f"epsilon {epsilon} is not one of the threat model's {tm.epsilons}")
+    return tm, eps
+
+
+def _cascade(
+    model: Classifier,
+    attacks: Sequence[Any],
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    todo: torch.Tensor,
+    eps: float,
+    bs: int,
+    progress: Progress | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], dict[str, int]]:
+    """Each attack on the samples no earlier attack fooled: indices, examples, attack names."""
     idx_out: list[torch.Tensor] = []
     adv_out: list[torch.Tensor] = []
     names: list[str] = []
@@ -386,19 +422,4 @@ def adversarial_examples(
         if fooled_here:
             done = torch.cat(fooled_here)
             todo = todo[~torch.isin(todo, done)]
-    if adv_out:
-        adv = torch.cat(adv_out)
-        index = torch.cat(idx_out).numpy()
-    else:
-        index = np.zeros(0, dtype=np.int64)
-    return AdversarialSet(
-        x_adv=adv.numpy(),
-        index=index,
-        attack=names,
-        epsilon=eps,
-        norm=tm.norm,
-        n_total=len(xt),
-        n_attacked=n_attacked,
-        n_success=len(index),
-        per_attack=per_attack,
-    )
+    return idx_out, adv_out, names, per_attack

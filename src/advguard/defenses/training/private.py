@@ -157,13 +157,7 @@ def dp_train(
     dev = resolve_device(None, module)
     with borrowed(dev, module, preprocess):
         net = Net(module, preprocess.eval() if preprocess is not None else None)
-        errors = opacus.validators.ModuleValidator.validate(net, strict=False)
-        if errors:
-            raise InputError(
-                "the model cannot be trained with DP-SGD: "
-                + "; ".join(str(e) for e in errors[:5])
-                + " (opacus.validators.ModuleValidator.fix(model) replaces BatchNorm by GroupNorm)"
-            )
+        _check_opacus_compatible(opacus, net)
         n_classes = check_module(net, xt.to(dev), yt, num_classes)
         torch.manual_seed(cfg.seed)
         split = _split(xt, yt, cfg, delta)
@@ -177,6 +171,17 @@ def dp_train(
         paths = (out_path / CHECKPOINT_NAME, out_path / MANIFEST_NAME) if out_path else None
         _train_epochs(run, net, module, split, cfg, manifest, paths, progress, dev)
     return _finish(module, preprocess, manifest, cfg, paths, t_start)
+
+
+def _check_opacus_compatible(opacus: Any, net: nn.Module) -> None:
+    """Refuse layers Opacus cannot compute per-example gradients for (e.g. BatchNorm)."""
+    errors = opacus.validators.ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise InputError(
+            "the model cannot be trained with DP-SGD: "
+            + "; ".join(str(e) for e in errors[:5])
+            + " (opacus.validators.ModuleValidator.fix(model) replaces BatchNorm by GroupNorm)"
+        )
 
 
 @dataclass(frozen=True)
