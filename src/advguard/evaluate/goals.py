@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from advguard.stats import Proportion, clopper_pearson
 
 if TYPE_CHECKING:
-    from advguard.evaluate.verdict import SLOResult
+    from advguard.evaluate.slo_result import SLOResult
 
 GoalKind = Literal["poisoning", "backdoor", "membership-inference", "extraction"]
 GOAL_KINDS: tuple[str, ...] = ("poisoning", "backdoor", "membership-inference", "extraction")
@@ -297,7 +297,7 @@ def goal_specs(threat_model: dict[str, Any]) -> list[GoalSpec]:
 
 def judge_goal_slo(spec: GoalSpec, slo: GoalSLO, result: GoalResult | None) -> SLOResult:
     """The :class:`~advguard.evaluate.verdict.SLOResult` of one goal SLO."""
-    from advguard.evaluate.verdict import SLOResult, slo_holds
+    from advguard.evaluate.slo_result import SLOResult, slo_holds
 
     name = f"{spec.name}: {slo}"
     m = result.metric(slo.metric) if result is not None else None
@@ -432,7 +432,7 @@ def goal_findings(results: list[GoalResult]) -> list[Any]:
     """One ATLAS-tagged finding per technique of each goal, with a severity from its headline
     metric (backdoor/poisoning attack success rate, membership AUC, extraction fidelity)."""
     from advguard.attacks.registry import ATLAS_TECHNIQUES, ATLAS_VERSION
-    from advguard.evaluate.report import Finding, Severity
+    from advguard.evaluate.findings import Finding, Severity
 
     out = []
     for r in results:

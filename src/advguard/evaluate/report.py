@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from advguard import _safejson
 from advguard.atomic import atomic_write_text
 from advguard.errors import InputError
-from advguard.evaluate.goals import GoalResult, goal_problems, goal_slo_results, goal_specs
 
 # SLOResult and Verdict are defined with the judging code; this module re-exports them
+from advguard.evaluate.findings import Finding as Finding
+from advguard.evaluate.findings import Severity as Severity
+from advguard.evaluate.goals import GoalResult, goal_problems, goal_slo_results, goal_specs
 from advguard.evaluate.verdict import SLOResult as SLOResult
 from advguard.evaluate.verdict import Verdict, judge_slo, slo_holds
 from advguard.stats import Proportion, clopper_pearson
@@ -28,7 +30,6 @@ REPORT_KIND = "advguard.robustness-report"
 
 Status = Literal["pass", "warn", "fail", "skip"]
 Stage = Literal["suite", "escalation", "sanity"]
-Severity = Literal["info", "low", "medium", "high"]
 Holds = Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
 
 
@@ -81,15 +82,6 @@ class SanityCheck(_M):
         default=None, description="what the runner re-ran because of this check"
     )
     status_before_escalation: Status | None = None
-
-
-class Finding(_M):
-    atlas_technique: str
-    atlas_name: str
-    atlas_version: str
-    epsilon: float | None
-    summary: str
-    severity: Severity
 
 
 class Example(_M):

@@ -7,29 +7,16 @@ A gate on 100 samples therefore cannot look as certain as one on 10,000.
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict
 
+from advguard.evaluate.slo_result import SLOResult, slo_holds
 from advguard.evaluate.threat_model import SLO, ThreatModel
 from advguard.stats import Proportion
 
 if TYPE_CHECKING:
     from advguard.evaluate.report import EpsilonResult, Report
-
-
-class SLOResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # as report.py's models
-
-    slo: str
-    metric: str
-    epsilon: float | None
-    value: float | None
-    ci_low: float | None
-    ci_high: float | None
-    holds: Literal["with-confidence", "point-estimate-only", "no", "not-evaluable"]
-    note: str = ""
 
 
 class Verdict(BaseModel):
@@ -40,18 +27,12 @@ class Verdict(BaseModel):
     slos: list[SLOResult]
 
 
-HoldsT = Literal["with-confidence", "point-estimate-only", "no"]
-
-
 class _SLOHead(TypedDict):
     """The fields of :class:`SLOResult` that name the SLO."""
 
     slo: str
     metric: str
     epsilon: float | None
-
-
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
 def _at(results: list[EpsilonResult], eps: float | None) -> EpsilonResult | None:
@@ -115,17 +96,6 @@ def judge_slo(
         )
     holds = slo_holds(slo, value, lo, hi)
     return SLOResult(**base, value=value, ci_low=lo, ci_high=hi, holds=holds, note=note)
-
-
-def slo_holds(slo: SLO, value: float, lo: float, hi: float) -> HoldsT:
-    """Whether ``slo`` holds for a measured ``value`` with 95% interval ``[lo, hi]``."""
-    op = _OPS[slo.op]
-    conservative = lo if slo.op in (">=", ">") else hi
-    if op(conservative, slo.threshold):
-        return "with-confidence"
-    if op(value, slo.threshold):
-        return "point-estimate-only"
-    return "no"
 
 
 def judge(
