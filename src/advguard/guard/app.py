@@ -30,6 +30,7 @@ from advguard.guard.metrics import CONTENT_TYPE_LATEST
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.rollout import add_rollout_routes
 from advguard.guard.storage import KeyRecord
 
 log = logging.getLogger("advguard.guard")
@@ -130,6 +131,7 @@ def create_app(guard: Guard) -> FastAPI:
     add_prediction_routes(app, guard)
     add_health_routes(app, guard)
     add_admin_routes(app, guard)
+    add_rollout_routes(app, guard, key_dependency(guard, "admin"))
     install_openapi(app)
     return app
 

@@ -31,6 +31,7 @@ from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
 from advguard.guard.metrics import GuardMetrics
 from advguard.guard.problems import Problem
 from advguard.guard.ratelimit import Limiter, LimitResult
+from advguard.guard.rollout import Rollout, load_canary
 from advguard.guard.serving import ServedModel, load_served_model
 from advguard.guard.storage import (
     DecisionRecord,
@@ -187,6 +188,8 @@ class Guard:
         pepper: bytes | None = None,
         fernet: Fernet | None = None,
         rng: random.Random | None = None,
+        canary: ServedModel | None = None,
+        canary_detectors: Sequence[DetectorSlot] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -211,6 +214,10 @@ class Guard:
             )
         if cfg.forensics.mode == "encrypted" and fernet is None:
             raise InputError("forensics.mode 'encrypted' needs a Fernet key")
+        #: Canary, shadow, rollback and hot swaps (advguard.guard.rollout).
+        self.rollout = Rollout(
+            self, canary=canary, canary_detectors=canary_detectors, build_detectors=build_detectors
+        )
 
     # -- construction from the config --------------------------------------------------
     @classmethod
@@ -233,6 +240,9 @@ class Guard:
         fernet = None
         if cfg.forensics.mode == "encrypted":
             fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
+        canary, canary_detectors = None, None
+        if cfg.rollout.canary is not None:
+            canary, canary_detectors = load_canary(cfg, model, build_detectors)
         store = store or GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
         return cls(
             cfg,
@@ -243,9 +253,12 @@ class Guard:
             stateful=build_stateful_detectors(cfg, model),
             pepper=pepper,
             fernet=fernet,
+            canary=canary,
+            canary_detectors=canary_detectors,
         )
 
     def close(self) -> None:
+        self.rollout.close()
         self.store.close()
 
     def get_model(self, name: str) -> ServedModel:
@@ -314,11 +327,23 @@ class Guard:
 
     # -- the whole request ------------------------------------------------------------
     def process(self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float) -> Outcome:
+        """Route the request (production or canary, a shadow copy; :mod:`.rollout`), then run
+        :meth:`run_stages` on the chosen model and its detectors."""
+        return self.rollout.process(key, model, x, started)
+
+    def run_stages(
+        self,
+        key: KeyRecord,
+        model: ServedModel,
+        x: np.ndarray,
+        started: float,
+        detectors: Sequence[DetectorSlot] | None = None,
+    ) -> Outcome:
         """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
         rate and budget were already taken. Raises :class:`Problem` for reject/block."""
         decision_id = uuid.uuid4().hex
         xs = self.sanitize(x, model)
-        det = self.detect(xs)
+        det = self.detect(xs, detectors)
         self.observe_stateful(key, xs, det)
         action = det.action()
         sampled = self.rng.random() < self.cfg.forensics.sample_rate
@@ -343,10 +368,11 @@ class Guard:
             key.output or OutputPolicy(**self.cfg.output.model_dump()),
         )
 
-    def detect(self, xs: np.ndarray) -> Detection:
-        """Score the sanitized batch with every input detector and map scores to row actions."""
+    def detect(self, xs: np.ndarray, detectors: Sequence[DetectorSlot] | None = None) -> Detection:
+        """Score the sanitized batch with every input detector (``detectors``, default the
+        production model's) and map scores to row actions."""
         det = Detection(row_actions=["allow"] * len(xs))
-        for slot in self.detectors:
+        for slot in self.detectors if detectors is None else detectors:
             s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")
