@@ -266,6 +266,18 @@ class Guard:
             raise Problem("model-not-found", f"this guard serves the model {self.model.name!r}")
         return self.model
 
+    def swap_model(self, name: str, new: ServedModel, target: str = "production") -> None:
+        """Hot swap: serve ``new`` as model ``name``'s production (or canary) version; requests
+        in flight finish on the old one (:meth:`advguard.guard.rollout.Rollout.swap_model`)."""
+        self.get_model(name)
+        self.rollout.swap_model(new, target="canary" if target == "canary" else "production")
+
+    def reload_model(self, name: str, target: str = "production") -> None:
+        """Re-read model ``name`` from its configured source (registry stage or file) and swap
+        it in (what ``POST /v1/admin/models/{name}/reload`` does)."""
+        self.get_model(name)
+        self.rollout.reload_model("canary" if target == "canary" else "production")
+
     # -- steps ----------------------------------------------------------------------------
     def authenticate(
         self, authorization: str | None, x_api_key: str | None, scope: str

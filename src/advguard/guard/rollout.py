@@ -145,9 +145,9 @@ class RolloutEvents:
         self.store = store
         name = f"{prefix}rollout_events"
         md = store.metadata
-        self.table = md.tables.get(name)
-        if self.table is None:
-            self.table = Table(
+        table = md.tables.get(name)
+        if table is None:
+            table = Table(
                 name,
                 md,
                 Column("id", Integer, primary_key=True, autoincrement=True),
@@ -159,6 +159,7 @@ class RolloutEvents:
                 Column("canary_version", String(200), nullable=True),
                 Column("detail", JSON, nullable=False),
             )
+        self.table: Table = table
         self.table.create(store.engine, checkfirst=True)
 
     def add(self, **values: Any) -> None:
@@ -543,7 +544,7 @@ class Rollout:
         with self._lock:
             n, fr, er = self.windows["canary"].rates(t)
             pn, pfr, per = self.windows["production"].rates(t)
-            st = dict(self.shadow_stats)
+            st: dict[str, Any] = dict(self.shadow_stats)
             out: dict[str, Any] = {
                 "model": ms.production.model.name,
                 "generation": ms.generation,
@@ -652,7 +653,7 @@ def add_rollout_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., KeyR
     )
     def reload(
         name: str,
-        body: ReloadRequest | None = Body(default=None),  # noqa: B008
+        body: ReloadRequest | None = Body(default=None),
         key: KeyRecord = Depends(admin_key),
     ) -> dict[str, Any]:
         guard.get_model(name)
