@@ -249,6 +249,10 @@ def out_file_quickstart(tmp: Path) -> list[str]:
     return ["quickstart", "--out", str(_a_file(tmp))]
 
 
+def guard_rollout_bad_url(tmp: Path) -> list[str]:
+    return ["guard", "rollout", "status", "digits", "--url", "ftp://127.0.0.1:1"]
+
+
 CASES: dict[str, Builder] = {
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
@@ -274,6 +278,7 @@ CASES: dict[str, Builder] = {
     "redteam --out is a file": out_file_redteam,
     "train --out is a file": out_file_train,
     "quickstart --out is a file": out_file_quickstart,
+    "guard rollout: --url not http(s)": guard_rollout_bad_url,
 }
 
 

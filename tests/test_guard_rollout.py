@@ -472,3 +472,37 @@ def test_hot_reload_under_load_drops_nothing(tmp_path):
     for _, v, p in answers:  # every answer comes from the version it names
         np.testing.assert_allclose(p, expect[v], atol=1e-5)
     assert all(r.json()["model_version"] == "digits:2" for r in after)
+
+
+def test_cli_rollout_commands_over_the_admin_api(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from advguard.cli import app as cli_app
+
+    g, _, admin, _user = _admin_setup(tmp_path)
+    env = {"OPS_KEY": admin["Authorization"].split()[1]}
+    runner = CliRunner()
+    with ServerThread(create_app(g)) as srv:
+        base = ["guard", "rollout"]
+        opts = ["--url", srv.url, "--key-env", "OPS_KEY", "--json"]
+
+        def cli(*args: str) -> Any:
+            return runner.invoke(cli_app, [*base, *args, *opts], env=env)
+
+        r = cli("set", "digits", "--weight", "0.3", "--mode", "shadow")
+        assert r.exit_code == 0, r.output
+        st = json.loads(r.stdout)
+        assert st["weight"] == 0.3 and st["mode"] == "shadow"
+        assert json.loads(cli("status", "digits").stdout)["canary"]["version"] == "digits:2"
+        r = cli("rollback", "digits")
+        assert json.loads(r.stdout)["rolled_back"] == "manual" and g.rollout.weight == 0.0
+        # refusals are one line and exit 2: a weight out of range, no source to reload from
+        for args in (("set", "digits", "--weight", "2"), ("reload", "digits")):
+            r = cli(*args)
+            assert r.exit_code == 2 and r.stderr.startswith("error: the guard answered")
+            assert len(r.stderr.strip().splitlines()) == 1
+        r = runner.invoke(cli_app, [*base, "status", "digits", *opts], env={"OPS_KEY": "wrong"})
+        assert r.exit_code == 2 and "401" in r.stderr
+    g.close()

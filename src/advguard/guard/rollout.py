@@ -674,3 +674,39 @@ def add_rollout_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., KeyR
             "digest": now_v.model.digest,
             "generation": new.generation,
         }
+
+
+# -- a client of the admin API (the CLI's ``advguard guard rollout``) ------------------------
+def admin_request(
+    base_url: str,
+    key: str,
+    method: Literal["GET", "POST"],
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Call a guard admin endpoint; a refusal (problem document), a network failure or an
+    answer that is not a JSON object raises :class:`InputError` with one line."""
+    import httpx
+
+    if not base_url.startswith(("http://", "https://")):
+        raise InputError(f"--url must start with http:// or https://, got {base_url!r}")
+    url = base_url.rstrip("/") + path
+    try:
+        r = httpx.request(
+            method, url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+        )
+    except httpx.HTTPError as e:
+        raise InputError(f"cannot reach the guard at {base_url}: {type(e).__name__}") from None
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if r.status_code != 200:
+        detail = data.get("detail") if isinstance(data, dict) else None
+        why = str(detail or r.reason_phrase)[:300]
+        raise InputError(f"the guard answered {r.status_code}: {why}")
+    if not isinstance(data, dict):
+        raise InputError("the guard's answer is not a JSON object")
+    return data
