@@ -506,3 +506,35 @@ def test_cli_rollout_commands_over_the_admin_api(tmp_path):
         r = runner.invoke(cli_app, [*base, "status", "digits", *opts], env={"OPS_KEY": "wrong"})
         assert r.exit_code == 2 and "401" in r.stderr
     g.close()
+
+
+def test_registry_poll_swaps_in_a_promoted_version(tmp_path):
+    from advguard.registry.store import Registry
+
+    root = tmp_path / "reg"
+    with Registry(root) as reg:
+        for i in (1, 2):
+            reg.push("digits", _model_file(tmp_path / f"m{i}.safetensors", seed=i))
+        reg.promote("digits", 1, force=True, reason="test")
+    text = f"model:\n  name: digits\n  registry:\n    model_name: digits\n    root: {root}\n"
+    g = Guard.from_config(parse_config(text, "g.yaml", tmp_path))
+    assert g.rollout.poll_once() == []  # the stage still holds the served version
+    with Registry(root) as reg:
+        reg.promote("digits", 2, force=True, reason="test")
+    assert g.rollout.poll_once() == ["production"] and g.model.version == "digits:2"
+    assert g.rollout.poll_once() == []
+    g.close()
+    # the background poller does the same on its own
+    g = Guard.from_config(
+        parse_config(text + "rollout:\n  poll_interval_s: 0.05\n", "g.yaml", tmp_path)
+    )
+    assert g.model.version == "digits:2"
+    with Registry(root) as reg:
+        reg.promote("digits", 1, force=True, reason="test")
+    for _ in range(1000):  # bounded: at most 10 s of waiting
+        if g.model.version == "digits:1":
+            break
+        time.sleep(0.01)
+    assert g.model.version == "digits:1"
+    assert [e.reason for e in g.rollout.events.list("digits")][:1] == ["production"]
+    g.close()

@@ -191,6 +191,9 @@ class RolloutConfig(_Strict):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     #: Shadow requests waiting to run at most; more are dropped (and counted).
     shadow_queue: int = Field(default=64, ge=1, le=100_000)
+    #: Seconds between checks of the registry stages the production model and the canary come
+    #: from; a new version there is hot-swapped in (None: only on ``POST .../reload``).
+    poll_interval_s: float | None = Field(default=None, ge=0.01, le=86400)
 
 
 class GuardConfig(_Strict):

@@ -238,6 +238,13 @@ class Rollout:
         self.events = RolloutEvents(guard.store, guard.cfg.storage.table_prefix)
         if canary is not None:
             self._install_canary(canary, canary_detectors)
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        if cfg.poll_interval_s is not None:
+            self._poller = threading.Thread(
+                target=self._poll_loop, name="advguard-registry-poll", daemon=True
+            )
+            self._poller.start()
 
     def _register_metrics(self) -> None:
         reg = self.guard.metrics.registry
@@ -402,6 +409,10 @@ class Rollout:
         wait_futures(pending, timeout=timeout)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=30)
+            self._poller = None
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -537,6 +548,43 @@ class Rollout:
             dcfg = gcfg.model_copy(update={"detectors": self.cfg.detectors})
         dets = self.build_detectors(dcfg, new) if dcfg.detectors else None
         return self.swap_model(new, target=target, detectors=dets)
+
+    def _registry_ref(self, spec: Any) -> str | None:
+        """The version now in the registry stage ``spec`` serves from (None: not a registry
+        source)."""
+        if spec is None or spec.registry is None:
+            return None
+        from advguard.registry.store import Registry
+
+        src = spec.registry
+        with Registry(self.guard.cfg.resolve(src.root), db_url=src.db_url) as reg:
+            return str(reg.get(f"{src.model_name}@{src.stage}").ref)
+
+    def poll_once(self) -> list[str]:
+        """Reload each registry-sourced model whose stage now holds another version; returns
+        the targets reloaded."""
+        done: list[str] = []
+        ms = self._set
+        targets: list[tuple[Literal["production", "canary"], Any, Variant | None]] = [
+            ("production", self.guard.cfg.model, ms.production),
+            ("canary", self.cfg.canary, ms.canary),
+        ]
+        for target, spec, served in targets:
+            ref = self._registry_ref(spec)
+            if ref is not None and (served is None or served.model.version != ref):
+                self.reload_model(target)
+                done.append(target)
+        return done
+
+    def _poll_loop(self) -> None:
+        interval = self.cfg.poll_interval_s
+        assert interval is not None
+        while not self._stop.wait(interval):
+            try:
+                for target in self.poll_once():
+                    log.info("registry poll: %s reloaded", target)
+            except Exception as exc:  # keep serving what is loaded; try again next time
+                log.warning("registry poll failed (%s)", type(exc).__name__)
 
     def status(self) -> dict[str, Any]:
         ms = self._set
