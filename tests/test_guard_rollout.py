@@ -541,3 +541,41 @@ def test_registry_poll_swaps_in_a_promoted_version(tmp_path):
     assert g.model.version == "digits:1"
     assert [e.reason for e in g.rollout.events.list("digits")][:1] == ["production"]
     g.close()
+
+
+def test_canary_from_the_config_file_and_its_reload(tmp_path):
+    from advguard.models.io import file_sha256, load_model
+
+    prod = _model_file(tmp_path / "prod.safetensors", seed=1)
+    can = _model_file(tmp_path / "canary.safetensors", seed=2)
+    text = (
+        "model: {name: digits, path: prod.safetensors}\n"
+        "rollout:\n  canary: {path: canary.safetensors}\n  weight: 1.0\n"
+    )
+    g = Guard.from_config(parse_config(text, "g.yaml", tmp_path))
+    key = create_key(g.store, "a").record
+    x = xs(3)
+    out = run(g, key, x)[1]
+    assert out.model.name == "digits"  # reported under the production model's name
+    assert out.model.version == f"sha256:{file_sha256(can)[:12]}"
+    np.testing.assert_allclose(out.probabilities, load_model(can).predict_proba(x), atol=1e-6)
+    assert g.model.version == f"sha256:{file_sha256(prod)[:12]}"
+    # a new canary file, reloaded: the next request gets it
+    _model_file(can, seed=3)
+    g.reload_model("digits", "canary")
+    out = run(g, key, x)[1]
+    assert out.model.version == f"sha256:{file_sha256(can)[:12]}"
+    np.testing.assert_allclose(out.probabilities, load_model(can).predict_proba(x), atol=1e-6)
+    with pytest.raises(Problem, match="serves the model"):
+        g.reload_model("other")
+    g.close()
+    # a canary with another input spec is refused at start-up
+    torch.manual_seed(0)
+    from advguard.models.io import save_torch
+    from advguard.models.zoo import mlp
+
+    kw = {"input_shape": [1, 4, 4], "num_classes": 10, "hidden": [8]}
+    save_torch(mlp(**kw), can, factory="advguard.models.zoo:mlp", factory_kwargs=kw,
+               input_shape=(1, 4, 4), num_classes=10, bounds=(0.0, 1.0))  # fmt: skip
+    with pytest.raises(InputError, match="restart"):
+        Guard.from_config(parse_config(text, "g.yaml", tmp_path)).close()

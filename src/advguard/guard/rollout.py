@@ -330,8 +330,9 @@ class Rollout:
             out = self.guard.run_stages(key, v.model, x, started, detectors=v.detectors)
         except Problem as p:
             self.observe(route.role, p.slug in FLAG_SLUGS, p.status >= 500)
-            if route.shadow:
-                self._submit_shadow(route, x, "reject", None)
+            if route.shadow and p.slug in FLAG_SLUGS:
+                action = "block" if p.slug == "client-blocked" else "reject"
+                self._submit_shadow(route, x, action, None)
             raise
         except Exception:
             self.observe(route.role, False, True)
