@@ -415,6 +415,7 @@ def test_hot_reload_under_load_drops_nothing(tmp_path):
     text = (
         f"model:\n  name: digits\n  registry:\n    model_name: digits\n    root: {root}\n"
         "limits: {rate: 1000000, burst: 1000000, budget: null}\n"
+        "forensics: {record_all_decisions: false}\n"
     )
     g = Guard.from_config(parse_config(text, "g.yaml", tmp_path))
     admin = {"Authorization": f"Bearer {create_key(g.store, 'ops', ['admin']).key}"}
@@ -448,14 +449,14 @@ def test_hot_reload_under_load_drops_nothing(tmp_path):
         for t in threads:
             t.start()
         versions = []
-        for i, v in enumerate((2, 1, 2, 1, 2)):
-            wait_answers(40 * (i + 1))  # traffic on every version in between
+        for i, v in enumerate((2, 1, 2, 1)):
+            wait_answers(30 * (i + 1))  # traffic on every version in between
             with Registry(root) as reg:
                 reg.promote("digits", v, force=True, reason="test")
             r = h.post("/v1/admin/models/digits/reload", headers=admin)
             assert r.status_code == 200, r.text
             versions.append((r.json()["previous_version"], r.json()["version"]))
-        wait_answers(len(answers) + 40)
+        wait_answers(len(answers) + 30)
         stop.set()
         for t in threads:
             t.join(30)
@@ -466,15 +467,15 @@ def test_hot_reload_under_load_drops_nothing(tmp_path):
         ("digits:2", "digits:1"),
         ("digits:1", "digits:2"),
         ("digits:2", "digits:1"),
-        ("digits:1", "digits:2"),
     ]
-    assert len(answers) >= 240
+    assert len(answers) >= 150
     assert all(s == 200 for s, _, _ in answers), {s for s, _, _ in answers}
     seen = {v for _, v, _ in answers}
     assert seen == {"digits:1", "digits:2"}
     for _, v, p in answers:  # every answer comes from the version it names
         np.testing.assert_allclose(p, expect[v], atol=1e-5)
-    assert all(r.json()["model_version"] == "digits:2" for r in after)
+    assert all(r.json()["model_version"] == "digits:1" for r in after)
+    np.testing.assert_allclose(after[-1].json()["probabilities"], expect["digits:1"], atol=1e-5)
 
 
 def test_cli_rollout_commands_over_the_admin_api(tmp_path):
