@@ -272,10 +272,15 @@ def goal_data_missing(tmp: Path) -> list[str]:
     m, d = _model(tmp), _data(tmp)
     return ["evaluate", "-m", str(m), "-d", str(d), "-t", str(tm), "--out", str(tmp / "o")]
 
+
 def guard_profile_too_few_rows(tmp: Path) -> list[str]:
     # 40 reference rows cannot fill 10 quantile bins per feature
     return ["guard", "profile", "-m", str(_model(tmp)), "-d", str(_data(tmp)), "--out",
             str(tmp / "p.json")]  # fmt: skip
+
+
+def guard_rollout_bad_url(tmp: Path) -> list[str]:
+    return ["guard", "rollout", "status", "digits", "--url", "ftp://127.0.0.1:1"]
 
 
 CASES: dict[str, Builder] = {
@@ -308,6 +313,7 @@ CASES: dict[str, Builder] = {
     "dashboards export --prometheus-url file://": dashboards_bad_url,
     "dashboards export --out is a file": dashboards_out_is_file,
     "guard profile: too few reference rows": guard_profile_too_few_rows,
+    "guard rollout: --url not http(s)": guard_rollout_bad_url,
 }
 
 

@@ -33,18 +33,6 @@ PROMTOOL = shutil.which("promtool")
 
 #: Contract names other helpers' work adds to the guard; empty this once they are merged.
 PENDING_GUARD_METRICS = {
-    "advguard_guard_detector_flags_total",
-    "advguard_guard_detector_score",
-    "advguard_guard_top1_confidence",
-    "advguard_guard_stage_latency_seconds",
-    "advguard_guard_client_queries_total",
-    "advguard_guard_stateful_alerts_total",
-    "advguard_guard_forensic_write_failures_total",
-    "advguard_guard_drift_input_psi",
-    "advguard_guard_drift_prediction_psi",
-    "advguard_guard_drift_confidence_zscore",
-    "advguard_guard_routed_requests_total",
-    "advguard_guard_rollbacks_total",
     "advguard_guard_incidents_open",
 }
 

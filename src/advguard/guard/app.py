@@ -30,6 +30,7 @@ from advguard.guard.edge import (
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.rollout import add_rollout_routes
 from advguard.guard.serving import ServedModel
 from advguard.guard.storage import KeyRecord
 from advguard.guard.telemetry import RequestObs
@@ -135,6 +136,7 @@ def create_app(guard: Guard) -> FastAPI:
     add_health_routes(app, guard)
     add_admin_routes(app, guard)
     add_dashboard_routes(app, guard)
+    add_rollout_routes(app, guard, key_dependency(guard, "admin"))
     install_openapi(app)
     return app
 

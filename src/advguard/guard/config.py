@@ -193,6 +193,44 @@ class TelemetryConfig(_Strict):
     top_clients: int = Field(default=20, ge=1, le=1000)
 
 
+class RollbackConfig(_Strict):
+    """When the canary is rolled back (its weight set to 0): over the last ``window_requests``
+    canary requests (and, with ``window_s``, only those of the last ``window_s`` seconds),
+    once at least ``min_requests`` were seen, a flag rate above ``max_flag_rate``, a flag rate
+    above ``max_flag_ratio`` x production's over its own window, or an error rate above
+    ``max_error_rate`` breaches the canary's SLO."""
+
+    enabled: bool = True
+    window_requests: int = Field(default=200, ge=1, le=1_000_000)
+    window_s: float | None = Field(default=None, gt=0, le=7 * 86400)
+    min_requests: int = Field(default=20, ge=1, le=1_000_000)
+    max_flag_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_flag_ratio: float | None = Field(default=None, gt=0.0, le=1000.0)
+    max_error_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class RolloutConfig(_Strict):
+    """A canary next to the production model (``model:``): ``weight`` of the traffic goes to it
+    (``mode: canary``: it answers) or is mirrored to it (``mode: shadow``: production answers,
+    the canary's answer is only compared)."""
+
+    canary: ModelSpec | None = None
+    weight: float = Field(default=0.0, ge=0.0, le=1.0)
+    mode: Literal["canary", "shadow"] = "canary"
+    #: Route by a hash of the API key id (a client always sees the same version).
+    sticky: bool = False
+    #: Seed of the per-request draw (None: fresh randomness).
+    seed: int | None = None
+    #: The canary's own detectors; None: the ``detectors:`` loaded for the canary model.
+    detectors: list[DetectorConfig] | None = None
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    #: Shadow requests waiting to run at most; more are dropped (and counted).
+    shadow_queue: int = Field(default=64, ge=1, le=100_000)
+    #: Seconds between checks of the registry stages the production model and the canary come
+    #: from; a new version there is hot-swapped in (None: only on ``POST .../reload``).
+    poll_interval_s: float | None = Field(default=None, ge=0.01, le=86400)
+
+
 class GuardConfig(_Strict):
     version: Literal[1] = 1
     model: ModelSpec | None = None
@@ -209,6 +247,7 @@ class GuardConfig(_Strict):
     forensics: ForensicsConfig = Field(default_factory=ForensicsConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     #: Folder relative paths are read from (the config file's folder); not a YAML key.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -34,6 +34,7 @@ from advguard.guard.metrics import GuardMetrics
 from advguard.guard.modalities import tabular_batch, text_batch
 from advguard.guard.problems import Problem
 from advguard.guard.ratelimit import Limiter, LimitResult
+from advguard.guard.rollout import Rollout, load_canary
 from advguard.guard.serving import ServedModel, load_served_model
 from advguard.guard.storage import (
     DecisionRecord,
@@ -196,6 +197,8 @@ class Guard:
         rng: random.Random | None = None,
         drift: DriftMonitor | None = None,
         tracer_provider: TracerProvider | None = None,
+        canary: ServedModel | None = None,
+        canary_detectors: Sequence[DetectorSlot] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -229,6 +232,10 @@ class Guard:
             )
         if cfg.forensics.mode == "encrypted" and fernet is None:
             raise InputError("forensics.mode 'encrypted' needs a Fernet key")
+        #: Canary, shadow, rollback and hot swaps (advguard.guard.rollout).
+        self.rollout = Rollout(
+            self, canary=canary, canary_detectors=canary_detectors, build_detectors=build_detectors
+        )
 
     # -- construction from the config --------------------------------------------------
     @classmethod
@@ -257,6 +264,9 @@ class Guard:
             profile = load_profile(cfg.resolve(cfg.drift.profile))
             drift = DriftMonitor(profile, cfg.drift.window, cfg.drift.min_rows)
         provider = build_provider() if tracing_requested(cfg.telemetry.tracing) else None
+        canary, canary_detectors = None, None
+        if cfg.rollout.canary is not None:
+            canary, canary_detectors = load_canary(cfg, model, build_detectors)
         store = store or GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
         return cls(
             cfg,
@@ -269,9 +279,12 @@ class Guard:
             fernet=fernet,
             drift=drift,
             tracer_provider=provider,
+            canary=canary,
+            canary_detectors=canary_detectors,
         )
 
     def close(self) -> None:
+        self.rollout.close()
         self.store.close()
         self.telemetry.shutdown()
 
@@ -279,6 +292,18 @@ class Guard:
         if name != self.model.name:
             raise Problem("model-not-found", f"this guard serves the model {self.model.name!r}")
         return self.model
+
+    def swap_model(self, name: str, new: ServedModel, target: str = "production") -> None:
+        """Hot swap: serve ``new`` as model ``name``'s production (or canary) version; requests
+        in flight finish on the old one (:meth:`advguard.guard.rollout.Rollout.swap_model`)."""
+        self.get_model(name)
+        self.rollout.swap_model(new, target="canary" if target == "canary" else "production")
+
+    def reload_model(self, name: str, target: str = "production") -> None:
+        """Re-read model ``name`` from its configured source (registry stage or file) and swap
+        it in (what ``POST /v1/admin/models/{name}/reload`` does)."""
+        self.get_model(name)
+        self.rollout.reload_model("canary" if target == "canary" else "production")
 
     # -- steps ----------------------------------------------------------------------------
     def authenticate(
@@ -376,13 +401,26 @@ class Guard:
         started: float,
         obs: RequestObs | None = None,
     ) -> Outcome:
+        """Route the request (production or canary, a shadow copy; :mod:`.rollout`), then run
+        :meth:`run_stages` on the chosen model and its detectors."""
+        return self.rollout.process(key, model, x, started, obs)
+
+    def run_stages(
+        self,
+        key: KeyRecord,
+        model: ServedModel,
+        x: np.ndarray,
+        started: float,
+        obs: RequestObs | None = None,
+        detectors: Sequence[DetectorSlot] | None = None,
+    ) -> Outcome:
         """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
         rate and budget were already taken. Raises :class:`Problem` for reject/block. Each
         stage is timed (and traced) through ``obs`` (default: a fresh one, finished here)."""
         own = obs is None
         run = self.telemetry.request(model.name) if obs is None else obs
         try:
-            return self._process(key, model, x, started, run)
+            return self._process(key, model, x, started, run, detectors)
         except Problem as p:
             if p.slug == "dependency-unavailable":  # the decision store failed: an error
                 self.metrics.decisions.labels(model.name, model.version, "error").inc()
@@ -395,13 +433,19 @@ class Guard:
                 run.finish()
 
     def _process(
-        self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float, obs: RequestObs
+        self,
+        key: KeyRecord,
+        model: ServedModel,
+        x: np.ndarray,
+        started: float,
+        obs: RequestObs,
+        detectors: Sequence[DetectorSlot] | None,
     ) -> Outcome:
         decision_id = uuid.uuid4().hex
         with obs.stage("sanitize"):
             xs = self.sanitize(x, model)
         with obs.stage("detect"):
-            det = self.detect(xs)
+            det = self.detect(xs, detectors)
         with obs.stage("stateful"):
             self.observe_stateful(key, xs, det)
         action = det.action()
@@ -434,10 +478,11 @@ class Guard:
             key.output or OutputPolicy(**self.cfg.output.model_dump()),
         )
 
-    def detect(self, xs: np.ndarray) -> Detection:
-        """Score the sanitized batch with every input detector and map scores to row actions."""
+    def detect(self, xs: np.ndarray, detectors: Sequence[DetectorSlot] | None = None) -> Detection:
+        """Score the sanitized batch with every input detector (``detectors``, default the
+        production model's) and map scores to row actions."""
         det = Detection(row_actions=["allow"] * len(xs))
-        for slot in self.detectors:
+        for slot in self.detectors if detectors is None else detectors:
             s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")

@@ -24,6 +24,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "review-not-found": (404, "No pending review with this decision id"),
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "Request body not received in time"),
+    "reload-failed": (409, "Model reload failed; the served model is unchanged"),
+    "rollout-conflict": (409, "Rollout change not possible"),
     "body-too-large": (413, "Request body too large"),
     "unsupported-media-type": (415, "Unsupported content type"),
     "invalid-input": (422, "Input does not match the model's input specification"),

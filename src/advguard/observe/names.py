@@ -55,6 +55,7 @@ GUARD_METRICS: dict[str, MetricType] = {
     "advguard_guard_routed_requests_total": "counter",
     # {model, reason}
     "advguard_guard_rollbacks_total": "counter",
+    "advguard_guard_shadow_rows_total": "counter",
     # no labels: open incidents in the guard database
     "advguard_guard_incidents_open": "gauge",
 }
