@@ -26,6 +26,7 @@ from advguard.guard.edge import (
     parse_v2_infer,
     read_capped,
 )
+from advguard.guard.incident_api import add_incident_routes
 from advguard.guard.metrics import CONTENT_TYPE_LATEST
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
@@ -130,6 +131,7 @@ def create_app(guard: Guard) -> FastAPI:
     add_prediction_routes(app, guard)
     add_health_routes(app, guard)
     add_admin_routes(app, guard)
+    add_incident_routes(app, guard, key_dependency(guard, "admin"))
     install_openapi(app)
     return app
 

@@ -21,6 +21,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not-found": (404, "Not found"),
     "model-not-found": (404, "No such model"),
     "decision-not-found": (404, "No such decision"),
+    "incident-not-found": (404, "No such incident"),
+    "incident-closed": (409, "Incident is closed"),
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "Request body not received in time"),
     "body-too-large": (413, "Request body too large"),
