@@ -1,7 +1,8 @@
 """Incident response: an incident record (what, when, who) with an append-only action log in
 the guard's database, and the actions an operator takes during an incident. Every action is a
 library function here, used by both ``advguard incident ...`` and the admin API
-(:func:`advguard.guard.incident_api.add_incident_routes`), and appends one entry to the incident's log.
+(:func:`advguard.guard.incident_api.add_incident_routes`), and appends one entry to the
+incident's log.
 
 Actions: ``block-client`` (403 from then on), ``throttle-client`` (a reduced request rate the
 limiter applies to that client), ``isolate`` (every request to a model answered by the fallback
@@ -286,9 +287,10 @@ def block_client(
     _open(store, incident_id)
     check_who(who)
     rec = store.add_block(
-        check_client_id(client_id), f"incident {incident_id}: {_text(reason, 'reason', 400)}",
+        check_client_id(client_id),
+        f"incident {incident_id}: {_text(reason, 'reason', 400)}",
         _ttl(ttl_s),
-    )  # fmt: skip
+    )
     return append_action(store, incident_id, who, "block-client", client_id, rec.public())
 
 
@@ -370,9 +372,11 @@ def isolate_model(
     if mode == "fallback" and has_fallback is False:
         raise InputError("this guard has no fallback model; isolate with --mode reject")
     rec = Isolation(
-        model=name, mode=mode, reason=f"incident {incident_id}: {_text(reason, 'reason', 400)}",  # type: ignore[arg-type]
+        model=name,
+        mode=mode,  # type: ignore[arg-type]
+        reason=f"incident {incident_id}: {_text(reason, 'reason', 400)}",
         created_at=now(),
-    )  # fmt: skip
+    )
     with store.engine.begin() as conn:
         conn.execute(delete(t).where(t.c.model == name))
         conn.execute(t.insert().values(**rec.model_dump()))
@@ -416,8 +420,14 @@ def preserve(
         "held_until": held_until.isoformat() if held_until else None,
     }
     if out is not None:
-        manifest = export_folder(recs, Path(out), fernet=fernet, incident_id=incident_id,
-                                 window=(since, until), client_id=client_id)  # fmt: skip
+        manifest = export_folder(
+            recs,
+            Path(out),
+            fernet=fernet,
+            incident_id=incident_id,
+            window=(since, until),
+            client_id=client_id,
+        )
         details["export"] = {
             "out": str(out),
             "records": manifest["records"],

@@ -7,7 +7,7 @@ The caller's key id is recorded as ``who``. The rollback's API half is the guard
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,7 +78,10 @@ def _problem(e: InputError) -> Problem:
     return Problem("invalid-input", str(e))
 
 
-def _call(fn: Callable[[], Any]) -> Any:
+T = TypeVar("T")
+
+
+def _call(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except InputError as e:
@@ -113,7 +116,7 @@ def add_incident_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., Key
     @app.get(base + "/{incident_id}", tags=["incidents"], responses=openapi_responses(*ERRORS))
     def incident_status(incident_id: str, key: KeyRecord = admin) -> dict[str, Any]:
         """The incident and its action log."""
-        return _call(lambda: inc.incident_status(store, incident_id))  # type: ignore[no-any-return]
+        return _call(lambda: inc.incident_status(store, incident_id))
 
     closed = openapi_responses(*ERRORS, "incident-closed")
 
@@ -155,10 +158,14 @@ def add_action_routes(
         """Block a client (403 from its next request on)."""
         return _call(
             lambda: inc.block_client(
-                store, incident_id, who=key.key_id, client_id=body.client_id,
-                reason=body.reason, ttl_s=body.ttl_s,
+                store,
+                incident_id,
+                who=key.key_id,
+                client_id=body.client_id,
+                reason=body.reason,
+                ttl_s=body.ttl_s,
             ).public()
-        )  # fmt: skip
+        )
 
     @app.post(base + "/throttle-client", tags=["incidents"], responses=responses)
     def throttle(incident_id: str, body: ThrottleBody, key: KeyRecord = admin) -> dict[str, Any]:
@@ -174,10 +181,15 @@ def add_action_routes(
         """Route all of a model's traffic to the fallback, or reject it (``off`` lifts it)."""
         return _call(
             lambda: inc.isolate_model(
-                store, incident_id, who=key.key_id, model=body.model, mode=body.mode,
-                reason=body.reason, has_fallback=guard.fallback is not None,
+                store,
+                incident_id,
+                who=key.key_id,
+                model=body.model,
+                mode=body.mode,
+                reason=body.reason,
+                has_fallback=guard.fallback is not None,
             ).public()
-        )  # fmt: skip
+        )
 
     @app.post(base + "/preserve", tags=["incidents"], responses=responses)
     def preserve(incident_id: str, body: PreserveBody, key: KeyRecord = admin) -> dict[str, Any]:
@@ -188,9 +200,14 @@ def add_action_routes(
             since = parse_since(body.since)
             assert since is not None
             return inc.preserve(
-                store, incident_id, who=key.key_id, since=since,
-                until=parse_since(body.until), client_id=body.client_id, model=body.model,
+                store,
+                incident_id,
+                who=key.key_id,
+                since=since,
+                until=parse_since(body.until),
+                client_id=body.client_id,
+                model=body.model,
                 hold_days=body.hold_days,
-            ).public()  # fmt: skip
+            ).public()
 
-        return _call(run)  # type: ignore[no-any-return]
+        return _call(run)

@@ -69,10 +69,14 @@ def hold_records(
     """Hold ``ids`` for ``incident_id`` (a longer hold of another incident is kept)."""
     h = store.controls.holds
     with store.engine.begin() as conn:
-        existing = {
-            r.decision_id: r.held_until
-            for r in conn.execute(select(h).where(h.c.decision_id.in_(list(ids)))).all()
-        } if ids else {}  # fmt: skip
+        existing = (
+            {
+                r.decision_id: r.held_until
+                for r in conn.execute(select(h).where(h.c.decision_id.in_(list(ids)))).all()
+            }
+            if ids
+            else {}
+        )
         for i in ids:
             if i not in existing:
                 conn.execute(
@@ -211,7 +215,7 @@ def load_folder(folder: Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
     )
     if not isinstance(records, list):
         raise InputError(f"{folder}/records.json must hold a list")
-    arrays = []
+    arrays: list[np.ndarray] = []
     for r in records:
         name = r.get("input_file") if isinstance(r, dict) else None
         if name is None:

@@ -27,8 +27,8 @@ reference sample of benign data:
   the model's predicted classes.
 
 The verdict is a heuristic with its reasons: ``attack`` when at least two attack signals hold
-(detector flags, brittleness, uneven damage, transfer), ``drift`` when the features shifted and no attack
-signal holds, ``inconclusive`` otherwise.
+(detector flags, brittleness, uneven damage, transfer), ``drift`` when the features shifted
+and no attack signal holds, ``inconclusive`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,8 +154,9 @@ def drift_statistics(
     }
 
 
-def _replay(name: str, clf: Any, x: np.ndarray, proxy: np.ndarray, ref_b: np.ndarray,
-            proxy_b: np.ndarray) -> Replayed:  # fmt: skip
+def _replay(
+    name: str, clf: Any, x: np.ndarray, proxy: np.ndarray, ref_b: np.ndarray, proxy_b: np.ndarray
+) -> Replayed:
     labels = np.asarray(clf.predict(x)).astype(np.int64)
     base = np.asarray(clf.predict(ref_b)).astype(np.int64)
     return Replayed(name, labels, float(np.mean(labels != proxy)), float(np.mean(base != proxy_b)))
@@ -251,6 +253,7 @@ def triage(
     ``score`` (and ``threshold``)."""
     from sklearn.neighbors import KNeighborsClassifier
 
+    check_surrogate(surrogate)
     x = np.asarray(inputs, dtype=np.float32)
     ref = np.asarray(reference, dtype=np.float32)
     if len(x) < 2 or len(ref) < 20:
@@ -347,7 +350,7 @@ def _example_cell(x: np.ndarray) -> str:
     """An image input as an embedded PNG; anything else as (escaped) numbers."""
     from advguard.attacks.report_html import img_tag, new_figure
 
-    if x.ndim == 3 and x.shape[0] in (1, 3) or x.ndim == 2:
+    if (x.ndim == 3 and x.shape[0] in (1, 3)) or x.ndim == 2:
         img = x if x.ndim == 2 else (x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1))
         fig = new_figure(1.2, 1.2)
         ax = fig.add_subplot(1, 1, 1)
@@ -375,7 +378,7 @@ def render_html(res: TriageResult, title: str = "Incident triage") -> str:
                 [k, f"{v['error_rate']:.1%}", f"{v['baseline_error_rate']:.1%}"]
                 for k, v in res.models.items()
             ],
-        ),  # fmt: skip
+        ),
         f"<p>Transfer surrogate to model: {e(str(res.transfer['rate']))} "
         f"({res.transfer['n']} inputs fool the surrogate); error-rate spread "
         f"{res.spread['inputs']:.1%} (reference {res.spread['reference']:.1%}); brittleness "
@@ -394,7 +397,7 @@ def render_html(res: TriageResult, title: str = "Incident triage") -> str:
                 ]
                 for k, d in res.detectors.items()
             ],
-        ),  # fmt: skip
+        ),
         "<h2>Drift</h2>",
         table(
             ["statistic", "value"], [[k, v] for k, v in res.drift.items() if k != "top_features"]
@@ -419,3 +422,30 @@ def render_html(res: TriageResult, title: str = "Incident triage") -> str:
         "The verdict is a heuristic: read the reasons.</p>"
     )
     return page(title, "".join(body))
+
+
+def write_report(res: TriageResult, out_dir: Path, title: str = "Incident triage") -> list[Path]:
+    """``triage.json`` and the self-contained ``triage.html`` in ``out_dir``."""
+    import json
+
+    from advguard.atomic import atomic_write_text
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; give a folder for the triage report")
+    out.mkdir(parents=True, exist_ok=True)
+    j = atomic_write_text(out / "triage.json", json.dumps(res.to_dict(), indent=1) + "\n")
+    h = atomic_write_text(out / "triage.html", render_html(res, title))
+    return [j, h]
+
+
+def check_surrogate(surrogate: Any) -> Any:
+    """A surrogate must be differentiable (the brittleness probe takes its gradients)."""
+    from advguard.models.base import is_white_box
+
+    if not is_white_box(surrogate):
+        raise InputError(
+            f"the surrogate must be a differentiable torch model, got {type(surrogate).__name__}; "
+            "omit --surrogate to train one on the model's answers"
+        )
+    return surrogate
