@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from guard_helpers import make_guard
 from typer.testing import CliRunner
 
 from advguard.cli import app as cli_app
@@ -27,6 +26,7 @@ from advguard.guard.auth import create_key
 from advguard.guard.forensics import fingerprint, purge
 from advguard.guard.preserve import hold_records, load_folder, release_holds, verify_folder
 from advguard.guard.storage import DecisionRecord, GuardStore, now
+from guard_helpers import make_guard
 
 cryptography = pytest.importorskip("cryptography")
 from cryptography.fernet import Fernet  # noqa: E402
@@ -109,8 +109,11 @@ def test_corrupt_rows_are_not_trusted(store):
     i = inc.open_incident(store, "t", who="alice")
     with store.engine.begin() as conn:
         conn.execute(store.controls.incidents.update().values(severity="sev9"))
-        conn.execute(store.controls.client_limits.insert().values(
-            client_id="c" * 16, rate=-1.0, burst=1, reason="r", created_at=now()))  # fmt: skip
+        conn.execute(
+            store.controls.client_limits.insert().values(
+                client_id="c" * 16, rate=-1.0, burst=1, reason="r", created_at=now()
+            )
+        )
     from advguard.guard.storage import StoreCorrupt
 
     with pytest.raises(StoreCorrupt, match="severity"):
@@ -144,9 +147,11 @@ def test_purge_skips_preserved_records(store):
 def test_export_manifest_hashes_verify(tmp_path):
     fkey = Fernet.generate_key()
     g = make_guard(
-        tmp_path, _module(), cfg={"forensics": {"mode": "encrypted", "sample_rate": 1.0}},
+        tmp_path,
+        _module(),
+        cfg={"forensics": {"mode": "encrypted", "sample_rate": 1.0}},
         fernet=Fernet(fkey),
-    )  # fmt: skip
+    )
     try:
         c = TestClient(create_app(g))
         k = create_key(g.store, "mallory", ["predict"])
@@ -159,9 +164,14 @@ def test_export_manifest_hashes_verify(tmp_path):
         i = inc.open_incident(g.store, "t", who="alice")
         out = tmp_path / "evidence"
         act = inc.preserve(
-            g.store, i.id, who="alice", since=now() - timedelta(hours=1),
-            client_id=k.record.key_id, out=out, fernet=Fernet(fkey),
-        )  # fmt: skip
+            g.store,
+            i.id,
+            who="alice",
+            since=now() - timedelta(hours=1),
+            client_id=k.record.key_id,
+            out=out,
+            fernet=Fernet(fkey),
+        )
     finally:
         g.close()
     e = act.details["export"]
@@ -197,8 +207,9 @@ def test_throttle_really_limits_that_client(tmp_path):
         slow = create_key(g.store, "slow", ["predict"])
         fast = create_key(g.store, "fast", ["predict"])
         i = inc.open_incident(g.store, "t", who="alice")
-        inc.throttle_client(g.store, i.id, who="alice", client_id=slow.record.key_id, rate=0.01,
-                            burst=3)  # fmt: skip
+        inc.throttle_client(
+            g.store, i.id, who="alice", client_id=slow.record.key_id, rate=0.01, burst=3
+        )
 
         def codes(key: str, n: int) -> list[int]:
             body = {"inputs": _x(1).tolist()}
@@ -209,8 +220,9 @@ def test_throttle_really_limits_that_client(tmp_path):
 
         assert codes(slow.key, 6) == [200, 200, 200, 429, 429, 429]
         assert codes(fast.key, 10) == [200] * 10
-        r = c.post("/v1/models/digits/predict", json={"inputs": _x(1).tolist()},
-                   headers=auth(slow.key))  # fmt: skip
+        r = c.post(
+            "/v1/models/digits/predict", json={"inputs": _x(1).tolist()}, headers=auth(slow.key)
+        )
         assert r.headers["RateLimit-Policy"] == "3;w=300"
         inc.throttle_client(g.store, i.id, who="alice", client_id=slow.record.key_id, clear=True)
         assert codes(slow.key, 5) == [200] * 5
@@ -235,8 +247,9 @@ def test_isolate_routes_to_fallback_then_rejects(tmp_path):
         assert r["action"] == "allow"
         np.testing.assert_allclose(r["probabilities"], want_model, rtol=1e-5, atol=1e-6)
         i = inc.open_incident(g.store, "t", who="alice")
-        inc.isolate_model(g.store, i.id, who="alice", model="digits", mode="fallback",
-                          has_fallback=True)  # fmt: skip
+        inc.isolate_model(
+            g.store, i.id, who="alice", model="digits", mode="fallback", has_fallback=True
+        )
         r = ask().json()
         assert r["action"] == "fallback" and r["row_actions"] == ["fallback"] * 3
         assert r["fallback_version"] == "fallback:1"
@@ -270,8 +283,9 @@ def test_admin_api_records_the_key_id_as_who(tmp_path):
         base = f"/v1/admin/incidents/{iid}/actions"
         uid = user.record.key_id
         assert c.post(f"{base}/block-client", json={"client_id": uid}, headers=h).status_code == 200
-        r = c.post(f"{base}/throttle-client", json={"client_id": uid, "rate": 1, "burst": 1},
-                   headers=h)  # fmt: skip
+        r = c.post(
+            f"{base}/throttle-client", json={"client_id": uid, "rate": 1, "burst": 1}, headers=h
+        )
         assert r.status_code == 200
         r = c.post(f"{base}/isolate", json={"model": "digits", "mode": "fallback"}, headers=h)
         assert r.status_code == 422  # no fallback model in this guard
@@ -281,12 +295,20 @@ def test_admin_api_records_the_key_id_as_who(tmp_path):
         assert r.status_code == 422
         status = c.get(f"/v1/admin/incidents/{iid}", headers=h).json()
         assert [a["action"] for a in status["actions"]] == [
-            "open", "block-client", "throttle-client", "preserve"]  # fmt: skip
+            "open",
+            "block-client",
+            "throttle-client",
+            "preserve",
+        ]
         assert {a["who"] for a in status["actions"]} == {admin.record.key_id}
         assert admin.key not in json.dumps(status)
         # the blocked client is refused
-        assert c.post("/v1/models/digits/predict", json={"inputs": _x(1).tolist()},
-                      headers=auth(user.key)).status_code == 403  # fmt: skip
+        assert (
+            c.post(
+                "/v1/models/digits/predict", json={"inputs": _x(1).tolist()}, headers=auth(user.key)
+            ).status_code
+            == 403
+        )
         r = c.get("/v1/admin/incidents/" + "0" * 16, headers=h)
         assert r.status_code == 404 and r.json()["type"].endswith(":incident-not-found")
         r = c.post(f"/v1/admin/incidents/{iid}/close", json={"summary": "done"}, headers=h)
@@ -308,7 +330,7 @@ class _FakeGuard:
         outer = self
 
         class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 outer.seen.append((self.path, self.headers.get("Authorization")))
                 body = json.dumps(
                     {"reloaded": True} if status == 200 else {"title": "Forbidden"}
@@ -341,8 +363,13 @@ def _registry_with_two_releases(tmp_path: Path) -> Any:
     for seed in (0, 1):
         torch.manual_seed(seed)
         clf = TorchClassifier(mlp((4,), 3, hidden=(8,)), input_shape=(4,), num_classes=3)
-        path = save_torch(clf, tmp_path / f"m{seed}.safetensors", factory="advguard.models.zoo:mlp",
-                          factory_kwargs={"input_shape": [4], "num_classes": 3, "hidden": [8]})  # fmt: skip
+        kw = {"input_shape": [4], "num_classes": 3, "hidden": [8]}
+        path = save_torch(
+            clf,
+            tmp_path / f"m{seed}.safetensors",
+            factory="advguard.models.zoo:mlp",
+            factory_kwargs=kw,
+        )
         v = reg.push("digits", path).version
         reg.promote("digits", v, "production", force=True, reason="release")
     return reg
@@ -354,9 +381,13 @@ def test_rollback_then_reload_call(store, tmp_path):
     try:
         i = inc.open_incident(store, "bad release", who="alice")
         act = inc.rollback(
-            store, i.id, who="alice", registry=reg, name="digits",
+            store,
+            i.id,
+            who="alice",
+            registry=reg,
+            name="digits",
             reload=lambda n: inc.request_reload(fake.url, "s3cret-admin", n),
-        )  # fmt: skip
+        )
         assert reg.get("digits@production").version == 1
         assert (act.details["from_version"], act.details["to_version"]) == (2, 1)
         assert act.details["reloaded"] and act.details["reload"]["answer"] == {"reloaded": True}
@@ -377,7 +408,7 @@ def test_rollback_then_reload_call(store, tmp_path):
         refusing.close()
 
 
-# -- CLI -------------------------------------------------------------------------------------------
+# -- CLI -------------------------------------------------------------------------------------
 def _cli(*args: str) -> Any:
     r = CliRunner().invoke(cli_app, list(args))
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
@@ -391,20 +422,43 @@ def test_cli_open_act_status(tmp_path):
     iid = json.loads(r.stdout)["id"]
     r = _cli("incident", "block-client", iid, "a" * 16, "--who", "carol", "--json", *db)
     assert r.exit_code == 0 and json.loads(r.stdout)["action"] == "block-client"
-    r = _cli("incident", "throttle-client", iid, "b" * 16, "--rate", "0.5", "--burst", "2",
-             "--who", "carol", "--json", *db)  # fmt: skip
+    r = _cli(
+        "incident",
+        "throttle-client",
+        iid,
+        "b" * 16,
+        "--rate",
+        "0.5",
+        "--burst",
+        "2",
+        "--who",
+        "carol",
+        "--json",
+        *db,
+    )
     assert r.exit_code == 0, r.output
     r = _cli("incident", "isolate", iid, "digits", "--mode", "reject", "--who", "dave", *db)
     assert r.exit_code == 0, r.output
-    r = _cli("incident", "rollback", iid, "digits", "--registry-root", str(tmp_path / "reg"),
-             "--who", "dave", *db)  # fmt: skip
+    r = _cli(
+        "incident",
+        "rollback",
+        iid,
+        "digits",
+        "--registry-root",
+        str(tmp_path / "reg"),
+        "--who",
+        "dave",
+        *db,
+    )
     assert r.exit_code == 2  # the registry has no production version of digits
     r = _cli("incident", "status", iid, "--json", *db)
     log = json.loads(r.stdout)["actions"]
     assert [(a["action"], a["who"]) for a in log] == [
-        ("open", "carol"), ("block-client", "carol"), ("throttle-client", "carol"),
+        ("open", "carol"),
+        ("block-client", "carol"),
+        ("throttle-client", "carol"),
         ("isolate", "dave"),
-    ]  # fmt: skip
+    ]
     r = _cli("incident", "list", "--status", "open", "--json", *db)
     assert [x["id"] for x in json.loads(r.stdout)] == [iid]
     r = _cli("incident", "close", iid, "--summary", "done", "--who", "carol", *db)
@@ -437,7 +491,7 @@ def test_cli_bad_input_is_one_line_exit_2(args, tmp_path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
 
 
-# -- runbook -----------------------------------------------------------------------------------------
+# -- runbook ---------------------------------------------------------------------------------
 def test_runbook_has_the_real_commands_and_matches_alert_links(tmp_path):
     from advguard.observe.slo import compile_rules, load_slo_file
 
@@ -452,8 +506,21 @@ def test_runbook_has_the_real_commands_and_matches_alert_links(tmp_path):
         "{action: reject}]}]\n"
     )
     out = tmp_path / "runbooks"
-    r = _cli("runbook", "generate", "--model", "digits-cnn", "-c", str(cfgp), "--slo",
-             str(slo_file), "--threat-model", "quick", "--out", str(out), "--json")  # fmt: skip
+    r = _cli(
+        "runbook",
+        "generate",
+        "--model",
+        "digits-cnn",
+        "-c",
+        str(cfgp),
+        "--slo",
+        str(slo_file),
+        "--threat-model",
+        "quick",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     paths = [Path(p) for p in json.loads(r.stdout)["runbooks"]]
     text = (out / "digits-cnn.md").read_text()

@@ -104,8 +104,12 @@ def test_cli_triage_of_a_preserved_client(world, tmp_path):
     from advguard.guard.pipeline import Guard
 
     w = world
-    save_torch(w["model"], tmp_path / "model.safetensors", factory="advguard.models.zoo:mlp",
-               factory_kwargs=KW)  # fmt: skip
+    save_torch(
+        w["model"],
+        tmp_path / "model.safetensors",
+        factory="advguard.models.zoo:mlp",
+        factory_kwargs=KW,
+    )
     (tmp_path / "fernet.key").write_bytes(Fernet.generate_key())
     cfgp = tmp_path / "guard.yaml"
     cfgp.write_text(
@@ -120,8 +124,11 @@ def test_cli_triage_of_a_preserved_client(world, tmp_path):
         benign = create_key(g.store, "bob", ["predict"])
         for batch, key in ((w["adv"], mallory), (w["xs"], benign)):
             for i in range(0, len(batch), 40):
-                r = c.post("/v1/models/digits/predict", json={"inputs": batch[i : i + 40].tolist()},
-                           headers={"Authorization": f"Bearer {key.key}"})  # fmt: skip
+                r = c.post(
+                    "/v1/models/digits/predict",
+                    json={"inputs": batch[i : i + 40].tolist()},
+                    headers={"Authorization": f"Bearer {key.key}"},
+                )
                 assert r.status_code == 200
         iid = inc.open_incident(g.store, "odd answers", who="alice").id
     finally:
@@ -129,10 +136,28 @@ def test_cli_triage_of_a_preserved_client(world, tmp_path):
     out = tmp_path / "triage"
     r = CliRunner().invoke(
         cli_app,
-        ["incident", "triage", "--incident", iid, "--since", "1h", "--client",
-         mallory.record.key_id, "--reference", "digits", "--reference-samples", "400",
-         "--out", str(out), "--who", "alice", "-c", str(cfgp), "--json"],
-    )  # fmt: skip
+        [
+            "incident",
+            "triage",
+            "--incident",
+            iid,
+            "--since",
+            "1h",
+            "--client",
+            mallory.record.key_id,
+            "--reference",
+            "digits",
+            "--reference-samples",
+            "400",
+            "--out",
+            str(out),
+            "--who",
+            "alice",
+            "-c",
+            str(cfgp),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["verdict"] == "attack" and res["n_inputs"] == len(w["adv"])
@@ -152,8 +177,20 @@ def test_cli_triage_of_a_preserved_client(world, tmp_path):
     # the evidence folder is reusable: triage it again, from the folder alone
     r = CliRunner().invoke(
         cli_app,
-        ["incident", "triage", "--evidence", str(out / "evidence"), "--reference", "digits",
-         "--reference-samples", "400", "--out", str(tmp_path / "again"), "-c", str(cfgp)],
-    )  # fmt: skip
+        [
+            "incident",
+            "triage",
+            "--evidence",
+            str(out / "evidence"),
+            "--reference",
+            "digits",
+            "--reference-samples",
+            "400",
+            "--out",
+            str(tmp_path / "again"),
+            "-c",
+            str(cfgp),
+        ],
+    )
     assert r.exit_code == 0 and "ATTACK" in r.stdout, r.output
     assert Path(tmp_path / "again" / "triage.html").is_file()

@@ -210,9 +210,16 @@ def incident_throttle(
 
     with _store(config, database_url) as (_, store):
         rec = throttle_client(
-            store, incident_id, who=_who(who), client_id=client_id, rate=rate, burst=burst,
-            ttl_s=ttl, reason=reason, clear=clear,
-        )  # fmt: skip
+            store,
+            incident_id,
+            who=_who(who),
+            client_id=client_id,
+            rate=rate,
+            burst=burst,
+            ttl_s=ttl,
+            reason=reason,
+            clear=clear,
+        )
     _show_action(rec, as_json)
 
 
@@ -233,9 +240,14 @@ def incident_isolate(
     with _store(config, database_url) as (cfg, store):
         has_fallback = cfg.fallback is not None if config is not None else None
         rec = isolate_model(
-            store, incident_id, who=_who(who), model=model, mode=mode, reason=reason,
+            store,
+            incident_id,
+            who=_who(who),
+            model=model,
+            mode=mode,
+            reason=reason,
             has_fallback=has_fallback,
-        )  # fmt: skip
+        )
     _show_action(rec, as_json)
 
 
@@ -269,13 +281,18 @@ def incident_rollback(
         assert guard_url is not None and admin_key is not None
         return request_reload(guard_url, admin_key, model)
 
-    with _store(config, database_url) as (_, store), Registry(
-        registry_root, db_url=registry_db, actor=operator
-    ) as reg:  # fmt: skip
+    with (
+        _store(config, database_url) as (_, store),
+        Registry(registry_root, db_url=registry_db, actor=operator) as reg,
+    ):
         rec = rollback(
-            store, incident_id, who=operator, registry=reg, name=name,
+            store,
+            incident_id,
+            who=operator,
+            registry=reg,
+            name=name,
             reload=reload if guard_url else None,
-        )  # fmt: skip
+        )
     if as_json:
         print_json(rec.public())
         return
@@ -318,9 +335,17 @@ def incident_preserve(
         if out is not None and cfg.forensics.mode == "encrypted":
             fernet = load_fernet(cfg.forensics.key_env, cfg.resolve(cfg.forensics.key_file))
         rec = preserve(
-            store, incident_id, who=_who(who), since=start, until=end, client_id=client,
-            model=model, hold_days=hold_days, out=out, fernet=fernet,
-        )  # fmt: skip
+            store,
+            incident_id,
+            who=_who(who),
+            since=start,
+            until=end,
+            client_id=client,
+            model=model,
+            hold_days=hold_days,
+            out=out,
+            fernet=fernet,
+        )
     if as_json:
         print_json(rec.public())
         return
@@ -431,10 +456,14 @@ def _run_triage(
     else:
         sur = train_surrogate(model, ref_x, epochs=epochs)
     return triage(
-        x, model=model, surrogate=sur, reference=ref_x, reference_labels=ref_y,
+        x,
+        model=model,
+        surrogate=sur,
+        reference=ref_x,
+        reference_labels=ref_y,
         fallback=fallback.classifier if fallback is not None else None,
         detectors=[(s.name, s.detector) for s in build_detectors(cfg, served)],
-    )  # fmt: skip
+    )
 
 
 def _log_triage(cfg: Any, incident: str, who: str, res: Any, paths: list[Path]) -> None:
@@ -444,9 +473,13 @@ def _log_triage(cfg: Any, incident: str, who: str, res: Any, paths: list[Path]) 
     store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
     try:
         append_action(
-            store, incident, who, "triage", None,
+            store,
+            incident,
+            who,
+            "triage",
+            None,
             {"verdict": res.verdict, "reasons": res.reasons, "report": str(paths[1])},
-        )  # fmt: skip
+        )
     finally:
         store.close()
 
