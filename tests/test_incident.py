@@ -553,3 +553,40 @@ def test_runbook_has_the_real_commands_and_matches_alert_links(tmp_path):
     assert page.startswith("# Runbook: digits-cnn (alert: SLO digits_flag_rate)")
     first = page.index("### SLO")
     assert page[first:].startswith("### SLO `digits_flag_rate`")
+
+
+def _pg_url() -> str | None:
+    try:
+        import psycopg
+
+        psycopg.connect(
+            "host=127.0.0.1 port=5432 dbname=test user=postgres", connect_timeout=2
+        ).close()
+    except Exception:
+        return None
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def test_postgresql_incident_tables():
+    import random
+
+    url = _pg_url()
+    if url is None:
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 (db test, user postgres) is not reachable")
+    s = GuardStore(url, table_prefix=f"gi{random.randrange(16**8):08x}_")
+    try:
+        a = "a" * 16
+        held = [_record(s, a, 40, i) for i in range(2)]
+        gone = _record(s, "b" * 16, 40, 5)
+        i = inc.open_incident(s, "pg", who="alice")
+        inc.throttle_client(s, i.id, who="alice", client_id=a, rate=2.0, burst=4)
+        inc.preserve(s, i.id, who="alice", since=now() - timedelta(days=41), client_id=a)
+        assert purge(s, 30) == 1
+        assert {r.id for r in s.iter_decisions()} == set(held) and gone not in held
+        assert s.client_limit(a).burst == 4
+        log = inc.actions_of(s, i.id)
+        assert [x.action for x in log] == ["open", "throttle-client", "preserve"]
+        assert log[0].seq < log[1].seq < log[2].seq
+    finally:
+        s.drop_all()
+        s.close()
