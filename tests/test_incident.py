@@ -590,3 +590,21 @@ def test_postgresql_incident_tables():
     finally:
         s.drop_all()
         s.close()
+
+
+@pytest.mark.parametrize("case", ["other-model", "missing-config", "bad-slo"])
+def test_runbook_bad_input_is_one_line_exit_2(case, tmp_path):
+    cfgp = tmp_path / "guard.yaml"
+    cfgp.write_text("model: {name: digits, path: m.safetensors}\n")
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("version: 1\nslos: []\n")
+    args = {
+        "other-model": ["--model", "other", "-c", str(cfgp)],
+        "missing-config": ["--model", "digits", "-c", str(tmp_path / "nope.yaml")],
+        "bad-slo": ["--model", "digits", "-c", str(cfgp), "--slo", str(slo)],
+    }[case]
+    r = _cli("runbook", "generate", *args, "--out", str(tmp_path / "rb"))
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "rb").exists()

@@ -162,7 +162,8 @@ def export_folder(
             {"path": p, "bytes": len(b), "sha256": _sha256(b)} for p, b in sorted(files.items())
         ],
     }
-    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted inputs: owner only
+    (out / "inputs").mkdir(mode=0o700, exist_ok=True)
     for p, b in files.items():
         (out / p).write_bytes(b)
     raw = json.dumps(manifest, sort_keys=True, indent=1).encode()
