@@ -293,12 +293,15 @@ def test_admin_api_records_the_key_id_as_who(tmp_path):
         assert r.status_code == 200 and r.json()["details"]["held"] == 0
         r = c.post(f"{base}/block-client", json={"client_id": "nothex"}, headers=h)
         assert r.status_code == 422
+        r = c.post(f"/v1/admin/incidents/{iid}/notes", json={"text": "<b>seen</b>"}, headers=h)
+        assert r.status_code == 200 and r.json()["details"] == {"text": "<b>seen</b>"}
         status = c.get(f"/v1/admin/incidents/{iid}", headers=h).json()
         assert [a["action"] for a in status["actions"]] == [
             "open",
             "block-client",
             "throttle-client",
             "preserve",
+            "note",
         ]
         assert {a["who"] for a in status["actions"]} == {admin.record.key_id}
         assert admin.key not in json.dumps(status)
@@ -451,6 +454,8 @@ def test_cli_open_act_status(tmp_path):
         *db,
     )
     assert r.exit_code == 2  # the registry has no production version of digits
+    r = _cli("incident", "note", iid, "rollback needs the registry", "--who", "dave", *db)
+    assert r.exit_code == 0, r.output
     r = _cli("incident", "status", iid, "--json", *db)
     log = json.loads(r.stdout)["actions"]
     assert [(a["action"], a["who"]) for a in log] == [
@@ -458,6 +463,7 @@ def test_cli_open_act_status(tmp_path):
         ("block-client", "carol"),
         ("throttle-client", "carol"),
         ("isolate", "dave"),
+        ("note", "dave"),
     ]
     r = _cli("incident", "list", "--status", "open", "--json", *db)
     assert [x["id"] for x in json.loads(r.stdout)] == [iid]

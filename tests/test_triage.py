@@ -63,13 +63,19 @@ def world() -> dict[str, Any]:
         "adv_fooled_model": float(np.mean(model.predict(adv.x_adv.numpy()) != ys)),
         "shifted": shifted,
         "xs": xs,
+        "calibration": x[1420:1600],
     }
 
 
 def test_attack_and_drift_get_different_verdicts(world):
     w = world
+    from advguard.defenses.detectors.scores import ConfidenceDetector
+
     surrogate = train_surrogate(w["model"], w["reference"], epochs=30, seed=2)
+    confidence = ConfidenceDetector(w["model"], "max_prob")
+    confidence.calibrate(w["calibration"], fpr=0.05)
     kw = {
+        "detectors": [("confidence", confidence)],
         "model": w["model"],
         "surrogate": surrogate,
         "fallback": w["fallback"],
@@ -90,6 +96,9 @@ def test_attack_and_drift_get_different_verdicts(world):
     assert drift.drift["psi_major_share"] > 0.5 and drift.drift["ks_rejected_share"] > 0.5
     assert clean.drift["psi_major_share"] < 0.1
     assert set(attack.models) == {"model", "surrogate", "fallback"}
+    flags = {k: r.detectors["confidence"]["flag_rate"] for k, r in (("a", attack), ("d", drift))}
+    assert flags["a"] > 0.3 > 0.2 > flags["d"]  # the transferred examples are low-confidence
+    assert attack.detectors["confidence"]["reference_flag_rate"] < 0.2
     page = render_html(attack, title="<script>x</script>")
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert page.count("data:image/png;base64,") == 8

@@ -169,6 +169,23 @@ def incident_close(
         console.print(f"closed incident {inc.id}")
 
 
+@commands.command("note")
+def incident_note(
+    incident_id: IncidentArg,
+    text: Annotated[str, typer.Argument(help="What was seen, decided or handed over")],
+    who: WhoOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a note to the incident's log."""
+    from advguard.guard.incident import add_note
+
+    with _store(config, database_url) as (_, store):
+        rec = add_note(store, incident_id, who=_who(who), text=text)
+    _show_action(rec, as_json)
+
+
 # -- actions -------------------------------------------------------------------------------------
 @commands.command("block-client")
 def incident_block(

@@ -258,6 +258,14 @@ def close_incident(store: GuardStore, incident_id: str, *, who: str, summary: st
     return get_incident(store, inc.id)
 
 
+def add_note(store: GuardStore, incident_id: str, *, who: str, text: str) -> IncidentAction:
+    """A free-text entry in the log (what was seen, decided or handed over)."""
+    _open(store, incident_id)
+    return append_action(
+        store, incident_id, who, "note", None, {"text": _text(text, "the note", 2000)}
+    )
+
+
 def _open(store: GuardStore, incident_id: str) -> Incident:
     inc = get_incident(store, incident_id)
     if inc.status != "open":

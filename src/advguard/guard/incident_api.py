@@ -37,6 +37,11 @@ class CloseBody(BaseModel):
     summary: str = Field(min_length=1, max_length=2000)
 
 
+class NoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=2000)
+
+
 class BlockBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     client_id: str = Field(pattern=r"^[0-9a-f]{16}$")
@@ -126,6 +131,13 @@ def add_incident_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., Key
             lambda: inc.close_incident(
                 store, incident_id, who=key.key_id, summary=body.summary
             ).public()
+        )
+
+    @app.post(base + "/{incident_id}/notes", tags=["incidents"], responses=closed)
+    def note(incident_id: str, body: NoteBody, key: KeyRecord = admin) -> dict[str, Any]:
+        """Add a note to the incident's log."""
+        return _call(
+            lambda: inc.add_note(store, incident_id, who=key.key_id, text=body.text).public()
         )
 
     add_action_routes(app, guard, admin, base + "/{incident_id}/actions", closed)
