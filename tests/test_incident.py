@@ -614,3 +614,37 @@ def test_runbook_bad_input_is_one_line_exit_2(case, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert not (tmp_path / "rb").exists()
+
+
+def test_cli_rollback_reloads_the_served_name(tmp_path, monkeypatch):
+    reg = _registry_with_two_releases(tmp_path)
+    reg.close()
+    cfgp = tmp_path / "guard.yaml"
+    cfgp.write_text("model: {name: digits-cnn, registry: {model_name: digits}}\n")
+    fake = _FakeGuard()
+    monkeypatch.setenv("ADVGUARD_GUARD_ADMIN_KEY", "adm1n-secret")
+    try:
+        r = _cli("incident", "open", "bad release", "--who", "erin", "--json", "-c", str(cfgp))
+        iid = json.loads(r.stdout)["id"]
+        r = _cli(
+            "incident",
+            "rollback",
+            iid,
+            "digits",
+            "--registry-root",
+            str(tmp_path / "reg"),
+            "--guard-url",
+            fake.url,
+            "--who",
+            "erin",
+            "--json",
+            "-c",
+            str(cfgp),
+        )
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.stdout)["details"]
+        assert (d["from_version"], d["to_version"], d["reloaded"]) == (2, 1, True)
+        assert fake.seen == [("/v1/admin/models/digits-cnn/reload", "Bearer adm1n-secret")]
+        assert "adm1n" not in r.stdout
+    finally:
+        fake.close()

@@ -281,6 +281,10 @@ def incident_rollback(
         str | None,
         typer.Option(envvar="ADVGUARD_GUARD_ADMIN_KEY", help="Admin key (env var preferred)"),
     ] = None,
+    served_name: Annotated[
+        str | None,
+        typer.Option(help="Model name in the guard's URLs (default: from the config, else NAME)"),
+    ] = None,
     who: WhoOpt = None,
     config: ConfigOpt = None,
     database_url: DbUrlOpt = None,
@@ -299,7 +303,7 @@ def incident_rollback(
         return request_reload(guard_url, admin_key, model)
 
     with (
-        _store(config, database_url) as (_, store),
+        _store(config, database_url) as (cfg, store),
         Registry(registry_root, db_url=registry_db, actor=operator) as reg,
     ):
         rec = rollback(
@@ -309,17 +313,28 @@ def incident_rollback(
             registry=reg,
             name=name,
             reload=reload if guard_url else None,
+            served_name=served_name or _served_name(cfg, name),
         )
     if as_json:
         print_json(rec.public())
         return
     d = rec.details
+    served = served_name or _served_name(cfg, name)
     console.print(f"rolled back {name}: version {d['from_version']} -> {d['to_version']}")
     if not d["reloaded"]:
         console.print(
-            f"[yellow]the guard must be reloaded[/]: POST /v1/admin/models/{name}/reload "
+            f"[yellow]the guard must be reloaded[/]: POST /v1/admin/models/{served}/reload "
             "(or give --guard-url and --admin-key)"
         )
+
+
+def _served_name(cfg: Any, registry_name: str) -> str:
+    """The guard's URL name of a registry model: the config's model name when it serves that
+    registry model, else the registry name."""
+    spec = cfg.model
+    if spec is not None and spec.registry is not None and spec.registry.model_name == registry_name:
+        return str(spec.name)
+    return registry_name
 
 
 @commands.command("preserve")

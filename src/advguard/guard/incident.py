@@ -453,11 +453,13 @@ def rollback(
     registry: Any,
     name: str,
     reload: Callable[[str], dict[str, Any]] | None = None,
+    served_name: str | None = None,
 ) -> IncidentAction:
     """Put the registry's previous production version of ``name`` back into production
     (:meth:`advguard.registry.store.Registry.rollback`), then ask the guard to hot-swap it
-    (``reload(name)``, e.g. :func:`request_reload`); without ``reload`` the log says the guard
-    still has to be reloaded."""
+    (``reload(served_name or name)``, e.g. :func:`request_reload`; ``served_name`` is the name
+    in the guard's URLs when it differs from the registry's); without ``reload`` the log says
+    the guard still has to be reloaded."""
     _open(store, incident_id)
     check_who(who)
     before = registry.get(f"{name}@production")
@@ -469,7 +471,7 @@ def rollback(
         "reloaded": False,
     }
     if reload is not None:
-        details["reload"] = reload(name)
+        details["reload"] = reload(served_name or name)
         details["reloaded"] = True
     return append_action(store, incident_id, who, "rollback", name, details)
 
