@@ -484,6 +484,8 @@ def test_cli_open_act_status(tmp_path):
         ["incident", "preserve", "0" * 16, "--since", "yesterday", "--who", "x"],
         ["incident", "list", "--status", "maybe"],
         ["incident", "triage", "--reference", "digits"],
+        ["incident", "triage", "--reference", "digits", "--evidence", "e", "--since", "1h"],
+        ["incident", "triage", "--reference", "digits", "--incident", "0" * 16, "--since", "1h"],
         ["incident", "rollback", "0" * 16, "digits", "--guard-url", "http://x", "--who", "x"],
     ],
     ids=lambda a: "-".join(a[1:3]),

@@ -397,7 +397,10 @@ def incident_triage(
         Path | None, typer.Option(help="An export folder of `incident preserve --out`")
     ] = None,
     incident: Annotated[
-        str | None, typer.Option("--incident", help="Preserve this incident's window first")
+        str | None,
+        typer.Option(
+            "--incident", help="Log the verdict here; without --evidence, preserve --since first"
+        ),
     ] = None,
     since: Annotated[str | None, typer.Option(help="With --incident: 7d, 12h, 30m or ISO")] = None,
     client: Annotated[str | None, typer.Option(help="With --incident: one client")] = None,
@@ -418,14 +421,18 @@ def incident_triage(
     from advguard import _validate as check
     from advguard.guard.preserve import load_folder
 
-    if (evidence is None) == (incident is None):
-        raise InputError("give --evidence DIR or --incident ID --since WHEN (one of them)")
-    if incident is not None and since is None:
-        raise InputError("--incident needs --since (the window to preserve and triage)")
+    if evidence is None and incident is None:
+        raise InputError("give --evidence DIR, or --incident ID --since WHEN")
+    if evidence is None and since is None:
+        raise InputError("--incident without --evidence needs --since (the window to preserve)")
+    if evidence is not None and (since is not None or client is not None):
+        raise InputError("--since and --client choose what to preserve; not with --evidence")
     n_ref = check.integer("--reference-samples", reference_samples, low=20, high=100_000)
     cfg = _config(config, database_url)
-    if incident is not None:
-        assert since is not None
+    if incident is not None:  # before any work: the verdict must be loggable
+        _require_open(cfg, incident)
+    if evidence is None:
+        assert incident is not None and since is not None
         evidence = _preserve_for_triage(cfg, incident, since, client, out, _who(who))
     assert evidence is not None
     x, _ = load_folder(evidence)
@@ -496,6 +503,18 @@ def _run_triage(
         fallback=fallback.classifier if fallback is not None else None,
         detectors=[(s.name, s.detector) for s in build_detectors(cfg, served)],
     )
+
+
+def _require_open(cfg: Any, incident: str) -> None:
+    from advguard.guard.incident import IncidentClosed, get_incident
+    from advguard.guard.storage import GuardStore
+
+    store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
+    try:
+        if get_incident(store, incident).status != "open":
+            raise IncidentClosed(f"incident {incident} is closed; open a new one")
+    finally:
+        store.close()
 
 
 def _log_triage(cfg: Any, incident: str, who: str, res: Any, paths: list[Path]) -> None:

@@ -173,8 +173,8 @@ def _commands(cfg: GuardPolicy) -> list[str]:
         f"--burst {slow_burst} --ttl 3600 -c {c}",
         f"advguard incident isolate $INC {m} --mode {iso} -c {c}",
         f"advguard incident preserve $INC --since 2h --client <key id> --out evidence/ -c {c}",
-        f"advguard incident triage --evidence evidence/ --reference <benign data> "
-        f"--out triage/ -c {c}",
+        f"advguard incident triage --incident $INC --evidence evidence/ "
+        f"--reference <benign data> --out triage/ -c {c}",
         "```",
         "",
         f"Limits today: {cfg.rate:g} requests/s (burst {cfg.burst}) per key"
@@ -239,7 +239,7 @@ def _threat_section(tm: Any) -> list[str]:
     lines = [
         "## Threat model",
         "",
-        f"`{_md(tm.name)}`: {tm.knowledge} {tm.goal} attacks under {tm.norm} "
+        f"{_md(tm.name)}: {tm.knowledge} {tm.goal} attacks under {tm.norm} "
         f"with epsilons {eps}; evaluated with {attacks}.",
     ]
     if tm.description:
