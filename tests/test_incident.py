@@ -89,6 +89,7 @@ def test_open_actions_status_and_close(store):
     assert log[1]["target"] == a and log[1]["details"]["expires_at"] is not None
     assert log[2]["details"]["rate"] == 0.5 and log[2]["details"]["burst"] == 2
     # the actions are live in the store the guard reads
+    assert status["log"] == {"ok": True, "entries": 4, "first_bad_seq": None}
     assert store.get_block(a) is not None
     assert store.client_limit(b).rate == 0.5
     assert store.isolation("digits").mode == "reject"
@@ -103,6 +104,27 @@ def test_open_actions_status_and_close(store):
         inc.get_incident(store, "0" * 16)
     with pytest.raises(InputError, match="who must be"):
         inc.open_incident(store, "x", who="al ice")
+
+
+def test_an_edited_log_entry_breaks_the_chain(store):
+    i = inc.open_incident(store, "t", who="alice")
+    inc.add_note(store, i.id, who="alice", text="client a looks fine")
+    inc.add_note(store, i.id, who="bob", text="blocked nobody")
+    other = inc.open_incident(store, "u", who="carol")  # chains are per incident
+    assert inc.verify_log(store, i.id)["ok"] and inc.verify_log(store, other.id)["ok"]
+    t = store.controls.actions
+    second = inc.actions_of(store, i.id)[1]
+    with store.engine.begin() as conn:
+        conn.execute(t.update().where(t.c.seq == second.seq).values(details={"text": "edited"}))
+    assert inc.verify_log(store, i.id) == {"ok": False, "entries": 3, "first_bad_seq": second.seq}
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.update().where(t.c.seq == second.seq).values(details={"text": "client a looks fine"})
+        )
+        conn.execute(t.delete().where(t.c.seq == second.seq))
+    third = inc.actions_of(store, i.id)[1]
+    assert inc.verify_log(store, i.id)["first_bad_seq"] == third.seq  # a removed entry shows
+    assert inc.verify_log(store, other.id)["ok"]
 
 
 def test_corrupt_rows_are_not_trusted(store):

@@ -46,6 +46,7 @@ def control_tables(prefix: str, md: MetaData) -> ControlTables:
         Column("action", String(32), nullable=False),
         Column("target", String(200), nullable=True),
         Column("details", JSON, nullable=False),
+        Column("hash", String(64), nullable=False),  # chained per incident (tamper evidence)
     )
     holds = Table(
         f"{prefix}holds",

@@ -16,10 +16,12 @@ is never recorded. Rows read back are validated like any other input.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -100,9 +102,20 @@ class IncidentAction(BaseModel):
     ]
     target: str | None = Field(default=None, max_length=200)
     details: dict[str, Any]
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def entry_hash(entry: dict[str, Any], prev_hash: str) -> str:
+    """SHA-256 over the canonical JSON of a log entry (incident, time in UTC, who, action,
+    target, details) followed by the previous entry's hash of the same incident ("" first):
+    changing, removing or reordering an entry breaks every hash after it."""
+    body = {k: entry[k] for k in ("incident_id", "who", "action", "target", "details")}
+    body["ts"] = entry["ts"].astimezone(UTC).isoformat(timespec="microseconds")
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((text + prev_hash).encode("utf-8")).hexdigest()
 
 
 def _parse(model: type[BaseModel], row: Any, what: str) -> Any:
@@ -207,9 +220,13 @@ def actions_of(store: GuardStore, incident_id: str) -> list[IncidentAction]:
 
 
 def incident_status(store: GuardStore, incident_id: str) -> dict[str, Any]:
-    """The incident and its whole action log, oldest first."""
+    """The incident, its whole action log (oldest first) and the check of its hash chain."""
     inc = get_incident(store, incident_id)
-    return {"incident": inc.public(), "actions": [a.public() for a in actions_of(store, inc.id)]}
+    return {
+        "incident": inc.public(),
+        "actions": [a.public() for a in actions_of(store, inc.id)],
+        "log": verify_log(store, inc.id),
+    }
 
 
 def append_action(
@@ -234,11 +251,29 @@ def append_action(
         "target": target,
         "details": details,
     }
-    t = store.controls.actions
-    with store.engine.begin() as conn:
+    t, incidents = store.controls.actions, store.controls.incidents
+    with store.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE; PostgreSQL: the row lock
+        conn.execute(select(incidents.c.id).where(incidents.c.id == inc.id).with_for_update())
+        prev = conn.execute(
+            select(t.c.hash).where(t.c.incident_id == inc.id).order_by(t.c.seq.desc()).limit(1)
+        ).scalar()
+        values["hash"] = entry_hash(values, str(prev or ""))
         seq = conn.execute(t.insert().values(**values)).inserted_primary_key[0]  # type: ignore[index]
     rec: IncidentAction = IncidentAction.model_validate({"seq": int(seq), **values})
     return rec
+
+
+def verify_log(store: GuardStore, incident_id: str) -> dict[str, Any]:
+    """Recompute an incident's hash chain: ``ok``, ``entries`` and the first entry (``seq``)
+    whose hash does not match (edited, or after a removed or reordered entry)."""
+    prev = ""
+    actions = actions_of(store, incident_id)
+    for a in actions:
+        entry = a.model_dump()
+        if entry_hash(entry, prev) != a.hash:
+            return {"ok": False, "entries": len(actions), "first_bad_seq": a.seq}
+        prev = a.hash
+    return {"ok": True, "entries": len(actions), "first_bad_seq": None}
 
 
 def close_incident(store: GuardStore, incident_id: str, *, who: str, summary: str) -> Incident:
