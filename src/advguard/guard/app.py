@@ -27,6 +27,7 @@ from advguard.guard.edge import (
     parse_v2_infer,
     read_capped,
 )
+from advguard.guard.incident_api import add_incident_routes
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
@@ -137,6 +138,7 @@ def create_app(guard: Guard) -> FastAPI:
     add_admin_routes(app, guard)
     add_dashboard_routes(app, guard)
     add_rollout_routes(app, guard, key_dependency(guard, "admin"))
+    add_incident_routes(app, guard, key_dependency(guard, "admin"))
     install_openapi(app)
     return app
 

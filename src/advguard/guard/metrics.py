@@ -135,6 +135,8 @@ def _nth(fn: Callable[[], tuple[float, float, float]], i: int) -> Callable[[], f
 class GuardMetrics:
     def __init__(self, top_clients: int = 20) -> None:
         self.registry = CollectorRegistry()
+        #: Registered by the incident routes (advguard.guard.incident_api), once per guard.
+        self.incidents_open: Gauge | None = None
         self.requests = Counter(
             "advguard_guard_requests",
             "Prediction requests answered, by model, version, endpoint and HTTP status.",

@@ -349,7 +349,12 @@ class Guard:
             return None
 
     def check_rate(self, key: KeyRecord, model: str) -> LimitResult | None:
-        res = self._hit("rate limit", lambda: self.limiter.hit_rate(key.key_id))
+        try:
+            throttle = self.store.client_limit(key.key_id)  # incident throttle-client
+        except DEPENDENCY_ERRORS:
+            raise unavailable("database") from None
+        item = self.limiter.client_item(throttle.rate, throttle.burst) if throttle else None
+        res = self._hit("rate limit", lambda: self.limiter.hit_rate(key.key_id, item))
         if res is not None and not res.allowed:
             raise self._refuse(res, model)
         return res
@@ -448,6 +453,7 @@ class Guard:
             det = self.detect(xs, detectors)
         with obs.stage("stateful"):
             self.observe_stateful(key, xs, det)
+        self.isolate_if_needed(model, det)
         action = det.action()
         sampled = self.rng.random() < self.cfg.forensics.sample_rate
         if sampled and not det.flagged and action == "allow":
@@ -517,6 +523,20 @@ class Guard:
             else:
                 for i in range(len(det.row_actions)):
                     det.escalate_row(i, st.action)
+
+    def isolate_if_needed(self, model: ServedModel, det: Detection) -> None:
+        """An isolated model (``advguard incident isolate``) sends every row to the fallback, or
+        rejects it (also when there is no fallback)."""
+        try:
+            iso = self.store.isolation(model.name)
+        except DEPENDENCY_ERRORS:
+            raise unavailable("database") from None
+        if iso is None:
+            return
+        mode = iso.mode if iso.mode == "reject" or self.fallback is not None else "reject"
+        det.reasons.append(f"isolated:{mode}")
+        for i in range(len(det.row_actions)):
+            det.escalate_row(i, mode)
 
     def answer(self, model: ServedModel, xs: np.ndarray, row_actions: list[str]) -> np.ndarray:
         """Scores for the batch: allowed rows from ``model``, flagged rows from the fallback

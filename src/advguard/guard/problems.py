@@ -22,6 +22,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "model-not-found": (404, "No such model"),
     "decision-not-found": (404, "No such decision"),
     "review-not-found": (404, "No pending review with this decision id"),
+    "incident-not-found": (404, "No such incident"),
+    "incident-closed": (409, "Incident is closed"),
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "Request body not received in time"),
     "reload-failed": (409, "Model reload failed; the served model is unchanged"),

@@ -93,10 +93,17 @@ class Limiter:
         policy = f"{item.amount};w={item.get_expiry()}"
         return LimitResult(allowed, which, item.amount, stats.remaining, reset, policy)
 
-    def hit_rate(self, client: str) -> LimitResult:
-        """Take one request of ``client``'s rate, or refuse."""
-        ok = self.limiter.hit(self.rate_item, "guard", client)
-        return self._result(self.rate_item, client, ok, None if ok else "rate")
+    def hit_rate(self, client: str, item: RateLimitItem | None = None) -> LimitResult:
+        """Take one request of ``client``'s rate (``item``: a per-client override, see
+        :meth:`client_item`), or refuse."""
+        item = item or self.rate_item
+        ok = self.limiter.hit(item, "guard", client)
+        return self._result(item, client, ok, None if ok else "rate")
+
+    @staticmethod
+    def client_item(rate: float, burst: int) -> RateLimitItem:
+        """The rate item of a throttled client (same moving-window shape as the default)."""
+        return PerSecond(burst, max(1, math.ceil(burst / rate)))
 
     def hit_budget(self, client: str, rows: int) -> LimitResult | None:
         """Take ``rows`` input rows of ``client``'s budget, or refuse (nothing is spent then).

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    or_,
     select,
     update,
 )
@@ -33,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from advguard.errors import AdvguardError, InputError
+from advguard.guard.controls import control_tables
 
 SCOPES = ("predict", "admin")
 KEY_ID_RE = r"^[0-9a-f]{16}$"
@@ -138,6 +140,31 @@ class DecisionRecord(BaseModel):
         return out
 
 
+class ClientLimit(BaseModel):
+    """A reduced request rate for one client (``advguard incident throttle-client``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_id: str = Field(pattern=KEY_ID_RE)
+    rate: float = Field(gt=0, le=1e6)
+    burst: int = Field(ge=1, le=10**7)
+    reason: str = Field(max_length=500)
+    created_at: datetime
+    expires_at: datetime | None = None
+
+    def active(self, at: datetime) -> bool:
+        return self.expires_at is None or self.expires_at > at
+
+
+class Isolation(BaseModel):
+    """All of a model's traffic answered by the fallback or rejected (``incident isolate``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=100)
+    mode: Literal["fallback", "reject"]
+    reason: str = Field(max_length=500)
+    created_at: datetime
+
+
 def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
     md = MetaData()
     keys = Table(
@@ -196,6 +223,8 @@ class GuardStore:
         except InputError as e:
             raise InputError(str(e).replace("registry database", "guard database")) from None
         self.metadata, self.keys, self.blocks, self.decisions = _tables(table_prefix)
+        self.table_prefix = table_prefix
+        self.controls = control_tables(table_prefix, self.metadata)  # incident response
         try:
             with self.engine.begin() as conn:
                 if conn.dialect.name == "postgresql":  # serialise concurrent first opens
@@ -375,7 +404,32 @@ class GuardStore:
         return bool(res.rowcount)
 
     def purge(self, older_than: datetime) -> int:
-        """Delete decisions (and their payloads) recorded before ``older_than``."""
+        """Delete decisions (and their payloads) recorded before ``older_than``, except those an
+        incident holds (``advguard incident preserve``) until their hold ends."""
+        h = self.controls.holds
+        held = select(h.c.decision_id).where(or_(h.c.held_until.is_(None), h.c.held_until > now()))
         with self.engine.begin() as conn:
-            res = conn.execute(delete(self.decisions).where(self.decisions.c.ts < older_than))
+            res = conn.execute(
+                delete(self.decisions).where(
+                    self.decisions.c.ts < older_than, self.decisions.c.id.not_in(held)
+                )
+            )
         return int(res.rowcount or 0)
+
+    # -- incident-response overrides (read on every request) -------------------------------
+    def client_limit(self, client_id: str) -> ClientLimit | None:
+        """The active reduced rate of ``client_id``, if an incident set one."""
+        t = self.controls.client_limits
+        with self.engine.begin() as conn:
+            row = conn.execute(select(t).where(t.c.client_id == client_id)).first()
+        if row is None:
+            return None
+        rec: ClientLimit = self._parse(ClientLimit, row, "client limit")
+        return rec if rec.active(now()) else None
+
+    def isolation(self, model: str) -> Isolation | None:
+        """How ``model`` is isolated, if an incident isolated it."""
+        t = self.controls.isolation
+        with self.engine.begin() as conn:
+            row = conn.execute(select(t).where(t.c.model == model)).first()
+        return None if row is None else self._parse(Isolation, row, "isolation")
