@@ -25,6 +25,7 @@ from advguard.cli import (
     detector,
     evaluate,
     extract,
+    gameday,
     gate,
     guard,
     poison,
@@ -52,6 +53,7 @@ MODULES: tuple[ModuleType, ...] = (
     privacy,
     extract,
     watermark,
+    gameday,
 )
 
 app = typer.Typer(

@@ -134,16 +134,16 @@ def split_dataset(
         raise InputError(f"need at least 20 labelled samples for a game day, got {len(x)}")
     perm = np.random.default_rng(seed).permutation(len(x))
     x, y = np.asarray(x, dtype=np.float32)[perm], np.asarray(y).astype(np.int64)[perm]
-    cut = int(round(0.7 * len(x)))
+    cut = round(0.7 * len(x))
     return GamedayData(model, x[:cut], x[cut:], y[cut:], seed_set(x[:cut], y[:cut], 2), name)
 
 
 def seed_set(x: np.ndarray, y: np.ndarray, per_class: int) -> np.ndarray:
     idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
-    return x[np.sort(idx)]
+    return np.asarray(x[np.sort(idx)])
 
 
-def demo_setup(*, seed: int = 0, epochs: int = 10) -> GamedayData:
+def demo_setup(*, seed: int = 0, epochs: int = 10, progress: Progress | None = None) -> GamedayData:
     """The built-in demo: a small CNN trained on 1400 of scikit-learn's digits (shuffled with
     ``seed``); those 1400 images are the calibration traffic, the other 397 the replay."""
     import torch
@@ -157,7 +157,14 @@ def demo_setup(*, seed: int = 0, epochs: int = 10) -> GamedayData:
     perm = np.random.default_rng(seed).permutation(len(d.x))
     x, y = d.x[perm].astype(np.float32), d.y[perm].astype(np.int64)
     torch.manual_seed(seed)
-    module = fit(small_cnn((1, 8, 8), 10), x[:1400], y[:1400], epochs=epochs, seed=seed)
+
+    def on_epoch(epoch: int, total: int, _loss: float) -> None:
+        if progress is not None:
+            progress("train", epoch, total)
+
+    module = fit(
+        small_cnn((1, 8, 8), 10), x[:1400], y[:1400], epochs=epochs, seed=seed, progress=on_epoch
+    )
     model = TorchClassifier(module, input_shape=(1, 8, 8), num_classes=10)
     return GamedayData(
         model, x[:1400], x[1400:], y[1400:], seed_set(x[:1400], y[:1400], 2), "digits-cnn"
@@ -223,9 +230,10 @@ def run_evasion(
         attack = HopSkipJump(norm="l2", max_queries=cfg.attack_queries, seed=cfg.seed)
         eps = None
     n = min(cfg.attack_images, len(data.replay_x))
-    successes = 0
+    successes = tried = 0
     try:
         for i in range(n):
+            tried = i + 1
             res = attack(model, data.replay_x[i : i + 1], data.replay_y[i : i + 1], epsilon=eps)
             successes += int(res.success.sum())
             if progress is not None:
@@ -235,7 +243,7 @@ def run_evasion(
         record_refusal(run, model, exc, clock)
         if run.blocked:
             run.block_persists = confirm_block(model, data.replay_x)
-    run.details = {"images_attacked": n, "evasions_before_stop": successes}
+    run.details = {"images_attacked": tried, "evasions_before_stop": successes}
     return run
 
 
@@ -448,7 +456,9 @@ def run_gameday(
                 n: create_key(guard.store, n)
                 for n in [*cfg.attacks, *(["extraction"] if cfg.extraction else [])]
             }
-            benign_keys = [create_key(guard.store, f"benign-{i}") for i in range(cfg.benign_clients)]
+            benign_keys = [
+                create_key(guard.store, f"benign-{i}") for i in range(cfg.benign_clients)
+            ]
             with LocalGuardServer(CatchAll(create_app(guard))) as server:
                 url = f"{server.url}/v1/models/{MODEL_NAME}/predict"
                 runs = _run_clients(url, keys, benign_keys, data, cfg, clock, progress)
