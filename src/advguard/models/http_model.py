@@ -838,16 +838,17 @@ class HttpClassifier(ClassifierBase):
 
     def _one_hot(self, raw: object, where: str, n: int) -> np.ndarray:
         """A label-only answer (``n`` integers in ``[0, num_classes)``) as one-hot rows."""
-        arr = np.asarray(raw) if isinstance(raw, list) else np.zeros(0)
-        ok = arr.shape == (n,) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in arr.tolist()
+        ok = (
+            isinstance(raw, list)
+            and len(raw) == n
+            and all(type(v) is int and 0 <= v < self.num_classes for v in raw)
         )
-        if not ok or (n and (arr.min() < 0 or arr.max() >= self.num_classes)):
+        if not ok:
             raise EndpointResponseError(
                 f"{where}: field {self.output_field!r} must hold {n} integer label(s) in "
                 f"[0, {self.num_classes}) for {n} input(s)"
             )
-        return np.eye(self.num_classes, dtype=np.float64)[arr.astype(np.int64)]
+        return np.eye(self.num_classes, dtype=np.float64)[np.asarray(raw, dtype=np.int64)]
 
     # -- description ----------------------------------------------------------
     def usage(self) -> dict[str, Any]:
