@@ -249,6 +249,18 @@ def out_file_quickstart(tmp: Path) -> list[str]:
     return ["quickstart", "--out", str(_a_file(tmp))]
 
 
+def gameday_bad_batch(tmp: Path) -> list[str]:
+    return ["gameday", "--benign-batch", "5,2"]
+
+
+def gameday_unknown_attack(tmp: Path) -> list[str]:
+    return ["gameday", "--attacks", "square,pgd"]
+
+
+def gameday_out_is_a_directory(tmp: Path) -> list[str]:
+    return ["gameday", "--out", str(tmp)]
+
+
 CASES: dict[str, Builder] = {
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
@@ -274,6 +286,9 @@ CASES: dict[str, Builder] = {
     "redteam --out is a file": out_file_redteam,
     "train --out is a file": out_file_train,
     "quickstart --out is a file": out_file_quickstart,
+    "gameday --benign-batch 5,2": gameday_bad_batch,
+    "gameday --attacks square,pgd": gameday_unknown_attack,
+    "gameday --out is a directory": gameday_out_is_a_directory,
 }
 
 
