@@ -94,8 +94,12 @@ def gameday(
     """Game day: attack a local guard and measure time to detect and to mitigate.
 
     Exit 0 when every acceptance check passes, 1 when one fails (named on stderr)."""
+    import logging
+
     from advguard.guard.gameday import GamedayConfig, run_gameday
 
+    # the blocks are the point of the drill and are in the report: keep them off the console
+    logging.getLogger("advguard.guard").setLevel(logging.ERROR)
     if out is not None:
         check_out_file(out)
     cfg = GamedayConfig(
@@ -178,7 +182,10 @@ def _render(doc: dict[str, Any], out: Path | None) -> None:
     table = Table(title="Game day: attackers against the guard")
     for col in ("attacker", "detected at query", "by", "s to detect", "answered before block",
                 "s to mitigate", "block holds"):  # fmt: skip
-        table.add_column(col, justify="right" if col != "attacker" else "left")
+        if col == "attacker":
+            table.add_column(col, no_wrap=True)
+        else:
+            table.add_column(col, justify="right")
     for a in doc["attackers"]:
         table.add_row(
             a["name"], _fmt(a["queries_to_detect"]), _fmt(a["detector"]),

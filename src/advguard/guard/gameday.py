@@ -231,6 +231,8 @@ def run_evasion(
         eps = None
     n = min(cfg.attack_images, len(data.replay_x))
     successes = tried = 0
+    if progress is not None:
+        progress(f"attack:{name}", 0, n)
     try:
         for i in range(n):
             tried = i + 1
