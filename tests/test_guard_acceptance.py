@@ -127,3 +127,28 @@ def test_http_classifier_reads_label_only_answers(tmp_path, digits_split, digits
     expected = guard.model.classifier.predict(x_te[:7])
     assert labels.shape == (7, 10) and (labels.sum(1) == 1).all()
     assert labels.argmax(1).tolist() == expected.tolist()
+
+
+def test_the_guard_budget_stops_knockoff_extraction(tmp_path, digits_split, digits_module):
+    """Knockoff Nets through the guard with a budget of 300 rows: the attacker's 5000-query
+    plan ends with 429 budget-exhausted, having been answered at most 300 rows."""
+    from advguard.attacks.extraction import knockoff
+    from advguard.guard.app import create_app
+    from advguard.guard.auth import create_key
+    from advguard.models.http_model import EndpointError
+    from guard_helpers import ServerThread, make_guard
+
+    x_tr, _, _, _ = digits_split
+    limits = {"budget": 300, "rate": 1000.0, "burst": 1000}
+    guard = make_guard(tmp_path, digits_module, cfg={"limits": limits})
+    key = create_key(guard.store, "thief").key
+    with ServerThread(create_app(guard)) as srv:
+        http = HttpClassifier(
+            f"{srv.url}/v1/models/digits/predict", input_shape=(1, 8, 8), num_classes=10,
+            api_key=key, retries=0, proxies={},
+        )  # fmt: skip
+        with pytest.raises(EndpointError, match="budget-exhausted") as err:
+            knockoff(http, x_tr, budget=5000, n_checkpoints=3, epochs=1, query_batch=100)
+    guard.close()
+    assert err.value.status == 429
+    assert http.samples_answered == 300  # three requests of 100 rows, the fourth refused

@@ -53,7 +53,10 @@ def extract(
         str | None, typer.Option(help="Environment variable holding the API key (URL targets)")
     ] = None,
     output: Annotated[
-        str, typer.Option(help="What a URL target returns: probabilities or logits")
+        str,
+        typer.Option(
+            help="What a URL target returns: probabilities, logits or labels (label-only API)"
+        ),
     ] = "probabilities",
     factory: FactoryOpt = None,
     input_shape: InputShapeOpt = None,
