@@ -63,10 +63,15 @@ class Recording(ClassifierBase):
         self.xs, self.zs = [], []
 
     def logits(self, x):
-        z = self.inner.logits(x)
-        self.xs.append(x.detach().cpu().numpy())
-        self.zs.append(z.detach().cpu().numpy())
-        return z
+        """One request per chunk, each answer kept as it arrives: after a refusal the
+        attacker still has every chunk answered before it."""
+        out = []
+        for i in range(0, len(x), self.inner.batch_size):
+            z = self.inner.logits(x[i : i + self.inner.batch_size])
+            self.xs.append(x[i : i + self.inner.batch_size].detach().cpu().numpy())
+            self.zs.append(z.detach().cpu().numpy())
+            out.append(z)
+        return torch.cat(out) if out else self.inner.logits(x)
 
 
 def setup():
