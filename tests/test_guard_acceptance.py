@@ -16,6 +16,7 @@ clients flagged. Measured numbers are in docs/guard-stateful.md.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 
 import numpy as np
@@ -81,6 +82,7 @@ def test_benign_clients_trip_no_detector(report):
     assert b["flagged_clients"] == 0 and b["flag_rate"] < 0.01
     assert b["blocked_clients"] == 0 and b["errors"] == 0
     assert report.passed, [c for c in report.checks if not c.passed]
+    assert "agk_" not in json.dumps(report.to_dict())  # key ids only, never an API key
     cal = report.setup["detectors"]["knn"]["calibration"]
     assert cal["n_scored"] == 1400 - 50 and cal["fpr_target"] == 0.001
 
