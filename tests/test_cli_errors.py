@@ -283,6 +283,18 @@ def guard_rollout_bad_url(tmp: Path) -> list[str]:
     return ["guard", "rollout", "status", "digits", "--url", "ftp://127.0.0.1:1"]
 
 
+def gameday_bad_batch(tmp: Path) -> list[str]:
+    return ["gameday", "--benign-batch", "5,2"]
+
+
+def gameday_unknown_attack(tmp: Path) -> list[str]:
+    return ["gameday", "--attacks", "square,pgd"]
+
+
+def gameday_out_is_a_directory(tmp: Path) -> list[str]:
+    return ["gameday", "--out", str(tmp)]
+
+
 CASES: dict[str, Builder] = {
     "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
     "evaluate: a goal's training data is missing": goal_data_missing,
@@ -314,6 +326,9 @@ CASES: dict[str, Builder] = {
     "dashboards export --out is a file": dashboards_out_is_file,
     "guard profile: too few reference rows": guard_profile_too_few_rows,
     "guard rollout: --url not http(s)": guard_rollout_bad_url,
+    "gameday --benign-batch 5,2": gameday_bad_batch,
+    "gameday --attacks square,pgd": gameday_unknown_attack,
+    "gameday --out is a directory": gameday_out_is_a_directory,
 }
 
 

@@ -409,7 +409,7 @@ def test_url_and_option_validation():
     with pytest.raises(InputError, match="credentials in the URL"):
         client("https://user:pw@example.com/predict")
     with pytest.raises(InputError, match="output must be"):
-        client("http://127.0.0.1:1/p", output="labels")
+        client("http://127.0.0.1:1/p", output="scores")
     with pytest.raises(InputError, match="retries"):
         client("http://127.0.0.1:1/p", retries=-1)
     with pytest.raises(InputError, match="query_budget"):

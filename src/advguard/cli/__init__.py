@@ -26,6 +26,7 @@ from advguard.cli import (
     detector,
     evaluate,
     extract,
+    gameday,
     gate,
     guard,
     guard_rollout,
@@ -58,6 +59,7 @@ MODULES: tuple[ModuleType, ...] = (
     privacy,
     extract,
     watermark,
+    gameday,
 )
 
 app = typer.Typer(

@@ -53,7 +53,10 @@ def extract(
         str | None, typer.Option(help="Environment variable holding the API key (URL targets)")
     ] = None,
     output: Annotated[
-        str, typer.Option(help="What a URL target returns: probabilities or logits")
+        str,
+        typer.Option(
+            help="What a URL target returns: probabilities, logits or labels (label-only API)"
+        ),
     ] = "probabilities",
     factory: FactoryOpt = None,
     input_shape: InputShapeOpt = None,
@@ -71,15 +74,9 @@ def extract(
     )
     from advguard.attacks.extraction.common import load_query_pool
     from advguard.attacks.extraction.report import write_extraction_report
-    from advguard.errors import InputError
     from advguard.models.io import save_torch
 
-    if method not in ("knockoff", "jacobian"):
-        raise InputError(f"--method must be knockoff or jacobian, got {method!r}")
-    if mode not in ("probabilities", "labels"):
-        raise InputError(f"--mode must be probabilities or labels, got {mode!r}")
-    if arch not in ("mlp", "small_cnn"):
-        raise InputError(f"--arch must be mlp or small_cnn, got {arch!r}")
+    _check_choices(method=method, mode=mode, arch=arch)
     x, y = load_query_pool(data)
     model = _target_model(
         target, tuple(x.shape[1:]), api_key_env, output, factory, input_shape, num_classes, bounds
@@ -108,6 +105,22 @@ def extract(
         return
     _print_extraction(res, f"{method} ({mode})", budget)
     console.print(f"Stolen model: [bold]{weights}[/]; report: [bold]{jp}[/] and [bold]{hp}[/]")
+
+
+_CHOICES = {
+    "method": ("knockoff", "jacobian"),
+    "mode": ("probabilities", "labels"),
+    "arch": ("mlp", "small_cnn"),
+}
+
+
+def _check_choices(**given: str) -> None:
+    from advguard.errors import InputError
+
+    for name, value in given.items():
+        allowed = _CHOICES[name]
+        if value not in allowed:
+            raise InputError(f"--{name} must be {' or '.join(allowed)}, got {value!r}")
 
 
 def _print_extraction(res: Any, what: str, budget: int) -> None:

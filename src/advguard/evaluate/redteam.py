@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from advguard.evaluate.threat_model import ThreatModel, load_threat_model
 from advguard.models.http_model import (
     DEFAULT_MAX_RESPONSE_BYTES,
     HttpClassifier,
+    HttpOutput,
     HttpTextClassifier,
     QueryBudgetExceeded,
 )
@@ -94,7 +95,7 @@ def run_redteam(
     query_budget: int | None = None,
     input_field: str = "inputs",
     output_field: str | None = None,
-    output: Literal["probabilities", "logits"] = "probabilities",
+    output: HttpOutput = "probabilities",
     flatten: bool = False,
     batch_size: int = 64,
     timeout: float = 30.0,

@@ -71,8 +71,9 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
-HttpOutput = Literal["probabilities", "logits"]
-"""What an endpoint returns: class probabilities or raw logits."""
+HttpOutput = Literal["probabilities", "logits", "labels"]
+"""What an endpoint returns: class probabilities, raw logits, or only top-1 labels (a
+label-only API; each label becomes a one-hot probability row)."""
 
 
 def parse_output(value: object) -> HttpOutput:
@@ -81,7 +82,9 @@ def parse_output(value: object) -> HttpOutput:
         return "probabilities"
     if value == "logits":
         return "logits"
-    raise InputError(f"output must be 'probabilities' or 'logits', got {value!r}")
+    if value == "labels":
+        return "labels"
+    raise InputError(f"output must be 'probabilities', 'logits' or 'labels', got {value!r}")
 
 
 class QueryBudgetExceeded(AdvguardError):
@@ -323,10 +326,12 @@ class HttpClassifier(ClassifierBase):
         the number of classes, the valid input range. Inputs are sent in that raw space.
     output:
         ``"probabilities"`` (rows must be finite, >= 0 and sum to 1; turned into
-        ``log(p + 1e-12)``) or ``"logits"`` (any finite scores).
+        ``log(p + 1e-12)``), ``"logits"`` (any finite scores) or ``"labels"`` (a label-only
+        API: one integer class per input, turned into one-hot probabilities).
     input_field, output_field:
         JSON keys of the request inputs and the response scores. ``output_field``
-        defaults to the value of ``output`` (``"probabilities"`` or ``"logits"``).
+        defaults to the value of ``output`` (``"probabilities"``, ``"logits"`` or
+        ``"labels"``, the field the advguard guard answers).
     flatten:
         Send each input as a flat list of ``prod(input_shape)`` numbers instead of
         nested lists of shape ``input_shape``.
@@ -609,7 +614,7 @@ class HttpClassifier(ClassifierBase):
         if len(x) == 0:
             return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
         out = self.query_scores(x.detach().to("cpu", torch.float32).numpy())
-        if self.output == "probabilities":
+        if self.output in ("probabilities", "labels"):
             out = np.log(out + PROBA_EPS)
         return torch.from_numpy(out.astype(np.float32)).to(x.device)
 
@@ -840,6 +845,13 @@ class HttpClassifier(ClassifierBase):
                 "output_field to the key that holds the scores"
             )
         raw = payload[self.output_field]
+        if self.output == "labels":
+            return self._one_hot(raw, where, n)
+        return self._scores(raw, where, n)
+
+    def _scores(self, raw: object, where: str, n: int) -> np.ndarray:
+        """The answer's ``(n, num_classes)`` scores, checked (finite; probabilities >= 0 and
+        summing to 1 when ``output='probabilities'``)."""
         try:
             arr = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError):
@@ -884,6 +896,20 @@ class HttpClassifier(ClassifierBase):
                     "use output='logits'"
                 )
         return arr
+
+    def _one_hot(self, raw: object, where: str, n: int) -> np.ndarray:
+        """A label-only answer (``n`` integers in ``[0, num_classes)``) as one-hot rows."""
+        ok = (
+            isinstance(raw, list)
+            and len(raw) == n
+            and all(type(v) is int and 0 <= v < self.num_classes for v in raw)
+        )
+        if not ok:
+            raise EndpointResponseError(
+                f"{where}: field {self.output_field!r} must hold {n} integer label(s) in "
+                f"[0, {self.num_classes}) for {n} input(s)"
+            )
+        return np.eye(self.num_classes, dtype=np.float64)[np.asarray(raw, dtype=np.int64)]
 
     # -- description ----------------------------------------------------------
     def usage(self) -> dict[str, Any]:
