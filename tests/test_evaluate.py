@@ -310,3 +310,27 @@ def test_input_errors(digits_model, digits_split):
         evaluate(digits_model, x * 5, y, tm())
     with pytest.raises(InputError, match="empty"):
         evaluate(digits_model, x[:0], y[:0], tm())
+
+
+def test_turning_the_sanity_checks_off_makes_the_report_untrustworthy(
+    digits_model, digits_split, tmp_path
+):
+    """``sanity_checks: false`` used to give ``trustworthy: true`` (no check failed because
+    none ran), which overstates trust: now the report carries a failed
+    ``sanity-checks-disabled`` check, its verdict is untrustworthy and the gate refuses it."""
+    from advguard.evaluate.report import load_report
+    from advguard.registry.gate import run_gate
+    from advguard.registry.policy import Policy
+
+    _, _, x, y = digits_split
+    t = tm(sanity_checks=False, slos=["clean_accuracy >= 0.5"])
+    rep = Evaluator(digits_model, x, y, t).run()
+    assert [c.id for c in rep.sanity_checks] == ["sanity-checks-disabled"]
+    assert rep.sanity_checks[0].status == "fail"
+    assert rep.trustworthy is False and rep.verdict.status == "untrustworthy"
+    path = rep.write(tmp_path)
+    again = load_report(path)  # the strict loader accepts it: flag, checks and verdict agree
+    assert again.trustworthy is False
+    result = run_gate(again, Policy())
+    trust = next(c for c in result.checks if c.name == "evaluation trustworthy")
+    assert trust.status == "fail" and "sanity-checks-disabled" in trust.message

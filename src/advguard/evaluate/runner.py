@@ -38,7 +38,7 @@ from advguard.evaluate.checkpoint import (
     save_checkpoint,
 )
 from advguard.evaluate.report import Example, Report, SanityCheck, Stage
-from advguard.evaluate.sanity import run_sanity_checks
+from advguard.evaluate.sanity import run_sanity_checks, sanity_disabled_check
 from advguard.evaluate.state import (
     NEVER,
     NOT_FOOLED,
@@ -248,6 +248,8 @@ class Evaluator:
             t0 = self.clock()
             checks = run_sanity_checks(self, state)
             t_sanity = self.clock() - t0
+        else:
+            checks = [sanity_disabled_check()]
         return self.build_report(
             state,
             idx,

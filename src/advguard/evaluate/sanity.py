@@ -176,6 +176,24 @@ def _check(
     )
 
 
+def sanity_disabled_check() -> SanityCheck:
+    """The failed check a report carries when its threat model turned the sanity checks off:
+    nothing then shows that the attacks were strong enough, so the robust accuracy it reports
+    is an upper bound nobody checked and the report is not trustworthy (the gate refuses it)."""
+    return SanityCheck(
+        id="sanity-checks-disabled",
+        title="Sanity checks were turned off",
+        status="fail",
+        explanation=(
+            "the threat model sets sanity_checks: false, so no check confirmed that the attacks "
+            "were strong enough (gradients, larger budgets, black-box vs white-box); the robust "
+            "accuracy may overstate robustness"
+        ),
+        suggestion="remove 'sanity_checks: false' from the threat model and run it again",
+        reference="Carlini et al. 2019, On Evaluating Adversarial Robustness, section 5",
+    )
+
+
 # -- checks -------------------------------------------------------------------------------
 def _randomness(
     ev: EvaluationContext, state: RunState, x: torch.Tensor, y: torch.Tensor

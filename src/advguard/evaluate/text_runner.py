@@ -45,6 +45,7 @@ from advguard.evaluate.report import (
     SuiteEntry,
 )
 from advguard.evaluate.runner import Progress, environment, findings, select_samples
+from advguard.evaluate.sanity import sanity_disabled_check
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.stats import proportion, summary
 
@@ -203,6 +204,8 @@ class TextEvaluator:
                 self._check_verification(ev.rejected),
                 self._check_larger_budget(texts, y, s.targets, survivors),
             ]
+        else:
+            checks = [sanity_disabled_check()]
         timing = {
             "suite_seconds": t_suite,
             "sanity_and_escalation_seconds": time.perf_counter() - t0,
