@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advguard import __version__
+from advguard.guard.batching import BatchItem
 from advguard.guard.edge import (
     parse_json,
     parse_npy,
@@ -30,6 +31,7 @@ from advguard.guard.metrics import CONTENT_TYPE_LATEST
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.ratelimit import LimitResult
 from advguard.guard.storage import KeyRecord
 
 log = logging.getLogger("advguard.guard")
@@ -197,7 +199,10 @@ async def serve_prediction(
     model = guard.get_model(name)
     edge = guard.cfg.edge
     try:
-        await run_in_threadpool(guard.check_rate, key, model.name)
+        if guard.limiter.shared:  # Redis: network I/O
+            await run_in_threadpool(guard.check_rate, key, model.name)
+        else:  # in memory: a dictionary and a lock, no I/O
+            guard.check_rate(key, model.name)
         body = await read_capped(
             request.stream(),
             edge.max_body_bytes,
@@ -205,11 +210,22 @@ async def serve_prediction(
             request.headers.get("content-length"),
         )
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        # parsing a large body takes a while: keep it off the event loop
-        raw, extra = await run_in_threadpool(parse, body, ctype.lower())
-        x = await run_in_threadpool(guard.validate, raw, model)
-        budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
-        outcome = await run_in_threadpool(guard.process, key, model, x, started)
+
+        def admit() -> tuple[np.ndarray, Any, LimitResult | None]:
+            # parsing a large body takes a while: this runs off the event loop
+            raw, extra = parse(body, ctype.lower())
+            x = guard.validate(raw, model)
+            return x, extra, guard.check_budget(key, model.name, len(x))
+
+        def admit_and_process() -> tuple[Outcome, Any, LimitResult | None]:
+            x, extra, budget = admit()
+            return guard.process(key, model, x, started), extra, budget
+
+        if guard.batcher is None:  # one thread-pool hop for all the blocking steps
+            outcome, extra, budget = await run_in_threadpool(admit_and_process)
+        else:
+            x, extra, budget = await run_in_threadpool(admit)
+            outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
         status = 200

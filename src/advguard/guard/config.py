@@ -158,6 +158,16 @@ class ForensicsConfig(_Strict):
     record_all_decisions: bool = True
 
 
+class BatchingConfig(_Strict):
+    """Micro-batching (opt-in): concurrent requests' validated inputs are scored and answered
+    in one model call of at most ``max_batch`` rows, started at the latest ``max_wait_ms``
+    after the oldest waiting request arrived. Decisions, budgets and records stay per
+    request."""
+
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+
+
 class GuardConfig(_Strict):
     version: Literal[1] = 1
     model: ModelSpec | None = None
@@ -172,6 +182,7 @@ class GuardConfig(_Strict):
     stateful: list[StatefulConfig] = Field(default_factory=list)
     output: OutputConfig = Field(default_factory=OutputConfig)
     forensics: ForensicsConfig = Field(default_factory=ForensicsConfig)
+    batching: BatchingConfig | None = None
     #: Folder relative paths are read from (the config file's folder); not a YAML key.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -18,12 +18,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from advguard.errors import InputError
+from advguard.guard.batching import GroupCommit, MicroBatcher, process_batch
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
 from advguard.guard.config import SEVERITY, GuardConfig
 from advguard.guard.edge import check_batch
@@ -162,6 +164,31 @@ class Outcome:
         return out
 
 
+@dataclass
+class Pending:
+    """A request decided but not yet answered (between :meth:`Guard.decide` and
+    :meth:`Guard.conclude`)."""
+
+    decision_id: str
+    key: KeyRecord
+    model: ServedModel
+    #: The validated batch (recorded) and its sanitized form (scored and answered).
+    x: np.ndarray
+    xs: np.ndarray
+    det: Detection
+    action: str
+    forensic: bool
+    started: float
+
+    @property
+    def refused(self) -> bool:
+        return self.action in ("reject", "block")
+
+    @property
+    def row_actions(self) -> list[str]:
+        return self.det.row_actions
+
+
 def _quantize(x: np.ndarray, bits: int, bounds: tuple[float, float]) -> np.ndarray:
     """Bit-depth reduction (feature squeezing; Xu, Evans & Qi, NDSS 2018) within ``bounds``."""
     lo, hi = bounds
@@ -199,6 +226,18 @@ class Guard:
         self.fernet = fernet
         self.rng = rng or random.Random()
         self.metrics = GuardMetrics()
+        #: The output policy of keys that set none (built once, not per request).
+        self.default_output = OutputPolicy(**cfg.output.model_dump())
+        #: Decision records are committed in groups (each answer still waits for its own).
+        self.recorder = GroupCommit(store.add_decisions)
+        #: The micro-batcher (``batching:`` in the config; None: every request alone).
+        self.batcher: MicroBatcher | None = None
+        if cfg.batching is not None:
+            self.batcher = MicroBatcher(
+                partial(process_batch, self),
+                max_rows=cfg.batching.max_batch,
+                max_wait_s=cfg.batching.max_wait_ms / 1000.0,
+            )
         needs_fallback = any(
             a in ("fallback", "review") for d in self.detectors for _, a in d.bands
         )
@@ -316,40 +355,80 @@ class Guard:
     def process(self, key: KeyRecord, model: ServedModel, x: np.ndarray, started: float) -> Outcome:
         """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
         rate and budget were already taken. Raises :class:`Problem` for reject/block."""
+        pending = self.decide(key, model, x, started)
+        probs = None if pending.refused else self.answer(model, pending.xs, pending.row_actions)
+        return self.conclude(pending, probs)
+
+    def decide(
+        self,
+        key: KeyRecord,
+        model: ServedModel,
+        x: np.ndarray,
+        started: float,
+        *,
+        scores: Sequence[np.ndarray] | None = None,
+    ) -> Pending:
+        """Sanitize, detect (``scores``: the detectors' scores of the sanitized batch, already
+        computed, e.g. by the micro-batcher on several requests at once), observe the client
+        and decide; nothing is answered or recorded yet."""
         decision_id = uuid.uuid4().hex
         xs = self.sanitize(x, model)
-        det = self.detect(xs)
+        det = self.detect(xs, scores)
         self.observe_stateful(key, xs, det)
         action = det.action()
         sampled = self.rng.random() < self.cfg.forensics.sample_rate
         if sampled and not det.flagged and action == "allow":
             det.reasons.append("sampled")
         forensic = det.flagged or action != "allow" or sampled
-        probs = None if action in ("reject", "block") else self.answer(model, xs, det.row_actions)
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        if forensic or self.cfg.forensics.record_all_decisions:
-            self._record(decision_id, key, model, action, det, forensic, x, latency_ms)
+        return Pending(decision_id, key, model, x, xs, det, action, forensic, started)
+
+    def conclude(
+        self,
+        p: Pending,
+        probs: np.ndarray | None,
+        records: list[DecisionRecord] | None = None,
+    ) -> Outcome:
+        """Record, count and answer a decided request (``probs``: its scores, None when
+        refused). With ``records`` the decision record is appended there for the caller to
+        commit (with others) before the answer leaves. Raises for reject/block."""
+        latency_ms = (time.perf_counter() - p.started) * 1000.0
+        model, key, action = p.model, p.key, p.action
+        if p.forensic or self.cfg.forensics.record_all_decisions:
+            rec = self.decision_record(p, latency_ms)
+            if records is None:
+                self.recorder.add(rec)  # committed before the answer leaves
+            else:
+                records.append(rec)
         self.metrics.decisions.labels(model.name, model.version, action).inc()
-        self.refuse_if_needed(action, key, decision_id, det.reasons)
+        self.refuse_if_needed(action, key, p.decision_id, p.det.reasons)
         assert probs is not None
-        self.metrics.rows.labels(model.name, model.version).inc(len(xs))
+        self.metrics.rows.labels(model.name, model.version).inc(len(p.xs))
         return Outcome(
-            decision_id,
+            p.decision_id,
             action,
             model,
             self.fallback,
             probs,
-            det.row_actions,
-            key.output or OutputPolicy(**self.cfg.output.model_dump()),
+            p.det.row_actions,
+            key.output or self.default_output,
         )
 
-    def detect(self, xs: np.ndarray) -> Detection:
-        """Score the sanitized batch with every input detector and map scores to row actions."""
-        det = Detection(row_actions=["allow"] * len(xs))
+    def score_inputs(self, xs: np.ndarray) -> list[np.ndarray]:
+        """Every input detector's scores of the sanitized batch ``xs`` (checked)."""
+        out = []
         for slot in self.detectors:
             s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")
+            out.append(s)
+        return out
+
+    def detect(self, xs: np.ndarray, scores: Sequence[np.ndarray] | None = None) -> Detection:
+        """Score the sanitized batch with every input detector (or take its ``scores``) and
+        map scores to row actions."""
+        det = Detection(row_actions=["allow"] * len(xs))
+        scores = self.score_inputs(xs) if scores is None else scores
+        for slot, s in zip(self.detectors, scores, strict=True):
             det.scores[slot.name] = [round(float(v), 6) for v in s]
             for i, a in enumerate(slot.actions(s)):
                 if a != "allow":
@@ -409,40 +488,30 @@ class Guard:
                 headers={"X-Decision-Id": decision_id},
             )
 
-    def _record(
-        self,
-        decision_id: str,
-        key: KeyRecord,
-        model: ServedModel,
-        action: str,
-        det: Detection,
-        forensic: bool,
-        x: np.ndarray,
-        latency_ms: float,
-    ) -> None:
+    def decision_record(self, p: Pending, latency_ms: float) -> DecisionRecord:
+        """The decision record of ``p`` (with the encrypted payload when forensic)."""
         payload = None
-        if forensic and self.fernet is not None:
-            payload = encode_payload(x, self.fernet)
-        rec = DecisionRecord(
-            id=decision_id,
+        if p.forensic and self.fernet is not None:
+            payload = encode_payload(p.x, self.fernet)
+        return DecisionRecord(
+            id=p.decision_id,
             ts=now(),
-            key_id=key.key_id,
-            model=model.name,
-            version=model.version,
-            action=action,  # type: ignore[arg-type]
-            flagged=det.flagged,
-            forensic=forensic,
-            reasons=det.reasons[:64],
-            scores=det.scores,
-            fingerprint=fingerprint(x),
-            n_rows=len(x),
-            shape=list(x.shape),
+            key_id=p.key.key_id,
+            model=p.model.name,
+            version=p.model.version,
+            action=p.action,  # type: ignore[arg-type]
+            flagged=p.det.flagged,
+            forensic=p.forensic,
+            reasons=p.det.reasons[:64],
+            scores=p.det.scores,
+            fingerprint=fingerprint(p.x),
+            n_rows=len(p.x),
+            shape=list(p.x.shape),
             latency_ms=latency_ms,
             payload=payload,
             payload_encrypted=payload is not None,
-            review_status="pending" if action == "review" else None,
+            review_status="pending" if p.action == "review" else None,
         )
-        self.store.add_decision(rec)  # committed before the answer leaves
 
     def decision(self, decision_id: str) -> dict[str, Any]:
         import re

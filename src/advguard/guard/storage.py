@@ -323,6 +323,26 @@ class GuardStore:
         with self.engine.begin() as conn:
             conn.execute(self.decisions.insert().values(**rec.model_dump()))
 
+    def add_decisions(self, recs: Sequence[DecisionRecord]) -> None:
+        """Insert several records in one transaction (committed when this returns)."""
+        if not recs:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(self.decisions.insert(), [r.model_dump() for r in recs])
+
+    def get_key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
+        """The key ``key_id`` and its client's active block, read in one transaction."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(self.keys).where(self.keys.c.key_id == key_id)).first()
+            brow = conn.execute(
+                select(self.blocks).where(self.blocks.c.client_id == key_id)
+            ).first()
+        key = None if row is None else self._parse(KeyRecord, row, "key")
+        if brow is None:
+            return key, None
+        block: BlockRecord = self._parse(BlockRecord, brow, "block")
+        return key, block if block.active(now()) else None
+
     def get_decision(self, decision_id: str) -> DecisionRecord | None:
         with self.engine.begin() as conn:
             row = conn.execute(
