@@ -21,6 +21,7 @@ of queuing for one each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -203,10 +204,8 @@ class MicroBatcher:
                 if k == 0:
                     assert self._wake is not None
                     self._wake.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
-                    except TimeoutError:
-                        pass
                     continue
                 batch, self._waiting = self._waiting[:k], self._waiting[k:]
                 await self._dispatch(batch)

@@ -165,7 +165,7 @@ class BatchingConfig(_Strict):
     request."""
 
     max_batch: int = Field(default=32, ge=1, le=4096)
-    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=60_000)
 
 
 class GuardConfig(_Strict):

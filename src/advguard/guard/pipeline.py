@@ -18,15 +18,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from advguard.errors import InputError
-from advguard.guard.batching import GroupCommit, MicroBatcher, process_batch
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
+from advguard.guard.batching import GroupCommit, MicroBatcher, process_batch
 from advguard.guard.config import SEVERITY, GuardConfig
 from advguard.guard.edge import check_batch
 from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
