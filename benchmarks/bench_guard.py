@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import Request  # the plain endpoint's annotations are resolved from here
+from fastapi.responses import JSONResponse
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -101,9 +103,8 @@ def serve_plain(workdir: Path, port: int) -> None:
     """The floor: the smallest reasonable FastAPI endpoint around the same model."""
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
 
     from advguard.models.io import load_model
 
@@ -139,7 +140,9 @@ def serve_guard(config: Path) -> None:
 
 
 # -- preparation --------------------------------------------------------------------------------
-def prepare(workdir: Path, data: dict[str, Any], meta: dict[str, Any], n_bodies: int) -> dict:
+def prepare(
+    workdir: Path, data: dict[str, Any], meta: dict[str, Any], n_bodies: int, db_dir: Path | None
+) -> dict[str, Any]:
     """Model file, feature-squeezing detector, guard configs and API keys, request bodies."""
     import torch
 
@@ -165,13 +168,12 @@ def prepare(workdir: Path, data: dict[str, Any], meta: dict[str, Any], n_bodies:
     # bodies: correctly classified test images the detector lets through (every answer 200)
     pool = x_te[: 4 * n_bodies]
     ok = (clf.predict(pool) == y_te[: len(pool)]) & ~fs.detect(pool)
-    chosen = pool[ok][:n_bodies]
+    chosen = pool[ok][:n_bodies] if ok.sum() >= n_bodies else pool[:n_bodies]
     bodies = [json.dumps({"inputs": np.round(x[None], 4).tolist()}) for x in chosen]
     keys = {}
     for name in CONFIGS[1:]:
-        cfg = guard_yaml(name)
-        (workdir / f"{name}.yaml").write_text(cfg)
-        store = GuardStore(f"sqlite:///{workdir / (name + '.db')}")
+        (workdir / f"{name}.yaml").write_text(guard_yaml(name, db_dir))
+        store = GuardStore(f"sqlite:///{(db_dir or workdir) / (name + '.db')}")
         keys[name] = create_key(store, "bench", ("predict",)).key
         store.close()
     return {
@@ -179,17 +181,19 @@ def prepare(workdir: Path, data: dict[str, Any], meta: dict[str, Any], n_bodies:
         "keys": keys,
         "detector": {"threshold": fs.threshold, "calibration": fs.calibration},
         "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
+        "bodies_all_allowed": bool(ok.sum() >= n_bodies),
     }
 
 
-def guard_yaml(name: str) -> str:
+def guard_yaml(name: str, db_dir: Path | None = None) -> str:
+    db = f"{db_dir}/{name}.db" if db_dir is not None else f"{name}.db"
     lines = [
         "model:",
         "  name: mnist",
         "  path: model.safetensors",
         f"  factory: '{FACTORY}'",
         "storage:",
-        f"  database_url: 'sqlite:///{name}.db'",
+        f"  database_url: 'sqlite:///{db}'",
         "limits: {rate: 1000000.0, burst: 10000000, budget: 1000000000, budget_period: day}",
     ]
     if "-fs" in name:
@@ -360,6 +364,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     ap.add_argument("--bodies", type=int, default=64, help="distinct request bodies")
     ap.add_argument("--data", type=Path, default=None, help=f"MNIST npz (default {DEFAULT_DATA})")
+    ap.add_argument(
+        "--db-dir", type=Path, default=None,
+        help="folder for the guards' SQLite files (default: the work folder in benchmarks/.cache)",
+    )  # fmt: skip
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. contended)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -375,7 +383,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.time()
     data = load_data(args.data)
     meta = get_model(data, None, "cpu")
-    prep = prepare(workdir, data, meta, args.bodies)
+    db_dir = None
+    if args.db_dir is not None:
+        db_dir = Path(tempfile.mkdtemp(prefix="bench_guard_db_", dir=args.db_dir))
+    prep = prepare(workdir, data, meta, args.bodies, db_dir)
     servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
     results: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in args.configs}
     try:
@@ -401,6 +412,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if db_dir is not None:
+            shutil.rmtree(db_dir, ignore_errors=True)
     rows = {n: {c: best(rs) for c, rs in by_c.items()} for n, by_c in results.items()}
     lat_c, tp_c = min(args.connections), max(args.connections)
     targets = score(rows, lat_c, tp_c)
@@ -420,6 +433,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "body_bytes_mean": prep["body_bytes_mean"],
             "batch_rows_per_request": 1,
             "guard_yaml": {n: guard_yaml(n) for n in args.configs if n != "plain"},
+            "database_dir": str(args.db_dir) if args.db_dir else "the benchmark's work folder",
         },
         "data": {"name": data["name"], "source": data["source"], "sha256": data["sha256"]},
         "model": {k: v for k, v in meta.items() if k != "weights"},

@@ -258,3 +258,19 @@ def test_batching_through_the_test_client_answers_single_requests(tmp_path, modu
     assert r2.status_code == 422  # validation still happens per request, before the batch
     assert g.batcher is not None and g.batcher.batches == 1
     g.close()
+
+
+# -- found by the HTTP benchmark --------------------------------------------------------------
+def test_a_client_that_disconnects_mid_body_is_a_4xx_not_an_internal_error():
+    from starlette.requests import ClientDisconnect
+
+    from advguard.guard.edge import read_capped
+    from advguard.guard.problems import Problem
+
+    async def chunks():
+        yield b'{"inputs": '
+        raise ClientDisconnect()
+
+    with pytest.raises(Problem) as e:
+        asyncio.run(read_capped(chunks(), 1024, 10.0))
+    assert e.value.status == 400
