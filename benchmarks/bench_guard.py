@@ -250,14 +250,24 @@ def wrk_script(workdir: Path, name: str, key: str | None, bodies: list[str]) -> 
     return path
 
 
-def run_wrk(port: int, script: Path, connections: int, duration: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(
+    port: int, script: Path, connections: int, duration: int, pid: int | None = None
+) -> dict[str, Any]:
     threads = min(connections, 2)
     cmd = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
         "--latency", "-s", str(script), f"http://127.0.0.1:{port}{MODEL_PATH}",
     ]  # fmt: skip
     load_before = os.getloadavg()[0]
+    cpu_before = cpu_seconds(pid) if pid is not None else None
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=True)
+    cpu = cpu_seconds(pid) - cpu_before if pid is not None and cpu_before is not None else None
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON "))
     raw = json.loads(line[len("WRKJSON ") :])
     secs = raw["duration_us"] / 1e6
@@ -273,6 +283,12 @@ def run_wrk(port: int, script: Path, connections: int, duration: int) -> dict[st
         },
         "latency_ms_mean": round(raw["mean_us"] / 1000.0, 3),
         "non_2xx": raw["status"],
+        # the server's CPU per answered request: barely affected by other processes' load
+        "server_cpu_ms_per_request": (
+            round(cpu * 1000.0 / raw["requests"], 3)
+            if cpu is not None and raw["requests"]
+            else None
+        ),
         "socket_errors": errors,
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -281,7 +297,8 @@ def run_wrk(port: int, script: Path, connections: int, duration: int) -> dict[st
 # -- scoring ------------------------------------------------------------------------------------
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     top = max(runs, key=lambda r: r["requests_per_s"])
-    return {**top, "rounds": [{k: r[k] for k in ("requests_per_s", "latency_ms")} for r in runs]}
+    keep = ("requests_per_s", "latency_ms", "server_cpu_ms_per_request")
+    return {**top, "rounds": [{k: r[k] for k in keep} for r in runs]}
 
 
 def score(rows: dict[str, dict[int, dict[str, Any]]], lat_c: int, tp_c: int) -> list[dict]:
@@ -306,6 +323,10 @@ def score(rows: dict[str, dict[int, dict[str, Any]]], lat_c: int, tp_c: int) -> 
                 "p99_overhead_ms": round(row["latency_ms"]["p99"] - ref["latency_ms"]["p99"], 3),
                 "throughput_ratio": round(row["requests_per_s"] / ref["requests_per_s"], 3),
             }
+            if row["server_cpu_ms_per_request"] and ref["server_cpu_ms_per_request"]:
+                row["vs_plain"]["server_cpu_ratio"] = round(
+                    row["server_cpu_ms_per_request"] / ref["server_cpu_ms_per_request"], 3
+                )
     if "guard" in rows and lat_c in rows["guard"]:
         v = rows["guard"][lat_c]["vs_plain"]
         check(f"guard_p50_overhead_ms_at_c{lat_c}", v["p50_overhead_ms"], P50_MAX_MS, "<=")
@@ -341,7 +362,8 @@ def environment() -> dict[str, Any]:
 
 def print_table(rows: dict[str, dict[int, dict[str, Any]]]) -> None:
     print(f"{'config':16s} {'conns':>5s} {'req/s':>9s} {'p50 ms':>8s} {'p90 ms':>8s} "
-          f"{'p99 ms':>8s} {'non2xx':>6s} {'x plain':>8s} {'+p50':>7s} {'+p99':>7s}")  # fmt: skip
+          f"{'p99 ms':>8s} {'non2xx':>6s} {'cpu ms':>7s} {'x plain':>8s} {'+p50':>7s} "
+          f"{'+p99':>7s}")  # fmt: skip
     for name, by_c in rows.items():
         for c, r in sorted(by_c.items()):
             v = r.get("vs_plain", {})
@@ -349,6 +371,7 @@ def print_table(rows: dict[str, dict[int, dict[str, Any]]]) -> None:
             print(
                 f"{name:16s} {c:5d} {r['requests_per_s']:9.1f} {lat['p50']:8.2f} "
                 f"{lat['p90']:8.2f} {lat['p99']:8.2f} {r['non_2xx']:6d} "
+                f"{r['server_cpu_ms_per_request'] or 0.0:7.3f} "
                 f"{v.get('throughput_ratio', 1.0):8.3f} {v.get('p50_overhead_ms', 0.0):7.2f} "
                 f"{v.get('p99_overhead_ms', 0.0):7.2f}"
             )
@@ -401,8 +424,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             run_wrk(port, scripts[name], max(args.connections), 2)  # warm-up, not kept
         for _ in range(args.rounds):
             for c in args.connections:
-                for name, (port, _p) in servers.items():
-                    r = run_wrk(port, scripts[name], c, args.duration)
+                for name, (port, proc) in servers.items():
+                    r = run_wrk(port, scripts[name], c, args.duration, proc.pid)
                     results[name].setdefault(c, []).append(r)
     finally:
         for _port, proc in servers.values():
@@ -457,6 +480,9 @@ NOTES = [
     "The plain endpoint reads the JSON with json.loads and np.asarray and runs the model in the "
     "thread pool (what a sync FastAPI endpoint does); it has no auth, limits, validation, "
     "metrics or records.",
+    "server_cpu_ms_per_request is the server process's user+system CPU time (all threads, "
+    "/proc/<pid>/stat) during the run divided by the requests wrk counted: the cost of a "
+    "request to the server, which other processes' load changes far less than wall time.",
     "contended is true when the 1-minute load average at the end exceeded the core count: other "
     "processes competed for the CPU and the absolute numbers (and, less, the ratios) are noisy.",
 ]
