@@ -331,8 +331,11 @@ class GuardStore:
             conn.execute(self.decisions.insert(), [r.model_dump() for r in recs])
 
     def get_key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
-        """The key ``key_id`` and its client's active block, read in one transaction."""
-        with self.engine.begin() as conn:
+        """The key ``key_id`` and its client's active block, read in one read-only
+        transaction (with SQLite it does not wait for writers)."""
+        from advguard.registry.db import READ_ONLY
+
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
             row = conn.execute(select(self.keys).where(self.keys.c.key_id == key_id)).first()
             brow = conn.execute(
                 select(self.blocks).where(self.blocks.c.client_id == key_id)
