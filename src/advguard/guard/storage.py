@@ -185,6 +185,13 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
     return md, keys, blocks, decisions
 
 
+class _Row:
+    """A row's columns, shaped like a SQLAlchemy row for :meth:`GuardStore._parse`."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
+
 class GuardStore:
     """Keys, blocks and decisions in one SQL database (see the module docstring)."""
 
@@ -335,11 +342,21 @@ class GuardStore:
         transaction (with SQLite it does not wait for writers)."""
         from advguard.registry.db import READ_ONLY
 
+        k, b = self.keys, self.blocks
+        q = (
+            select(k, *(c.label(f"block_{c.name}") for c in b.columns))
+            .select_from(k.outerjoin(b, b.c.client_id == k.c.key_id))
+            .where(k.c.key_id == key_id)
+        )
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
-            row = conn.execute(select(self.keys).where(self.keys.c.key_id == key_id)).first()
-            brow = conn.execute(
-                select(self.blocks).where(self.blocks.c.client_id == key_id)
-            ).first()
+            joined = conn.execute(q).first()
+        if joined is None:
+            return None, None
+        data = dict(joined._mapping)
+        row = _Row({c.name: data[c.name] for c in k.columns})
+        brow = None
+        if data["block_client_id"] is not None:
+            brow = _Row({c.name: data[f"block_{c.name}"] for c in b.columns})
         key = None if row is None else self._parse(KeyRecord, row, "key")
         if brow is None:
             return key, None
