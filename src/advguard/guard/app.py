@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advguard import __version__
+from advguard.guard.batching import BatchItem
 from advguard.guard.dashboard import add_dashboard_routes
 from advguard.guard.deps import key_dependency
 from advguard.guard.edge import (
@@ -31,6 +32,7 @@ from advguard.guard.incident_api import add_incident_routes
 from advguard.guard.oip import V2_BODY, v2_metadata, v2_response
 from advguard.guard.pipeline import Guard, Outcome
 from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_responses
+from advguard.guard.ratelimit import LimitResult
 from advguard.guard.rollout import add_rollout_routes
 from advguard.guard.serving import ServedModel
 from advguard.guard.storage import KeyRecord
@@ -193,7 +195,7 @@ async def serve_prediction(
     edge = guard.cfg.edge
     obs = request_obs(guard, model, key, endpoint, request)
     try:
-        with obs.stage("limit"):
+        with obs.stage("limit"):  # the rate (and an incident throttle) may read the stores
             await run_in_threadpool(guard.check_rate, key, model.name)
         with obs.stage("read"):
             body = await read_capped(
@@ -203,14 +205,25 @@ async def serve_prediction(
                 request.headers.get("content-length"),
             )
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        # parsing a large body takes a while: keep it off the event loop
-        with obs.stage("parse"):
-            raw, extra = await run_in_threadpool(parse, body, ctype.lower())
-        with obs.stage("validate"):
-            x = await run_in_threadpool(guard.validate, raw, model)
-        with obs.stage("limit"):
-            budget = await run_in_threadpool(guard.check_budget, key, model.name, len(x))
-        outcome = await run_in_threadpool(guard.process, key, model, x, started, obs)
+
+        def admit() -> tuple[np.ndarray, Any, LimitResult | None]:
+            # parsing a large body takes a while: this runs off the event loop
+            with obs.stage("parse"):
+                raw, extra = parse(body, ctype.lower())
+            with obs.stage("validate"):
+                x = guard.validate(raw, model)
+            with obs.stage("limit"):
+                return x, extra, guard.check_budget(key, model.name, len(x))
+
+        def admit_and_process() -> tuple[Outcome, Any, LimitResult | None]:
+            x, extra, budget = admit()
+            return guard.process(key, model, x, started, obs), extra, budget
+
+        if guard.batcher is None:  # one thread-pool hop for all the blocking steps
+            outcome, extra, budget = await run_in_threadpool(admit_and_process)
+        else:
+            x, extra, budget = await run_in_threadpool(admit)
+            outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
         status = 200

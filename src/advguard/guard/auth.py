@@ -130,7 +130,7 @@ def authenticate(
     if not presented:
         raise AuthError(401, "unauthorized", "an API key is required (Authorization: Bearer)")
     m = KEY_RE.match(presented)
-    rec = store.get_key(m.group(1)) if m else None
+    rec, block = store.get_key_and_block(m.group(1)) if m else (None, None)
     expected = rec.hash if rec is not None else _DUMMY
     ok = hmac.compare_digest(expected, digest_key(presented, pepper))
     if rec is None or not ok:
@@ -139,6 +139,6 @@ def authenticate(
         raise AuthError(401, "unauthorized", "the API key was revoked")
     if scope not in rec.scopes:
         raise AuthError(403, "forbidden", f"the API key lacks the scope {scope!r}")
-    if store.get_block(rec.key_id) is not None:
+    if block is not None:
         raise AuthError(403, "client-blocked", "this client is blocked")
     return rec

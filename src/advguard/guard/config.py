@@ -231,6 +231,16 @@ class RolloutConfig(_Strict):
     poll_interval_s: float | None = Field(default=None, ge=0.01, le=86400)
 
 
+class BatchingConfig(_Strict):
+    """Micro-batching (opt-in): concurrent requests' validated inputs are scored and answered
+    in one model call of at most ``max_batch`` rows, started at the latest ``max_wait_ms``
+    after the oldest waiting request arrived. Decisions, budgets and records stay per
+    request."""
+
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=60_000)
+
+
 class GuardConfig(_Strict):
     version: Literal[1] = 1
     model: ModelSpec | None = None
@@ -248,6 +258,7 @@ class GuardConfig(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    batching: BatchingConfig | None = None
     #: Folder relative paths are read from (the config file's folder); not a YAML key.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -258,6 +269,15 @@ class GuardConfig(_Strict):
     def set_base_dir(self, path: Path) -> None:
         """Read relative paths from ``path`` (the config file's folder)."""
         self._base_dir = Path(path)
+
+    @model_validator(mode="after")
+    def _batching_without_canary(self) -> GuardConfig:
+        if self.batching is not None and self.rollout.canary is not None:
+            raise ValueError(
+                "batching serves the production model only; it cannot be combined with a "
+                "rollout canary yet"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fallback_needed(self) -> GuardConfig:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.requests import ClientDisconnect
 
 from advguard.guard.problems import Problem
 
@@ -66,6 +67,8 @@ async def read_capped(
             chunk = await asyncio.wait_for(it.__anext__(), timeout=left)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # nobody is left to answer; not an internal error
+            raise Problem("bad-request", "the client closed the connection mid-body") from None
         except TimeoutError:
             raise Problem(
                 "request-timeout", f"the body must arrive within {timeout_s:g} s"

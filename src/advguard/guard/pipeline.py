@@ -17,14 +17,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from advguard.errors import InputError
 from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
+from advguard.guard.batching import GroupCommit, MicroBatcher, process_batch
 from advguard.guard.config import SEVERITY, GuardConfig
 from advguard.guard.drift import DriftMonitor, load_profile
 from advguard.guard.edge import as_float_array, check_batch
@@ -170,6 +173,37 @@ class Outcome:
         return out
 
 
+@dataclass
+class Pending:
+    """A request decided but not yet answered (between :meth:`Guard.decide` and
+    :meth:`Guard.conclude`)."""
+
+    decision_id: str
+    key: KeyRecord
+    model: ServedModel
+    #: The validated batch (recorded) and its sanitized form (scored and answered).
+    x: np.ndarray
+    xs: np.ndarray
+    det: Detection
+    action: str
+    forensic: bool
+    started: float
+
+    @property
+    def refused(self) -> bool:
+        return self.action in ("reject", "block")
+
+    @property
+    def row_actions(self) -> list[str]:
+        return self.det.row_actions
+
+
+def _stage(obs: RequestObs | None, name: str) -> AbstractContextManager[Any]:
+    """``obs.stage(name)``, or nothing for work that no request observer follows (the
+    micro-batcher's shared steps)."""
+    return nullcontext() if obs is None else obs.stage(name)
+
+
 def _quantize(x: np.ndarray, bits: int, bounds: tuple[float, float]) -> np.ndarray:
     """Bit-depth reduction (feature squeezing; Xu, Evans & Qi, NDSS 2018) within ``bounds``."""
     lo, hi = bounds
@@ -220,6 +254,18 @@ class Guard:
         if drift is not None:
             drift.check(model.spec.shape, model.spec.num_classes, model.digest)
             self.metrics.watch_drift(model.name, drift.current)
+        #: The output policy of keys that set none (built once, not per request).
+        self.default_output = OutputPolicy(**cfg.output.model_dump())
+        #: Decision records are committed in groups (each answer still waits for its own).
+        self.recorder = GroupCommit(store.add_decisions)
+        #: The micro-batcher (``batching:`` in the config; None: every request alone).
+        self.batcher: MicroBatcher | None = None
+        if cfg.batching is not None:
+            self.batcher = MicroBatcher(
+                partial(process_batch, self),
+                max_rows=cfg.batching.max_batch,
+                max_wait_s=cfg.batching.max_wait_ms / 1000.0,
+            )
         needs_fallback = any(
             a in ("fallback", "review") for d in self.detectors for _, a in d.bands
         )
@@ -425,7 +471,12 @@ class Guard:
         own = obs is None
         run = self.telemetry.request(model.name) if obs is None else obs
         try:
-            return self._process(key, model, x, started, run, detectors)
+            pending = self.decide(key, model, x, started, run, detectors)
+            probs = None
+            if not pending.refused:
+                with run.stage("predict"):
+                    probs = self.answer(model, pending.xs, pending.row_actions)
+            return self.conclude(pending, probs, obs=run)
         except Problem as p:
             if p.slug == "dependency-unavailable":  # the decision store failed: an error
                 self.metrics.decisions.labels(model.name, model.version, "error").inc()
@@ -437,21 +488,26 @@ class Guard:
             if own:
                 run.finish()
 
-    def _process(
+    def decide(
         self,
         key: KeyRecord,
         model: ServedModel,
         x: np.ndarray,
         started: float,
-        obs: RequestObs,
-        detectors: Sequence[DetectorSlot] | None,
-    ) -> Outcome:
+        obs: RequestObs | None = None,
+        detectors: Sequence[DetectorSlot] | None = None,
+        *,
+        scores: Sequence[np.ndarray] | None = None,
+    ) -> Pending:
+        """Sanitize, detect (``scores``: the detectors' scores of the sanitized batch, already
+        computed, e.g. by the micro-batcher on several requests at once), observe the client
+        and decide; nothing is answered or recorded yet."""
         decision_id = uuid.uuid4().hex
-        with obs.stage("sanitize"):
+        with _stage(obs, "sanitize"):
             xs = self.sanitize(x, model)
-        with obs.stage("detect"):
-            det = self.detect(xs, detectors)
-        with obs.stage("stateful"):
+        with _stage(obs, "detect"):
+            det = self.detect(xs, detectors, scores)
+        with _stage(obs, "stateful"):
             self.observe_stateful(key, xs, det)
         self.isolate_if_needed(model, det)
         action = det.action()
@@ -459,39 +515,68 @@ class Guard:
         if sampled and not det.flagged and action == "allow":
             det.reasons.append("sampled")
         forensic = det.flagged or action != "allow" or sampled
-        probs = None
-        if action not in ("reject", "block"):
-            with obs.stage("predict"):
-                probs = self.answer(model, xs, det.row_actions)
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        if forensic or self.cfg.forensics.record_all_decisions:
-            with obs.stage("record"):
-                self._record(decision_id, key, model, action, det, forensic, x, latency_ms)
+        return Pending(decision_id, key, model, x, xs, det, action, forensic, started)
+
+    def conclude(
+        self,
+        p: Pending,
+        probs: np.ndarray | None,
+        records: list[DecisionRecord] | None = None,
+        obs: RequestObs | None = None,
+    ) -> Outcome:
+        """Record, count and answer a decided request (``probs``: its scores, None when
+        refused). With ``records`` the decision record is appended there for the caller to
+        commit (with others) before the answer leaves. Raises for reject/block."""
+        latency_ms = (time.perf_counter() - p.started) * 1000.0
+        model, key, action = p.model, p.key, p.action
+        if p.forensic or self.cfg.forensics.record_all_decisions:
+            rec = self.decision_record(p, latency_ms)
+            if records is None:
+                with _stage(obs, "record"):
+                    self.commit_record(rec, model)  # committed before the answer leaves
+            else:
+                records.append(rec)
         self.metrics.decisions.labels(model.name, model.version, action).inc()
-        self.observe(model, key, x, det, action, probs, obs)
-        if obs.recording:
-            obs.set({"advguard.decision.id": decision_id})
-        self.refuse_if_needed(action, key, decision_id, det.reasons)
+        self.observe(model, key, p.x, p.det, action, probs, obs)
+        if obs is not None and obs.recording:
+            obs.set({"advguard.decision.id": p.decision_id})
+        self.refuse_if_needed(action, key, p.decision_id, p.det.reasons)
         assert probs is not None
-        self.metrics.rows.labels(model.name, model.version).inc(len(xs))
+        self.metrics.rows.labels(model.name, model.version).inc(len(p.xs))
         return Outcome(
-            decision_id,
+            p.decision_id,
             action,
             model,
             self.fallback,
             probs,
-            det.row_actions,
-            key.output or OutputPolicy(**self.cfg.output.model_dump()),
+            p.det.row_actions,
+            key.output or self.default_output,
         )
 
-    def detect(self, xs: np.ndarray, detectors: Sequence[DetectorSlot] | None = None) -> Detection:
-        """Score the sanitized batch with every input detector (``detectors``, default the
-        production model's) and map scores to row actions."""
-        det = Detection(row_actions=["allow"] * len(xs))
+    def score_inputs(
+        self, xs: np.ndarray, detectors: Sequence[DetectorSlot] | None = None
+    ) -> list[np.ndarray]:
+        """Every input detector's scores of the sanitized batch ``xs`` (checked)."""
+        out = []
         for slot in self.detectors if detectors is None else detectors:
             s = np.asarray(slot.detector.score(xs), dtype=np.float64).reshape(-1)
             if s.shape != (len(xs),) or not np.isfinite(s).all():
                 raise RuntimeError(f"detector {slot.name} returned bad scores")
+            out.append(s)
+        return out
+
+    def detect(
+        self,
+        xs: np.ndarray,
+        detectors: Sequence[DetectorSlot] | None = None,
+        scores: Sequence[np.ndarray] | None = None,
+    ) -> Detection:
+        """Score the sanitized batch with every input detector (``detectors``, default the
+        production model's; or take their ``scores``) and map scores to row actions."""
+        slots = self.detectors if detectors is None else detectors
+        det = Detection(row_actions=["allow"] * len(xs))
+        scores = self.score_inputs(xs, slots) if scores is None else scores
+        for slot, s in zip(slots, scores, strict=True):
             det.scores[slot.name] = [round(float(v), 6) for v in s]
             acts = slot.actions(s)
             if any(a != "allow" for a in acts):
@@ -572,51 +657,55 @@ class Guard:
                 headers={"X-Decision-Id": decision_id},
             )
 
-    def _record(
-        self,
-        decision_id: str,
-        key: KeyRecord,
-        model: ServedModel,
-        action: str,
-        det: Detection,
-        forensic: bool,
-        x: np.ndarray,
-        latency_ms: float,
-    ) -> None:
+    def decision_record(self, p: Pending, latency_ms: float) -> DecisionRecord:
+        """The decision record of ``p`` (with the encrypted payload when forensic)."""
         payload = None
-        if forensic and self.fernet is not None:
-            payload = encode_payload(x, self.fernet)
-        rec = DecisionRecord(
-            id=decision_id,
+        if p.forensic and self.fernet is not None:
+            payload = encode_payload(p.x, self.fernet)
+        return DecisionRecord(
+            id=p.decision_id,
             ts=now(),
-            key_id=key.key_id,
-            model=model.name,
-            version=model.version,
-            action=action,  # type: ignore[arg-type]
-            flagged=det.flagged,
-            forensic=forensic,
-            reasons=det.reasons[:64],
-            scores=det.scores,
-            fingerprint=fingerprint(x),
-            n_rows=len(x),
-            shape=list(x.shape),
+            key_id=p.key.key_id,
+            model=p.model.name,
+            version=p.model.version,
+            action=p.action,  # type: ignore[arg-type]
+            flagged=p.det.flagged,
+            forensic=p.forensic,
+            reasons=p.det.reasons[:64],
+            scores=p.det.scores,
+            fingerprint=fingerprint(p.x),
+            n_rows=len(p.x),
+            shape=list(p.x.shape),
             latency_ms=latency_ms,
             payload=payload,
             payload_encrypted=payload is not None,
-            review_status="pending" if action == "review" else None,
+            review_status="pending" if p.action == "review" else None,
         )
+
+    def commit_record(self, rec: DecisionRecord, model: ServedModel) -> None:
+        """Commit one decision record (in a group with concurrent ones); see
+        :meth:`record_failure` for a failed write."""
         try:
-            self.store.add_decision(rec)  # committed before the answer leaves
-        except DEPENDENCY_ERRORS as exc:
-            self.metrics.forensic_write_failures.labels(model.name).inc()
-            if not self.cfg.forensics.fail_open:
-                log.error("decision %s not recorded (%s)", decision_id, type(exc).__name__)
-                raise unavailable("database") from None
+            self.recorder.add(rec)
+        except Exception as exc:
+            err = self.record_failure(exc, model, rec.id)
+            if err is not None:
+                raise err from None
+
+    def record_failure(
+        self, exc: BaseException, model: ServedModel, decision_id: str
+    ) -> BaseException | None:
+        """What a failed record write becomes: it is counted; a store outage fails closed (the
+        503 problem) unless ``forensics.fail_open`` (None: answer without the record); any
+        other error stays (a 5xx: no answer leaves without its record)."""
+        self.metrics.forensic_write_failures.labels(model.name).inc()
+        if not isinstance(exc, DEPENDENCY_ERRORS):
+            return exc
+        if self.cfg.forensics.fail_open:
             note_fail_open("database", f"record of decision {decision_id}", exc)
-        except Exception:
-            # the request still fails (5xx): no answer leaves without its record
-            self.metrics.forensic_write_failures.labels(model.name).inc()
-            raise
+            return None
+        log.error("decision %s not recorded (%s)", decision_id, type(exc).__name__)
+        return unavailable("database")
 
     def observe(
         self,
@@ -626,7 +715,7 @@ class Guard:
         det: Detection,
         action: str,
         probs: np.ndarray | None,
-        obs: RequestObs,
+        obs: RequestObs | None,
     ) -> None:
         """Metrics of one decision (detector scores and flags, stateful alerts, top-1
         confidence), the drift window, and the request span's attributes."""
@@ -644,7 +733,7 @@ class Guard:
             m.observe_confidence(model.name, model.version, probs)
         if self.drift is not None:
             self.drift.update(x, probs)
-        if obs.recording:
+        if obs is not None and obs.recording:
             attrs: dict[str, Any] = {
                 "advguard.model.name": model.name,
                 "advguard.model.version": model.version,

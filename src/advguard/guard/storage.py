@@ -212,6 +212,13 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
     return md, keys, blocks, decisions
 
 
+class _Row:
+    """A row's columns, shaped like a SQLAlchemy row for :meth:`GuardStore._parse`."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
+
 class GuardStore:
     """Keys, blocks and decisions in one SQL database (see the module docstring)."""
 
@@ -351,6 +358,39 @@ class GuardStore:
         """Insert (committed when this returns)."""
         with self.engine.begin() as conn:
             conn.execute(self.decisions.insert().values(**rec.model_dump()))
+
+    def add_decisions(self, recs: Sequence[DecisionRecord]) -> None:
+        """Insert several records in one transaction (committed when this returns)."""
+        if not recs:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(self.decisions.insert(), [r.model_dump() for r in recs])
+
+    def get_key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
+        """The key ``key_id`` and its client's active block, read in one read-only
+        transaction (with SQLite it does not wait for writers)."""
+        from advguard.registry.db import READ_ONLY
+
+        k, b = self.keys, self.blocks
+        q = (
+            select(k, *(c.label(f"block_{c.name}") for c in b.columns))
+            .select_from(k.outerjoin(b, b.c.client_id == k.c.key_id))
+            .where(k.c.key_id == key_id)
+        )
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+            joined = conn.execute(q).first()
+        if joined is None:
+            return None, None
+        data = dict(joined._mapping)
+        row = _Row({c.name: data[c.name] for c in k.columns})
+        brow = None
+        if data["block_client_id"] is not None:
+            brow = _Row({c.name: data[f"block_{c.name}"] for c in b.columns})
+        key = None if row is None else self._parse(KeyRecord, row, "key")
+        if brow is None:
+            return key, None
+        block: BlockRecord = self._parse(BlockRecord, brow, "block")
+        return key, block if block.active(now()) else None
 
     def get_decision(self, decision_id: str) -> DecisionRecord | None:
         with self.engine.begin() as conn:

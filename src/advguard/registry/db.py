@@ -151,6 +151,11 @@ def bounded_json_loads(
         ) from None
 
 
+#: Execution option for read-only transactions (``engine.connect().execution_options(**{READ_ONLY:
+#: True})``): SQLite begins them DEFERRED instead of IMMEDIATE; other databases ignore it.
+READ_ONLY = "advguard_read_only"
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -165,7 +170,12 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(READ_ONLY):
+            # a read: WAL gives it a snapshot without the write lock, so it never waits for
+            # a writer's commit (fsync)
+            conn.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
