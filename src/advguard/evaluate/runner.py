@@ -324,11 +324,20 @@ class Evaluator:
         f0, g0 = self.model.queries.snapshot()
         fooled = torch.zeros(len(sel), dtype=torch.bool)
         x_adv = xs.clone()
-        for t in targets if targets is not None else [None]:
+        ids = torch.as_tensor(rec.index[pos[sel]], dtype=torch.int64)  # data-set indices
+        for r, t in enumerate(targets if targets is not None else [None]):
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            res = attack.run(model, xs[todo], ys[todo], eps, None if t is None else t[sel][todo])
+            res = attack.run(
+                model,
+                xs[todo],
+                ys[todo],
+                eps,
+                None if t is None else t[sel][todo],
+                sample_ids=ids[todo],  # random draws keyed per sample, not by batch position
+                stream=(label, stage, r),
+            )
             # success is re-verified below with the real model, bounds and ball
             ok = res.success.cpu()
             x_adv[todo[ok]] = res.x_adv.cpu()[ok]

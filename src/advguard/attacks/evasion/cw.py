@@ -10,6 +10,7 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
+from advguard.attacks.randomness import SampleRandom
 
 _UPPER_INIT = 1e10  # "no upper bound on c found yet"
 _TANH_CLAMP = 1.0 - 1e-6  # keeps atanh finite for inputs exactly on the bounds
@@ -96,7 +97,7 @@ class CarliniWagnerL2(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         lo, hi = model.bounds
         half = (hi - lo) / 2.0

@@ -9,6 +9,7 @@ import torch
 from advguard import _validate as check
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import per_sample
+from advguard.attacks.randomness import SampleRandom
 
 
 class DeepFool(Attack):
@@ -68,7 +69,7 @@ class DeepFool(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         lo, hi = model.bounds
         n, dev = len(x), x.device

@@ -17,6 +17,7 @@ import torch
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import normalize
+from advguard.attacks.randomness import SampleRandom
 
 
 class FGSM(Attack):
@@ -37,7 +38,7 @@ class FGSM(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         _, _, g = model.value_and_grad(x, losses.for_goal("ce", y, targets))
