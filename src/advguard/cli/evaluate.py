@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -30,7 +30,7 @@ from advguard.cli._common import (
     progress_callback,
     render_summary,
 )
-from advguard.errors import AdvguardError
+from advguard.errors import AdvguardError, InputError
 
 commands = Commands()
 report_commands = Commands("report", "Work with robustness reports.")
@@ -59,6 +59,22 @@ def quickstart(
     render_summary(res.report, res.json_path, res.html_path)
 
 
+def _backend(name: str, address: str | None, workers: int, resume: bool) -> Any:
+    """The distributed backend the options ask for (None: run locally)."""
+    if name == "local":
+        if address is not None:
+            raise InputError("--address needs --backend ray")
+        return None
+    if name != "ray":
+        raise InputError(f"--backend must be local or ray, got {name!r}")
+    if resume:
+        raise InputError("--resume works with --backend local only")
+    from advguard.evaluate.distributed import RayBackend, import_ray
+
+    import_ray()  # without Ray: say which extra to install, before loading anything
+    return RayBackend(address, workers=workers)
+
+
 @commands.command(name="evaluate")
 def evaluate_cmd(
     model: ModelOpt,
@@ -85,9 +101,18 @@ def evaluate_cmd(
     allow_large: Annotated[
         bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="Where the attack suite runs: local, or ray (sample shards).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster: auto or ray://host:port (default: a local Ray)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
 ) -> None:
     """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input."""
     check_out_dir(out)
+    runner = _backend(backend, address, workers, resume)
     from advguard.evaluate.job import load_model_and_data, run_evaluation
     from advguard.evaluate.threat_model import load_threat_model
 
@@ -96,6 +121,11 @@ def evaluate_cmd(
     )
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
+    work = None
+    if runner is not None:
+        from advguard.evaluate.distributed import WorkSpec
+
+        work = WorkSpec.of(model, data, tm, model_kwargs=mkw)
     with progress_bar() as bar:
         res = run_evaluation(
             m,
@@ -106,6 +136,8 @@ def evaluate_cmd(
             baseline=baseline,
             progress=progress_callback(bar),
             resume=resume,
+            backend=runner,
+            work=work,
         )
     render_summary(res.report, res.json_path, res.html_path)
     if res.report.verdict.status in ("fail", "untrustworthy"):

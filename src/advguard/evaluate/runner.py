@@ -589,7 +589,24 @@ def evaluate(
     x: np.ndarray,
     y: np.ndarray,
     threat_model: ThreatModel,
+    *,
+    backend: Any = None,
+    work: Any = None,
     **kwargs: Any,
 ) -> Report:
-    """Evaluate ``model`` on ``(x, y)`` under ``threat_model``; see :class:`Evaluator`."""
-    return Evaluator(model, x, y, threat_model, **kwargs).run()
+    """Evaluate ``model`` on ``(x, y)`` under ``threat_model``; see :class:`Evaluator`.
+
+    ``backend`` (e.g. :class:`advguard.evaluate.distributed.RayBackend`) runs the attack suite
+    elsewhere, on workers that rebuild the model and data from ``work`` (a
+    :class:`~advguard.evaluate.distributed.WorkSpec` naming the same model and data); the
+    report is the one the local run gives.
+    """
+    ev = Evaluator(model, x, y, threat_model, **kwargs)
+    if backend is None:
+        return ev.run()
+    if work is None:
+        raise InputError("a distributed backend needs work=WorkSpec(model file, data spec, ...)")
+    if ev.resume:
+        raise InputError("resume is not supported with a distributed backend (shards are redone)")
+    progress = ev.progress
+    return backend.run(ev, work, on_shard=lambda done, total: progress("suite", done, total))
