@@ -13,8 +13,8 @@ A killed worker is restarted by Ray (the actor reloads the model) and its unfini
 run again (``max_retries`` times each). The sanity checks and escalations run once, on the
 driver, on the merged results.
 
-Ray is an optional dependency (``pip install 'advguard[ray]'``); without it the backend says
-so as an :class:`~advguard.errors.InputError`.
+Ray is an optional dependency (``pip install 'advguard[ray]'``); without it the backend raises
+:class:`~advguard.errors.MissingDependencyError` naming the extra.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from advguard.errors import InputError
+from advguard.errors import InputError, MissingDependencyError
 from advguard.evaluate.report import Example, Report
 from advguard.evaluate.runner import Evaluator
 from advguard.evaluate.state import STAGES, Records, Shard, StageStats
 from advguard.evaluate.threat_model import ThreatModel
-
-RAY_EXTRA = "the Ray backend needs Ray: pip install 'advguard[ray]' (the 'ray' extra)"
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:  # pragma: no cover - depends on the environment
-        raise InputError(RAY_EXTRA) from None
+        raise MissingDependencyError("ray", "ray", "the Ray backend (--backend ray)") from None
     return ray
 
 
