@@ -153,7 +153,3 @@ class SampleRandom:
     ) -> torch.Tensor:
         """-1 or +1 with probability 1/2 each."""
         return (_shr(self.bits(key, shape), 63).to(dtype)) * 2 - 1
-
-    def permutation_keys(self, key: Key, m: int) -> torch.Tensor:
-        """Per-sample random permutations of ``range(m)``: shape ``(n, m)``."""
-        return _shr(self.bits(key, (m,)), 1).argsort(dim=1)

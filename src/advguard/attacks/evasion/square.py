@@ -285,10 +285,10 @@ class SquareAttack(Attack):
     # -- Linf -----------------------------------------------------------------
     @staticmethod
     def _linf_candidate(x, x_best, p, eps, lo, hi, gen):
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         s = round(math.sqrt(p * h * w))  # sqrt(p * n_features / c)
         s = min(max(s, 1), min(h, w) - 1)
-        mask = _window_mask(n, h, w, s, gen, x.device)
+        mask = _window_mask(h, w, s, gen, x.device)
         out = torch.where(
             mask,
             (x + eps * _signs(gen, "signs", (c, 1, 1), x.device, x.dtype)).clamp(lo, hi),
@@ -414,7 +414,7 @@ def _coords_mask(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torc
     return (mh[:, :, None] & mw[:, None, :])[:, None]
 
 
-def _window_mask(n, h, w, s, gen, dev) -> torch.Tensor:
+def _window_mask(h, w, s, gen: SampleRandom, dev) -> torch.Tensor:
     """Boolean (n, 1, h, w) mask of one random s x s window per sample."""
     vh = gen.randint("row", 0, h - s + 1, (1,)).to(dev)
     vw = gen.randint("col", 0, w - s + 1, (1,)).to(dev)
