@@ -178,11 +178,19 @@ class RayBackend:
 
     def _ray(self) -> Any:
         ray = import_ray()
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            return ray
+        try:
             if self.address is None:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=self.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+            where = "a local Ray instance" if self.address is None else self.address
+            raise InputError(
+                f"cannot start or reach {where} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]})"
+            ) from None
         return ray
 
     def run(
