@@ -127,14 +127,14 @@ def test_ray_report_equals_local_despite_killed_workers(job, ray_session):
     spec, tm, local = job
     m, data, _ = load_model_and_data(spec.model, spec.data)
 
-    # the same report as the local run, even though both workers are killed as soon as the
-    # first shard arrives: Ray restarts them (each reloads the model from its file) and
-    # their unfinished shards run again
+    # the same report as the local run, even though both workers are killed right after
+    # the shards are submitted: Ray restarts them (each reloads the model from its file)
+    # and their unfinished shards run again
     killer = RayBackend(workers=2, shards=4)
     killed: list[int] = []
 
     def on_progress(stage: str, done: int, total: int) -> None:
-        if stage == "suite" and done == 1 and not killed:
+        if stage == "suite" and done == 0 and not killed:  # all shards submitted
             for pid in killer.worker_pids:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -214,6 +214,8 @@ class RayBackend:
             parts = evaluator.shard_indices(self.shards)
             pending = {actors[i % len(actors)].run.remote(p): i for i, p in enumerate(parts)}
             shards: list[Shard] = []
+            if on_shard is not None:  # every shard submitted, none collected yet
+                on_shard(0, len(parts))
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 pid, wire = ray.get(done[0])
