@@ -295,9 +295,29 @@ def gameday_out_is_a_directory(tmp: Path) -> list[str]:
     return ["gameday", "--out", str(tmp)]
 
 
+def backend_unknown(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--backend", "spark"]
+
+
+def address_without_ray(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--address", "auto"]
+
+
+def ray_with_resume(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--backend", "ray", "--resume"]
+
+
+def ray_bad_address(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--backend", "ray", "--address", "http://h:1"]
+
+
 CASES: dict[str, Builder] = {
     "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
     "evaluate: a goal's training data is missing": goal_data_missing,
+    "evaluate --backend spark": backend_unknown,
+    "evaluate --address without --backend ray": address_without_ray,
+    "evaluate --backend ray --resume": ray_with_resume,
+    "evaluate --backend ray --address http://": ray_bad_address,
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,
     "--factory ../../etc:passwd": factory_path,
@@ -343,3 +363,13 @@ def test_bad_input_is_one_line_and_exit_2(builder: Builder, tmp_path: Path) -> N
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_backend_ray_without_ray_names_the_extra(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the 'ray' extra were not installed
+    r = CliRunner().invoke(app, [*_eval_args(tmp_path), "--backend", "ray"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "advguard[ray]" in lines[0], r.stderr

@@ -435,15 +435,15 @@ class _NoiseAttack(Attack):
         super().__init__(norm=norm, seed=seed)
         self.tries = tries
 
-    def _run(self, model, x, y, epsilon, targets, generator):
+    def _run(self, model, x, y, epsilon, targets, rng):
         out = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool)
         lo, hi = model.bounds
-        for _ in range(self.tries):
+        for k in range(self.tries):
             if not todo.any():
                 break
             i = todo.nonzero().squeeze(1)
-            sign = torch.randint(0, 2, x[i].shape, generator=generator).float() * 2 - 1
+            sign = rng.subset(i).sign(("try", k), x.shape[1:])
             cand = (x[i] + epsilon * sign).clamp(lo, hi)
             hit = model.logits(cand).argmax(1) != y[i]
             out[i[hit]] = cand[hit]

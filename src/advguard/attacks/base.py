@@ -33,6 +33,7 @@ import torch
 
 from advguard import _validate as check
 from advguard.attacks.norms import Norm, norm_of, parse_norm, project
+from advguard.attacks.randomness import Key, SampleRandom
 from advguard.errors import InputError
 from advguard.models.base import Classifier, check_inputs, check_labels, is_white_box
 
@@ -119,7 +120,16 @@ class Attack:
         *,
         epsilon: float | None = None,
         targets: torch.Tensor | np.ndarray | None = None,
+        sample_ids: torch.Tensor | np.ndarray | None = None,
+        stream: tuple[Key, ...] = (),
     ) -> AttackResult:
+        """Attack the batch ``(x, y)`` at ``epsilon`` (towards ``targets`` if given).
+
+        ``sample_ids`` (default ``0..n-1``) key every random draw per sample: a sample with
+        the same id draws the same noise whatever its batch, so results do not depend on
+        batch size or sharding (pass the samples' indices in the data set). ``stream`` names
+        a further independent stream (e.g. the target rank of a multi-target sweep).
+        """
         call = self._begin(model, x, y, epsilon, targets)
         x0, y0, t0, eps = call.x0, call.y0, call.targets, call.epsilon
         n = len(x0)
@@ -136,8 +146,8 @@ class Attack:
         run: RunResult | None = None
         if active.any():
             idx = active.nonzero().squeeze(1)
-            gen = torch.Generator(device=call.device).manual_seed(self.seed)
-            out = self._run(model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], gen)
+            rng = self.random(call, sample_ids, stream).subset(idx)
+            out = self._run(model, x0[idx], y0[idx], eps, None if t0 is None else t0[idx], rng)
             # a bare tensor (attacks written before RunResult) is still accepted
             run = out if isinstance(out, RunResult) else RunResult(out)
             raw[idx] = run.x.detach().to(raw.dtype)
@@ -174,14 +184,34 @@ class Attack:
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         """Adversarial candidates for the (not yet fooled) samples ``x``.
 
         ``epsilon`` is None only for minimum-norm attacks called without a budget;
-        ``targets`` is None for untargeted calls; draw all randomness from ``generator``.
+        ``targets`` is None for untargeted calls; draw all randomness from ``rng`` (one
+        stream per sample of ``x``; name each draw by its purpose, restart and step, and
+        follow samples leaving the working set with ``rng.subset``).
         """
         raise NotImplementedError  # pragma: no cover
+
+    def random(
+        self,
+        call: AttackCall,
+        sample_ids: torch.Tensor | np.ndarray | None,
+        stream: tuple[Key, ...] = (),
+    ) -> SampleRandom:
+        """The per-sample random stream of a call: keyed by the attack's seed, name and
+        epsilon, ``stream`` and each sample's id."""
+        n = len(call.x0)
+        if sample_ids is None:
+            ids = torch.arange(n, dtype=torch.int64)
+        else:
+            ids = torch.as_tensor(sample_ids).reshape(-1)
+            if len(ids) != n or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise InputError(f"sample_ids must be {n} integers (one per sample)")
+        rng = SampleRandom(self.seed, ids.long(), device=call.device)
+        return rng.fork(self.name, call.epsilon, *stream)
 
     def _setup(self, model: Classifier) -> dict[str, Any]:
         """Checks on the model before any work, and info known up front (for every call,

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from advguard.attacks.randomness import Key, SampleRandom
 from advguard.errors import InputError
 
 Norm = Literal["linf", "l2", "l1", "l0"]
@@ -117,31 +118,63 @@ def _project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def random_in_ball(
-    like: torch.Tensor, norm: Norm, eps: float | torch.Tensor, generator: torch.Generator
+    like: torch.Tensor,
+    norm: Norm,
+    eps: float | torch.Tensor,
+    rng: SampleRandom | torch.Generator,
+    key: Key = "ball",
 ) -> torch.Tensor:
-    """Uniform random perturbation inside the ``norm`` ball (used for random starts)."""
+    """Uniform random perturbation inside the ``norm`` ball (used for random starts).
+
+    With a :class:`~advguard.attacks.randomness.SampleRandom` (attacks), sample ``i`` draws
+    from its own stream under ``key``; a ``torch.Generator`` (the adversarial trainer's
+    inner maximisation) draws for the batch as a whole.
+    """
     eps_t = torch.as_tensor(eps, dtype=like.dtype, device=like.device)
     if eps_t.ndim == 0:
         eps_t = eps_t.expand(len(like))
     e = _view(eps_t, like)
-    shape, dev, dt = like.shape, like.device, like.dtype
+    draw = _Draws(rng, key, like)
     if norm == "linf":
-        u = torch.rand(shape, generator=generator, device=dev, dtype=dt)
-        return (2 * u - 1) * e
+        return (2 * draw.uniform("u", like.shape[1:]) - 1) * e
     n = flat(like).shape[1]
     if norm == "l2":
-        g = torch.randn(shape, generator=generator, device=dev, dtype=dt)
+        g = draw.normal("dir", like.shape[1:])
         g = g / _view(flat(g).norm(dim=1).clamp_min(1e-12), g)
-        r = torch.rand(len(like), generator=generator, device=dev, dtype=dt) ** (1.0 / n)
+        r = draw.uniform("radius", ()) ** (1.0 / n)
         return g * _view(r, g) * e
     if norm == "l1":
         # uniform in the L1 ball: Laplace direction, radius ~ U^(1/n)
-        lap = -torch.log(
-            torch.rand(shape, generator=generator, device=dev, dtype=dt).clamp_min(1e-12)
-        )
-        sign = torch.randint(0, 2, shape, generator=generator, device=dev).to(dt) * 2 - 1
-        v = lap * sign
+        lap = -torch.log(draw.uniform("lap", like.shape[1:]).clamp_min(1e-12))
+        v = lap * draw.sign("sign", like.shape[1:])
         v = v / _view(flat(v).abs().sum(dim=1).clamp_min(1e-12), v)
-        r = torch.rand(len(like), generator=generator, device=dev, dtype=dt) ** (1.0 / n)
+        r = draw.uniform("radius", ()) ** (1.0 / n)
         return v * _view(r, v) * e
     raise InputError(f"no random start for norm {norm}")
+
+
+class _Draws:
+    """Per-sample draws from a SampleRandom, or batch draws from a torch.Generator."""
+
+    def __init__(self, rng: SampleRandom | torch.Generator, key: Key, like: torch.Tensor):
+        self.rng, self.key, self.n = rng, key, len(like)
+        self.dev, self.dt = like.device, like.dtype
+
+    def uniform(self, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        if isinstance(self.rng, torch.Generator):
+            size = (self.n, *shape)
+            return torch.rand(size, generator=self.rng, device=self.dev, dtype=self.dt)
+        return self.rng.uniform((self.key, name), shape, dtype=self.dt).to(self.dev)
+
+    def normal(self, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        if isinstance(self.rng, torch.Generator):
+            size = (self.n, *shape)
+            return torch.randn(size, generator=self.rng, device=self.dev, dtype=self.dt)
+        return self.rng.normal((self.key, name), shape, dtype=self.dt).to(self.dev)
+
+    def sign(self, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        if isinstance(self.rng, torch.Generator):
+            size = (self.n, *shape)
+            bits = torch.randint(0, 2, size, generator=self.rng, device=self.dev)
+            return bits.to(self.dt) * 2 - 1
+        return self.rng.sign((self.key, name), shape, dtype=self.dt).to(self.dev)

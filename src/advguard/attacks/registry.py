@@ -15,6 +15,7 @@ import torch
 
 from advguard._validate import ParameterError
 from advguard.attacks.base import Attack, AttackResult
+from advguard.attacks.randomness import Key
 from advguard.errors import InputError
 from advguard.models.base import Classifier
 
@@ -69,14 +70,23 @@ class SuiteAttack:
         y: torch.Tensor,
         epsilon: float,
         targets: torch.Tensor | None = None,
+        *,
+        sample_ids: torch.Tensor | None = None,
+        stream: tuple[Key, ...] = (),
     ) -> AttackResult:
+        """Run the attack; ``sample_ids``/``stream`` key its random draws per sample (see
+        :meth:`Attack.__call__`)."""
         if self.entry.sweep_targets and targets is None:
             from advguard.attacks.evasion.apgd import APGD
 
             if not isinstance(self.attack, APGD):  # only APGD entries set sweep_targets
                 raise InputError(f"attack {self.name!r} cannot sweep targets")
-            return self.attack.targeted_sweep(model, x, y, epsilon=epsilon)
-        return self.attack(model, x, y, epsilon=epsilon, targets=targets)
+            return self.attack.targeted_sweep(
+                model, x, y, epsilon=epsilon, sample_ids=sample_ids, stream=stream
+            )
+        return self.attack(
+            model, x, y, epsilon=epsilon, targets=targets, sample_ids=sample_ids, stream=stream
+        )
 
     def params(self) -> dict[str, Any]:
         return {"class": type(self.attack).__name__, **self.attack.params()}

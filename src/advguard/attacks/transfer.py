@@ -42,6 +42,7 @@ from torch import nn
 from advguard import _validate as check
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.evasion.pgd import PGD
+from advguard.attacks.randomness import SampleRandom
 from advguard.errors import InputError
 from advguard.models.base import (
     Classifier,
@@ -504,11 +505,11 @@ class _FullStepPGD(PGD):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None
         assert is_white_box(model)  # needs_gradients: the base class checked it
-        return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=False))
+        return RunResult(self._descend(model, x, y, epsilon, targets, rng, early_stop=False))
 
 
 class TransferAttack(Attack):
@@ -842,19 +843,18 @@ class TransferAttack(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         ens, _, _ = self._surrogates_for(model)  # cached by _setup: no queries
         xs = x.to(ens.device)
         ys = y.to(ens.device)
         ts = None if targets is None else targets.to(ens.device)
-        if generator.device != ens.device:
-            generator = torch.Generator(device=ens.device).manual_seed(self.seed)
+        rng = rng.to(ens.device)
         if isinstance(self._base, _FullStepPGD):
             # every sample is attacked, also those the surrogate already gets wrong
-            out = self._base._run(ens, xs, ys, epsilon, ts, generator).x
+            out = self._base._run(ens, xs, ys, epsilon, ts, rng).x
             out = self._clip(xs, out, epsilon, ens.bounds)
         else:
             assert epsilon is not None
-            out = self._base.run(ens, xs, ys, epsilon, ts).x_adv
+            out = self._base.run(ens, xs, ys, epsilon, ts, sample_ids=rng.ids).x_adv
         return RunResult(out.to(x.device))

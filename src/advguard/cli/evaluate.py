@@ -30,7 +30,7 @@ from advguard.cli._common import (
     progress_callback,
     render_summary,
 )
-from advguard.errors import AdvguardError
+from advguard.errors import AdvguardError, InputError
 
 commands = Commands()
 report_commands = Commands("report", "Work with robustness reports.")
@@ -59,6 +59,22 @@ def quickstart(
     render_summary(res.report, res.json_path, res.html_path)
 
 
+def _backend(name: str, address: str | None, workers: int, resume: bool) -> Any:
+    """The distributed backend the options ask for (None: run locally)."""
+    if name == "local":
+        if address is not None:
+            raise InputError("--address needs --backend ray")
+        return None
+    if name != "ray":
+        raise InputError(f"--backend must be local or ray, got {name!r}")
+    if resume:
+        raise InputError("--resume works with --backend local only")
+    from advguard.evaluate.distributed import RayBackend, import_ray
+
+    import_ray()  # without Ray: say which extra to install, before loading anything
+    return RayBackend(address, workers=workers)
+
+
 @commands.command(name="evaluate")
 def evaluate_cmd(
     model: ModelOpt,
@@ -85,12 +101,21 @@ def evaluate_cmd(
     allow_large: Annotated[
         bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="Where the attack suite runs: local, or ray (sample shards).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster: auto or ray://host:port (default: a local Ray)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
 ) -> None:
     """Evaluate a model: exit 0 if the SLOs hold, 1 if not (or untrustworthy), 2 on bad input.
 
     A threat model with ``goals`` (poisoning, backdoor, membership-inference, extraction)
     runs them too, into the same report (docs/threat-models.md)."""
     check_out_dir(out)
+    runner = _backend(backend, address, workers, resume)
     from advguard.defenses.goals import run_threat_model
     from advguard.evaluate.job import load_model_and_data
     from advguard.evaluate.threat_model import load_threat_model
@@ -100,6 +125,11 @@ def evaluate_cmd(
     )
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
+    work = None
+    if runner is not None:
+        from advguard.evaluate.distributed import WorkSpec
+
+        work = WorkSpec.of(model, data, tm, model_kwargs=mkw)
     with progress_bar() as bar:
         res = run_threat_model(
             m,
@@ -110,6 +140,8 @@ def evaluate_cmd(
             baseline=baseline,
             progress=progress_callback(bar),
             resume=resume,
+            backend=runner,
+            work=work,
         )
     render_summary(res.report, res.json_path, res.html_path)
     if res.report.goals:

@@ -370,9 +370,12 @@ def run_threat_model(
     progress: Progress | None = None,
     resume: bool = False,
     html: bool = True,
+    backend: Any = None,
+    work: Any = None,
 ) -> Any:
-    """``advguard evaluate``: the evasion evaluation (when the threat model has attacks) and
-    then its goals, in one report (``report.json`` + ``report.html`` in ``out_dir``)."""
+    """``advguard evaluate``: the evasion evaluation (when the threat model has attacks; on
+    ``backend``, e.g. Ray, with ``work`` its file-based description) and then its goals, in
+    one report (``report.json`` + ``report.html`` in ``out_dir``)."""
     from advguard.evaluate.build_report import attach_goals, goals_only_report
     from advguard.evaluate.job import data_info, run_evaluation, write_outputs
 
@@ -380,7 +383,7 @@ def run_threat_model(
     if not tm.goals:
         return run_evaluation(
             model, data, tm, out, model_info=model_info, baseline=baseline, progress=progress,
-            resume=resume, html=html,
+            resume=resume, html=html, backend=backend, work=work,
         )  # fmt: skip
     if getattr(data, "modality", None) == "text" or tm.is_text:
         raise InputError("threat-model goals need numeric (image or tabular) data and models")
@@ -393,7 +396,7 @@ def run_threat_model(
     if tm.has_evasion:
         report = run_evaluation(
             model, data, tm, out, model_info=model_info, baseline=baseline, progress=progress,
-            resume=resume, html=False,
+            resume=resume, html=False, backend=backend, work=work,
         ).report  # fmt: skip
     else:
         n = min(tm.samples, len(data.y))

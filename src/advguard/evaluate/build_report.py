@@ -128,15 +128,21 @@ def build_report(
         for i, a in enumerate(state.attacks)
     ]
     feature_changes: dict[str, list[FeatureChange]] = {}
-    if feature_names is not None:
-        for e, tot in state.feature_abs.items():
-            cnt = state.feature_count[e]
-            order_f = np.argsort(-tot)[:15]
+    rec = state.records
+    if feature_names is not None and rec.feat_abs.shape[1]:
+        # per epsilon, over the samples whose recorded adversarial is at that epsilon,
+        # summed in sample order (the same sums whatever the batch size or sharding)
+        for e in sorted(set(rec.fooled_eps[rec.fooled_eps >= 0].tolist())):
+            at = rec.fooled_eps == e
+            cnt = int(at.sum())
+            tot = rec.feat_abs[at].sum(0)
+            changed = rec.feat_changed[at].sum(0)
+            order_f = np.argsort(-tot, kind="stable")[:15]
             feature_changes[f"{state.epsilons[e]:g}"] = [
                 FeatureChange(
                     feature=feature_names[j],
                     mean_abs_change=float(tot[j] / cnt),
-                    share_changed=float(state.feature_changed[e][j] / cnt),
+                    share_changed=float(changed[j] / cnt),
                 )
                 for j in order_f
             ]

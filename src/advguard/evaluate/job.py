@@ -100,15 +100,20 @@ def run_evaluation(
     progress: Progress | None = None,
     resume: bool = False,
     html: bool = True,
+    backend: Any = None,
+    work: Any = None,
 ) -> JobResult:
     """Evaluate ``model`` on a :class:`advguard.data.Dataset`; write report.json (+ .html).
 
     Per-batch checkpoints go to ``out_dir/.checkpoint``; ``resume=True`` continues from them.
+    ``backend``/``work``: run the suite on workers (see :func:`advguard.evaluate.evaluate`).
     """
     tm = threat_model if isinstance(threat_model, ThreatModel) else load_threat_model(threat_model)
     base = load_report(baseline) if isinstance(baseline, (str, Path)) else baseline
     out = Path(out_dir)
     if tm.is_text or getattr(data, "modality", None) == "text":
+        if backend is not None:
+            raise InputError("text evaluations run locally only; drop --backend")
         report = _text_report(model, data, tm, model_info, base, progress, resume)
         return write_outputs(report, out, html)
     if tuple(data.input_shape) != tuple(model.input_shape):
@@ -126,8 +131,10 @@ def run_evaluation(
         feature_names=data.feature_names if data.modality == "tabular" else None,
         baseline=base,
         progress=progress,
-        checkpoint_dir=out / ".checkpoint",
+        checkpoint_dir=out / ".checkpoint" if backend is None else None,
         resume=resume,
+        backend=backend,
+        work=work,
     )
     return write_outputs(report, out, html)
 

@@ -294,11 +294,7 @@ def _partial_report(
         resume=True,
     )
     idx = select_samples(len(data.x), tm.samples, tm.seed)
-    state = RunState(list(tm.epsilons), ev.attacks, Records.empty(len(idx), len(tm.epsilons)))
-    for a in ev.attacks:
-        state.stat(0, a.name, "suite")
-    state.records.index[:] = idx
-    state.records.label[:] = data.y[idx]
+    state = ev.new_state(idx)
     batches = [
         np.arange(i, min(i + tm.batch_size, len(idx))) for i in range(0, len(idx), tm.batch_size)
     ]

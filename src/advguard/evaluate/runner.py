@@ -45,7 +45,10 @@ from advguard.evaluate.state import (
     STAGES,
     Records,
     RunState,
+    Shard,
     StageStats,
+    keep_examples,
+    merge_shards,
     row_key,
     select_samples,
     sha256_array,
@@ -63,6 +66,7 @@ __all__ = [  # run state, checkpoints and report building moved out; their names
     "Progress",
     "Records",
     "RunState",
+    "Shard",
     "StageStats",
     "adaptive_models",
     "declared_defense",
@@ -213,19 +217,85 @@ class Evaluator:
             torch.manual_seed(self.tm.seed)
             return self._run()
 
-    def _run(self) -> Report:
-        t_start = self.clock()
+    def samples(self) -> np.ndarray:
+        """The data-set indices this run evaluates (sorted; the threat model's sample draw)."""
+        return select_samples(len(self.x), self.tm.samples, self.tm.seed)
+
+    def new_state(self, idx: np.ndarray) -> RunState:
+        """A fresh run state for the samples ``idx`` (data-set indices)."""
         tm = self.tm
-        idx = select_samples(len(self.x), tm.samples, tm.seed)
-        state = RunState(list(tm.epsilons), self.attacks, Records.empty(len(idx), len(tm.epsilons)))
+        n_feat = len(self.feature_names or ()) if self.x.ndim == 2 else 0
+        records = Records.empty(len(idx), len(tm.epsilons), n_feat)
+        state = RunState(list(tm.epsilons), self.attacks, records)
         for a in self.attacks:
             state.stat(0, a.name, "suite")
         state.records.index[:] = idx
         state.records.label[:] = self.y[idx]
-        batches = [
-            np.arange(i, min(i + tm.batch_size, len(idx)))
-            for i in range(0, len(idx), tm.batch_size)
-        ]
+        return state
+
+    def batches(self, positions: np.ndarray) -> list[np.ndarray]:
+        """``positions`` cut into batches of the threat model's batch size."""
+        bs = self.tm.batch_size
+        return [positions[i : i + bs] for i in range(0, len(positions), bs)]
+
+    # -- shards: the suite on part of the samples, merged into one report ----------------
+    def shard_indices(self, count: int) -> list[np.ndarray]:
+        """The run's samples (data-set indices) split into ``count`` contiguous shards."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InputError(f"shard count must be an integer >= 1, got {count!r}")
+        return [a for a in np.array_split(self.samples(), count) if len(a)]
+
+    def run_shard(self, indices: Sequence[int] | np.ndarray | None = None) -> Shard:
+        """Run the attack suite (no sanity checks) on some of the run's samples.
+
+        ``indices`` are data-set indices among :meth:`samples` (default: all). Every random
+        draw is keyed by the sample's index, so a sample's outcome is the same whatever the
+        shard it is in, the batch size or the order shards run in; :meth:`finish` merges
+        the shards into the report :meth:`run` would give.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.tm.seed)
+            t0 = self.clock()
+            idx = self.samples()
+            pos = self._positions(idx, indices)
+            state = self.new_state(idx)
+            for b in self.batches(pos):
+                self._run_batch(state, b, stage="suite")
+            return Shard.of(state, pos, seconds=self.clock() - t0)
+
+    def _positions(self, idx: np.ndarray, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if indices is None:
+            return np.arange(len(idx))
+        want = np.asarray(indices)
+        if want.ndim != 1 or (len(want) and want.dtype.kind not in "iu"):
+            raise InputError("shard indices must be a 1-D list of integer data-set indices")
+        want = np.unique(want.astype(np.int64))
+        pos = np.searchsorted(idx, want)
+        bad = (pos >= len(idx)) | (idx[np.minimum(pos, len(idx) - 1)] != want)
+        if bad.any():
+            raise InputError(
+                f"{int(bad.sum())} shard indices (e.g. {int(want[bad][0])}) are not among the "
+                f"run's {len(idx)} samples"
+            )
+        return pos
+
+    def finish(self, shards: Sequence[Shard]) -> Report:
+        """Merge shards covering every sample once (any order), run the sanity checks
+        and build the report: the same report as :meth:`run` (up to timings)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.tm.seed)
+            t_start = self.clock()
+            idx = self.samples()
+            state = self.new_state(idx)
+            merge_shards(state, list(shards), self.keep_examples)
+            t_suite = float(sum(sh.seconds for sh in sorted(shards, key=_first_position)))
+            return self._conclude(state, idx, t_start - t_suite, t_suite)
+
+    def _run(self) -> Report:
+        t_start = self.clock()
+        idx = self.samples()
+        state = self.new_state(idx)
+        batches = self.batches(np.arange(len(idx)))
         if self.resume:
             done = self.load_checkpoint(state, idx)
         else:
@@ -240,7 +310,11 @@ class Evaluator:
             self.save_checkpoint(state, idx, b, pos)
             self.progress("suite", b + 1, len(batches))
         t_suite = self.clock() - t_start
+        return self._conclude(state, idx, t_start, t_suite)
 
+    def _conclude(self, state: RunState, idx: np.ndarray, t_start: float, t_suite: float) -> Report:
+        """Sanity checks (and escalations) on the finished suite, then the report."""
+        tm = self.tm
         first_robust = [int(state.records.robust_at(e).sum()) for e in range(len(state.epsilons))]
         checks: list[SanityCheck] = []
         t_sanity = 0.0
@@ -326,27 +400,26 @@ class Evaluator:
         f0, g0 = self.model.queries.snapshot()
         fooled = torch.zeros(len(sel), dtype=torch.bool)
         x_adv = xs.clone()
-        for t in targets if targets is not None else [None]:
+        ids = torch.as_tensor(rec.index[pos[sel]], dtype=torch.int64)  # data-set indices
+        for r, t in enumerate(targets if targets is not None else [None]):
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            res = attack.run(model, xs[todo], ys[todo], eps, None if t is None else t[sel][todo])
+            res = attack.run(
+                model,
+                xs[todo],
+                ys[todo],
+                eps,
+                None if t is None else t[sel][todo],
+                sample_ids=ids[todo],  # random draws keyed per sample, not by batch position
+                stream=(label, stage, r),
+            )
             # success is re-verified below with the real model, bounds and ball
             ok = res.success.cpu()
             x_adv[todo[ok]] = res.x_adv.cpu()[ok]
             fooled[todo[ok]] = True
         f1, g1 = self.model.queries.snapshot()
-        # trust nothing: re-check every claimed adversarial with the real model
-        if fooled.any():
-            fi = fooled.nonzero().squeeze(1)
-            check = self.verify(x_adv[fi], xs[fi], ys[fi], eps)
-            schema = getattr(attack.attack, "schema", None)
-            if schema is not None:  # tabular constraints: an invalid row is no adversarial
-                valid = schema.validate_rows(
-                    xs[fi].numpy(), x_adv[fi].numpy(), epsilon=eps, norm=self.tm.norm
-                )
-                check &= torch.as_tensor(np.asarray(valid, dtype=bool))
-            fooled[fi[~check]] = False
+        self.reverify(attack, fooled, x_adv, xs, ys, eps)
         n_new = int(fooled.sum())
         st.add(
             {
@@ -371,6 +444,29 @@ class Evaluator:
                 state.key(e, label, stage),
             )
         return n_new
+
+    def reverify(
+        self,
+        attack: SuiteAttack,
+        fooled: torch.Tensor,
+        x_adv: torch.Tensor,
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        eps: float,
+    ) -> None:
+        """Trust nothing: re-check every claimed adversarial (``fooled``, updated in place)
+        with the real model, the bounds and the ball, and a tabular schema's constraints."""
+        if not fooled.any():
+            return
+        fi = fooled.nonzero().squeeze(1)
+        check = self.verify(x_adv[fi], xs[fi], ys[fi], eps)
+        schema = getattr(attack.attack, "schema", None)
+        if schema is not None:  # tabular constraints: an invalid row is no adversarial
+            valid = schema.validate_rows(
+                xs[fi].numpy(), x_adv[fi].numpy(), epsilon=eps, norm=self.tm.norm
+            )
+            check &= torch.as_tensor(np.asarray(valid, dtype=bool))
+        fooled[fi[~check]] = False
 
     def verify(
         self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float
@@ -411,18 +507,33 @@ class Evaluator:
         rec.l2[pos] = norm_of(d, "l2").double().numpy()
         rec.l0[pos] = norm_of(d, "l0").double().numpy()
         rec.adv_conf[pos] = probs.gather(1, y[:, None]).squeeze(1).numpy()
-        if self.feature_names is not None and x.ndim == 2:
-            a = d.abs().double().sum(0).numpy()
-            c = (d.abs() > 1e-9).double().sum(0).numpy()
-            state.feature_abs[e] = state.feature_abs.get(e, 0) + a
-            state.feature_changed[e] = state.feature_changed.get(e, 0) + c
-            state.feature_count[e] = state.feature_count.get(e, 0) + len(d)
-        kept = state.examples.setdefault(e, [])
-        for i in range(len(pos)):
-            if len(kept) >= self.keep_examples:
-                break
+        if rec.feat_abs.shape[1] and x.ndim == 2:
+            rec.feat_abs[pos] = d.abs().double().numpy()
+            rec.feat_changed[pos] = (d.abs() > 1e-9).long().numpy()
+        self._keep_examples(state, pos, x, x_adv, y, probs, e, eps, label)
+
+    def _keep_examples(
+        self,
+        state: RunState,
+        pos: np.ndarray,
+        x: torch.Tensor,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        probs: torch.Tensor,
+        e: int,
+        eps: float,
+        label: str,
+    ) -> None:
+        """Keep, per epsilon, the fooled samples of lowest data-set index (batch-invariant)."""
+        rec, k = state.records, self.keep_examples
+        kept = state.examples.get(e, [])
+        worst = max((ex.index for ex in kept), default=None) if len(kept) >= k else None
+        new = []
+        for i in np.argsort(rec.index[pos], kind="stable")[:k]:
             p = int(pos[i])
-            kept.append(
+            if worst is not None and int(rec.index[p]) > worst:
+                break
+            new.append(
                 Example(
                     epsilon=eps,
                     attack=label,
@@ -436,6 +547,7 @@ class Evaluator:
                     x_adv=x_adv[i].tolist(),
                 )
             )
+        state.examples[e] = keep_examples(kept, new, k)
 
     # -- checkpoints ----------------------------------------------------------
     def clear_checkpoint(self) -> None:
@@ -483,12 +595,33 @@ class Evaluator:
         )
 
 
+def _first_position(shard: Shard) -> int:
+    return int(shard.positions[0]) if len(shard.positions) else -1
+
+
 def evaluate(
     model: Any,
     x: np.ndarray,
     y: np.ndarray,
     threat_model: ThreatModel,
+    *,
+    backend: Any = None,
+    work: Any = None,
     **kwargs: Any,
 ) -> Report:
-    """Evaluate ``model`` on ``(x, y)`` under ``threat_model``; see :class:`Evaluator`."""
-    return Evaluator(model, x, y, threat_model, **kwargs).run()
+    """Evaluate ``model`` on ``(x, y)`` under ``threat_model``; see :class:`Evaluator`.
+
+    ``backend`` (e.g. :class:`advguard.evaluate.distributed.RayBackend`) runs the attack suite
+    elsewhere, on workers that rebuild the model and data from ``work`` (a
+    :class:`~advguard.evaluate.distributed.WorkSpec` naming the same model and data); the
+    report is the one the local run gives.
+    """
+    ev = Evaluator(model, x, y, threat_model, **kwargs)
+    if backend is None:
+        return ev.run()
+    if work is None:
+        raise InputError("a distributed backend needs work=WorkSpec(model file, data spec, ...)")
+    if ev.resume:
+        raise InputError("resume is not supported with a distributed backend (shards are redone)")
+    progress = ev.progress
+    return backend.run(ev, work, on_shard=lambda done, total: progress("suite", done, total))

@@ -7,7 +7,9 @@ What differs between PGD (Madry et al. 2018), its full-step variant for transfer
 constrained tabular PGD and the adversarial trainer's inner maximisations are the hooks:
 
 * ``loss(y, targets) -> loss_fn``: the per-sample loss to maximise on a subset;
-* ``start(state, generator) -> x``: the first iterate of a restart (random start);
+* ``start(state, rng) -> x``: the first iterate of a restart (random start); ``rng`` is the
+  restart's per-sample stream (a :class:`SampleRandom` aligned with the state's samples),
+  or the caller's ``torch.Generator`` (the adversarial trainer);
 * ``step(grad, x, state) -> x``: the next iterate (direction, step size, projection and
   any repair, e.g. into schema-valid rows);
 * ``early_stop``: a sample leaves the loop at its first iterate that fools the model
@@ -30,10 +32,12 @@ from typing import Any, Protocol
 import torch
 
 from advguard.attacks.losses import LossFn
+from advguard.attacks.randomness import SampleRandom
 
 State = dict[str, Any]
+Rng = SampleRandom | torch.Generator
 LossHook = Callable[[torch.Tensor, "torch.Tensor | None"], LossFn]
-StartHook = Callable[[State, torch.Generator], torch.Tensor]
+StartHook = Callable[[State, Any], torch.Tensor]  # the rng: what the caller passed (Rng)
 StepHook = Callable[[torch.Tensor, torch.Tensor, State], torch.Tensor]
 
 
@@ -54,7 +58,7 @@ def gradient_descent(
     x: torch.Tensor,
     y: torch.Tensor,
     targets: torch.Tensor | None,
-    generator: torch.Generator,
+    rng: Rng,
     *,
     steps: int,
     loss: LossHook,
@@ -76,7 +80,7 @@ def gradient_descent(
     best_loss = torch.full((len(x),), float("-inf"), device=x.device)
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
 
-    for _ in range(restarts):
+    for r in range(restarts):
         idx = (~done).nonzero().squeeze(1)
         if len(idx) == 0:
             break
@@ -88,7 +92,11 @@ def gradient_descent(
         }
         for key, v in extra.items():
             s[key] = v if full or not isinstance(v, torch.Tensor) else v[idx]
-        xr = start(s, generator) if start is not None else s["x0"].clone()
+        if start is not None:
+            sub = rng.subset(idx).fork("restart", r) if isinstance(rng, SampleRandom) else rng
+            xr = start(s, sub)
+        else:
+            xr = s["x0"].clone()
         for k in range(steps + 1):
             loss_fn = loss(s["y"], s["t"])
             last = k == steps

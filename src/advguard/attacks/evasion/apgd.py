@@ -20,6 +20,7 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackResult, RunResult
 from advguard.attacks.norms import normalize, project, random_in_ball
+from advguard.attacks.randomness import Key, SampleRandom
 from advguard.models.base import (
     Classifier,
     WhiteBoxClassifier,
@@ -108,7 +109,7 @@ class APGD(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         assert is_white_box(model)  # needs_gradients: the base class checked it
@@ -116,12 +117,13 @@ class APGD(Attack):
         out_loss = torch.full((len(x),), float("-inf"), device=x.device)
         done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         ckpts = checkpoints(self.steps)
-        for _ in range(self.restarts):
+        for r in range(self.restarts):
             idx = (~done).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
             t = None if targets is None else targets[idx]
-            xr, lr, fooled = self._single_run(model, x[idx], y[idx], t, epsilon, generator, ckpts)
+            sub = rng.subset(idx).fork("restart", r)
+            xr, lr, fooled = self._single_run(model, x[idx], y[idx], t, epsilon, sub, ckpts)
             better = fooled | (lr > out_loss[idx])
             out[idx[better]] = xr[better]
             out_loss[idx[better]] = torch.where(fooled, torch.full_like(lr, float("inf")), lr)[
@@ -137,7 +139,7 @@ class APGD(Attack):
         y: torch.Tensor,
         t: torch.Tensor | None,
         eps: float,
-        generator: torch.Generator,
+        rng: SampleRandom,
         ckpts: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run from a random start: (points, their loss, fooled mask)."""
@@ -164,7 +166,7 @@ class APGD(Attack):
             keep = ~fooled
             return {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
 
-        xc = proj(x + random_in_ball(x, norm, eps, generator), x)
+        xc = proj(x + random_in_ball(x, norm, eps, rng), x)
         loss_fn = losses.for_goal(self.loss, y, t)
         logits, loss, grad = model.value_and_grad(xc, loss_fn)
         s: dict[str, Any] = {
@@ -243,6 +245,8 @@ class APGD(Attack):
         y: torch.Tensor | np.ndarray,
         *,
         epsilon: float,
+        sample_ids: torch.Tensor | np.ndarray | None = None,
+        stream: tuple[Key, ...] = (),
     ) -> AttackResult:
         """Targeted APGD against each of the top ``n_target_classes`` runner-up classes.
 
@@ -256,6 +260,7 @@ class APGD(Attack):
         x0, y0, eps, device = call.x0, call.y0, call.epsilon, call.device
         assert eps is not None  # APGD is not a minimum-norm attack
         n = len(x0)
+        ids = self.random(call, sample_ids).ids  # checked per-sample ids (default 0..n-1)
         # a detector-guarded model's reject class is neither a target nor a success
         k = min(self.n_target_classes, label_count(model) - 1)
         x_adv = x0.clone()
@@ -271,7 +276,15 @@ class APGD(Attack):
                 idx = (~success).nonzero().squeeze(1)
                 if len(idx) == 0:
                     break
-                res = self(model, x0[idx], y0[idx], epsilon=eps, targets=ranked[idx, r])
+                res = self(
+                    model,
+                    x0[idx],
+                    y0[idx],
+                    epsilon=eps,
+                    targets=ranked[idx, r],
+                    sample_ids=ids[idx],
+                    stream=(*stream, "target-rank", r),
+                )
                 ok = res.success.clone()
                 if (~ok).any():  # missed the target but maybe left class y anyway
                     miss = (~ok).nonzero().squeeze(1)

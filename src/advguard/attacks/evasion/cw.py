@@ -8,6 +8,7 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
+from advguard.attacks.randomness import SampleRandom
 from advguard.models.base import Classifier, is_white_box
 
 _UPPER_INIT = 1e10  # "no upper bound on c found yet"
@@ -95,7 +96,7 @@ class CarliniWagnerL2(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert is_white_box(model)  # needs_gradients: the base class checked it
         lo, hi = model.bounds

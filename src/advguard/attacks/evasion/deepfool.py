@@ -7,6 +7,7 @@ import torch
 from advguard import _validate as check
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import per_sample
+from advguard.attacks.randomness import SampleRandom
 from advguard.models.base import Classifier, is_white_box
 
 
@@ -67,7 +68,7 @@ class DeepFool(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert is_white_box(model)  # needs_gradients: the base class checked it
         lo, hi = model.bounds

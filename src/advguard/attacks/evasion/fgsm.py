@@ -15,6 +15,7 @@ import torch
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import normalize
+from advguard.attacks.randomness import SampleRandom
 from advguard.models.base import Classifier, is_white_box
 
 
@@ -36,7 +37,7 @@ class FGSM(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert is_white_box(model)  # needs_gradients: the base class checked it
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it

@@ -50,6 +50,7 @@ import torch
 from advguard import _validate as check
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import flat
+from advguard.attacks.randomness import SampleRandom
 from advguard.errors import InputError
 from advguard.models.base import Classifier
 
@@ -113,7 +114,7 @@ class HopSkipJump(Attack):
         Largest batch sent to the model at once (memory only; results do not depend on it
         except through the order of random draws).
     seed:
-        Seed of the attack's random generator.
+        Seed of the attack's random draws (keyed per sample).
 
     Without ``epsilon`` it returns the smallest adversarial found (minimum-norm); with
     ``epsilon`` a sample stops once its adversarial lies within ``epsilon`` and the result
@@ -184,7 +185,7 @@ class HopSkipJump(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         n = len(x)
         dev = x.device
@@ -193,7 +194,7 @@ class HopSkipJump(Attack):
         theta = self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d**2
         oracle = _Oracle(model, y, targets, self.max_queries, self.query_batch_size)
 
-        adv, have = self._start(x, targets, oracle, generator, lo, hi)
+        adv, have = self._start(x, targets, oracle, rng, lo, hi)
         dist_post = torch.zeros(n, device=dev)
         idx = have.nonzero().squeeze(1)
         if len(idx):
@@ -217,7 +218,7 @@ class HopSkipJump(Attack):
             delta = delta.clamp_min(1e-12)
             num_evals = int(min(int(self.init_num_evals * math.sqrt(t)), self.max_num_evals))
             grad = self._estimate_gradient(
-                adv[idx], idx, num_evals, delta, oracle, generator, lo, hi
+                adv[idx], idx, num_evals, delta, oracle, rng.subset(idx).fork("iter", t), lo, hi
             )
             update = grad.sign() if self.norm == "linf" else grad
 
@@ -266,11 +267,11 @@ class HopSkipJump(Attack):
 
         noise = torch.zeros_like(x)
         from_noise = torch.zeros(n, dtype=torch.bool, device=dev)
-        for _ in range(self.init_trials):
+        for trial in range(self.init_trials):
             q = (~have & (oracle.left(torch.arange(n, device=dev)) > 0)).nonzero().squeeze(1)
             if len(q) == 0:
                 break
-            u = torch.rand((len(q), *x.shape[1:]), generator=gen, device=dev, dtype=x.dtype)
+            u = gen.subset(q).uniform(("init", trial), x.shape[1:], dtype=x.dtype).to(dev)
             u = lo + (hi - lo) * u
             dec = oracle.decide(u, q)
             hit = q[dec]
@@ -334,11 +335,12 @@ class HopSkipJump(Attack):
             sl = slice(i0, min(i0 + per_chunk, k))
             xc, dc, owners = xb[sl], delta[sl], idx[sl]
             kc = len(xc)
-            size = (kc, num_evals, *shape)
+            size = (num_evals, *shape)
+            chunk = gen.subset(torch.arange(i0, sl.stop))
             if self.norm == "l2":
-                rv = torch.randn(size, generator=gen, device=dev, dtype=dt)
+                rv = chunk.normal("probe", size, dtype=dt).to(dev)
             else:
-                rv = 2 * torch.rand(size, generator=gen, device=dev, dtype=dt) - 1
+                rv = 2 * chunk.uniform("probe", size, dtype=dt).to(dev) - 1
             rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).view(
                 kc, num_evals, *[1] * len(shape)
             )

@@ -9,6 +9,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import flat, normalize, project, random_in_ball
+from advguard.attacks.randomness import SampleRandom
 from advguard.models.base import Classifier, WhiteBoxClassifier, is_white_box
 
 _LOSSES = ("ce", "margin")
@@ -90,7 +91,7 @@ class PGD(Attack):
         y: torch.Tensor,
         epsilon: float,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
         *,
         early_stop: bool,
     ) -> torch.Tensor:
@@ -99,7 +100,7 @@ class PGD(Attack):
         alpha = self.step_size if self.step_size is not None else self.rel_step_size * epsilon
         norm = self.norm
 
-        def start(s: State, gen: torch.Generator) -> torch.Tensor:
+        def start(s: State, gen: SampleRandom) -> torch.Tensor:
             x0 = s["x0"]
             if not self.random_start:
                 return x0.clone()
@@ -114,7 +115,7 @@ class PGD(Attack):
             x,
             y,
             targets,
-            generator,
+            rng,
             steps=self.steps,
             restarts=self.restarts,
             loss=lambda yy, tt: losses.for_goal(self.loss, yy, tt),
@@ -130,8 +131,8 @@ class PGD(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert is_white_box(model)  # needs_gradients: the base class checked it
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
-        return RunResult(self._descend(model, x, y, epsilon, targets, generator, early_stop=True))
+        return RunResult(self._descend(model, x, y, epsilon, targets, rng, early_stop=True))

@@ -33,6 +33,7 @@ from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.norms import project, random_in_ball
+from advguard.attacks.randomness import SampleRandom
 from advguard.models.base import Classifier
 
 
@@ -93,7 +94,7 @@ class SPSA(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         lo, hi = model.bounds
@@ -101,7 +102,7 @@ class SPSA(Attack):
         shape = x.shape[1:]
         xr = x.clone()
         if self.random_start:
-            xr = (x + random_in_ball(x, self.norm, epsilon, generator)).clamp(lo, hi)
+            xr = (x + random_in_ball(x, self.norm, epsilon, rng)).clamp(lo, hi)
         best = xr.clone()
         best_loss = self._loss(model.logits(xr), y, targets)
         queries = torch.ones(n, dtype=torch.long, device=x.device)
@@ -116,12 +117,7 @@ class SPSA(Attack):
             xa, ya = xr[active], y[active]
             ta = None if targets is None else targets[active]
             na = len(active)
-            v = (
-                torch.randint(0, 2, (na, k, *shape), generator=generator, device=x.device)
-                .to(x.dtype)
-                .mul_(2)
-                .sub_(1)
-            )
+            v = rng.subset(active).sign(("step", it), (k, *shape), dtype=x.dtype).to(x.device)
             xp = (xa[:, None] + self.delta * v).flatten(0, 1)
             xm = (xa[:, None] - self.delta * v).flatten(0, 1)
             yr = ya.repeat_interleave(k)

@@ -53,6 +53,7 @@ import torch
 from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, RunResult
+from advguard.attacks.randomness import SampleRandom
 from advguard.errors import InputError
 from advguard.models.base import Classifier
 
@@ -132,7 +133,7 @@ class SquareAttack(Attack):
         ``"margin"`` or ``"ce"``; default margin for untargeted and cross-entropy for
         targeted attacks, as in the paper.
     seed:
-        Seed of the attack's random generator.
+        Seed of the attack's random draws (keyed per sample).
 
     ``result.queries`` holds the per-sample queries the attack used. Unfooled samples
     return the iterate with the lowest loss (best over restarts).
@@ -186,7 +187,7 @@ class SquareAttack(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         n = len(x)
@@ -204,7 +205,13 @@ class SquareAttack(Attack):
             if len(idx) == 0:
                 break
             xb, lb, fb, qb = self._single_run(
-                model, x4[idx], goal[idx], targets is not None, float(epsilon), budget, generator
+                model,
+                x4[idx],
+                goal[idx],
+                targets is not None,
+                float(epsilon),
+                budget,
+                rng.subset(idx).fork("restart", r),
             )
             queries[idx] += qb
             better = fb | (lb < best_loss[idx])
@@ -236,7 +243,7 @@ class SquareAttack(Attack):
         n, c, _, w = x.shape
         dev = x.device
         if self.norm == "linf":
-            init = eps * _signs((n, c, 1, w), gen, dev, x.dtype)
+            init = eps * _signs(gen, "init", (c, 1, w), dev, x.dtype)
             x_best = (x + init).clamp(lo, hi)
         else:
             x_best = self._l2_init(x, eps, lo, hi, gen)
@@ -251,10 +258,11 @@ class SquareAttack(Attack):
             if len(a) == 0:
                 break
             p = p_selection(self.p_init, i_iter, budget)
+            g_it = gen.subset(a).fork("iter", i_iter)
             if self.norm == "linf":
-                x_new = self._linf_candidate(xa, xba, p, eps, lo, hi, gen)
+                x_new = self._linf_candidate(xa, xba, p, eps, lo, hi, g_it)
             else:
-                x_new = self._l2_candidate(xa, xba, p, eps, lo, hi, gen)
+                x_new = self._l2_candidate(xa, xba, p, eps, lo, hi, g_it)
             loss_new, fool_new = self._objective(model.logits(x_new), ga, targeted)
             iters += 1
             improved = (loss_new < la) | fool_new
@@ -277,12 +285,14 @@ class SquareAttack(Attack):
     # -- Linf -----------------------------------------------------------------
     @staticmethod
     def _linf_candidate(x, x_best, p, eps, lo, hi, gen):
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         s = round(math.sqrt(p * h * w))  # sqrt(p * n_features / c)
         s = min(max(s, 1), min(h, w) - 1)
-        mask = _window_mask(n, h, w, s, gen, x.device)
+        mask = _window_mask(h, w, s, gen, x.device)
         out = torch.where(
-            mask, (x + eps * _signs((n, c, 1, 1), gen, x.device, x.dtype)).clamp(lo, hi), x_best
+            mask,
+            (x + eps * _signs(gen, "signs", (c, 1, 1), x.device, x.dtype)).clamp(lo, hi),
+            x_best,
         )
         # reference: resample the signs while the window leaves the iterate unchanged
         # (``out`` equals ``x_best`` outside the window by construction)
@@ -290,8 +300,8 @@ class SquareAttack(Attack):
         if not unchanged.any():
             return out
         need = unchanged.nonzero().squeeze(1)
-        for _ in range(_MAX_SIGN_RESAMPLES):
-            signs = _signs((len(need), c, 1, 1), gen, x.device, x.dtype)
+        for t in range(_MAX_SIGN_RESAMPLES):
+            signs = _signs(gen.subset(need), ("resample", t), (c, 1, 1), x.device, x.dtype)
             xb = x_best[need]
             cand = torch.where(mask[need], (x[need] + eps * signs).clamp(lo, hi), xb)
             out[need] = cand
@@ -303,14 +313,14 @@ class SquareAttack(Attack):
 
     # -- L2 -------------------------------------------------------------------
     @staticmethod
-    def _patterns(n: int, s: int, gen, dev, dtype) -> torch.Tensor:
-        """``n`` meta patterns of side ``s``, each transposed with probability 1/2."""
+    def _patterns(s: int, gen: SampleRandom, key, dev, dtype) -> torch.Tensor:
+        """One meta pattern of side ``s`` per sample, each transposed with probability 1/2."""
         pat = torch.as_tensor(meta_pattern(s), dtype=dtype, device=dev)
-        flip = torch.rand(n, generator=gen, device=dev) > 0.5
+        flip = gen.uniform(key).to(dev) >= 0.5
         return torch.where(flip[:, None, None], pat.T, pat)
 
     def _l2_init(self, x, eps, lo, hi, gen):
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         delta = torch.zeros_like(x)
         s = max(h // 5, 1)
         sp_init = max((h - s * 5) // 2, 0)
@@ -318,8 +328,8 @@ class SquareAttack(Attack):
         for _ in range(h // s):
             cw = sp_init
             for _ in range(w // s):
-                pat = self._patterns(n, s, gen, x.device, x.dtype)[:, None]
-                bump = pat * _signs((n, c, 1, 1), gen, x.device, x.dtype)
+                pat = self._patterns(s, gen, ("flip", ch, cw), x.device, x.dtype)[:, None]
+                bump = pat * _signs(gen, ("signs", ch, cw), (c, 1, 1), x.device, x.dtype)
                 win = delta[:, :, ch : ch + s, cw : cw + s]
                 win += bump[:, :, : win.shape[2], : win.shape[3]]
                 cw += s
@@ -335,8 +345,8 @@ class SquareAttack(Attack):
             s += 1
         s = min(s, h, w)
         delta = x_best - x
-        r1, c1 = _window_coords(n, h, w, s, gen, dev)
-        r2, c2 = _window_coords(n, h, w, s, gen, dev)
+        r1, c1 = _window_coords(h, w, s, gen, "window1", dev)
+        r2, c2 = _window_coords(h, w, s, gen, "window2", dev)
         ni = torch.arange(n, device=dev)[:, None, None, None]
         ci = torch.arange(c, device=dev)[None, :, None, None]
         i1 = (ni, ci, r1[:, None, :, None], c1[:, None, None, :])
@@ -348,7 +358,9 @@ class SquareAttack(Attack):
         norm_img = delta.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
         norm_wins = (delta * (mask1 | mask2)).pow(2).sum((2, 3), keepdim=True).sqrt()
 
-        new = self._patterns(n, s, gen, dev, dt)[:, None] * _signs((n, c, 1, 1), gen, dev, dt)
+        new = self._patterns(s, gen, "flip", dev, dt)[:, None] * _signs(
+            gen, "signs", (c, 1, 1), dev, dt
+        )
         new = new + win1 / (1e-10 + norm_win1)
         budget = ((eps**2 - norm_img.pow(2)).clamp_min(0) / c + norm_wins.pow(2)).sqrt()
         new = new / new.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
@@ -378,14 +390,15 @@ def _image_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return int(c), int(h), int(w)
 
 
-def _signs(shape, gen, dev, dtype) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=gen, device=dev).to(dtype) * 2 - 1
+def _signs(gen: SampleRandom, key, shape, dev, dtype) -> torch.Tensor:
+    """Random signs, shape ``(n, *shape)``, one stream per sample."""
+    return gen.sign(key, shape, dtype=dtype).to(dev)
 
 
-def _window_coords(n, h, w, s, gen, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_coords(h, w, s, gen: SampleRandom, key, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices (n, s) of one random s x s window per sample."""
-    vh = torch.randint(0, h - s + 1, (n,), generator=gen, device=dev)
-    vw = torch.randint(0, w - s + 1, (n,), generator=gen, device=dev)
+    vh = gen.randint((key, "row"), 0, h - s + 1).to(dev)
+    vw = gen.randint((key, "col"), 0, w - s + 1).to(dev)
     ar = torch.arange(s, device=dev)
     return vh[:, None] + ar, vw[:, None] + ar
 
@@ -401,10 +414,10 @@ def _coords_mask(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torc
     return (mh[:, :, None] & mw[:, None, :])[:, None]
 
 
-def _window_mask(n, h, w, s, gen, dev) -> torch.Tensor:
+def _window_mask(h, w, s, gen: SampleRandom, dev) -> torch.Tensor:
     """Boolean (n, 1, h, w) mask of one random s x s window per sample."""
-    vh = torch.randint(0, h - s + 1, (n, 1), generator=gen, device=dev)
-    vw = torch.randint(0, w - s + 1, (n, 1), generator=gen, device=dev)
+    vh = gen.randint("row", 0, h - s + 1, (1,)).to(dev)
+    vw = gen.randint("col", 0, w - s + 1, (1,)).to(dev)
     rh, rw = _aranges(h, w, dev)
     mh = (rh >= vh) & (rh < vh + s)
     mw = (rw >= vw) & (rw < vw + s)

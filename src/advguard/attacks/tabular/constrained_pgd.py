@@ -14,6 +14,7 @@ from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
 from advguard.attacks.evasion._gradient import State, gradient_descent
 from advguard.attacks.norms import normalize, project, random_in_ball
+from advguard.attacks.randomness import SampleRandom
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
 from advguard.models.base import Classifier, is_white_box
@@ -97,7 +98,7 @@ class ConstrainedPGD(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         assert is_white_box(model)  # needs_gradients: the base class checked it
@@ -124,7 +125,7 @@ class ConstrainedPGD(Attack):
             rep, _ = schema.repair(x0, z, epsilon=epsilon, norm=self.norm, clip=clip)
             return rep
 
-        def start(s: State, gen: torch.Generator) -> torch.Tensor:
+        def start(s: State, gen: SampleRandom) -> torch.Tensor:
             x0 = s["x0"]
             z = x0.clone()
             if self.random_start:
@@ -148,7 +149,7 @@ class ConstrainedPGD(Attack):
             x,
             y,
             targets,
-            generator,
+            rng,
             steps=self.steps,
             restarts=self.restarts,
             loss=lambda yy, tt: losses.for_goal(self.loss, yy, tt),

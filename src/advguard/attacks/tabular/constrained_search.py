@@ -12,6 +12,7 @@ import torch
 from advguard import _validate as check
 from advguard.attacks import losses
 from advguard.attacks.base import Attack, AttackCall, AttackResult, RunResult
+from advguard.attacks.randomness import SampleRandom
 from advguard.attacks.tabular._common import check_model, enforce_schema, schema_params
 from advguard.attacks.tabular.schema import FeatureSchema, load_schema
 from advguard.models.base import Classifier
@@ -134,7 +135,7 @@ class ConstrainedSearch(Attack):
         y: torch.Tensor,
         epsilon: float | None,
         targets: torch.Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
     ) -> RunResult:
         assert epsilon is not None  # not a minimum-norm attack: the base class checked it
         schema = self.schema
@@ -157,9 +158,18 @@ class ConstrainedSearch(Attack):
         ptr = np.zeros(n, dtype=np.int64)
         pass_improved = np.zeros(n, dtype=bool)
 
+        passes = np.zeros(n, dtype=np.int64)  # per row: move orders drawn so far
+
         def shuffle(rows: np.ndarray) -> np.ndarray:
-            r = torch.rand((len(rows), n_moves), generator=generator, device=x.device)
-            return r.argsort(dim=1).cpu().numpy()
+            """A fresh random move order for each row, keyed by the row's pass number."""
+            out = np.empty((len(rows), n_moves), dtype=np.int64)
+            for p in np.unique(passes[rows]):
+                sel = np.flatnonzero(passes[rows] == p)
+                sub = rng.subset(torch.as_tensor(rows[sel]))
+                u = sub.randint(("order", int(p)), 0, 1 << 62, (n_moves,))
+                out[sel] = u.argsort(dim=1).cpu().numpy()
+            passes[rows] += 1
+            return out
 
         order = shuffle(np.arange(n))
         unit = np.where(np.isnan(c.unit), 1.0, c.unit)

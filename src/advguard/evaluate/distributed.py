@@ -1,0 +1,234 @@
+"""Evaluation across processes and machines: shards of samples on a pool of Ray workers.
+
+The attack suite is cut into work units of contiguous sample shards (``Evaluator.shard_indices``).
+Each worker is a Ray actor that loads the model and data **once**, from the references in a
+:class:`WorkSpec` (a model file path with its loader options, a data set spec), never from a
+pickled model object; it runs shards with ``Evaluator.run_shard`` and returns plain data
+(numbers, strings, numpy arrays; :func:`shard_to_wire`), which the driver checks at the edge
+(:func:`shard_from_wire`) and merges with ``Evaluator.finish``. Every random draw is keyed by
+the sample's index, so the merged report is the report of a local run, whatever the number of
+workers, the shard size or the order shards finish in.
+
+A killed worker is restarted by Ray (the actor reloads the model) and its unfinished shards
+run again (``max_retries`` times each). The sanity checks and escalations run once, on the
+driver, on the merged results.
+
+Ray is an optional dependency (``pip install 'advguard[ray]'``); without it the backend raises
+:class:`~advguard.errors.MissingDependencyError` naming the extra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from advguard.errors import InputError, MissingDependencyError
+from advguard.evaluate.report import Example, Report
+from advguard.evaluate.runner import Evaluator
+from advguard.evaluate.state import STAGES, Records, Shard, StageStats
+from advguard.evaluate.threat_model import ThreatModel
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """How a worker rebuilds the evaluation: references and options, no live objects."""
+
+    model: str
+    """Model file (or reference) as :func:`advguard.models.io.load_model` takes it."""
+    data: str
+    """Data set spec as :func:`advguard.data.load_dataset` takes it."""
+    threat_model: dict[str, Any]
+    """The threat model, as ``ThreatModel.model_dump(mode="json")``."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        data: str,
+        tm: ThreatModel,
+        model_kwargs: dict[str, Any] | None = None,
+        data_kwargs: dict[str, Any] | None = None,
+    ) -> WorkSpec:
+        return cls(
+            str(model),
+            str(data),
+            tm.model_dump(mode="json"),
+            dict(model_kwargs or {}),
+            dict(data_kwargs or {}),
+        )
+
+
+def build_evaluator(spec: WorkSpec) -> Evaluator:
+    """Load the model and data of ``spec`` and configure an evaluator on them (a worker's
+    set-up, run once per worker process)."""
+    from advguard.evaluate.job import load_model_and_data
+
+    tm = ThreatModel.model_validate(spec.threat_model)
+    model, data, _ = load_model_and_data(
+        spec.model, spec.data, model_kwargs=spec.model_kwargs, data_kwargs=spec.data_kwargs
+    )
+    names = data.feature_names if data.modality == "tabular" else None
+    return Evaluator(model, data.x, data.y, tm, feature_names=names)
+
+
+# -- shards as plain data ----------------------------------------------------------------------
+def shard_to_wire(shard: Shard) -> dict[str, Any]:
+    """A shard as numbers, strings, lists and numpy arrays (no objects of ours)."""
+    return {
+        "positions": np.asarray(shard.positions, dtype=np.int64),
+        "records": {k: np.asarray(v) for k, v in shard.records.as_dict().items()},
+        "stats": [[e, a, s, vars(st)] for (e, a, s), st in shard.stats.items()],
+        "examples": {
+            str(e): [x.model_dump(mode="json") for x in v] for e, v in shard.examples.items()
+        },
+        "seconds": float(shard.seconds),
+    }
+
+
+def shard_from_wire(d: Any) -> Shard:
+    """Check and rebuild a shard a worker sent (every field validated; nothing executed)."""
+    try:
+        pos = np.asarray(d["positions"])
+        if pos.ndim != 1 or (len(pos) and pos.dtype.kind not in "iu"):
+            raise ValueError("positions are not a 1-D integer array")
+        want = Records.empty(0, 0).as_dict().keys()
+        rec_in = d["records"]
+        if set(rec_in) != set(want):
+            raise ValueError(f"record fields {sorted(rec_in)} are not {sorted(want)}")
+        arrays = {k: np.asarray(rec_in[k]) for k in want}
+        if any(a.dtype.kind not in "iuf" or len(a) != len(pos) for a in arrays.values()):
+            raise ValueError("a record field is not a numeric array with one row per sample")
+        stats: dict[tuple[int, str, Any], StageStats] = {}
+        for e, a, s, v in d["stats"]:
+            if not isinstance(e, int) or not isinstance(a, str) or s not in STAGES:
+                raise ValueError(f"bad stats key {(e, a, s)!r}")
+            stats[(e, a, s)] = StageStats(**{k: v[k] for k in vars(StageStats())})
+        examples = {
+            int(e): [Example.model_validate(x) for x in v] for e, v in d["examples"].items()
+        }
+        return Shard(pos.astype(np.int64), Records(**arrays), stats, examples, float(d["seconds"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"a worker sent a malformed shard ({type(e).__name__}: {e})") from None
+
+
+# -- the Ray worker ----------------------------------------------------------------------------
+class ShardWorker:
+    """One worker process: loads the model and data once, then runs shards on request."""
+
+    def __init__(self, spec: WorkSpec) -> None:
+        self.evaluator = build_evaluator(spec)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, indices: np.ndarray) -> tuple[int, dict[str, Any]]:
+        """``(this process's id, the shard of data-set ``indices`` as plain data)``."""
+        return os.getpid(), shard_to_wire(self.evaluator.run_shard(indices))
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("ray", "ray", "the Ray backend (--backend ray)") from None
+    return ray
+
+
+class RayBackend:
+    """Run the suite's shards on Ray workers and merge them (see the module docstring).
+
+    ``address``: None starts a local Ray instance with ``workers`` CPUs; ``"auto"`` joins the
+    cluster this machine belongs to; ``"ray://host:port"`` connects a Ray client (the model
+    and data references must then resolve on the workers, e.g. on a shared file system).
+    ``shards``: how many work units (default 4 per worker, so a slow or restarted worker
+    delays the run by a quarter of its share). ``max_retries``: restarts of a killed worker
+    and re-runs of its unfinished shards.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        workers: int = 2,
+        shards: int | None = None,
+        max_retries: int = 3,
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InputError(f"workers must be an integer >= 1, got {workers!r}")
+        if shards is not None and (
+            isinstance(shards, bool) or not isinstance(shards, int) or shards < 1
+        ):
+            raise InputError(f"shards must be an integer >= 1, got {shards!r}")
+        if address is not None and address != "auto" and not address.startswith("ray://"):
+            raise InputError(f"--address must be 'auto' or ray://host:port, got {address!r}")
+        self.address = address
+        self.workers = workers
+        self.shards = shards if shards is not None else 4 * workers
+        self.max_retries = max_retries
+        self.worker_pids: list[int] = []
+        """Processes that started a worker (after ``run``: the initial ones)."""
+        self.shard_pids: list[int] = []
+        """The process that returned each shard, in completion order."""
+
+    def _ray(self) -> Any:
+        ray = import_ray()
+        if ray.is_initialized():
+            return ray
+        try:
+            if self.address is None:
+                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=self.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+            where = "a local Ray instance" if self.address is None else self.address
+            raise InputError(
+                f"cannot start or reach {where} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]})"
+            ) from None
+        return ray
+
+    def run(
+        self,
+        evaluator: Evaluator,
+        spec: WorkSpec,
+        on_shard: Callable[[int, int], None] | None = None,
+    ) -> Report:
+        """The report of ``evaluator``'s run, its suite computed by workers built from
+        ``spec`` (which must describe the same model, data and threat model).
+        ``on_shard(done, total)`` is called as shards arrive."""
+        if ThreatModel.model_validate(spec.threat_model) != evaluator.tm:
+            raise InputError("the work spec's threat model is not the evaluator's")
+        ray = self._ray()
+        actor = ray.remote(max_restarts=self.max_retries, max_task_retries=self.max_retries)(
+            ShardWorker
+        )
+        actors = [actor.remote(spec) for _ in range(self.workers)]
+        try:
+            self.worker_pids = list(ray.get([a.pid.remote() for a in actors]))
+            parts = evaluator.shard_indices(self.shards)
+            pending = {actors[i % len(actors)].run.remote(p): i for i, p in enumerate(parts)}
+            shards: list[Shard] = []
+            if on_shard is not None:  # every shard submitted, none collected yet
+                on_shard(0, len(parts))
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                pid, wire = ray.get(done[0])
+                pending.pop(done[0])
+                self.shard_pids.append(int(pid))
+                shards.append(shard_from_wire(wire))
+                if on_shard is not None:
+                    on_shard(len(shards), len(parts))
+        except ray.exceptions.RayError as e:
+            raise InputError(
+                f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
+        finally:
+            for a in actors:
+                ray.kill(a)
+        return evaluator.finish(shards)

@@ -1,0 +1,187 @@
+"""The Ray backend: shards on worker processes merge into the local report; a killed worker's
+shards are retried. Skipped without the ``ray`` extra (``pip install 'advguard[ray]'``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from advguard.errors import InputError, MissingDependencyError
+from advguard.evaluate import distributed
+from advguard.evaluate.distributed import RayBackend, WorkSpec, shard_from_wire, shard_to_wire
+from advguard.evaluate.job import load_model_and_data
+from advguard.evaluate.runner import Evaluator, evaluate
+from advguard.evaluate.threat_model import ThreatModel
+from advguard.models import TorchClassifier
+from advguard.models.io import save_torch
+
+
+def _numbers(report) -> dict[str, Any]:
+    return _numbers_of(json.loads(report.model_dump_json()))
+
+
+def _numbers_of(doc: Any) -> dict[str, Any]:
+    """A report document as flat path -> value, without timings and the environment."""
+    out: dict[str, Any] = {}
+
+    def walk(o: Any, p: str) -> None:
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{p}.{k}")
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                walk(v, f"{p}[{i}]")
+        else:
+            out[p] = o
+
+    walk(doc, "")
+    skip = ("second", "created", "environment", "timing", "duration")
+    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
+
+
+@pytest.fixture(scope="module")
+def job(digits_module, digits_split, tmp_path_factory):
+    """Model file, data file and threat model; shards of 6 samples = batches of 6."""
+    _, _, x_te, y_te = digits_split
+    d = tmp_path_factory.mktemp("ray")
+    model = TorchClassifier(digits_module, input_shape=(1, 8, 8), num_classes=10)
+    path = save_torch(
+        model,
+        d / "model.safetensors",
+        factory="advguard.models.zoo:small_cnn",
+        factory_kwargs={"input_shape": [1, 8, 8], "num_classes": 10},
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        bounds=(0.0, 1.0),
+    )
+    np.savez(d / "data.npz", x=x_te[:120], y=y_te[:120])
+    tm = ThreatModel.model_validate(
+        dict(
+            name="ray",
+            norm="linf",
+            epsilons=[0.03, 0.1],
+            samples=24,
+            seed=1,
+            batch_size=6,
+            attacks=[{"attack": "pgd", "steps": 3}, {"attack": "square", "max_queries": 30}],
+            sanity_checks=False,  # they run on the driver (test_sharding covers the merge)
+        )
+    )
+    spec = WorkSpec.of(str(path), str(d / "data.npz"), tm)
+    m, data, _ = load_model_and_data(spec.model, spec.data)
+    local = Evaluator(m, data.x, data.y, tm).run()
+    return spec, tm, local
+
+
+def test_wire_format_round_trip_and_checks(job):
+    spec, tm, _ = job
+    m, data, _ = load_model_and_data(spec.model, spec.data)
+    ev = Evaluator(m, data.x, data.y, tm)
+    shard = ev.run_shard(ev.samples()[:6])
+    back = shard_from_wire(shard_to_wire(shard))
+    for k, v in shard.records.as_dict().items():
+        assert np.array_equal(getattr(back.records, k), v, equal_nan=True)
+    assert back.stats == shard.stats and back.examples == shard.examples
+    bad = shard_to_wire(shard)
+    bad["records"]["fooled_eps"] = bad["records"]["fooled_eps"][:2]
+    with pytest.raises(InputError, match="malformed"):
+        shard_from_wire(bad)
+    with pytest.raises(InputError, match="malformed"):
+        shard_from_wire({"positions": [0]})
+
+
+def test_backend_options_are_checked():
+    with pytest.raises(InputError):
+        RayBackend(workers=0)
+    with pytest.raises(InputError):
+        RayBackend("http://x:1")
+    with pytest.raises(InputError):
+        RayBackend(shards=0)
+
+
+def test_without_ray_the_backend_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"advguard\[ray\]"):
+        distributed.import_ray()
+
+
+ray = pytest.importorskip("ray", reason="the Ray backend tests need the 'ray' extra")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_report_equals_local_despite_killed_workers(job, ray_session):
+    spec, tm, local = job
+    m, data, _ = load_model_and_data(spec.model, spec.data)
+
+    # the same report as the local run, even though both workers are killed right after
+    # the shards are submitted: Ray restarts them (each reloads the model from its file)
+    # and their unfinished shards run again
+    killer = RayBackend(workers=2, shards=4)
+    killed: list[int] = []
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage == "suite" and done == 0 and not killed:  # all shards submitted
+            for pid in killer.worker_pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    again = evaluate(m, data.x, data.y, tm, backend=killer, work=spec, progress=on_progress)
+    assert killed and len(killer.shard_pids) == 4
+    assert set(killer.shard_pids) - set(killed)  # some shards ran on restarted workers
+    assert _numbers(again) == _numbers(local)
+
+
+def test_cli_evaluate_backend_ray(tmp_path, ray_session):
+    from typer.testing import CliRunner
+
+    from advguard.cli import app
+    from advguard.models.zoo import mlp
+
+    torch.manual_seed(0)
+    clf = TorchClassifier(mlp((4,), 3, hidden=(8,)), input_shape=(4,), num_classes=3)
+    model = save_torch(
+        clf,
+        tmp_path / "m.safetensors",
+        factory="advguard.models.zoo:mlp",
+        factory_kwargs={"input_shape": [4], "num_classes": 3, "hidden": [8]},
+    )
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((40, 4), dtype=np.float32), y=rng.integers(0, 3, 40))
+    (tmp_path / "tm.yaml").write_text(
+        "name: t\nnorm: linf\nepsilons: [0.1, 0.3]\nsamples: 20\nbatch_size: 5\n"
+        "attacks: [{attack: pgd, steps: 3}]\nsanity_checks: false\n"
+    )
+    args = [
+        "evaluate",
+        "-m",
+        str(model),
+        "-d",
+        str(tmp_path / "d.npz"),
+        "-t",
+        str(tmp_path / "tm.yaml"),
+    ]
+    local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
+    remote = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "ray"), "--backend", "ray", "--workers", "1"]
+    )
+    assert local.exit_code in (0, 1) and remote.exit_code == local.exit_code, remote.output
+    a = json.loads((tmp_path / "local" / "report.json").read_text())
+    b = json.loads((tmp_path / "ray" / "report.json").read_text())
+    # robust accuracies, per-attack counts, perturbations: all but timings
+    results_a = {k: v for k, v in _numbers_of(a).items() if k.startswith(".results")}
+    assert results_a == {k: v for k, v in _numbers_of(b).items() if k.startswith(".results")}
+    assert a["results"][0]["robust_accuracy"]["n"] == 20
