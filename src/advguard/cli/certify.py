@@ -12,6 +12,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     ModelOpt,
@@ -48,6 +49,7 @@ def certify_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Noisy inputs per forward.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
 ) -> None:
@@ -65,7 +67,7 @@ def certify_cmd(
         raise AdvguardError(
             f"--radii/--epsilon need comma-separated numbers, got {radii!r} and {epsilon!r}"
         ) from None
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if tuple(d.input_shape) != tuple(m.input_shape):
         raise AdvguardError(

@@ -13,6 +13,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     ModelOpt,
@@ -75,6 +76,7 @@ def evaluate_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
     seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
@@ -98,7 +100,7 @@ def evaluate_cmd(
     tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
         res = run_threat_model(
@@ -152,6 +154,7 @@ def attack(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     samples: Annotated[
         int | None, typer.Option(min=1, help="Attack only the first N samples.")
     ] = None,
@@ -171,7 +174,7 @@ def attack(
     if allow_large:
         params["allow_large"] = True
     build_attack(name, norm=norm, seed=seed, **params)  # bad parameters: exit 2 before loading
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
         cb = progress_callback(bar)
