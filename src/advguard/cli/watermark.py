@@ -111,10 +111,10 @@ def verify(
     from advguard.defenses.watermark import TriggerSet, verify_watermark
     from advguard.models.io import CLI_OPTION_NAMES, load_model, option_names
 
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     k = TriggerSet.load(key)
     with option_names(CLI_OPTION_NAMES):
-        m = load_model(model, **model_options(factory, input_shape, num_classes, bounds,
-                                              torchscript, device))  # fmt: skip
+        m = load_model(model, **mkw)
     v = verify_watermark(m, k, alpha=alpha)
     if json_out:
         print_json(v.to_dict())
