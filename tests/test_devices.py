@@ -203,7 +203,7 @@ def _cuda_cases() -> dict[str, Callable[[Path], list[str]]]:
         "guard profile": cmd("guard profile -m {m} -d {d} --out {t}/p.json"),
         "guard serve": cmd("guard serve -m {m}"),
         "data scan": cmd("data scan -m {m} -d {d}"),
-        "scan (backdoor)": cmd("scan -m {m} -d {d}"),
+        "scan (backdoor)": cmd("scan {m} -d {d}"),
         "privacy audit": cmd("privacy audit -m {m} --members {d} --non-members {d}"),
         "watermark verify": cmd("watermark verify -m {m} --key {t}/k.npz"),
         "watermark embed": cmd("watermark embed -d {d} --out {t}/w"),
