@@ -363,7 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Tiny sizes on the CPU to check the script; not a result")  # fmt: skip
     a = p.parse_args(argv)
     if a.cpu_smoke:
-        a.device, a.n_attack, a.n_eval, a.n_train, a.repeats = "cpu", 32, 16, 256, 1
+        a.device, a.n_attack, a.n_eval, a.repeats = "cpu", 32, 16, 1
+        a.n_train = min(a.n_train, 256)
         a.clean_epochs, a.at_epochs, a.at_steps, a.batch_size = 1, 1, 2, 16
         a.max_steps, a.max_queries = 3, 20
     return a
