@@ -283,6 +283,10 @@ def guard_rollout_bad_url(tmp: Path) -> list[str]:
     return ["guard", "rollout", "status", "digits", "--url", "ftp://127.0.0.1:1"]
 
 
+def unknown_device(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--device", "tpu"]
+
+
 CASES: dict[str, Builder] = {
     "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
     "evaluate: a goal's training data is missing": goal_data_missing,
@@ -314,6 +318,7 @@ CASES: dict[str, Builder] = {
     "dashboards export --out is a file": dashboards_out_is_file,
     "guard profile: too few reference rows": guard_profile_too_few_rows,
     "guard rollout: --url not http(s)": guard_rollout_bad_url,
+    "evaluate --device tpu": unknown_device,
 }
 
 

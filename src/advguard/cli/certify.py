@@ -21,6 +21,7 @@ from advguard.cli._common import (
     check_out_dir,
     console,
     model_options,
+    parse_floats,
     progress_bar,
     progress_callback,
 )
@@ -60,13 +61,8 @@ def certify_cmd(
 
     if method not in ("smoothing", "ibp"):
         raise AdvguardError(f"--method must be 'smoothing' or 'ibp', got {method!r}")
-    try:
-        grid = [float(t) for t in radii.replace(" ", "").split(",") if t]
-        eps_list = [float(t) for t in epsilon.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise AdvguardError(
-            f"--radii/--epsilon need comma-separated numbers, got {radii!r} and {epsilon!r}"
-        ) from None
+    grid = parse_floats(radii, "--radii") or []
+    eps_list = parse_floats(epsilon, "--epsilon") or []
     mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if tuple(d.input_shape) != tuple(m.input_shape):

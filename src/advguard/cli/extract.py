@@ -73,15 +73,9 @@ def extract(
     )
     from advguard.attacks.extraction.common import load_query_pool
     from advguard.attacks.extraction.report import write_extraction_report
-    from advguard.errors import InputError
     from advguard.models.io import save_torch
 
-    if method not in ("knockoff", "jacobian"):
-        raise InputError(f"--method must be knockoff or jacobian, got {method!r}")
-    if mode not in ("probabilities", "labels"):
-        raise InputError(f"--mode must be probabilities or labels, got {mode!r}")
-    if arch not in ("mlp", "small_cnn"):
-        raise InputError(f"--arch must be mlp or small_cnn, got {arch!r}")
+    _check_choices(method=method, mode=mode, arch=arch)
     x, y = load_query_pool(data)
     mkw = model_options(factory, input_shape, num_classes, bounds, False, device)
     model = _target_model(target, tuple(x.shape[1:]), api_key_env, output, mkw, input_shape,
@@ -110,6 +104,18 @@ def extract(
         return
     _print_extraction(res, f"{method} ({mode})", budget)
     console.print(f"Stolen model: [bold]{weights}[/]; report: [bold]{jp}[/] and [bold]{hp}[/]")
+
+
+_CHOICES = {"method": ("knockoff", "jacobian"), "mode": ("probabilities", "labels"),
+            "arch": ("mlp", "small_cnn")}  # fmt: skip
+
+
+def _check_choices(**given: str) -> None:
+    from advguard.errors import InputError
+
+    for option, value in given.items():
+        if value not in _CHOICES[option]:
+            raise InputError(f"--{option} must be {' or '.join(_CHOICES[option])}, got {value!r}")
 
 
 def _print_extraction(res: Any, what: str, budget: int) -> None:
