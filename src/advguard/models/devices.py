@@ -20,7 +20,7 @@ from advguard.errors import InputError
 #: The spellings the ``--device`` option documents (``cuda:N`` for any N).
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
 
-_HINT = "use cpu, cuda, cuda:N, mps or auto"
+_HINT = "cpu, cuda, cuda:N, mps or auto"
 
 
 def resolve_device(spec: str | torch.device | None, default: str = "cpu") -> torch.device:
@@ -44,9 +44,9 @@ def resolve_device(spec: str | torch.device | None, default: str = "cpu") -> tor
 def _parse(text: str, spec: str) -> torch.device:
     kind, _, index = text.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-        raise InputError(f"unknown device {spec!r}; {_HINT}")
+        raise InputError(f"device must be {_HINT}, got {spec!r}")
     if index and kind != "cuda":
-        raise InputError(f"unknown device {spec!r}; only cuda takes an index (cuda:N)")
+        raise InputError(f"device must be {_HINT} (only cuda takes an index), got {spec!r}")
     return torch.device(kind, int(index)) if index else torch.device(kind)
 
 
@@ -67,7 +67,7 @@ def _check_available(dev: torch.device) -> torch.device:
         if not torch.backends.mps.is_available():
             raise InputError(f"device {str(dev)!r} requested but MPS is not available")
         return dev
-    raise InputError(f"unsupported device {str(dev)!r}; {_HINT}")
+    raise InputError(f"device must be {_HINT}, got {str(dev)!r}")
 
 
 def configure_determinism(dev: torch.device) -> None:
