@@ -209,6 +209,7 @@ def _cuda_cases() -> dict[str, Callable[[Path], list[str]]]:
         "watermark embed": cmd("watermark embed -d {d} --out {t}/w"),
         "train": cmd("train --defense pgd-at -m advguard.models.zoo:mlp -d {d} --out {t}/tr"),
         "extract": cmd("extract --target {m} -d {d} --budget 10 --out {t}/x"),
+        "quickstart": cmd("quickstart --out {t}/q"),
     }
 
 
@@ -223,7 +224,7 @@ def test_cli_device_cuda_without_cuda_is_exit_2_one_line(
     assert "Traceback" not in r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "CUDA is not available" in lines[0], r.stderr
-    for out in ("e", "a.npz", "c", "det", "p.json", "w", "tr", "x"):
+    for out in ("e", "a.npz", "c", "det", "p.json", "w", "tr", "x", "q"):
         assert not (tmp_path / out).exists(), out  # refused before any work
 
 

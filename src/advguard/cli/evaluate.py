@@ -21,6 +21,7 @@ from advguard.cli._common import (
     TorchScriptOpt,
     check_out_dir,
     check_out_file,
+    cli_device,
     console,
     model_options,
     parse_bounds,
@@ -44,17 +45,20 @@ def quickstart(
     threat_model: Annotated[str, typer.Option(help="Preset or YAML file.")] = "linf-standard",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
     check_out_dir(out)
     from advguard.evaluate.job import run_quickstart
 
+    dev = cli_device(device)
     with progress_bar() as bar:
         res = run_quickstart(
             out,
             threat_model=threat_model,
             epochs=epochs,
             seed=seed,
+            device=dev,
             progress=progress_callback(bar),
         )
     render_summary(res.report, res.json_path, res.html_path)
