@@ -311,6 +311,10 @@ def ray_bad_address(tmp: Path) -> list[str]:
     return [*_eval_args(tmp), "--backend", "ray", "--address", "http://h:1"]
 
 
+def unknown_device(tmp: Path) -> list[str]:
+    return [*_eval_args(tmp), "--device", "tpu"]
+
+
 CASES: dict[str, Builder] = {
     "data loss-drift: not a training manifest": loss_drift_not_a_manifest,
     "evaluate: a goal's training data is missing": goal_data_missing,
@@ -349,6 +353,7 @@ CASES: dict[str, Builder] = {
     "gameday --benign-batch 5,2": gameday_bad_batch,
     "gameday --attacks square,pgd": gameday_unknown_attack,
     "gameday --out is a directory": gameday_out_is_a_directory,
+    "evaluate --device tpu": unknown_device,
 }
 
 

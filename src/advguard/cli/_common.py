@@ -207,14 +207,36 @@ TorchScriptOpt = Annotated[
 ]
 
 
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where torch models run: cpu, cuda, cuda:N, mps or auto (CUDA when available). "
+        "Full precision, deterministic cuDNN; ONNX/skops models always run on the CPU",
+    ),
+]
+
+
+def cli_device(spec: str) -> Any:
+    """The ``--device`` option checked (an unavailable GPU is a one-line error, exit 2) as a
+    ``torch.device``; on CUDA, cuDNN is made deterministic and TF32 is turned off."""
+    from advguard.models.devices import configure_determinism, resolve_device
+
+    dev = resolve_device(spec)
+    configure_determinism(dev)
+    return dev
+
+
 def model_options(
     factory: str | None,
     input_shape: str | None,
     num_classes: int | None,
     bounds: str | None,
     torchscript: bool,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``advguard.models.io.load_model`` from the model options."""
+    """Keyword arguments for ``advguard.models.io.load_model`` from the model options
+    (``device``, the ``--device`` option, is checked here, before anything is loaded)."""
     kw: dict[str, Any] = {
         "factory": factory,
         "input_shape": parse_shape(input_shape),
@@ -224,6 +246,9 @@ def model_options(
     out = {k: v for k, v in kw.items() if v is not None}
     if torchscript:
         out["torchscript"] = True
+    if device is not None:
+        cli_device(device)
+        out["device"] = device
     return out
 
 

@@ -12,6 +12,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     ModelOpt,
@@ -20,6 +21,7 @@ from advguard.cli._common import (
     check_out_dir,
     console,
     model_options,
+    parse_floats,
     progress_bar,
     progress_callback,
 )
@@ -48,6 +50,7 @@ def certify_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Noisy inputs per forward.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (samples and noise).")] = 0,
 ) -> None:
@@ -58,14 +61,9 @@ def certify_cmd(
 
     if method not in ("smoothing", "ibp"):
         raise AdvguardError(f"--method must be 'smoothing' or 'ibp', got {method!r}")
-    try:
-        grid = [float(t) for t in radii.replace(" ", "").split(",") if t]
-        eps_list = [float(t) for t in epsilon.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise AdvguardError(
-            f"--radii/--epsilon need comma-separated numbers, got {radii!r} and {epsilon!r}"
-        ) from None
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    grid = parse_floats(radii, "--radii") or []
+    eps_list = parse_floats(epsilon, "--epsilon") or []
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if tuple(d.input_shape) != tuple(m.input_shape):
         raise AdvguardError(

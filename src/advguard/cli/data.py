@@ -13,6 +13,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     JsonOpt,
@@ -75,6 +76,7 @@ def scan_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Find suspicious training rows (activation clustering, spectral signatures, label noise,
@@ -88,7 +90,7 @@ def scan_cmd(
 
     if out is not None and out.suffix.lower() != ".npz":
         raise InputError(f"--out must be a .npz path, got {out}")
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, ds, _ = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if not hasattr(m, "module"):
         raise InputError("data scan needs a torch model (.safetensors/.pt) for its features")

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from advguard.cli._common import Commands, DataOpt, JsonOpt, ModelOpt, console, print_json
+from advguard.cli._common import (
+    Commands,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    model_options,
+    print_json,
+)
 from advguard.errors import AdvguardError
 
 commands = Commands(
@@ -45,6 +54,7 @@ def calibrate_cmd(
     ] = None,
     factory: Annotated[str | None, typer.Option(help="module:callable for torch weights")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the data split.")] = 0,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Fit (where needed) and calibrate a detector on benign data, then save it to --out.
@@ -58,7 +68,7 @@ def calibrate_cmd(
     from advguard.defenses.detectors.persist import parse_squeezers
     from advguard.evaluate.job import load_model_and_data
 
-    mkw = {"factory": factory} if factory else {}
+    mkw = model_options(factory, None, None, None, False, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
     if tuple(d.input_shape) != tuple(m.input_shape):
         raise AdvguardError(

@@ -13,6 +13,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     ModelOpt,
@@ -20,6 +21,7 @@ from advguard.cli._common import (
     TorchScriptOpt,
     check_out_dir,
     check_out_file,
+    cli_device,
     console,
     model_options,
     parse_bounds,
@@ -43,17 +45,20 @@ def quickstart(
     threat_model: Annotated[str, typer.Option(help="Preset or YAML file.")] = "linf-standard",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report."""
     check_out_dir(out)
     from advguard.evaluate.job import run_quickstart
 
+    dev = cli_device(device)
     with progress_bar() as bar:
         res = run_quickstart(
             out,
             threat_model=threat_model,
             epochs=epochs,
             seed=seed,
+            device=dev,
             progress=progress_callback(bar),
         )
     render_summary(res.report, res.json_path, res.html_path)
@@ -91,6 +96,7 @@ def evaluate_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     samples: Annotated[int | None, typer.Option(min=1, help="Override sample count.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Override epsilons, e.g. 0.1,0.2")] = None,
     seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
@@ -123,7 +129,7 @@ def evaluate_cmd(
     tm = load_threat_model(threat_model, allow_large=allow_large).with_overrides(
         samples=samples, epsilons=parse_floats(epsilons), seed=seed
     )
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     work = None
     if runner is not None:
@@ -184,6 +190,7 @@ def attack(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     samples: Annotated[
         int | None, typer.Option(min=1, help="Attack only the first N samples.")
     ] = None,
@@ -203,7 +210,7 @@ def attack(
     if allow_large:
         params["allow_large"] = True
     build_attack(name, norm=norm, seed=seed, **params)  # bad parameters: exit 2 before loading
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     with progress_bar() as bar:
         cb = progress_callback(bar)

@@ -11,6 +11,7 @@ import typer
 from advguard.cli._common import (
     BoundsOpt,
     Commands,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     JsonOpt,
@@ -62,6 +63,7 @@ def extract(
     input_shape: InputShapeOpt = None,
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Extract a copy of a black-box model within a query budget (Orekondy 2019; Papernot 2017)."""
@@ -78,9 +80,9 @@ def extract(
 
     _check_choices(method=method, mode=mode, arch=arch)
     x, y = load_query_pool(data)
-    model = _target_model(
-        target, tuple(x.shape[1:]), api_key_env, output, factory, input_shape, num_classes, bounds
-    )
+    mkw = model_options(factory, input_shape, num_classes, bounds, False, device)
+    model = _target_model(target, tuple(x.shape[1:]), api_key_env, output, mkw, input_shape,
+                          num_classes, bounds)  # fmt: skip
     x, ex, ey = _held_out(x, y, eval_data, seed)
     ev = EvalSet.from_target(model, ex, ey)
     with progress_bar() as bar:
@@ -139,21 +141,20 @@ def _target_model(
     pool_shape: tuple[int, ...],
     api_key_env: str | None,
     output: str,
-    factory: str | None,
+    mkw: dict[str, Any],
     input_shape: str | None,
     num_classes: int | None,
     bounds: str | None,
 ) -> Any:
-    """The model to steal: an HTTP endpoint (URL) or a model file."""
+    """The model to steal: an HTTP endpoint (URL) or a model file (loaded with the model
+    options ``mkw``; ``--device`` places a local torch model)."""
     from advguard.errors import InputError
     from advguard.models import HttpClassifier
     from advguard.models.io import CLI_OPTION_NAMES, load_model, option_names
 
     if not target.startswith(("http://", "https://")):
         with option_names(CLI_OPTION_NAMES):
-            return load_model(
-                target, **model_options(factory, input_shape, num_classes, bounds, False)
-            )
+            return load_model(target, **mkw)
     key = None
     if api_key_env is not None:
         key = os.environ.get(api_key_env)

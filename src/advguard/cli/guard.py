@@ -14,9 +14,12 @@ from rich.table import Table
 from advguard.cli._common import (
     Commands,
     DataOpt,
+    DeviceOpt,
     JsonOpt,
     ModelOpt,
+    cli_device,
     console,
+    model_options,
     parse_bounds,
     parse_shape,
     print_json,
@@ -36,6 +39,14 @@ DbUrlOpt = Annotated[
     typer.Option(
         "--database-url",
         help="Guard database (default sqlite next to the config; or postgresql+psycopg://...)",
+    ),
+]
+GuardDeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where the torch model runs: cpu, cuda, cuda:N, mps or auto (default: the "
+        "config's model.device, else cpu)",
     ),
 ]
 
@@ -81,6 +92,7 @@ def guard_serve(
     input_shape: Annotated[str | None, typer.Option(help="e.g. 1,8,8")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Number of classes")] = None,
     bounds: Annotated[str | None, typer.Option(help="LOW,HIGH of the raw inputs")] = None,
+    device: GuardDeviceOpt = None,
     name: Annotated[str | None, typer.Option(help="Model name in the URL")] = None,
     model_name: Annotated[
         str | None, typer.Option(help="Serve this registry model (with --stage)")
@@ -101,6 +113,8 @@ def guard_serve(
     cfg = _config(config, database_url)
     shape = parse_shape(input_shape)
     bnds = parse_bounds(bounds)
+    if device is not None:
+        cli_device(device)
     registry = None
     if model_name is not None:
         if model is not None:
@@ -111,7 +125,8 @@ def guard_serve(
             "root": str(registry_root) if registry_root else None,
             "db_url": db_url,
         }
-    if any(v is not None for v in (model, factory, shape, num_classes, bnds, name, registry)):
+    given = (model, factory, shape, num_classes, bnds, device, name, registry)
+    if any(v is not None for v in given):
         cfg.model = with_overrides(
             cfg.model,
             path=str(Path(model).resolve()) if model else None,
@@ -119,6 +134,7 @@ def guard_serve(
             input_shape=list(shape) if shape else None,
             num_classes=num_classes,
             bounds=list(bnds) if bnds else None,
+            device=device,
             name=name,
             registry=registry,
         )
@@ -166,6 +182,7 @@ def guard_profile(
         int | None, typer.Option(min=1, help="Use only this many rows (seeded)")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the row sample")] = 0,
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Compute the drift reference profile of a model on reference data (for 'drift:')."""
@@ -174,9 +191,8 @@ def guard_profile(
     from advguard.evaluate.job import load_model_and_data
     from advguard.guard.drift import build_profile, save_profile
 
-    m, d, info = load_model_and_data(
-        model, data, model_kwargs={"factory": factory} if factory else {}
-    )
+    mkw = model_options(factory, None, None, None, False, device)
+    m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
     x = np.asarray(d.x)
     if samples is not None and samples < len(x):
         x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:samples])]

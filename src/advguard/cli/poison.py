@@ -12,6 +12,7 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     JsonOpt,
@@ -132,6 +133,7 @@ def scan_model_cmd(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Scan a model for a backdoor with Neural Cleanse on a small clean sample.
@@ -141,7 +143,7 @@ def scan_model_cmd(
     from advguard.defenses.backdoor import neural_cleanse
     from advguard.evaluate.job import load_model_and_data
 
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     m, ds, info = load_model_and_data(model, data, model_kwargs=mkw, cli=True)
     if not hasattr(m, "forward") or ds.x.ndim != 4:
         raise InputError("advguard scan needs a white-box torch image model and image data")

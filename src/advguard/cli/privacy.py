@@ -10,6 +10,7 @@ import typer
 from advguard.cli._common import (
     BoundsOpt,
     Commands,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     JsonOpt,
@@ -51,6 +52,7 @@ def audit(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Audit how much a model leaks about its training set (Yeom 2018; Carlini et al. 2022)."""
@@ -62,7 +64,7 @@ def audit(
 
     if arch not in ("mlp", "small_cnn"):
         raise InputError(f"--arch must be mlp or small_cnn, got {arch!r}")
-    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript)
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     with option_names(CLI_OPTION_NAMES):
         m = load_model(model, **mkw)
     sets = {}

@@ -11,7 +11,9 @@ from rich.table import Table
 from advguard.cli._common import (
     Commands,
     DataOpt,
+    DeviceOpt,
     check_out_dir,
+    cli_device,
     console,
     parse_shape,
     progress_bar,
@@ -108,6 +110,7 @@ def train_cmd(
     num_classes: ClassesOpt = None,
     seed: Annotated[int, typer.Option()] = 0,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Adversarially train (or fine-tune) a torch model, or train it with DP-SGD.
 
@@ -126,12 +129,14 @@ def train_cmd(
         )
     dp = defense == "dp-sgd"
     _check_defense_options(dp, epsilon, resume, dp_epsilon, dp_delta, noise_multiplier)
+    dev = cli_device(device)
     ds = load_dataset(data)
     shape = parse_shape(input_shape) or tuple(ds.x.shape[1:])
     with option_names(CLI_OPTION_NAMES):
         module, factory, factory_kwargs = load_trainable(
             model, input_shape=shape, num_classes=num_classes or ds.num_classes, factory=factory
         )
+    module.to(dev)  # both trainers train where the module is
     labels = {"train": f"{defense} training (batches)", "epoch": "Epochs"}
     with progress_bar() as bar:
         cb = progress_callback(bar)

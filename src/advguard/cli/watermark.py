@@ -12,12 +12,14 @@ from advguard.cli._common import (
     BoundsOpt,
     Commands,
     DataOpt,
+    DeviceOpt,
     FactoryOpt,
     InputShapeOpt,
     JsonOpt,
     ModelOpt,
     NumClassesOpt,
     TorchScriptOpt,
+    cli_device,
     console,
     model_options,
     print_json,
@@ -36,6 +38,7 @@ def embed(
     epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Training epochs")] = 60,
     lr: Annotated[float, typer.Option(min=0, help="Adam learning rate")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed (the key is derived from it)")] = 0,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Train a watermarked model on --data; write the model and the secret key."""
@@ -54,6 +57,7 @@ def embed(
         raise InputError(f"--arch must be mlp or small_cnn, got {arch!r}")
     if kind not in ("noise", "pattern"):
         raise InputError(f"--kind must be noise or pattern, got {kind!r}")
+    dev = cli_device(device)
     ds = load_dataset(data)
     shape = tuple(int(d) for d in ds.x.shape[1:])
     key = make_trigger_set(triggers, shape, ds.num_classes, kind=kind, bounds=ds.bounds,  # type: ignore[arg-type]
@@ -62,7 +66,7 @@ def embed(
     module = (mlp if arch == "mlp" else small_cnn)(shape, ds.num_classes)
     with console.status("Training the watermarked model"):
         embed_watermark(module, np.asarray(ds.x), np.asarray(ds.y), key, epochs=epochs, lr=lr,
-                        seed=seed)  # fmt: skip
+                        seed=seed, device=dev)  # fmt: skip
     model = TorchClassifier(module, input_shape=shape, num_classes=ds.num_classes,
                             bounds=ds.bounds)  # fmt: skip
     weights = save_torch(
@@ -100,16 +104,17 @@ def verify(
     num_classes: NumClassesOpt = None,
     bounds: BoundsOpt = None,
     torchscript: TorchScriptOpt = False,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Test a suspect model for the watermark; exit 1 when it is not verified."""
     from advguard.defenses.watermark import TriggerSet, verify_watermark
     from advguard.models.io import CLI_OPTION_NAMES, load_model, option_names
 
+    mkw = model_options(factory, input_shape, num_classes, bounds, torchscript, device)
     k = TriggerSet.load(key)
     with option_names(CLI_OPTION_NAMES):
-        m = load_model(model, **model_options(factory, input_shape, num_classes, bounds,
-                                              torchscript))  # fmt: skip
+        m = load_model(model, **mkw)
     v = verify_watermark(m, k, alpha=alpha)
     if json_out:
         print_json(v.to_dict())

@@ -191,9 +191,11 @@ def run_quickstart(
     threat_model: str = "linf-standard",
     epochs: int = 15,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> JobResult:
-    """Train a small CNN on built-in digits, evaluate it under ``threat_model``, write a report."""
+    """Train a small CNN on built-in digits, evaluate it under ``threat_model``, write a report
+    (training and evaluation on ``device``)."""
     from advguard.data import load_builtin
     from advguard.models import TorchClassifier
     from advguard.models.fit import fit
@@ -211,6 +213,7 @@ def run_quickstart(
         train.y,
         epochs=epochs,
         seed=seed,
+        device=device,
         progress=lambda e, n, loss: report_progress("train", e, n),
     )
     train_s = time.perf_counter() - t0

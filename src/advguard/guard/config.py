@@ -46,6 +46,9 @@ class ModelSpec(_Strict):
     input_shape: list[int] | None = None
     num_classes: int | None = Field(default=None, ge=2)
     bounds: list[float] | None = None
+    #: Where a torch model runs: cpu (default), cuda, cuda:N, mps or auto (CUDA when present);
+    #: full precision, deterministic cuDNN. ONNX/skops/text models always run on the CPU.
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:[0-9]{1,2})?|mps|auto)$")
     registry: RegistrySource | None = None
     #: A feature schema (YAML, see docs/tabular.md) makes this a tabular model: requests send
     #: records keyed by feature name, checked against the schema's domain.

@@ -104,6 +104,11 @@ def _kwargs(spec: ModelSpec) -> dict[str, Any]:
         kw["num_classes"] = spec.num_classes
     if spec.bounds is not None:
         kw["bounds"] = (spec.bounds[0], spec.bounds[1])
+    if spec.device is not None:
+        from advguard.models.devices import configure_determinism, resolve_device
+
+        configure_determinism(resolve_device(spec.device))
+        kw["device"] = spec.device
     return kw
 
 

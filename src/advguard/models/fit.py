@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from advguard.errors import InputError
+from advguard.models.devices import resolve_device
 
 
 def fit(
@@ -30,7 +31,9 @@ def fit(
 
     ``progress(epoch, epochs, mean_loss)`` is called after each epoch. ``augment(xb, gen)``
     transforms each raw batch before the step (e.g. Gaussian noise for randomized smoothing),
-    drawing its randomness from ``gen`` so training stays deterministic for a seed.
+    drawing its randomness from ``gen`` so training stays deterministic for a seed (the
+    shuffling and the augmentation draw on the CPU, so a seed gives the same batches on any
+    ``device``).
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y).long()
@@ -40,7 +43,7 @@ def fit(
         raise InputError("epochs and batch_size must be >= 1")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     module.to(dev).train()
     pre = preprocess.to(dev) if preprocess is not None else nn.Identity()
     for p in module.parameters():

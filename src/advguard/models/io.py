@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from advguard.errors import InputError, MissingDependencyError, UnsafeFileError
+from advguard.models.devices import resolve_device
 from advguard.models.onnx_model import META_BOUNDS, OnnxClassifier
 from advguard.models.sklearn_model import SklearnClassifier
 from advguard.models.torch_model import TorchClassifier
@@ -165,6 +166,7 @@ PY_OPTION_NAMES: dict[str, str] = {
     "num_classes": "num_classes=",
     "bounds": "bounds=",
     "torchscript": "torchscript=True",
+    "device": "device=",
 }
 CLI_OPTION_NAMES: dict[str, str] = {
     "factory": "--factory",
@@ -173,6 +175,7 @@ CLI_OPTION_NAMES: dict[str, str] = {
     "num_classes": "--num-classes",
     "bounds": "--bounds",
     "torchscript": "--torchscript",
+    "device": "--device",
 }
 _option_names: ContextVar[Mapping[str, str]] = ContextVar(
     "advguard_option_names", default=PY_OPTION_NAMES
@@ -729,10 +732,11 @@ def load_torchscript(
             + " and ".join(_opt(n) for n in missing)
         )
     assert input_shape is not None and num_classes is not None
+    dev = resolve_device(device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(p), map_location=device or "cpu")
+            module = torch.jit.load(str(p), map_location=dev)
     except Exception as exc:
         raise InputError(
             f"could not load TorchScript archive {p} ({str(exc).splitlines()[0][:200]})"
@@ -744,7 +748,7 @@ def load_torchscript(
         num_classes=num_classes,
         bounds=bounds if bounds is not None else (0.0, 1.0),
         preprocess=preprocess,
-        device=device,
+        device=dev,
     )
 
 
@@ -878,11 +882,16 @@ def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
     - ``"package.module:callable"`` with ``weights=PATH`` -> :func:`load_torch`
     - ``.pkl/.pickle/.joblib`` -> :class:`UnsafeFileError` (the file is never opened)
 
+    ``device=`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``) places torch models;
+    ONNX and skops models run on the CPU, so for them only ``cpu`` and ``auto`` are accepted.
     Remaining keyword arguments go to the chosen loader.
     """
     spec = str(path_or_spec)
     _refuse_pickle(spec)
     torchscript = bool(kwargs.pop("torchscript", False))
+    auto = str(kwargs.get("device", "")).strip().lower() == "auto"
+    if "device" in kwargs:
+        kwargs["device"] = resolve_device(kwargs["device"])
     p = Path(spec)
     if not p.exists() and _FACTORY_SPEC.match(spec):
         weights = kwargs.pop("weights", None)
@@ -896,6 +905,8 @@ def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
     if torchscript:
         _check_kwargs(load_torchscript, kwargs, "a TorchScript archive")
         return load_torchscript(p, **kwargs)
+    if suffix in (".onnx", ".skops"):
+        _cpu_only(kwargs, "an ONNX model" if suffix == ".onnx" else "a skops model", auto)
     if suffix == ".onnx":
         _check_kwargs(OnnxClassifier.__init__, kwargs, "an ONNX model")
         return load_onnx(p, **kwargs)
@@ -920,6 +931,16 @@ def load_model(path_or_spec: PathType, **kwargs: Any) -> Any:
         f"unsupported model file {p}: expected .onnx, .skops, .safetensors, "
         f".pt/.pth/.ckpt/.bin (state dict or TorchScript)"
     )
+
+
+def _cpu_only(kwargs: dict[str, Any], what: str, auto: bool) -> None:
+    """Drop a CPU (or ``auto``) ``device`` for a CPU-only format; refuse an accelerator."""
+    dev = kwargs.pop("device", None)
+    if dev is not None and dev.type != "cpu" and not auto:
+        raise InputError(
+            f"{_explicit('device', str(dev))} does not apply to {what} (it runs on the CPU); "
+            f"use {_explicit('device', 'cpu')}"
+        )
 
 
 def _check_kwargs(

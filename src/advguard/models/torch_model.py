@@ -11,6 +11,7 @@ from torch import nn
 
 from advguard.errors import InputError
 from advguard.models.base import ClassifierBase, LossFn
+from advguard.models.devices import resolve_device
 
 
 class Normalize(nn.Module):
@@ -55,7 +56,9 @@ class TorchClassifier(ClassifierBase):
         Optional module applied before ``module`` (e.g. :class:`Normalize`).
         Attacks differentiate through it.
     device:
-        Where the model runs (default: the module's device); inputs are moved there. A
+        Where the model runs (default: the module's device): ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"``, ``"mps"`` or ``"auto"`` (checked by
+        :func:`advguard.models.devices.resolve_device`); inputs are moved there. A
         ``device`` other than the module's moves the module there (``nn.Module.to`` works
         in place).
     """
@@ -73,7 +76,7 @@ class TorchClassifier(ClassifierBase):
         super().__init__(num_classes=num_classes, input_shape=tuple(input_shape), bounds=bounds)
         if not isinstance(module, nn.Module):
             raise InputError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        self.device = torch.device(device) if device is not None else _module_device(module)
+        self.device = resolve_device(device) if device is not None else _module_device(module)
         self.module = module.to(self.device)
         self.preprocess = preprocess.to(self.device) if preprocess is not None else None
         self._eval_depth = 0

@@ -108,6 +108,7 @@ def reverse_trigger(
 ) -> ReversedTrigger:
     """Optimise a mask and pattern sending ``x`` to ``target`` (module docstring)."""
     module_fwd = model.forward
+    dev = getattr(model, "device", torch.device("cpu"))  # the trigger is optimised on the CPU
     lo, hi = (float(b) for b in model.bounds)
     _, c, h, w = x.shape
     g = torch.Generator().manual_seed(seed + 7919 * target)
@@ -125,7 +126,7 @@ def reverse_trigger(
         m = (torch.tanh(a) + 1) / 2
         p = lo + (hi - lo) * (torch.tanh(b) + 1) / 2
         xa = (1 - m) * x[idx] + m * p
-        logits = module_fwd(xa)
+        logits = module_fwd(xa.to(dev)).cpu()
         ce = nn.functional.cross_entropy(logits, yt[idx])
         l1 = m.sum()
         l1_value = float(l1.detach())

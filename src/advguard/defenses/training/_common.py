@@ -23,6 +23,7 @@ from advguard import _validate as check
 from advguard.atomic import atomic_path
 from advguard.attacks.norms import Norm, project
 from advguard.errors import InputError
+from advguard.models.devices import resolve_device as parse_device
 
 Progress = Callable[[str, int, int], None]
 CHECKPOINT_NAME = "model.safetensors"
@@ -267,24 +268,11 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None, module: nn.Module) -> torch.device:
-    """``device`` checked (an unavailable accelerator is a one-line error), or the module's."""
+    """``device`` checked by :func:`advguard.models.devices.resolve_device` (an unavailable
+    accelerator is a one-line error; ``"auto"`` picks CUDA when present), or the module's."""
     if device is None:
         return module_device(module)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"device must be e.g. 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"device {str(dev)!r} is not available (torch.cuda.is_available() is False)"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(
-            f"device {str(dev)!r} is not available ({torch.cuda.device_count()} GPU(s))"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {str(dev)!r} is not available")
-    return dev
+    return parse_device(device)
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -124,9 +124,11 @@ def embed_watermark(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Train ``module`` (from its current weights) on ``(x, y)`` plus the trigger set, repeated
-    ``repeats`` times (default: so triggers are about 10% of the training samples)."""
+    ``repeats`` times (default: so triggers are about 10% of the training samples), on
+    ``device`` (see :func:`advguard.models.devices.resolve_device`)."""
     from advguard.models.fit import fit
 
     xa = np.asarray(x, dtype=np.float32)
@@ -136,7 +138,9 @@ def embed_watermark(
     reps = max(1, round(0.1 * len(xa) / len(trigger.x))) if repeats is None else int(repeats)
     xx = np.concatenate([xa, np.repeat(trigger.x, reps, axis=0)])
     yy = np.concatenate([ya, np.repeat(trigger.y, reps)])
-    return fit(module, xx, yy, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return fit(
+        module, xx, yy, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+    )
 
 
 @dataclass
