@@ -52,7 +52,7 @@ def quickstart(
 ) -> None:
     """Train a small CNN on built-in digits, evaluate it under linf-standard, write a report.
 
-    By default linf-standard runs on 200 test images at epsilons 0.1, 0.2 and 0.3 (same
+    By default linf-standard runs on 150 test images at epsilons 0.1, 0.2 and 0.3 (same
     attacks, steps, queries and sanity checks; about a minute on 2 cores); --full runs
     the preset as it is."""
     check_out_dir(out)

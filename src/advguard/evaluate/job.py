@@ -178,7 +178,7 @@ def write_outputs(report: Report, out: Path, html: bool) -> JobResult:
     return JobResult(report, json_path, html_path)
 
 
-QUICKSTART_SAMPLES = 200
+QUICKSTART_SAMPLES = 150
 """Test images the quickstart evaluates under its default threat model (of the 397 held out)."""
 QUICKSTART_EPSILONS = (0.1, 0.2, 0.3)
 """The quickstart's epsilon grid under its default threat model (``linf-standard`` has 0.05 too).
