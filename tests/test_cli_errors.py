@@ -249,6 +249,14 @@ def out_file_quickstart(tmp: Path) -> list[str]:
     return ["quickstart", "--out", str(_a_file(tmp))]
 
 
+def quickstart_bad_epsilons(tmp: Path) -> list[str]:
+    return ["quickstart", "--out", str(tmp / "q"), "--epsilons", "0.1,abc"]
+
+
+def quickstart_negative_epsilon(tmp: Path) -> list[str]:
+    return ["quickstart", "--out", str(tmp / "q"), "--epsilons", "-0.1"]
+
+
 def dashboards_bad_url(tmp: Path) -> list[str]:
     return ["dashboards", "export", "--out", str(tmp / "d"), "--prometheus-url", "file:///x"]
 
@@ -346,6 +354,8 @@ CASES: dict[str, Builder] = {
     "redteam --out is a file": out_file_redteam,
     "train --out is a file": out_file_train,
     "quickstart --out is a file": out_file_quickstart,
+    "quickstart --epsilons not numbers": quickstart_bad_epsilons,
+    "quickstart --epsilons negative": quickstart_negative_epsilon,
     "dashboards export --prometheus-url file://": dashboards_bad_url,
     "dashboards export --out is a file": dashboards_out_is_file,
     "guard profile: too few reference rows": guard_profile_too_few_rows,

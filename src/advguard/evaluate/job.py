@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +185,39 @@ def write_outputs(report: Report, out: Path, html: bool) -> JobResult:
     return JobResult(report, json_path, html_path)
 
 
+QUICKSTART_SAMPLES = 150
+"""Test images the quickstart evaluates under its default threat model (of the 397 held out)."""
+QUICKSTART_EPSILONS = (0.1, 0.2, 0.3)
+"""The quickstart's epsilon grid under its default threat model (``linf-standard`` has 0.05 too).
+
+Cost is about (samples still robust at an epsilon) x (5,000 Square queries + 9 x 100 APGD-T
+steps) per epsilon, so the grid and the sample count set the quickstart's run time; the
+attacks, their steps and queries, and the sanity checks are the preset's."""
+
+
+def quickstart_threat_model(
+    spec: str = "linf-standard",
+    *,
+    samples: int | None = None,
+    epsilons: Sequence[float] | None = None,
+    full: bool = False,
+) -> ThreatModel:
+    """The threat model :func:`run_quickstart` evaluates under.
+
+    The default preset ``linf-standard`` is run on :data:`QUICKSTART_SAMPLES` samples at
+    :data:`QUICKSTART_EPSILONS` (same attacks, steps, queries and sanity checks) unless
+    ``full``; any other preset or file runs as it is. ``samples``/``epsilons`` override both.
+    """
+    tm = load_threat_model(spec)
+    if spec == "linf-standard" and not full:
+        tm = tm.with_overrides(samples=QUICKSTART_SAMPLES, epsilons=list(QUICKSTART_EPSILONS))
+    if samples is not None or epsilons is not None:
+        tm = tm.with_overrides(
+            samples=samples, epsilons=None if epsilons is None else list(epsilons)
+        )
+    return tm
+
+
 def run_quickstart(
     out_dir: str | Path = "advguard-report",
     *,
@@ -193,9 +226,16 @@ def run_quickstart(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    samples: int | None = None,
+    epsilons: Sequence[float] | None = None,
+    full: bool = False,
 ) -> JobResult:
     """Train a small CNN on built-in digits, evaluate it under ``threat_model``, write a report
-    (training and evaluation on ``device``)."""
+    (training and evaluation on ``device``).
+
+    See :func:`quickstart_threat_model` for what runs (``samples``, ``epsilons``, ``full``).
+    """
+    tm = quickstart_threat_model(threat_model, samples=samples, epsilons=epsilons, full=full)
     from advguard.data import load_builtin
     from advguard.models import TorchClassifier
     from advguard.models.fit import fit
@@ -230,7 +270,6 @@ def run_quickstart(
         bounds=(0.0, 1.0),
     )
     np.savez_compressed(out / "test-data.npz", x=test.x, y=test.y)
-    tm = load_threat_model(threat_model)
     info = {
         "path": str(weights),
         "sha256": file_sha256(weights),

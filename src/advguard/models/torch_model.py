@@ -90,8 +90,12 @@ class TorchClassifier(ClassifierBase):
         call ever runs while another one has restored training mode."""
         with _MODE_LOCK:
             if self._eval_depth == 0:
+                # only the submodules in training mode are switched (and later restored): a
+                # module already in eval mode, the usual case, costs no attribute writes
                 mods = [m for m in (self.module, self.preprocess) if m is not None]
-                self._saved_flags = [(sub, sub.training) for m in mods for sub in m.modules()]
+                self._saved_flags = [
+                    (sub, True) for m in mods for sub in m.modules() if sub.training
+                ]
                 for sub, _ in self._saved_flags:
                     sub.training = False
             self._eval_depth += 1
