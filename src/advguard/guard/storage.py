@@ -10,6 +10,7 @@ that breaks the schema raises :class:`StoreCorrupt` instead of being trusted.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from advguard.errors import AdvguardError, InputError
@@ -366,18 +367,25 @@ class GuardStore:
         with self.engine.begin() as conn:
             conn.execute(self.decisions.insert(), [r.model_dump() for r in recs])
 
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A read-only transaction: with SQLite it begins DEFERRED, so the reads on every
+        request (key, block, throttle, isolation) do not queue behind decision writes."""
+        from advguard.registry.db import READ_ONLY
+
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+            yield conn
+
     def get_key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
         """The key ``key_id`` and its client's active block, read in one read-only
         transaction (with SQLite it does not wait for writers)."""
-        from advguard.registry.db import READ_ONLY
-
         k, b = self.keys, self.blocks
         q = (
             select(k, *(c.label(f"block_{c.name}") for c in b.columns))
             .select_from(k.outerjoin(b, b.c.client_id == k.c.key_id))
             .where(k.c.key_id == key_id)
         )
-        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+        with self.reading() as conn:
             joined = conn.execute(q).first()
         if joined is None:
             return None, None
@@ -460,7 +468,7 @@ class GuardStore:
     def client_limit(self, client_id: str) -> ClientLimit | None:
         """The active reduced rate of ``client_id``, if an incident set one."""
         t = self.controls.client_limits
-        with self.engine.begin() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(t).where(t.c.client_id == client_id)).first()
         if row is None:
             return None
@@ -470,6 +478,6 @@ class GuardStore:
     def isolation(self, model: str) -> Isolation | None:
         """How ``model`` is isolated, if an incident isolated it."""
         t = self.controls.isolation
-        with self.engine.begin() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(t).where(t.c.model == model)).first()
         return None if row is None else self._parse(Isolation, row, "isolation")
