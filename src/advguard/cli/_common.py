@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -271,3 +272,26 @@ def check_out_file(out: Path, option: str = "--out") -> Path:
         raise AdvguardError(f"{option} {str(p)!r} is a directory; give a file name")
     check_out_dir(p.parent, option=f"{option}'s folder")
     return p
+
+
+def guard_config(config: Path | None, database_url: str | None = None) -> Any:
+    """The guard YAML (validated), with ``--database-url`` on top."""
+    from advguard.guard.config import load_config
+
+    cfg = load_config(config)
+    if database_url:
+        cfg.storage.database_url = database_url
+    return cfg
+
+
+@contextmanager
+def guard_store(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, Any]]:
+    """The guard config and its store, closed however the command ends."""
+    from advguard.guard.storage import GuardStore
+
+    cfg = guard_config(config, database_url)
+    store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
+    try:
+        yield cfg, store
+    finally:
+        store.close()

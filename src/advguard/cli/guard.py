@@ -3,8 +3,6 @@ forensic records."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +17,8 @@ from advguard.cli._common import (
     ModelOpt,
     cli_device,
     console,
+    guard_config,
+    guard_store,
     model_options,
     parse_bounds,
     parse_shape,
@@ -51,26 +51,8 @@ GuardDeviceOpt = Annotated[
 ]
 
 
-def _config(config: Path | None, database_url: str | None = None) -> Any:
-    from advguard.guard.config import load_config
-
-    cfg = load_config(config)
-    if database_url:
-        cfg.storage.database_url = database_url
-    return cfg
-
-
-@contextmanager
-def _store(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, Any]]:
-    """The config and the guard's store, closed however the command ends."""
-    from advguard.guard.storage import GuardStore
-
-    cfg = _config(config, database_url)
-    store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
-    try:
-        yield cfg, store
-    finally:
-        store.close()
+_config = guard_config
+_store = guard_store
 
 
 def _pepper(cfg: Any) -> bytes | None:

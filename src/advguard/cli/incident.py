@@ -5,15 +5,13 @@ runbook: a Markdown runbook per model."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from advguard.cli._common import Commands, JsonOpt, console, print_json
+from advguard.cli._common import Commands, JsonOpt, console, guard_config, guard_store, print_json
 from advguard.errors import InputError
 
 commands = Commands("incident", "Incident response: a record of what was done, and the actions.")
@@ -33,25 +31,8 @@ IncidentArg = Annotated[str, typer.Argument(help="Incident id (16 hex digits)")]
 ClientArg = Annotated[str, typer.Argument(help="Client key id (16 hex digits)")]
 
 
-def _config(config: Path | None, database_url: str | None) -> Any:
-    from advguard.guard.config import load_config
-
-    cfg = load_config(config)
-    if database_url:
-        cfg.storage.database_url = database_url
-    return cfg
-
-
-@contextmanager
-def _store(config: Path | None, database_url: str | None) -> Iterator[tuple[Any, Any]]:
-    from advguard.guard.storage import GuardStore
-
-    cfg = _config(config, database_url)
-    store = GuardStore(cfg.database_url, table_prefix=cfg.storage.table_prefix)
-    try:
-        yield cfg, store
-    finally:
-        store.close()
+_config = guard_config
+_store = guard_store
 
 
 def _who(who: str | None) -> str:
