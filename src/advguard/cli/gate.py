@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -72,16 +72,12 @@ def gate(
         attestation=attestation,
         require_attestation=require_attestation or pol.require_attestation,
     )
-    base = (
-        resolve_baseline(
-            baseline,
-            registry_model=registry_model,
-            threat_model=rep.threat_model.get("name"),
-            public_key=public_key,
+    base = None
+    if baseline:
+        name = rep.threat_model.get("name")
+        base = resolve_baseline(
+            baseline, registry_model=registry_model, threat_model=name, public_key=public_key
         )
-        if baseline
-        else None
-    )
     res = run_gate(rep, pol, base, provenance=prov)
     if markdown:
         atomic_write_text(markdown, gate_markdown(res))
@@ -90,23 +86,28 @@ def gate(
     if json_out:
         console.print_json(res.model_dump_json())
     else:
-        table = Table(title=escape(f"advguard gate: {res.report} vs policy {res.policy}"))
-        for h in ("check", "expected", "actual", "status"):
-            table.add_column(h)
-        colour = {"pass": "green", "fail": "bold red", "skip": "dim"}
-        for c in res.checks:
-            table.add_row(
-                escape(c.name),
-                escape(c.expected),
-                escape(c.actual),
-                f"[{colour[c.status]}]{c.status.upper()}[/]",
-            )
-        console.print(table)
-        for c in res.failures:
-            console.print(f"[red]fail:[/] {escape(c.name)}: {escape(c.message)}", highlight=False)
-        for w in res.warnings:
-            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
-        outcome = "[bold green]PASSED[/]" if res.passed else "[bold red]FAILED[/]"
-        console.print(f"Gate {outcome}")
+        render_gate(res)
     if not res.passed:
         raise typer.Exit(1)
+
+
+def render_gate(res: Any) -> None:
+    """The gate's checks as a table, then its failures, warnings and outcome."""
+    table = Table(title=escape(f"advguard gate: {res.report} vs policy {res.policy}"))
+    for h in ("check", "expected", "actual", "status"):
+        table.add_column(h)
+    colour = {"pass": "green", "fail": "bold red", "skip": "dim"}
+    for c in res.checks:
+        table.add_row(
+            escape(c.name),
+            escape(c.expected),
+            escape(c.actual),
+            f"[{colour[c.status]}]{c.status.upper()}[/]",
+        )
+    console.print(table)
+    for c in res.failures:
+        console.print(f"[red]fail:[/] {escape(c.name)}: {escape(c.message)}", highlight=False)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    outcome = "[bold green]PASSED[/]" if res.passed else "[bold red]FAILED[/]"
+    console.print(f"Gate {outcome}")

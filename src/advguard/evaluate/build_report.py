@@ -67,104 +67,18 @@ def build_report(
     ``first_robust`` is the robust count per epsilon after the suite alone (before
     escalations); ``model_info``/``data_info`` are merged into the report's provenance.
     """
-    rec = state.records
     n = len(idx)
-    n_correct = int(rec.correct.sum())
-    results = []
-    for e, eps in enumerate(state.epsilons):
-        robust = int(rec.robust_at(e).sum())
-        fooled = rec.correct & ~rec.robust_at(e)
-        rows = []
-        keyed = sorted(
-            (
-                (state.key(ee, name, st), name, st, v)
-                for (ee, name, st), v in state.stats.items()
-                if ee == e
-            )
-        )
-        for order, (k, name, stage, v) in enumerate(keyed, start=1):
-            rows.append(
-                AttackRow(
-                    attack=name,
-                    order=order,
-                    attacked=v.attacked,
-                    newly_fooled=v.newly_fooled,
-                    attack_success_rate=proportion(v.newly_fooled, v.attacked),
-                    robust_accuracy_after=proportion(int(rec.robust_at(e, k).sum()), n),
-                    forward_evals=v.forward,
-                    gradient_evals=v.gradient,
-                    seconds=v.seconds,
-                    examples_per_second=(v.attacked / v.seconds) if v.seconds > 0 else None,
-                    stage=stage,
-                )
-            )
-        pert = {k: Stat(**summary(getattr(rec, k)[fooled])) for k in ("linf", "l2", "l0")}
-        drop = rec.clean_conf[fooled] - rec.adv_conf[fooled]
-        results.append(
-            EpsilonResult(
-                epsilon=eps,
-                robust_accuracy=proportion(robust, n),
-                fooling_rate=proportion(int(fooled.sum()), n_correct),
-                first_robust_accuracy=(
-                    proportion(first_robust[e], n) if first_robust[e] != robust else None
-                ),
-                perturbation=pert,
-                mean_true_class_confidence_drop=float(drop.mean()) if len(drop) else None,
-                per_attack=rows,
-            )
-        )
-    clean = proportion(n_correct, n)
+    results = [
+        epsilon_result(state, e, eps, n, first_robust[e]) for e, eps in enumerate(state.epsilons)
+    ]
+    clean = proportion(int(state.records.correct.sum()), n)
     trustworthy = not any(c.status == "fail" for c in checks)
     verdict = judge(tm, clean, results, trustworthy, baseline)
-    suite = [
-        SuiteEntry(
-            order=i + 1,
-            attack=a.name,
-            description=a.entry.description,
-            knowledge=a.entry.knowledge,
-            params=a.params(),
-            atlas=list(a.entry.atlas),
-        )
-        for i, a in enumerate(state.attacks)
-    ]
-    feature_changes: dict[str, list[FeatureChange]] = {}
-    rec = state.records
-    if feature_names is not None and rec.feat_abs.shape[1]:
-        # per epsilon, over the samples whose recorded adversarial is at that epsilon,
-        # summed in sample order (the same sums whatever the batch size or sharding)
-        for e in sorted(set(rec.fooled_eps[rec.fooled_eps >= 0].tolist())):
-            at = rec.fooled_eps == e
-            cnt = int(at.sum())
-            tot = rec.feat_abs[at].sum(0)
-            changed = rec.feat_changed[at].sum(0)
-            order_f = np.argsort(-tot, kind="stable")[:15]
-            feature_changes[f"{state.epsilons[e]:g}"] = [
-                FeatureChange(
-                    feature=feature_names[j],
-                    mean_abs_change=float(tot[j] / cnt),
-                    share_changed=float(changed[j] / cnt),
-                )
-                for j in order_f
-            ]
-    examples = [ex for e in sorted(state.examples) for ex in state.examples[e]]
     return Report(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         advguard_version=__version__,
         environment=environment(model),
-        model={
-            "adapter": type(model).__name__,
-            "num_classes": model.num_classes,
-            "input_shape": list(model.input_shape),
-            "bounds": list(model.bounds),
-            "white_box": is_white_box(model),
-            **(
-                {"defense": model.describe(), "adaptive_attacks": adaptive}
-                if (declared_defense(model) != ([], False) or hasattr(model, "reject_class"))
-                and hasattr(model, "describe")
-                else {}
-            ),
-            **model_info,
-        },
+        model=model_section(model, adaptive, model_info),
         data={
             "n_total": len(x),
             "n_evaluated": n,
@@ -172,7 +86,7 @@ def build_report(
             **data_info,
         },
         threat_model=tm.model_dump(),
-        suite=suite,
+        suite=suite_entries(state),
         sample_indices_sha256=sha256_array(idx),
         clean_accuracy=clean,
         results=results,
@@ -180,8 +94,8 @@ def build_report(
         trustworthy=trustworthy,
         verdict=verdict,
         findings=findings(tm, results, state.attacks),
-        examples=examples,
-        feature_changes=feature_changes,
+        examples=[ex for e in sorted(state.examples) for ex in state.examples[e]],
+        feature_changes=feature_changes(state, feature_names),
         timing=timing,
         baseline=(
             {
@@ -193,6 +107,110 @@ def build_report(
             else None
         ),
     )
+
+
+def attack_rows(state: RunState, e: int, n: int) -> list[AttackRow]:
+    """One row per attack and stage run at epsilon index ``e``, in the order they ran."""
+    rec = state.records
+    keyed = sorted(
+        (state.key(ee, name, st), name, st, v)
+        for (ee, name, st), v in state.stats.items()
+        if ee == e
+    )
+    return [
+        AttackRow(
+            attack=name,
+            order=order,
+            attacked=v.attacked,
+            newly_fooled=v.newly_fooled,
+            attack_success_rate=proportion(v.newly_fooled, v.attacked),
+            robust_accuracy_after=proportion(int(rec.robust_at(e, k).sum()), n),
+            forward_evals=v.forward,
+            gradient_evals=v.gradient,
+            seconds=v.seconds,
+            examples_per_second=(v.attacked / v.seconds) if v.seconds > 0 else None,
+            stage=stage,
+        )
+        for order, (k, name, stage, v) in enumerate(keyed, start=1)
+    ]
+
+
+def epsilon_result(state: RunState, e: int, eps: float, n: int, first: int) -> EpsilonResult:
+    """Robust accuracy, fooling rate, perturbation sizes and the per-attack rows at ``eps``
+    (``first``: the robust count after the suite alone, before escalations)."""
+    rec = state.records
+    robust = int(rec.robust_at(e).sum())
+    fooled = rec.correct & ~rec.robust_at(e)
+    pert = {k: Stat(**summary(getattr(rec, k)[fooled])) for k in ("linf", "l2", "l0")}
+    drop = rec.clean_conf[fooled] - rec.adv_conf[fooled]
+    return EpsilonResult(
+        epsilon=eps,
+        robust_accuracy=proportion(robust, n),
+        fooling_rate=proportion(int(fooled.sum()), int(rec.correct.sum())),
+        first_robust_accuracy=proportion(first, n) if first != robust else None,
+        perturbation=pert,
+        mean_true_class_confidence_drop=float(drop.mean()) if len(drop) else None,
+        per_attack=attack_rows(state, e, n),
+    )
+
+
+def suite_entries(state: RunState) -> list[SuiteEntry]:
+    return [
+        SuiteEntry(
+            order=i + 1,
+            attack=a.name,
+            description=a.entry.description,
+            knowledge=a.entry.knowledge,
+            params=a.params(),
+            atlas=list(a.entry.atlas),
+        )
+        for i, a in enumerate(state.attacks)
+    ]
+
+
+def feature_changes(
+    state: RunState, feature_names: Sequence[str] | None
+) -> dict[str, list[FeatureChange]]:
+    """Tabular runs: per epsilon, the 15 features changed most, over the samples whose
+    recorded adversarial is at that epsilon, summed in sample order (the same sums whatever
+    the batch size or sharding)."""
+    out: dict[str, list[FeatureChange]] = {}
+    rec = state.records
+    if feature_names is None or not rec.feat_abs.shape[1]:
+        return out
+    for e in sorted(set(rec.fooled_eps[rec.fooled_eps >= 0].tolist())):
+        at = rec.fooled_eps == e
+        cnt = int(at.sum())
+        tot = rec.feat_abs[at].sum(0)
+        changed = rec.feat_changed[at].sum(0)
+        out[f"{state.epsilons[e]:g}"] = [
+            FeatureChange(
+                feature=feature_names[j],
+                mean_abs_change=float(tot[j] / cnt),
+                share_changed=float(changed[j] / cnt),
+            )
+            for j in np.argsort(-tot, kind="stable")[:15]
+        ]
+    return out
+
+
+def model_section(
+    model: Any, adaptive: dict[str, Any], model_info: dict[str, Any]
+) -> dict[str, Any]:
+    """The report's ``model``: adapter, spec, white-box flag, a declared defense with the
+    adaptive attacks used against it, and the caller's provenance."""
+    defended = (
+        declared_defense(model) != ([], False) or hasattr(model, "reject_class")
+    ) and hasattr(model, "describe")
+    return {
+        "adapter": type(model).__name__,
+        "num_classes": model.num_classes,
+        "input_shape": list(model.input_shape),
+        "bounds": list(model.bounds),
+        "white_box": is_white_box(model),
+        **({"defense": model.describe(), "adaptive_attacks": adaptive} if defended else {}),
+        **model_info,
+    }
 
 
 def findings(
