@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,16 @@ from advguard.models.zoo import small_cnn
 
 # Tests run in two xdist workers on two cores: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _advguard_loggers_enabled() -> None:
+    """import-linter's run (tests/test_architecture.py) configures logging with
+    ``disable_existing_loggers``, which silences advguard's loggers for every later test in
+    the same worker; tests that read logs (caplog) must not depend on the order."""
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("advguard") and isinstance(lg, logging.Logger):
+            lg.disabled = False
 
 
 @pytest.fixture(scope="session")

@@ -180,9 +180,33 @@ def test_a_failing_shadow_never_reaches_the_client_and_is_rolled_back(tmp_path):
 
 
 # -- rollback -------------------------------------------------------------------------------
-def test_a_flagging_canary_is_rolled_back_and_a_healthy_one_is_not(tmp_path, caplog, monkeypatch):
-    # import-linter's run (test_architecture) disables the loggers existing at that moment
-    monkeypatch.setattr(logging.getLogger("advguard.guard"), "disabled", False)
+class _Collect(logging.Handler):
+    """Records of one logger, collected on the logger itself: independent of the root
+    logger's configuration, propagation and of what other tests in the worker did to them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_flagging_canary_is_rolled_back_and_a_healthy_one_is_not(tmp_path, monkeypatch):
+    # import-linter's run (test_architecture) disables the loggers existing at that moment,
+    # and other tests may raise their levels: collect on the logger itself
+    logger = logging.getLogger("advguard.guard")
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    collect = _Collect()
+    logger.addHandler(collect)
+    try:
+        _flagging_and_healthy_canaries(tmp_path, collect)
+    finally:
+        logger.removeHandler(collect)
+
+
+def _flagging_and_healthy_canaries(tmp_path, collect: _Collect) -> None:
     flagger = [DetectorSlot("always", AlwaysFlags(), [(0.5, "reject")])]
     cfg = {
         "rollout": {
@@ -201,7 +225,7 @@ def test_a_flagging_canary_is_rolled_back_and_a_healthy_one_is_not(tmp_path, cap
     assert st["weight"] == 0.0 and st["rolled_back"] == "flag_rate"
     assert st["canary"]["window"] == {"requests": 10, "flag_rate": 1.0, "error_rate": 0.0}
     assert metric(g, "advguard_guard_rollbacks_total", model="digits", reason="flag_rate") == 1
-    assert sum("rolled back (flag_rate)" in r.getMessage() for r in caplog.records) == 1
+    assert sum("rolled back (flag_rate)" in r.getMessage() for r in collect.records) == 1
     ev = g.rollout.events.list("digits")
     assert [e.kind for e in ev] == ["rollback"] and ev[0].canary_version == "digits:2"
     assert ev[0].detail["weight_before"] == 0.5 and "1.000 > 0.2" in ev[0].detail["detail"]
