@@ -1,10 +1,11 @@
 """The ``advguard`` command line.
 
-Each command module (``evaluate``, ``train``, ``certify``, ``detector``, ``gate``, ``registry``,
-``guard``, ``slo``) declares its commands in a ``Commands`` table (``Commands("guard keys")``
-nests under ``guard``); this module attaches them to one Typer app and owns the one mapping
-from errors to exit codes: 0 ok, 1 a check failed (SLO, gate, verification), 2 bad input or
-usage (a one-line message, never a traceback), 130 interrupted.
+Each command module (``evaluate``, ``train``, ``sweep``, ``certify``, ``detector``, ``gate``,
+``registry``, ``guard``, ``slo``) declares its commands in a ``Commands`` table
+(``Commands("guard keys")`` nests under ``guard``); this module attaches them to one Typer
+app and owns the one mapping from errors to exit codes: 0 ok, 1 a check failed (SLO, gate,
+verification), 2 bad input or usage (a one-line message, never a traceback), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from advguard.cli import (
     privacy,
     registry,
     slo,
+    sweep,
     train,
     watermark,
 )
@@ -45,6 +47,7 @@ from advguard.errors import AdvguardError
 MODULES: tuple[ModuleType, ...] = (
     evaluate,
     train,
+    sweep,
     certify,
     detector,
     gate,
