@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -77,9 +77,29 @@ class LogUniform(_M):
         return v
 
 
-Dimension = Annotated[list[Scalar], Field(min_length=1)] | Grid | Choice | Uniform | LogUniform
+Dimension = Grid | Choice | Uniform | LogUniform
 """A search dimension: a plain list (grid), ``{grid: [...]}``, ``{choice: [...]}``,
 ``{uniform: [low, high]}`` or ``{loguniform: [low, high]}``."""
+_KINDS: dict[str, type[BaseModel]] = {
+    "grid": Grid, "choice": Choice, "uniform": Uniform, "loguniform": LogUniform,
+}  # fmt: skip
+
+
+def _dimension(key: str, v: Any) -> BaseModel:
+    """One search dimension from its YAML form, with a message that names what is wrong."""
+    if isinstance(v, BaseModel):
+        return v
+    if isinstance(v, list):
+        v = {"grid": v}
+    if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in _KINDS:
+        raise ValueError(
+            f"{key}: a search dimension is a list (grid) or one of {{grid: [...]}}, "
+            "{choice: [...]}, {uniform: [low, high]}, {loguniform: [low, high]}"
+        )
+    try:
+        return _KINDS[next(iter(v))].model_validate(v)
+    except ValidationError as e:
+        raise ValueError(f"{key}: {_first_error(e)}") from None
 
 
 class Resources(_M):
@@ -93,7 +113,9 @@ class SweepSpec(_M):
     name: str = "sweep"
     defense: Literal["pgd-at", "trades", "fast-at"]
     data: str = Field(description="data set spec, as advguard.data.load_dataset takes it")
-    arch: str = Field(default="small_cnn", description="an advguard zoo factory")
+    arch: str = Field(
+        default="small_cnn", validate_default=True, description="an advguard zoo factory"
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="fixed TrainConfig fields")
     search: dict[str, Dimension] = Field(default_factory=dict)
     num_samples: int = Field(default=1, ge=1, le=10_000)
@@ -117,6 +139,13 @@ class SweepSpec(_M):
                 f"got {v!r} (a spec file never chooses code to run)"
             )
         return f"{ZOO_MODULE}:{name}"
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        return {k: _dimension(str(k), d) for k, d in v.items()}
 
     @model_validator(mode="after")
     def _keys(self) -> SweepSpec:
@@ -193,8 +222,6 @@ def trial_config(spec: SweepSpec, tm: ThreatModel, params: dict[str, Any]) -> di
 
 
 def _values(d: Any) -> list[Any] | None:
-    if isinstance(d, list):
-        return d
     return d.grid if isinstance(d, Grid) else None
 
 
