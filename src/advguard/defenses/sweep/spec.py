@@ -230,6 +230,8 @@ def _draw(d: Any, rng: np.random.Generator) -> Any:
         return d.choice[int(rng.integers(len(d.choice)))]
     if isinstance(d, Uniform):
         return float(rng.uniform(*d.uniform))
+    if not isinstance(d, LogUniform):  # pragma: no cover - the spec validated every dimension
+        raise TypeError(f"not a search dimension: {d!r}")
     lo, hi = d.loguniform
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 

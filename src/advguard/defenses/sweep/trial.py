@@ -15,6 +15,7 @@ the examples the model trained on.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +50,21 @@ def run_trial(
         return {"status": "error", "error": f"{type(e).__name__}: {msg}{where}"}
     finally:
         torch.set_num_threads(threads)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes and bytes, in name
+    order): equal for equal weights. The file's own hash is not: safetensors writes its
+    metadata in a per-process hash-map order."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _train_and_evaluate(config: dict[str, Any], out: Path, clock: Clock) -> dict[str, Any]:
@@ -102,5 +118,9 @@ def _train_and_evaluate(config: dict[str, Any], out: Path, clock: Clock) -> dict
         "stop_reason": man.get("stop_reason"),
         "train_time_s": train_s,
         "eval_time_s": eval_s,
-        "model": {"path": res.checkpoint_path.name, "sha256": sha},
+        "model": {
+            "path": res.checkpoint_path.name,
+            "sha256": sha,
+            "weights_sha256": weights_sha256(res.checkpoint_path),
+        },
     }
