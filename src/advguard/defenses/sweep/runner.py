@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -244,6 +245,34 @@ def _tune_init(address: str | None, cpus: float) -> None:
         ) from None
 
 
+class _Listener:
+    """The driver's side of a Tune run: each trial's result, once, to ``finished``."""
+
+    def __init__(
+        self,
+        by_id: dict[str, dict[str, Any]],
+        finished: Callable[[dict[str, Any], dict[str, Any]], None],
+    ) -> None:
+        self.by_id, self.finished, self.got = by_id, finished, set[str]()
+
+    def result(self, tid: str, wire: Any) -> None:
+        if tid in self.by_id and tid not in self.got:
+            self.got.add(tid)
+            self.finished(self.by_id[tid], result_from_wire(wire))
+
+    def error(self, tid: str, message: str) -> None:
+        if tid in self.by_id and tid not in self.got:
+            self.got.add(tid)
+            self.finished(self.by_id[tid], {"status": "error", "error": message})
+
+
+_LISTENERS: dict[str, _Listener] = {}
+
+
+def _listener(token: str) -> _Listener:
+    return _LISTENERS[token]
+
+
 def _trial_name(trial: Any) -> str:
     return str(trial.config["trial"]["id"])
 
@@ -264,26 +293,25 @@ def _run_tune(
     _tune_init(address, max_concurrent * res.cpu)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    by_id = {t["id"]: t for t in todo}
-    got: set[str] = set()
+    listener = _Listener({t["id"]: t for t in todo}, finished)
+    token = uuid.uuid4().hex
+    _LISTENERS[token] = listener
 
     class Collector(tune.Callback):  # type: ignore[name-defined]
+        """Tune pickles its callbacks with the experiment: this one holds only a token."""
+
+        def __init__(self, token: str) -> None:
+            self.token = token
+
         def on_trial_result(
             self, iteration: int, trials: Any, trial: Any, result: dict, **info: Any
         ) -> None:
-            tid = trial.config["trial"]["id"]
-            if RESULT_KEY in result and tid not in got:
-                got.add(tid)
-                finished(by_id[tid], result_from_wire(result[RESULT_KEY]))
+            if RESULT_KEY in result:
+                _listener(self.token).result(trial.config["trial"]["id"], result[RESULT_KEY])
 
         def on_trial_error(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
-            tid = trial.config["trial"]["id"]
-            if tid not in got:
-                got.add(tid)
-                err = " ".join(
-                    str(getattr(trial, "error_message", None) or "worker failed").split()
-                )
-                finished(by_id[tid], {"status": "error", "error": f"Ray Tune: {err[:300]}"})
+            err = " ".join(str(getattr(trial, "error_message", None) or "worker failed").split())
+            _listener(self.token).error(trial.config["trial"]["id"], f"Ray Tune: {err[:300]}")
 
     space = [
         {"id": t["id"], "config": t["config"], "dir": str(trial_dir(out, t).resolve())}
@@ -297,11 +325,14 @@ def _run_tune(
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=f"advguard-sweep-{int(time.time())}", storage_path=str((out / ".tune").resolve()),
-            verbose=0, callbacks=[Collector()], failure_config=tune.FailureConfig(max_failures=0),
+            name=f"advguard-sweep-{int(time.time())}",
+            storage_path=str((out / ".tune").resolve()), verbose=0,
+            callbacks=[Collector(token)], failure_config=tune.FailureConfig(max_failures=0),
         ),
     )  # fmt: skip
-    tuner.fit()
-    for t in todo:  # a trial Tune never reported (cancelled): recorded, not lost
-        if t["id"] not in got:
-            finished(t, {"status": "error", "error": "Ray Tune did not run this trial"})
+    try:
+        tuner.fit()
+    finally:
+        _LISTENERS.pop(token, None)
+    for tid in sorted(set(listener.by_id) - listener.got):  # never reported: recorded, not lost
+        listener.error(tid, "Ray Tune did not run this trial")
