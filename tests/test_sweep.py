@@ -81,6 +81,15 @@ def test_trials_cross_the_grid_with_seeded_draws() -> None:
     assert spec.headline(tm) == 0.3  # default: the largest epsilon of quick
 
 
+def test_the_docs_spec_is_valid() -> None:
+    """The annotated spec in docs/scale.md parses and gives the trials it says."""
+    doc = (EXAMPLE.parents[1] / "docs" / "scale.md").read_text()
+    text = doc.split("**The spec**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = parse_sweep_spec(text, "docs/scale.md")
+    tm = spec.threat()
+    assert len(spec.trials(tm)) == 4 * 3 and spec.headline(tm) == 0.1 and tm.samples == 200
+
+
 BAD_SPECS = {
     "no defense": ("data: digits", "defense"),
     "unknown defense": ("defense: magic\ndata: digits", "defense"),
