@@ -109,6 +109,8 @@ BAD_SPECS = {
         "defense: trades\ndata: digits\nsearch: {lr: {uniform: [2, 1]}}",
         "low < high",
     ),
+    "unknown device": ("defense: trades\ndata: digits\ndevice: tpu", "device must be"),
+    "cuda without a GPU": ("defense: trades\ndata: digits\ndevice: cuda", "resources.gpu"),
     "empty grid": ("defense: trades\ndata: digits\nsearch: {beta: []}", "search"),
     "not a mapping": ("- defense: trades", "mapping"),
     "not YAML": ("defense: [trades", "YAML"),

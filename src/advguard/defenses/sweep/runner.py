@@ -8,7 +8,9 @@ most the trials in flight; ``resume=True`` keeps the finished trials recorded th
 by their key, the hash of everything that determines their numbers) and runs the rest.
 A failed trial is recorded with its error and run again on resume.
 
-Ray Tune schedules and runs the trials (``max_concurrent`` at a time, ``resources`` each);
+Ray Tune schedules and runs the trials (``max_concurrent`` at a time, ``resources`` each;
+a trial whose worker process dies is run again from the start, twice at most, then recorded
+as failed);
 the trials themselves (grid x random draws) are drawn by advguard from the spec's seed, so
 both backends run exactly the same trials.
 """
@@ -327,7 +329,7 @@ def _run_tune(
         run_config=tune.RunConfig(
             name=f"advguard-sweep-{int(time.time())}",
             storage_path=str((out / ".tune").resolve()), verbose=0,
-            callbacks=[Collector(token)], failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[Collector(token)], failure_config=tune.FailureConfig(max_failures=2),
         ),
     )  # fmt: skip
     try:

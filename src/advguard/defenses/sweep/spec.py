@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,14 @@ class SweepSpec(_M):
             )
         return f"{ZOO_MODULE}:{name}"
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        text = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {v!r}")
+        return text
+
     @field_validator("search", mode="before")
     @classmethod
     def _search(cls, v: Any) -> Any:
@@ -157,6 +166,11 @@ class SweepSpec(_M):
                     f"{where}: unknown or fixed training argument(s) {', '.join(bad)}; "
                     f"use {', '.join(allowed)}"
                 )
+        if self.device.startswith("cuda") and self.resources.gpu == 0:
+            raise ValueError(
+                f"device {self.device} needs resources.gpu > 0 (Ray Tune gives a trial only "
+                "the GPUs it asks for)"
+            )
         both = sorted(set(self.train) & set(self.search))
         if both:
             raise ValueError(f"{', '.join(both)} both fixed (train) and searched (search)")
