@@ -2,7 +2,7 @@
 
 The HTML has no external JavaScript or CSS: an inline SVG scatter (clean accuracy on x,
 robust accuracy at the headline epsilon on y; Pareto-optimal trials filled and joined by the
-front's staircase, a ``<title>`` on every point) and a table of every trial. Every string
+front's line, a ``<title>`` on every point) and a table of every trial. Every string
 that comes from a spec, a trial or an error message is escaped.
 """
 
@@ -66,6 +66,16 @@ def _axis_low(values: list[float]) -> float:
     return min(0.9, max(0.0, (int(min(values, default=0.0) * 10) / 10) - 0.1))
 
 
+def _label_spot(x: float, y: float, placed: list[tuple[float, float]]) -> tuple[float, float]:
+    """Where a point's label goes: above right, else the first free spot around it."""
+    for dx, dy in ((8, -8), (8, 16), (-36, -8), (-36, 16), (8, -20), (8, 28)):
+        spot = (x + dx, y + dy)
+        if all(abs(spot[0] - a) > 34 or abs(spot[1] - b) > 11 for a, b in placed):
+            break
+    placed.append(spot)
+    return spot
+
+
 def scatter_svg(trials: list[dict[str, Any]], headline: float) -> str:
     """Inline SVG: every finished trial, the Pareto front highlighted."""
     ok = [t for t in trials if plotted(t)]
@@ -106,6 +116,7 @@ def scatter_svg(trials: list[dict[str, Any]], headline: float) -> str:
         pts = [_xy(t["clean_accuracy"], t["robust_headline"], lo) for t in front]
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
         parts.append(f'<polyline points="{path}" class="front"/>')
+    placed: list[tuple[float, float]] = []
     for t in ok:
         x, y = _xy(t["clean_accuracy"], t["robust_headline"], lo)
         tip = (
@@ -117,7 +128,8 @@ def scatter_svg(trials: list[dict[str, Any]], headline: float) -> str:
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" class="{cls}">'
             f"<title>{_e(tip)}</title></circle>"
         )
-        parts.append(f'<text x="{x + 8:.1f}" y="{y - 8:.1f}" class="lbl">{_e(t["id"])}</text>')
+        lx, ly = _label_spot(x, y, placed)
+        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="lbl">{_e(t["id"])}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
