@@ -282,6 +282,9 @@ def test_ray_tune_gives_the_local_numbers(
     local_sweep: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     pytest.importorskip("ray.tune", reason="the Ray Tune backend needs the 'ray' extra")
+    import ray
+
+    ray_was_up = ray.is_initialized()
     src, local = local_sweep
     spec = load_sweep_spec(src.parent / "spec.yaml")
     # two of the example's trials (beta 1 and 6), two at a time on Ray Tune
@@ -297,6 +300,7 @@ def test_ray_tune_gives_the_local_numbers(
 
     res = run_sweep(spec, tmp_path / "ray", backend="ray", max_concurrent=2, on_trial=on_trial)
     assert done == [0, 1, 2] and res.ran == 2 and res.document["backend"] == "ray"
+    assert ray.is_initialized() == ray_was_up  # a Ray it started is shut down again
     by_key = {t["key"]: t for t in local["trials"]}
     for t in res.document["trials"]:
         assert t["status"] == "ok", t.get("error")

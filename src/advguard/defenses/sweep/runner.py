@@ -224,12 +224,14 @@ def result_from_wire(text: Any) -> dict[str, Any]:
         return {"status": "error", "error": f"the trial sent a malformed result ({e})"}
 
 
-def _tune_init(address: str | None, cpus: float) -> None:
+def _tune_init(address: str | None, cpus: float) -> Any:
+    """Ray, connected; ``(ray, True)`` when this call started or joined it (and the caller
+    shuts it down), ``(ray, False)`` when it was already initialised."""
     from advguard.evaluate.distributed import import_ray
 
     ray = import_ray()
     if ray.is_initialized():
-        return
+        return ray, False
     try:
         if address is None:
             ray.init(
@@ -245,6 +247,7 @@ def _tune_init(address: str | None, cpus: float) -> None:
         raise InputError(
             f"cannot start or reach {where} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         ) from None
+    return ray, True
 
 
 class _Listener:
@@ -292,7 +295,7 @@ def _run_tune(
     if address is not None and address != "auto" and not address.startswith("ray://"):
         raise InputError(f"--address must be 'auto' or ray://host:port, got {address!r}")
     res = spec.resources
-    _tune_init(address, max_concurrent * res.cpu)
+    ray, started = _tune_init(address, max_concurrent * res.cpu)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     listener = _Listener({t["id"]: t for t in todo}, finished)
@@ -336,5 +339,7 @@ def _run_tune(
         tuner.fit()
     finally:
         _LISTENERS.pop(token, None)
+        if started:  # leave no Ray instance behind that this sweep started
+            ray.shutdown()
     for tid in sorted(set(listener.by_id) - listener.got):  # never reported: recorded, not lost
         listener.error(tid, "Ray Tune did not run this trial")
