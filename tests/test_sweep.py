@@ -271,10 +271,14 @@ def test_resume_runs_only_what_did_not_finish(
     calls.clear()
     res = run_sweep(load_sweep_spec(src.parent / "spec.yaml"), out, backend="local", resume=True)
     assert res.ran == 0 and not calls and len(res.document["trials"]) == 4
-    # a trial whose model file disappeared is run again
+    # a trial whose model file disappeared is run again, and so is a tampered record
     (out / res.document["trials"][0]["model"]["path"]).unlink()
+    doc = json.loads((out / "sweep.json").read_text())
+    doc["trials"][1]["train_time_s"] = "<b>fast</b>"
+    (out / "sweep.json").write_text(json.dumps(doc))
     res = run_sweep(load_sweep_spec(src.parent / "spec.yaml"), out, backend="local", resume=True)
-    assert res.ran == 1 and len(calls) == 1
+    assert res.ran == 2 and len(calls) == 2
+    assert [t["status"] for t in res.document["trials"]] == ["error", "error", "ok", "ok"]
 
 
 # -- Ray Tune ---------------------------------------------------------------------------
@@ -312,3 +316,20 @@ def test_ray_tune_gives_the_local_numbers(
         assert t["model"]["weights_sha256"] == twin["model"]["weights_sha256"]
         assert t["clean_accuracy"] == twin["clean_accuracy"]
         assert t["robust_accuracy"] == twin["robust_accuracy"]
+
+
+def test_a_malformed_trial_result_is_recorded_as_an_error() -> None:
+    good = _fake("t000", 0.9, 0.5)
+    good["model"]["weights_sha256"] = "cd" * 32
+    assert sweep_runner.result_from_wire(json.dumps(good)) == good
+    for broken in (
+        {**good, "clean_accuracy": "0.9"},
+        {**good, "train_time_s": float("nan")},
+        {**good, "robust_accuracy": [{"epsilon": "x", "value": 0.1}]},
+        {**good, "model": {"path": "m"}},
+        {"status": "error"},
+        ["not", "a", "dict"],
+    ):
+        r = sweep_runner.result_from_wire(json.dumps(broken))
+        assert r["status"] == "error" and "malformed" in r["error"], broken
+    assert sweep_runner.result_from_wire("{not json")["status"] == "error"

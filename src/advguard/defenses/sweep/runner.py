@@ -113,11 +113,16 @@ def load_previous(out: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("schema") != SWEEP_SCHEMA:
         raise InputError(f"{p} is not an advguard sweep ({SWEEP_SCHEMA})")
     kept = {}
-    for t in doc.get("trials", []):
-        if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("key"), str):
-            model = t.get("model") or {}
-            if isinstance(model.get("path"), str) and (out / model["path"]).is_file():
-                kept[t["key"]] = t
+    trials = doc.get("trials")
+    for t in trials if isinstance(trials, list) else []:
+        try:  # a record that is not what sweep.json promises is run again, not trusted
+            check_result(t)
+            ok = t["status"] == "ok" and isinstance(t["key"], str)
+            ok = ok and isinstance(t["params"], dict) and (out / t["model"]["path"]).is_file()
+        except (TypeError, ValueError, KeyError, OSError):
+            ok = False
+        if ok:
+            kept[t["key"]] = t
     return kept
 
 
@@ -207,19 +212,43 @@ def tune_trainable(config: dict[str, Any]) -> None:
     tune.report({RESULT_KEY: json.dumps(result), "status_ok": result["status"] == "ok"})
 
 
+def _number(v: Any, what: str, optional: bool = True) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{what} is not a number")
+
+
+def check_result(r: Any) -> None:
+    """Raise ``ValueError`` unless ``r`` is a trial result (or a recorded trial) whose
+    fields have the types ``sweep.json`` promises."""
+    if not isinstance(r, dict) or r.get("status") not in ("ok", "error"):
+        raise ValueError("no status")
+    if r["status"] == "error":
+        if not isinstance(r.get("error"), str):
+            raise ValueError("a failed trial without an error message")
+        return
+    for k in ("clean_accuracy", "train_time_s", "eval_time_s"):
+        _number(r[k], k, optional=k == "clean_accuracy")
+    rob = r["robust_accuracy"]
+    if not isinstance(rob, list) or not all(isinstance(e, dict) for e in rob):
+        raise ValueError("robust_accuracy is not a list of epsilons")
+    for e in rob:
+        _number(e["epsilon"], "epsilon", optional=False)
+        _number(e["value"], "robust accuracy")
+    m = r["model"]
+    if not isinstance(m, dict) or not all(
+        isinstance(m.get(k), str) for k in ("path", "sha256", "weights_sha256")
+    ):
+        raise ValueError("model is not {path, sha256, weights_sha256}")
+
+
 def result_from_wire(text: Any) -> dict[str, Any]:
     """A trial result a Tune worker reported, checked at the edge."""
     try:
         r = json.loads(text)
-        if not isinstance(r, dict) or r.get("status") not in ("ok", "error"):
-            raise ValueError("no status")
-        if r["status"] == "ok":
-            for k in ("clean_accuracy", "train_time_s", "eval_time_s"):
-                if r[k] is not None and not (isinstance(r[k], int | float) and math.isfinite(r[k])):
-                    raise ValueError(f"{k} is not a number")
-            if not isinstance(r["robust_accuracy"], list) or not isinstance(r["model"], dict):
-                raise ValueError("robust_accuracy or model malformed")
-        return r
+        check_result(r)
+        return dict(r)
     except (TypeError, ValueError, KeyError) as e:
         return {"status": "error", "error": f"the trial sent a malformed result ({e})"}
 
