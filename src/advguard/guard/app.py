@@ -196,7 +196,10 @@ async def serve_prediction(
     obs = request_obs(guard, model, key, endpoint, request)
     try:
         with obs.stage("limit"):  # the rate (and an incident throttle) may read the stores
-            await run_in_threadpool(guard.check_rate, key, model.name)
+            if guard.rate_is_local(key):
+                guard.check_rate(key, model.name)
+            else:
+                await run_in_threadpool(guard.check_rate, key, model.name)
         with obs.stage("read"):
             body = await read_capped(
                 request.stream(),

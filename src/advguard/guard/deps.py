@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from advguard.guard.pipeline import Guard
@@ -20,14 +21,17 @@ api_key_header = APIKeyHeader(
 
 
 def key_dependency(guard: Guard, scope: str) -> Callable[..., KeyRecord]:
-    """A dependency that authenticates the caller's API key for ``scope``."""
+    """A dependency that authenticates the caller's API key for ``scope``: on the event loop
+    when that reads nothing from the database, else in the thread pool."""
 
-    def dep(
+    async def dep(
         request: Request,
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         x_api_key: Annotated[str | None, Depends(api_key_header)],
     ) -> KeyRecord:
         auth = f"Bearer {cred.credentials}" if cred is not None else None
-        return guard.authenticate(auth, x_api_key, scope)
+        if guard.auth_is_local(auth, x_api_key):  # cached rows: a hash and a dict lookup
+            return guard.authenticate(auth, x_api_key, scope)
+        return await run_in_threadpool(guard.authenticate, auth, x_api_key, scope)
 
     return dep

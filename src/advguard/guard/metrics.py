@@ -224,7 +224,9 @@ class GuardMetrics:
         )
         self.forensic_write_failures = Counter(
             "advguard_guard_forensic_write_failures",
-            "Decision records that could not be written (the request failed with a 5xx).",
+            "Decision records that could not be written (the request failed with a 5xx; for "
+            "records written after the answer, forensics.plain_records: background, it had "
+            "left).",
             ["model"],
             registry=self.registry,
         )
