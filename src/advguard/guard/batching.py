@@ -115,7 +115,9 @@ class BackgroundWriter(Generic[T]):
     time in one transaction (group commit off the request path).
 
     :meth:`put` returns at once unless ``capacity`` items wait (then it blocks until there is
-    room: back-pressure, never an unbounded queue). A failed group is retried item by item; an
+    room: back-pressure, never an unbounded queue). The thread waits ``linger_s`` after the
+    first item of a group so that the items of the next few milliseconds share its commit
+    (at most one commit per ``linger_s``; a wake-up per request cost more than the write). A failed group is retried item by item; an
     item that still fails goes to ``on_error(item, exc)`` (counted and logged by the guard).
     :meth:`flush` waits until everything queued before it is written; :meth:`close` flushes
     and ends the thread."""
@@ -128,6 +130,7 @@ class BackgroundWriter(Generic[T]):
         capacity: int = 10_000,
         max_group: int = 1_000,
         idle_s: float = 1.0,
+        linger_s: float = 0.005,
     ) -> None:
         self._write = write
         self._on_error = on_error
@@ -139,6 +142,7 @@ class BackgroundWriter(Generic[T]):
         self._written = 0  # items ever taken off the queue and finished
         self._closed = False
         self._idle_s = idle_s
+        self._linger_s = linger_s
         self._running = False  # the thread runs while there is work, ends when idle_s idle
         #: Transactions run so far (groups written, including retries).
         self.commits = 0
@@ -154,7 +158,8 @@ class BackgroundWriter(Generic[T]):
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._run, name="decision-writer", daemon=True).start()
-            self._cond.notify_all()
+            elif len(self._queue) == 1:  # wake the idle writer (a busy one looks again)
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every item queued so far is written (or failed); False on timeout."""
@@ -176,6 +181,10 @@ class BackgroundWriter(Generic[T]):
                 if not self._queue:  # idle or closed: the next put starts a new thread
                     self._running = False
                     return
+                linger = not self._closed and len(self._queue) < self._max_group
+            if linger:  # let the records of the next few ms join this commit
+                time.sleep(self._linger_s)
+            with self._cond:
                 group = self._queue[: self._max_group]
                 del self._queue[: self._max_group]
                 self._cond.notify_all()  # room for waiting producers
