@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from advguard import __version__
 from advguard.guard.batching import BatchItem
 from advguard.guard.dashboard import add_dashboard_routes
-from advguard.guard.deps import key_dependency
+from advguard.guard.deps import SECURITY, key_dependency, request_key
 from advguard.guard.edge import (
     parse_json,
     parse_npy,
@@ -269,7 +269,8 @@ def _is_json(ctype: str) -> bool:
 
 
 def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
-    """advguard's own predict endpoint and the Open Inference Protocol v2 infer endpoint."""
+    """advguard's own predict endpoint and the Open Inference Protocol v2 infer endpoint (these
+    two authenticate with :func:`request_key`, not a dependency: the hot path)."""
     predict_key = key_dependency(guard, "predict")
     depth = guard.cfg.edge.max_json_depth
 
@@ -297,11 +298,10 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         tags=["predict"],
         summary="Classify a batch (JSON {'inputs': [...]} or a .npy array)",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=PREDICT_BODY,
+        openapi_extra={**PREDICT_BODY, "security": SECURITY},
     )
-    async def predict(
-        name: str, request: Request, key: KeyRecord = Depends(predict_key)
-    ) -> JSONResponse:
+    async def predict(name: str, request: Request) -> JSONResponse:
+        key = await request_key(guard, request, "predict")
         return await serve_prediction(guard, "v1-predict", name, key, request, parse_v1, render_v1)
 
     @app.post(
@@ -309,11 +309,10 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         tags=["open inference protocol v2"],
         summary="Open Inference Protocol v2 inference",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=V2_BODY,
+        openapi_extra={**V2_BODY, "security": SECURITY},
     )
-    async def v2_infer(
-        name: str, request: Request, key: KeyRecord = Depends(predict_key)
-    ) -> JSONResponse:
+    async def v2_infer(name: str, request: Request) -> JSONResponse:
+        key = await request_key(guard, request, "predict")
         return await serve_prediction(guard, "v2-infer", name, key, request, parse_v2, render_v2)
 
     @app.get(

@@ -117,8 +117,9 @@ class BackgroundWriter(Generic[T]):
     :meth:`put` returns at once unless ``capacity`` items wait (then it blocks until there is
     room: back-pressure, never an unbounded queue). The thread waits ``linger_s`` after the
     first item of a group so that the items of the next few milliseconds share its commit
-    (at most one commit per ``linger_s``; a wake-up per request cost more than the write). A failed group is retried item by item; an
-    item that still fails goes to ``on_error(item, exc)`` (counted and logged by the guard).
+    (at most one commit per ``linger_s``; a wake-up per request cost more than the write).
+    A failed group is retried item by item; an item that still fails goes to
+    ``on_error(item, exc)`` (counted and logged by the guard).
     :meth:`flush` waits until everything queued before it is written; :meth:`close` flushes
     and ends the thread."""
 

@@ -80,7 +80,7 @@ class SweptMemoryStorage(MemoryStorage):
         self._sweeper.start()
         weakref.finalize(self, self._stop.set)
 
-    def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802 (the library's name)
+    def _MemoryStorage__schedule_expiry(self) -> None:
         """Replaces the library's per-hit timer start: the sweeper thread is always there."""
 
     def sweep(self) -> None:

@@ -33,7 +33,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -659,7 +659,9 @@ class ReloadRequest(BaseModel):
     target: Literal["production", "canary"] = "production"
 
 
-def add_rollout_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., KeyRecord]) -> None:
+def add_rollout_routes(
+    app: FastAPI, guard: Guard, admin_key: Callable[..., Awaitable[KeyRecord]]
+) -> None:
     """Admin endpoints (``admin_key``: the app's dependency authenticating the admin scope):
     rollout status and settings, and the hot reload of a model."""
     from fastapi import Body, Depends

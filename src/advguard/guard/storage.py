@@ -435,7 +435,8 @@ class GuardStore:
         if joined is None:
             return None
         data = dict(joined._mapping)
-        key: KeyRecord = self._parse(KeyRecord, _Row({c.name: data[c.name] for c in k.columns}), "key")
+        krow = _Row({c.name: data[c.name] for c in k.columns})
+        key: KeyRecord = self._parse(KeyRecord, krow, "key")
         block, limit = None, None
         if data["block_client_id"] is not None:
             brow = _Row({c.name: data[f"block_{c.name}"] for c in b.columns})
