@@ -294,3 +294,40 @@ def test_plain_records_before_answer_and_the_decision_endpoint(tmp_path, module,
         assert d.status_code == 200 and d.json()["action"] == "allow"  # queued: flushed first
     finally:
         g.close()
+
+
+# -- requests_total labels the version that answered --------------------------------------
+def test_requests_metric_labels_the_canary_version(tmp_path):
+    from advguard.guard.pipeline import DetectorSlot
+    from test_guard_rollout import AlwaysFlags, build, linear, metric
+
+    name = "advguard_guard_requests_total"
+    x = np.zeros((1, 1, 8, 8)).tolist()
+    g = build(tmp_path, {"rollout": {"weight": 1.0}}, canary=linear(1, "digits:2"))
+    try:
+        client = TestClient(create_app(g))
+        key = create_key(g.store, "a").key
+        for _ in range(3):
+            assert _post(client, key, x).json()["model_version"] == "digits:2"
+        labels = {"model": "digits", "endpoint": "v1-predict", "status": "200"}
+        assert metric(g, name, version="digits:2", **labels) == 3
+        assert metric(g, name, version="digits:1", **labels) == 0
+    finally:
+        g.close()
+    flagger = [DetectorSlot("always", AlwaysFlags(), [(0.5, "reject")])]
+    (tmp_path / "r").mkdir()
+    g = build(
+        tmp_path / "r",
+        {"rollout": {"weight": 1.0}},
+        canary=linear(1, "digits:2"),
+        canary_detectors=flagger,
+    )
+    try:
+        client = TestClient(create_app(g))
+        key = create_key(g.store, "a").key
+        assert _post(client, key, x).status_code == 422  # the canary's detector refused it
+        refused = {"model": "digits", "endpoint": "v1-predict", "status": "422"}
+        assert metric(g, name, version="digits:2", **refused) == 1
+        assert metric(g, name, version="digits:1", **refused) == 0
+    finally:
+        g.close()

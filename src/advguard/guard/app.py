@@ -192,6 +192,7 @@ async def serve_prediction(
     started = time.perf_counter()
     status = 500
     model = guard.get_model(name)
+    version = model.version  # the version that answered (a canary's when routed there)
     edge = guard.cfg.edge
     obs = request_obs(guard, model, key, endpoint, request)
     try:
@@ -229,13 +230,13 @@ async def serve_prediction(
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
-        status = 200
+        status, version = 200, outcome.model.version
         return JSONResponse(render(outcome, extra), headers=headers)
     except Problem as p:
-        status = p.status
+        status, version = p.status, p.model_version or version
         raise
     finally:
-        guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
+        guard.metrics.requests.labels(model.name, version, endpoint, str(status)).inc()
         guard.metrics.latency.labels(model.name, endpoint).observe(
             time.perf_counter() - started, obs.exemplar()
         )

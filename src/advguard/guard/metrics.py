@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -175,6 +176,7 @@ class GuardMetrics:
             registry=self.registry,
         )
         self._add_pipeline_metrics()
+        self._stage_children: dict[tuple[str, str], Any] = {}
         self._add_drift_gauges()
         self.top_clients = TopClients(top_clients)
         self._client_lock = threading.Lock()
@@ -254,7 +256,16 @@ class GuardMetrics:
             registry=self.registry,
         )
 
-    # -- recording helpers (label children are cached by prometheus-client) -------------
+    # -- recording helpers ---------------------------------------------------------------
+    def stage(self, model: str, stage: str) -> Any:
+        """The stage-latency histogram child of ``(model, stage)``, looked up once (a
+        request observes up to nine stages; ``labels()`` takes a lock and builds a key)."""
+        key = (model, stage)
+        child = self._stage_children.get(key)
+        if child is None:
+            child = self._stage_children[key] = self.stage_latency.labels(model, stage)
+        return child
+
     def count_client(self, model: str, key_id: str) -> None:
         """One query of the client with ``key_id`` (hashed; bounded label set)."""
         h = client_label(key_id)

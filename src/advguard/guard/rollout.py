@@ -337,6 +337,7 @@ class Rollout:
         try:
             out = self.guard.run_stages(key, v.model, x, started, obs, detectors=v.detectors)
         except Problem as p:
+            p.model_version = p.model_version or v.model.version
             self.observe(route.role, p.slug in FLAG_SLUGS, p.status >= 500)
             if route.shadow and p.slug in FLAG_SLUGS:
                 action = "block" if p.slug == "client-blocked" else "reject"
