@@ -6,6 +6,7 @@ in-memory limits, and the background writer of non-forensic decision records."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 from collections.abc import Sequence
@@ -329,5 +330,23 @@ def test_requests_metric_labels_the_canary_version(tmp_path):
         refused = {"model": "digits", "endpoint": "v1-predict", "status": "422"}
         assert metric(g, name, version="digits:2", **refused) == 1
         assert metric(g, name, version="digits:1", **refused) == 0
+    finally:
+        g.close()
+
+
+def test_a_failed_background_record_is_counted_and_logged(tmp_path, module, x1, caplog):
+    g = make_guard(tmp_path, module, clock=FakeClock())
+    try:
+        client = TestClient(create_app(g))
+        key = create_key(g.store, "a").key
+        g.store.decisions.drop(g.store.engine)  # the table is gone: every write fails
+        with caplog.at_level(logging.ERROR, logger="advguard.guard"):
+            assert _post(client, key, x1).status_code == 200  # the answer does not wait
+            assert g.background is not None and g.background.flush(10)
+        fails = g.metrics.registry.get_sample_value(
+            "advguard_guard_forensic_write_failures_total", {"model": "digits"}
+        )
+        assert fails == 1 and "not recorded (OperationalError)" in caplog.text
+        assert key not in caplog.text
     finally:
         g.close()

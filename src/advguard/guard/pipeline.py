@@ -567,7 +567,8 @@ class Guard:
         if p.forensic or self.cfg.forensics.record_all_decisions:
             rec = self.decision_record(p, latency_ms)
             if not p.forensic and self.background is not None:
-                self.background.put(rec)  # committed soon after, off the request path
+                with _stage(obs, "record"):
+                    self.background.put(rec)  # committed soon after, off the request path
             elif records is None:
                 with _stage(obs, "record"):
                     self.commit_record(rec, model)  # committed before the answer leaves
