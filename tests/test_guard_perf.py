@@ -350,3 +350,17 @@ def test_a_failed_background_record_is_counted_and_logged(tmp_path, module, x1, 
         assert key not in caplog.text
     finally:
         g.close()
+
+
+def test_server_shutdown_commits_the_queued_rows(tmp_path, module, x1):
+    g = make_guard(tmp_path, module, clock=FakeClock())
+    try:
+        assert g.background is not None
+        g.background._linger_s = 60.0  # the writer would hold the row for a minute
+        with TestClient(create_app(g)) as client:  # the lifespan's shutdown flushes
+            key = create_key(g.store, "a").key
+            r = _post(client, key, x1)
+            assert r.status_code == 200
+        assert g.store.get_decision(r.headers["X-Decision-Id"]) is not None
+    finally:
+        g.close()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -126,7 +127,15 @@ def create_app(guard: Guard) -> FastAPI:
     """The ASGI application serving ``guard``: error handlers, then one route group each
     (prediction, health, admin), then the OpenAPI document. A new group is a function taking
     ``(app, guard)`` registered here."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # the rows of the background writer are committed before the server process ends
+        await run_in_threadpool(guard.flush_records)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="advguard guard",
         version=__version__,
         description="Runtime guard in front of a model: authentication, limits, input "

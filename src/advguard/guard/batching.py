@@ -142,6 +142,7 @@ class BackgroundWriter(Generic[T]):
         self._queued = 0  # items ever queued
         self._written = 0  # items ever taken off the queue and finished
         self._closed = False
+        self._hurry = 0  # callers in flush(): the writer stops lingering
         self._idle_s = idle_s
         self._linger_s = linger_s
         self._running = False  # the thread runs while there is work, ends when idle_s idle
@@ -166,7 +167,12 @@ class BackgroundWriter(Generic[T]):
         """Wait until every item queued so far is written (or failed); False on timeout."""
         with self._cond:
             target = self._queued
-            return self._cond.wait_for(lambda: self._written >= target, timeout_s)
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._written >= target, timeout_s)
+            finally:
+                self._hurry -= 1
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Refuse new items and wait until the queued ones are written."""
@@ -182,10 +188,11 @@ class BackgroundWriter(Generic[T]):
                 if not self._queue:  # idle or closed: the next put starts a new thread
                     self._running = False
                     return
-                linger = not self._closed and len(self._queue) < self._max_group
-            if linger:  # let the records of the next few ms join this commit
-                time.sleep(self._linger_s)
-            with self._cond:
+                # let the records of the next few ms join this commit (not when flushing)
+                self._cond.wait_for(
+                    lambda: self._closed or self._hurry or len(self._queue) >= self._max_group,
+                    self._linger_s,
+                )
                 group = self._queue[: self._max_group]
                 del self._queue[: self._max_group]
                 self._cond.notify_all()  # room for waiting producers

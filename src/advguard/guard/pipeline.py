@@ -338,6 +338,10 @@ class Guard:
             canary_detectors=canary_detectors,
         )
 
+    def flush_records(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the decision rows queued for the background writer are committed."""
+        return self.background is None or self.background.flush(timeout_s)
+
     def close(self) -> None:
         self.rollout.close()
         if self.background is not None:
