@@ -245,8 +245,9 @@ async def serve_prediction(
         status, version = p.status, p.model_version or version
         raise
     finally:
-        guard.metrics.requests.labels(model.name, version, endpoint, str(status)).inc()
-        guard.metrics.latency.labels(model.name, endpoint).observe(
+        m = guard.metrics
+        m.child(m.requests, model.name, version, endpoint, str(status)).inc()
+        m.child(m.latency, model.name, endpoint).observe(
             time.perf_counter() - started, obs.exemplar()
         )
         obs.finish(status)

@@ -578,13 +578,13 @@ class Guard:
                     self.commit_record(rec, model)  # committed before the answer leaves
             else:
                 records.append(rec)
-        self.metrics.decisions.labels(model.name, model.version, action).inc()
+        self.metrics.child(self.metrics.decisions, model.name, model.version, action).inc()
         self.observe(model, key, p.x, p.det, action, probs, obs)
         if obs is not None and obs.recording:
             obs.set({"advguard.decision.id": p.decision_id})
         self.refuse_if_needed(action, key, p.decision_id, p.det.reasons)
         assert probs is not None
-        self.metrics.rows.labels(model.name, model.version).inc(len(p.xs))
+        self.metrics.child(self.metrics.rows, model.name, model.version).inc(len(p.xs))
         return Outcome(
             p.decision_id,
             action,

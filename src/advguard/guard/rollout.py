@@ -333,7 +333,7 @@ class Rollout:
         window and (shadow mode) hand a copy to the canary."""
         route = self.route(key, model)
         v = route.variant
-        self.routed.labels(v.model.name, v.model.version, route.role).inc()
+        self.guard.metrics.child(self.routed, v.model.name, v.model.version, route.role).inc()
         try:
             out = self.guard.run_stages(key, v.model, x, started, obs, detectors=v.detectors)
         except Problem as p:
