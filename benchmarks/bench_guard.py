@@ -476,7 +476,9 @@ NOTES = [
     "Each server is one uvicorn process, one worker, one torch thread; wrk runs on the same "
     "machine, so on a 2-core machine the load generator competes with the server for CPU.",
     "The guard records a decision row per request in SQLite (WAL, synchronous=FULL) on the "
-    "benchmark's disk; concurrent requests share commits (group commit).",
+    "benchmark's disk: with the defaults (no request is forensic here) a background writer "
+    "commits them in groups just after the answers (forensics.plain_records: background); "
+    "key, block, throttle and isolation rows are cached for auth.cache_ttl_s (1 s).",
     "The plain endpoint reads the JSON with json.loads and np.asarray and runs the model in the "
     "thread pool (what a sync FastAPI endpoint does); it has no auth, limits, validation, "
     "metrics or records.",

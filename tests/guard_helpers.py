@@ -61,6 +61,19 @@ def fallback_model() -> ServedModel:
     )
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told (inject as ``Guard(clock=...)``)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def make_guard(
     tmp_path: Path,
     module: torch.nn.Module,

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from advguard.guard.app import create_app
 from advguard.guard.auth import create_key
 from advguard.guard.problems import PROBLEM_BASE
-from guard_helpers import make_guard
+from guard_helpers import FakeClock, make_guard
 from netproxy import Proxy
 
 PREDICT = "/v1/models/digits/predict"
@@ -110,17 +110,21 @@ def test_database_outage(tmp_path, module, x, fail_open, caplog):
     prefix = f"gf{random.randrange(16**8):08x}_"
     with Proxy(5432) as proxy:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/test?connect_timeout=2"
+        clock = FakeClock()
         g = make_guard(
             tmp_path,
             module,
             cfg={"storage": {"table_prefix": prefix}, "forensics": {"fail_open": fail_open}},
             db_url=url,
+            clock=clock,
         )
         key = create_key(g.store, "c").key
         c = TestClient(create_app(g), raise_server_exceptions=False)
         try:
             assert _post(c, key, x)[0] == 200
             proxy.cut()
+            # the key's rows read less than auth.cache_ttl_s ago serve until then
+            clock.advance(g.cfg.auth.cache_ttl_s)
             with caplog.at_level(logging.WARNING, logger="advguard.guard"):
                 s, slug, h = _post(c, key, x)
             # keys cannot be read: authentication fails closed even with forensics.fail_open
@@ -145,7 +149,9 @@ def test_forensic_write_failure(tmp_path, module, x, caplog):
     for fail_open, expected in ((False, 503), (True, 200)):
         d = tmp_path / str(fail_open)
         d.mkdir()
-        g = make_guard(d, module, cfg={"forensics": {"fail_open": fail_open}})
+        # every request sampled: forensic records, committed before the answer
+        cfg = {"forensics": {"fail_open": fail_open, "sample_rate": 1.0}}
+        g = make_guard(d, module, cfg=cfg)
         key = create_key(g.store, f"c{fail_open}").key
         c = TestClient(create_app(g), raise_server_exceptions=False)
         g.store.decisions.drop(g.store.engine)

@@ -152,7 +152,9 @@ def test_pipeline_metrics_after_traffic(tmp_path, softmax_module):
 
 
 def test_forensic_write_failure_is_counted_and_still_a_5xx(tmp_path, softmax_module, digits_split):
-    g = make_guard(tmp_path, softmax_module)
+    # every request sampled: forensic records, committed before the answer (the records of
+    # plain allowed requests are written in the background: tests/test_guard_perf.py)
+    g = make_guard(tmp_path, softmax_module, cfg={"forensics": {"sample_rate": 1.0}})
     c = TestClient(create_app(g), raise_server_exceptions=False)
     k = create_key(g.store, "a").key
     body = {"inputs": digits_split[2][:2].tolist()}

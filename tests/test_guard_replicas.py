@@ -16,7 +16,7 @@ from advguard.guard.app import create_app
 from advguard.guard.auth import create_key
 from advguard.guard.pipeline import StatefulSlot
 from advguard.guard.problems import PROBLEM_BASE
-from guard_helpers import CountingStateful, ServerThread, make_guard
+from guard_helpers import CountingStateful, FakeClock, ServerThread, make_guard
 
 PREDICT = "/v1/models/digits/predict"
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -56,8 +56,8 @@ def replicas(tmp_path, digits_split):
         },
     }
     guards = []
-    for _ in range(2):
-        guards.append(make_guard(tmp_path, module, cfg=cfg, db_url=PG))
+    for _ in range(2):  # each replica caches key/block rows for auth.cache_ttl_s of its clock
+        guards.append(make_guard(tmp_path, module, cfg=cfg, db_url=PG, clock=FakeClock()))
     try:
         with ServerThread(create_app(guards[0])) as a, ServerThread(create_app(guards[1])) as b:
             yield guards, a.url, b.url
@@ -95,13 +95,22 @@ def test_budget_decisions_and_blocks_are_shared(replicas, digits_split):
     r = _post(a, k2, x1)
     d = httpx.get(f"{b}/v1/decisions/{r.headers['X-Decision-Id']}", headers={"X-API-Key": k2})
     assert d.status_code == 200 and d.json()["n_rows"] == 1
-    # a block made by replica A (its stateful detector) refuses the client at replica B on the
-    # very next request (the block lives in the shared database, no cache). Each replica
-    # keeps its own stateful-detector state (per process), so B alone has not seen enough.
+    # a block made by replica A (its stateful detector) refuses the client at replica B within
+    # auth.cache_ttl_s (B may answer from the key and block rows it read less than that ago;
+    # the block lives in the shared database). Each replica keeps its own stateful-detector
+    # state (per process), so B alone has not seen enough.
     guards[0].stateful = [StatefulSlot("count", CountingStateful(4), "block")]
     k3 = create_key(guards[0].store, "attacker").key
+    assert _post(b, k3, x1).status_code == 200  # B reads (and caches) k3's rows: no block
     assert _post(a, k3, x3).status_code == 200  # 3 rows seen by A
     blocked = _post(a, k3, x3)  # 6 > 4: A blocks the client
     assert blocked.json()["type"] == PROBLEM_BASE + "client-blocked"
-    at_b = _post(b, k3, x1)
+    assert _post(a, k3, x1).status_code == 403  # at A at once (its own write)
+    ttl = guards[1].cfg.auth.cache_ttl_s
+    assert 0 < ttl <= 1.0
+    clock_b = guards[1].controls.clock
+    clock_b.advance(ttl * 0.5)
+    assert _post(b, k3, x1).status_code == 200  # B's rows are younger than the TTL
+    clock_b.advance(ttl * 0.5)
+    at_b = _post(b, k3, x1)  # the TTL has passed since B read them: B reads the block
     assert (at_b.status_code, at_b.json()["type"]) == (403, PROBLEM_BASE + "client-blocked")

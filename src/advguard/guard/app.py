@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from advguard import __version__
 from advguard.guard.batching import BatchItem
 from advguard.guard.dashboard import add_dashboard_routes
-from advguard.guard.deps import key_dependency
+from advguard.guard.deps import SECURITY, key_dependency, request_key
 from advguard.guard.edge import (
     parse_json,
     parse_npy,
@@ -126,7 +127,15 @@ def create_app(guard: Guard) -> FastAPI:
     """The ASGI application serving ``guard``: error handlers, then one route group each
     (prediction, health, admin), then the OpenAPI document. A new group is a function taking
     ``(app, guard)`` registered here."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # the rows of the background writer are committed before the server process ends
+        await run_in_threadpool(guard.flush_records)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="advguard guard",
         version=__version__,
         description="Runtime guard in front of a model: authentication, limits, input "
@@ -192,11 +201,15 @@ async def serve_prediction(
     started = time.perf_counter()
     status = 500
     model = guard.get_model(name)
+    version = model.version  # the version that answered (a canary's when routed there)
     edge = guard.cfg.edge
     obs = request_obs(guard, model, key, endpoint, request)
     try:
         with obs.stage("limit"):  # the rate (and an incident throttle) may read the stores
-            await run_in_threadpool(guard.check_rate, key, model.name)
+            if guard.rate_is_local(key):
+                guard.check_rate(key, model.name)
+            else:
+                await run_in_threadpool(guard.check_rate, key, model.name)
         with obs.stage("read"):
             body = await read_capped(
                 request.stream(),
@@ -226,14 +239,15 @@ async def serve_prediction(
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
-        status = 200
+        status, version = 200, outcome.model.version
         return JSONResponse(render(outcome, extra), headers=headers)
     except Problem as p:
-        status = p.status
+        status, version = p.status, p.model_version or version
         raise
     finally:
-        guard.metrics.requests.labels(model.name, model.version, endpoint, str(status)).inc()
-        guard.metrics.latency.labels(model.name, endpoint).observe(
+        m = guard.metrics
+        m.child(m.requests, model.name, version, endpoint, str(status)).inc()
+        m.child(m.latency, model.name, endpoint).observe(
             time.perf_counter() - started, obs.exemplar()
         )
         obs.finish(status)
@@ -266,7 +280,8 @@ def _is_json(ctype: str) -> bool:
 
 
 def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
-    """advguard's own predict endpoint and the Open Inference Protocol v2 infer endpoint."""
+    """advguard's own predict endpoint and the Open Inference Protocol v2 infer endpoint (these
+    two authenticate with :func:`request_key`, not a dependency: the hot path)."""
     predict_key = key_dependency(guard, "predict")
     depth = guard.cfg.edge.max_json_depth
 
@@ -294,11 +309,10 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         tags=["predict"],
         summary="Classify a batch (JSON {'inputs': [...]} or a .npy array)",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=PREDICT_BODY,
+        openapi_extra={**PREDICT_BODY, "security": SECURITY},
     )
-    async def predict(
-        name: str, request: Request, key: KeyRecord = Depends(predict_key)
-    ) -> JSONResponse:
+    async def predict(name: str, request: Request) -> JSONResponse:
+        key = await request_key(guard, request, "predict")
         return await serve_prediction(guard, "v1-predict", name, key, request, parse_v1, render_v1)
 
     @app.post(
@@ -306,11 +320,10 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         tags=["open inference protocol v2"],
         summary="Open Inference Protocol v2 inference",
         responses=openapi_responses(*AUTH_ERRORS, *BODY_ERRORS),
-        openapi_extra=V2_BODY,
+        openapi_extra={**V2_BODY, "security": SECURITY},
     )
-    async def v2_infer(
-        name: str, request: Request, key: KeyRecord = Depends(predict_key)
-    ) -> JSONResponse:
+    async def v2_infer(name: str, request: Request) -> JSONResponse:
+        key = await request_key(guard, request, "predict")
         return await serve_prediction(guard, "v2-infer", name, key, request, parse_v2, render_v2)
 
     @app.get(

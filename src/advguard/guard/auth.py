@@ -14,12 +14,12 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from advguard.errors import InputError
-from advguard.guard.storage import SCOPES, GuardStore, KeyRecord, OutputPolicy
+from advguard.guard.storage import SCOPES, BlockRecord, GuardStore, KeyRecord, OutputPolicy
 
 KEY_RE = re.compile(r"^agk_([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
 _DUMMY = "0" * 64
@@ -112,6 +112,12 @@ class AuthError(Exception):
         self.detail = detail
 
 
+def key_id_of(presented: str | None) -> str | None:
+    """The key id of a well-formed key (None: none or malformed)."""
+    m = KEY_RE.match(presented) if presented else None
+    return m.group(1) if m else None
+
+
 def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
     if x_api_key:
         return x_api_key.strip()
@@ -123,14 +129,21 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str | None:
 
 
 def authenticate(
-    store: GuardStore, presented: str | None, scope: str, *, pepper: bytes | None
+    store: GuardStore,
+    presented: str | None,
+    scope: str,
+    *,
+    pepper: bytes | None,
+    lookup: Callable[[str], tuple[KeyRecord | None, BlockRecord | None]] | None = None,
 ) -> KeyRecord:
     """The key's record if ``presented`` is a valid, unrevoked key with ``scope``, the client
-    is not blocked; else :class:`AuthError`. Messages never repeat the presented key."""
+    is not blocked; else :class:`AuthError`. Messages never repeat the presented key.
+    ``lookup(key_id)`` reads the key and its active block (default: from ``store``)."""
     if not presented:
         raise AuthError(401, "unauthorized", "an API key is required (Authorization: Bearer)")
     m = KEY_RE.match(presented)
-    rec, block = store.get_key_and_block(m.group(1)) if m else (None, None)
+    read = lookup or store.get_key_and_block
+    rec, block = read(m.group(1)) if m else (None, None)
     expected = rec.hash if rec is not None else _DUMMY
     ok = hmac.compare_digest(expected, digest_key(presented, pepper))
     if rec is None or not ok:

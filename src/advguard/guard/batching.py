@@ -15,7 +15,10 @@ request, and an error in one request's steps is that request's error alone.
 write joins the records waiting for the database; one thread writes all waiting records in
 one transaction while the others wait for it, and each answer still leaves only after its own
 record is committed. Concurrent requests thus share a commit (one fsync with SQLite) instead
-of queuing for one each.
+of queuing for one each. The records that need not be committed before the answer (those of
+allowed, unflagged, unsampled requests kept only because of ``record_all_decisions``, with
+``forensics.plain_records: background``) go to a :class:`BackgroundWriter` instead, which
+writes them in group commits off the request path.
 """
 
 from __future__ import annotations
@@ -105,6 +108,118 @@ class GroupCommit(Generic[T]):
                         s.error = one
         for s in group:
             s.done = True
+
+
+class BackgroundWriter(Generic[T]):
+    """Write items with ``write(items)`` from one daemon thread, all the items queued at the
+    time in one transaction (group commit off the request path).
+
+    :meth:`put` returns at once unless ``capacity`` items wait (then it blocks until there is
+    room: back-pressure, never an unbounded queue). The thread waits ``linger_s`` after the
+    first item of a group so that the items of the next few milliseconds share its commit
+    (at most one commit per ``linger_s``; a wake-up per request cost more than the write).
+    A failed group is retried item by item; an item that still fails goes to
+    ``on_error(item, exc)`` (counted and logged by the guard).
+    :meth:`flush` waits until everything queued before it is written; :meth:`close` flushes
+    and ends the thread."""
+
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], None],
+        on_error: Callable[[T, BaseException], None],
+        *,
+        capacity: int = 10_000,
+        max_group: int = 1_000,
+        idle_s: float = 1.0,
+        linger_s: float = 0.005,
+    ) -> None:
+        self._write = write
+        self._on_error = on_error
+        self._capacity = capacity
+        self._max_group = max_group
+        self._cond = threading.Condition()
+        self._queue: list[T] = []
+        self._queued = 0  # items ever queued
+        self._written = 0  # items ever taken off the queue and finished
+        self._closed = False
+        self._hurry = 0  # callers in flush(): the writer stops lingering
+        self._idle_s = idle_s
+        self._linger_s = linger_s
+        self._running = False  # the thread runs while there is work, ends when idle_s idle
+        #: Transactions run so far (groups written, including retries).
+        self.commits = 0
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the background writer is closed")
+            while len(self._queue) >= self._capacity:
+                self._cond.wait()
+            self._queue.append(item)
+            self._queued += 1
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="decision-writer", daemon=True).start()
+            elif len(self._queue) == 1:  # wake the idle writer (a busy one looks again)
+                self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every item queued so far is written (or failed); False on timeout."""
+        with self._cond:
+            target = self._queued
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._written >= target, timeout_s)
+            finally:
+                self._hurry -= 1
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Refuse new items and wait until the queued ones are written."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.flush(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed, self._idle_s)
+                if not self._queue:  # idle or closed: the next put starts a new thread
+                    self._running = False
+                    return
+                # let the records of the next few ms join this commit (not when flushing)
+                self._cond.wait_for(
+                    lambda: self._closed or self._hurry or len(self._queue) >= self._max_group,
+                    self._linger_s,
+                )
+                group = self._queue[: self._max_group]
+                del self._queue[: self._max_group]
+                self._cond.notify_all()  # room for waiting producers
+            self._commit(group)
+            with self._cond:
+                self._written += len(group)
+                self._cond.notify_all()
+
+    def _commit(self, group: list[T]) -> None:
+        try:
+            self.commits += 1
+            self._write(group)
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                self._report(group[0], exc)
+                return
+        for item in group:  # find the bad item(s): each alone
+            try:
+                self.commits += 1
+                self._write([item])
+            except Exception as one:
+                self._report(item, one)
+
+    def _report(self, item: T, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):  # the writer thread must survive a bad callback
+            self._on_error(item, exc)
 
 
 # -- micro-batching ---------------------------------------------------------------------

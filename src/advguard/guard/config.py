@@ -92,6 +92,11 @@ class AuthConfig(_Strict):
     #: it); without a pepper keys are stored as SHA-256.
     pepper_env: str = Field(default="ADVGUARD_GUARD_PEPPER", pattern=r"^[A-Z_][A-Z0-9_]*$")
     pepper_file: str | None = None
+    #: Seconds a client's key, block and throttle (and a model's isolation) read from the
+    #: database serve later requests (advguard.guard.controlcache). A change made through this
+    #: guard applies at once; one made elsewhere (CLI, another replica) within this time.
+    #: 0 reads the database on every request.
+    cache_ttl_s: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 class LimitsConfig(_Strict):
@@ -171,6 +176,12 @@ class ForensicsConfig(_Strict):
     retention_days: int = Field(default=30, ge=1, le=36_500)
     #: Record a decision row (no payload) for every request, so ``/v1/decisions/{id}`` works.
     record_all_decisions: bool = True
+    #: When the rows of ``record_all_decisions`` that are not forensic (allowed, unflagged,
+    #: unsampled requests) are committed: ``background`` (default) by a writer thread in
+    #: group commits, usually within milliseconds of the answer (a bounded queue: when it is
+    #: full requests wait; a kill -9 loses at most the queued rows); ``before-answer`` like
+    #: forensic records. Forensic records are always committed before the answer leaves.
+    plain_records: Literal["background", "before-answer"] = "background"
     #: When a decision record cannot be written: refuse with 503 (false, the default) or send
     #: the answer without its record (true; logged). See guard/failsafe.py.
     fail_open: bool = False

@@ -13,8 +13,10 @@ operator choose availability over control:
   be written (the record is lost).
 
 Authentication always fails closed: a guard that cannot read its keys cannot tell a client
-from an attacker. Nothing is cached across the outage, so the guard recovers by itself when
-the store answers again (SQLAlchemy's pool pre-ping for PostgreSQL, redis-py reconnecting).
+from an attacker (a client's key and block rows read less than ``auth.cache_ttl_s`` ago serve
+until then: :mod:`advguard.guard.controlcache`). Nothing else is cached, so the guard recovers
+by itself when the store answers again (SQLAlchemy's pool pre-ping for PostgreSQL, redis-py
+reconnecting).
 """
 
 from __future__ import annotations

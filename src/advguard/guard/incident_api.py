@@ -6,7 +6,7 @@ The caller's key id is recorded as ``who``. The rollback's API half is the guard
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,7 +93,9 @@ def _call(fn: Callable[[], T]) -> T:
         raise _problem(e) from None
 
 
-def add_incident_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., KeyRecord]) -> None:
+def add_incident_routes(
+    app: FastAPI, guard: Guard, admin_key: Callable[..., Awaitable[KeyRecord]]
+) -> None:
     """Register the incident endpoints on ``app`` (``admin_key``: the admin-scope dependency)."""
     from fastapi import Depends
 

@@ -11,9 +11,11 @@ shared with dashboards, SLO rules and alerts (docs/operations.md lists them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,6 +63,7 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0
 OTHER = "other"
 
 
+@functools.lru_cache(maxsize=65_536)
 def client_label(key_id: str) -> str:
     """The label of a client: the first 12 hex digits of SHA-256 of its key id (the key id is
     not the key, and the hash keeps ids out of the metrics)."""
@@ -175,6 +178,7 @@ class GuardMetrics:
             registry=self.registry,
         )
         self._add_pipeline_metrics()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._add_drift_gauges()
         self.top_clients = TopClients(top_clients)
         self._client_lock = threading.Lock()
@@ -224,7 +228,9 @@ class GuardMetrics:
         )
         self.forensic_write_failures = Counter(
             "advguard_guard_forensic_write_failures",
-            "Decision records that could not be written (the request failed with a 5xx).",
+            "Decision records that could not be written (the request failed with a 5xx; for "
+            "records written after the answer, forensics.plain_records: background, it had "
+            "left).",
             ["model"],
             registry=self.registry,
         )
@@ -252,7 +258,21 @@ class GuardMetrics:
             registry=self.registry,
         )
 
-    # -- recording helpers (label children are cached by prometheus-client) -------------
+    # -- recording helpers ---------------------------------------------------------------
+    def stage(self, model: str, stage: str) -> Any:
+        """The stage-latency histogram child of ``(model, stage)`` (see :meth:`child`)."""
+        return self.child(self.stage_latency, model, stage)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label values (``labels()`` takes a
+        lock and validates and joins the values on every call; a request makes a dozen).
+        Only for metrics whose series are never removed (not the per-client counter)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def count_client(self, model: str, key_id: str) -> None:
         """One query of the client with ``key_id`` (hashed; bounded label set)."""
         h = client_label(key_id)
@@ -269,7 +289,7 @@ class GuardMetrics:
             h.observe(s)
 
     def observe_confidence(self, model: str, version: str, probs: np.ndarray) -> None:
-        h = self.top1_confidence.labels(model, version)
+        h = self.child(self.top1_confidence, model, version)
         for c in probs.max(axis=1).tolist():
             h.observe(c)
 

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from advguard.errors import InputError
-from advguard.guard.auth import AuthError, authenticate, extract_key, load_pepper
-from advguard.guard.batching import GroupCommit, MicroBatcher, process_batch
+from advguard.guard.auth import AuthError, authenticate, extract_key, key_id_of, load_pepper
+from advguard.guard.batching import BackgroundWriter, GroupCommit, MicroBatcher, process_batch
 from advguard.guard.config import SEVERITY, GuardConfig
+from advguard.guard.controlcache import ControlCache
 from advguard.guard.drift import DriftMonitor, load_profile
 from advguard.guard.edge import as_float_array, check_batch
 from advguard.guard.failsafe import DEPENDENCY_ERRORS, note_fail_open, unavailable
@@ -40,6 +41,7 @@ from advguard.guard.ratelimit import Limiter, LimitResult
 from advguard.guard.rollout import Rollout, load_canary
 from advguard.guard.serving import ServedModel, load_served_model
 from advguard.guard.storage import (
+    BlockRecord,
     DecisionRecord,
     GuardStore,
     KeyRecord,
@@ -233,9 +235,12 @@ class Guard:
         tracer_provider: TracerProvider | None = None,
         canary: ServedModel | None = None,
         canary_detectors: Sequence[DetectorSlot] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
+        #: Keys, blocks, throttles and isolations read by requests, kept auth.cache_ttl_s.
+        self.controls = ControlCache(store, cfg.auth.cache_ttl_s, clock=clock or time.monotonic)
         self.model = model
         self.fallback = fallback
         self.detectors = list(detectors)
@@ -258,6 +263,10 @@ class Guard:
         self.default_output = OutputPolicy(**cfg.output.model_dump())
         #: Decision records are committed in groups (each answer still waits for its own).
         self.recorder = GroupCommit(store.add_decisions)
+        #: Records that need not precede the answer (forensics.plain_records: background).
+        self.background: BackgroundWriter[DecisionRecord] | None = None
+        if cfg.forensics.plain_records == "background" and cfg.forensics.record_all_decisions:
+            self.background = BackgroundWriter(store.add_decisions, self._background_failed)
         #: The micro-batcher (``batching:`` in the config; None: every request alone).
         self.batcher: MicroBatcher | None = None
         if cfg.batching is not None:
@@ -329,8 +338,14 @@ class Guard:
             canary_detectors=canary_detectors,
         )
 
+    def flush_records(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the decision rows queued for the background writer are committed."""
+        return self.background is None or self.background.flush(timeout_s)
+
     def close(self) -> None:
         self.rollout.close()
+        if self.background is not None:
+            self.background.close()
         self.store.close()
         self.telemetry.shutdown()
 
@@ -357,7 +372,11 @@ class Guard:
     ) -> KeyRecord:
         try:
             return authenticate(
-                self.store, extract_key(authorization, x_api_key), scope, pepper=self.pepper
+                self.store,
+                extract_key(authorization, x_api_key),
+                scope,
+                pepper=self.pepper,
+                lookup=self._key_and_block,
             )
         except DEPENDENCY_ERRORS as exc:  # keys cannot be read: always fail closed
             log.error("database unavailable during authentication (%s)", type(exc).__name__)
@@ -366,6 +385,23 @@ class Guard:
             self.metrics.auth_failures.labels(e.kind).inc()
             headers = {"WWW-Authenticate": 'Bearer realm="advguard"'} if e.status == 401 else {}
             raise Problem(e.kind, e.detail, headers=headers) from None
+
+    def _key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
+        state = self.controls.client(key_id)
+        if state is None:
+            return None, None
+        block = state.block
+        return state.key, block if block is not None and block.active(now()) else None
+
+    def auth_is_local(self, authorization: str | None, x_api_key: str | None) -> bool:
+        """Whether :meth:`authenticate` would answer without reading the database (no or a
+        malformed key, or the client's rows are cached): then it may run on the event loop."""
+        kid = key_id_of(extract_key(authorization, x_api_key))
+        return kid is None or self.controls.client_is_fresh(kid)
+
+    def rate_is_local(self, key: KeyRecord) -> bool:
+        """Whether :meth:`check_rate` does no I/O (memory limits, the client's rows cached)."""
+        return not self.limiter.shared and self.controls.client_is_fresh(key.key_id)
 
     def _refuse(self, res: LimitResult, model: str) -> Problem:
         self.metrics.rate_limited.labels(model, res.which or "rate").inc()
@@ -396,9 +432,12 @@ class Guard:
 
     def check_rate(self, key: KeyRecord, model: str) -> LimitResult | None:
         try:
-            throttle = self.store.client_limit(key.key_id)  # incident throttle-client
+            state = self.controls.client(key.key_id)
         except DEPENDENCY_ERRORS:
             raise unavailable("database") from None
+        throttle = state.limit if state is not None else None  # incident throttle-client
+        if throttle is not None and not throttle.active(now()):
+            throttle = None
         item = self.limiter.client_item(throttle.rate, throttle.burst) if throttle else None
         res = self._hit("rate limit", lambda: self.limiter.hit_rate(key.key_id, item))
         if res is not None and not res.allowed:
@@ -531,18 +570,21 @@ class Guard:
         model, key, action = p.model, p.key, p.action
         if p.forensic or self.cfg.forensics.record_all_decisions:
             rec = self.decision_record(p, latency_ms)
-            if records is None:
+            if not p.forensic and self.background is not None:
+                with _stage(obs, "record"):
+                    self.background.put(rec)  # committed soon after, off the request path
+            elif records is None:
                 with _stage(obs, "record"):
                     self.commit_record(rec, model)  # committed before the answer leaves
             else:
                 records.append(rec)
-        self.metrics.decisions.labels(model.name, model.version, action).inc()
+        self.metrics.child(self.metrics.decisions, model.name, model.version, action).inc()
         self.observe(model, key, p.x, p.det, action, probs, obs)
         if obs is not None and obs.recording:
             obs.set({"advguard.decision.id": p.decision_id})
         self.refuse_if_needed(action, key, p.decision_id, p.det.reasons)
         assert probs is not None
-        self.metrics.rows.labels(model.name, model.version).inc(len(p.xs))
+        self.metrics.child(self.metrics.rows, model.name, model.version).inc(len(p.xs))
         return Outcome(
             p.decision_id,
             action,
@@ -613,7 +655,7 @@ class Guard:
         """An isolated model (``advguard incident isolate``) sends every row to the fallback, or
         rejects it (also when there is no fallback)."""
         try:
-            iso = self.store.isolation(model.name)
+            iso = self.controls.isolation(model.name)
         except DEPENDENCY_ERRORS:
             raise unavailable("database") from None
         if iso is None:
@@ -692,6 +734,12 @@ class Guard:
             if err is not None:
                 raise err from None
 
+    def _background_failed(self, rec: DecisionRecord, exc: BaseException) -> None:
+        """A non-forensic record the background writer could not commit: counted and logged
+        (its answer has left)."""
+        self.metrics.forensic_write_failures.labels(rec.model).inc()
+        log.error("decision %s not recorded (%s)", rec.id, type(exc).__name__)
+
     def record_failure(
         self, exc: BaseException, model: ServedModel, decision_id: str
     ) -> BaseException | None:
@@ -757,6 +805,8 @@ class Guard:
             raise Problem("decision-not-found", "no decision with this id")
         try:
             rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
+            if rec is None and self.background is not None and self.background.flush(5.0):
+                rec = self.store.get_decision(decision_id)  # it may have been queued
         except DEPENDENCY_ERRORS:
             raise unavailable("database") from None
         if rec is None:

@@ -69,6 +69,9 @@ class Problem(Exception):
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra
+        #: The model version that refused the request (a canary's), for the request metrics;
+        #: never part of the body.
+        self.model_version: str | None = None
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {

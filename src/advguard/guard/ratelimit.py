@@ -16,7 +16,9 @@ process.
 from __future__ import annotations
 
 import math
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute
@@ -57,6 +59,56 @@ class LimitResult:
         return out
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """``limits``' memory storage with one sweeper thread for its whole life.
+
+    The library's storage expires old entries in a ``threading.Timer`` of 10 ms that it starts
+    again from every hit once the previous one has ended: a new thread on most requests
+    whenever requests are more than 10 ms apart (the largest part of the guard's rate check in
+    a profile). Here one daemon thread runs the library's own sweep every ``sweep_s`` seconds
+    and ends with the storage. The sweep only frees memory: the moving window reads entry
+    times, so limits are exact whenever it runs."""
+
+    def __init__(self, sweep_s: float = 1.0) -> None:
+        super().__init__()
+        self.sweep_s = sweep_s
+        self._stop = threading.Event()
+        ref = weakref.ref(self)
+        self._sweeper = threading.Thread(
+            target=_sweep, args=(ref, self._stop, sweep_s), name="limits-sweep", daemon=True
+        )
+        self._sweeper.start()
+        weakref.finalize(self, self._stop.set)
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        """Replaces the library's per-hit timer start: the sweeper thread is always there."""
+
+    def sweep(self) -> None:
+        """Expire old entries now (the library's own sweep)."""
+        self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _sweep(ref: weakref.ref[SweptMemoryStorage], stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        storage = ref()
+        if storage is None:
+            return
+        storage.sweep()
+        del storage
+
+
+def memory_storage() -> MemoryStorage:
+    """The guard's in-memory storage: :class:`SweptMemoryStorage`, or the library's own if a
+    release renamed the private hooks it overrides."""
+    hooks = ("_MemoryStorage__schedule_expiry", "_MemoryStorage__expire_events")
+    if all(callable(getattr(MemoryStorage, h, None)) for h in hooks):
+        return SweptMemoryStorage()
+    return MemoryStorage()
+
+
 class Limiter:
     """Rate and budget per client id (the public key id, never the key)."""
 
@@ -78,7 +130,7 @@ class Limiter:
                     "limits.fail_open: true to serve without limits while it is down"
                 )
         else:
-            self.storage = MemoryStorage()
+            self.storage = memory_storage()
         self.limiter = MovingWindowRateLimiter(self.storage)
 
     @property

@@ -33,7 +33,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -333,10 +333,11 @@ class Rollout:
         window and (shadow mode) hand a copy to the canary."""
         route = self.route(key, model)
         v = route.variant
-        self.routed.labels(v.model.name, v.model.version, route.role).inc()
+        self.guard.metrics.child(self.routed, v.model.name, v.model.version, route.role).inc()
         try:
             out = self.guard.run_stages(key, v.model, x, started, obs, detectors=v.detectors)
         except Problem as p:
+            p.model_version = p.model_version or v.model.version
             self.observe(route.role, p.slug in FLAG_SLUGS, p.status >= 500)
             if route.shadow and p.slug in FLAG_SLUGS:
                 action = "block" if p.slug == "client-blocked" else "reject"
@@ -659,7 +660,9 @@ class ReloadRequest(BaseModel):
     target: Literal["production", "canary"] = "production"
 
 
-def add_rollout_routes(app: FastAPI, guard: Guard, admin_key: Callable[..., KeyRecord]) -> None:
+def add_rollout_routes(
+    app: FastAPI, guard: Guard, admin_key: Callable[..., Awaitable[KeyRecord]]
+) -> None:
     """Admin endpoints (``admin_key``: the app's dependency authenticating the admin scope):
     rollout status and settings, and the hot reload of a model."""
     from fastapi import Body, Depends

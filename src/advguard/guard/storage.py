@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    event,
     or_,
     select,
     update,
@@ -41,6 +43,8 @@ SCOPES = ("predict", "admin")
 KEY_ID_RE = r"^[0-9a-f]{16}$"
 DECISION_ID_RE = r"^[0-9a-f]{32}$"
 REVIEW_STATES = ("pending", "approved", "rejected")
+#: Execution option of decision-record writes (they leave :attr:`GuardStore.generation` as is).
+_DECISIONS = "advguard_decision_records"
 
 
 class StoreCorrupt(AdvguardError):
@@ -166,6 +170,16 @@ class Isolation(BaseModel):
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class ClientState:
+    """What every request of one client reads: its key, its block and its incident throttle
+    (each block and throttle possibly expired: check ``active`` at the time of use)."""
+
+    key: KeyRecord
+    block: BlockRecord | None
+    limit: ClientLimit | None
+
+
 def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
     md = MetaData()
     keys = Table(
@@ -230,6 +244,12 @@ class GuardStore:
             self.engine: Engine = make_engine(url)
         except InputError as e:
             raise InputError(str(e).replace("registry database", "guard database")) from None
+        #: Bumped by every transaction this store's engine commits, except reads and decision
+        #: records: keys, blocks, throttles, isolations, incidents. A cache of what requests
+        #: read (:class:`advguard.guard.controlcache.ControlCache`) drops its entries when it
+        #: changes, so a change made through this process is seen by its next request.
+        self.generation = 0
+        event.listen(self.engine, "commit", self._on_commit)
         self.metadata, self.keys, self.blocks, self.decisions = _tables(table_prefix)
         self.table_prefix = table_prefix
         self.controls = control_tables(table_prefix, self.metadata)  # incident response
@@ -247,6 +267,13 @@ class GuardStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _on_commit(self, conn: Connection) -> None:
+        from advguard.registry.db import READ_ONLY
+
+        opts = conn.get_execution_options()
+        if not (opts.get(READ_ONLY) or opts.get(_DECISIONS)):
+            self.generation += 1
 
     def drop_all(self) -> None:
         """Drop this guard's tables (tests and ``purge --all``)."""
@@ -357,15 +384,15 @@ class GuardStore:
     # -- decisions --------------------------------------------------------------------------
     def add_decision(self, rec: DecisionRecord) -> None:
         """Insert (committed when this returns)."""
-        with self.engine.begin() as conn:
-            conn.execute(self.decisions.insert().values(**rec.model_dump()))
+        self.add_decisions([rec])
 
     def add_decisions(self, recs: Sequence[DecisionRecord]) -> None:
         """Insert several records in one transaction (committed when this returns)."""
         if not recs:
             return
-        with self.engine.begin() as conn:
-            conn.execute(self.decisions.insert(), [r.model_dump() for r in recs])
+        rows = [r.model_dump() for r in recs]
+        with self.engine.connect().execution_options(**{_DECISIONS: True}) as conn, conn.begin():
+            conn.execute(self.decisions.insert(), rows)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -379,26 +406,45 @@ class GuardStore:
     def get_key_and_block(self, key_id: str) -> tuple[KeyRecord | None, BlockRecord | None]:
         """The key ``key_id`` and its client's active block, read in one read-only
         transaction (with SQLite it does not wait for writers)."""
-        k, b = self.keys, self.blocks
+        state = self.client_state(key_id)
+        if state is None:
+            return None, None
+        block = state.block
+        return state.key, block if block is not None and block.active(now()) else None
+
+    def client_state(self, key_id: str) -> ClientState | None:
+        """The key ``key_id``, its client's block and incident throttle (whether active or
+        expired: the caller checks at the time of use), in one query of one read-only
+        transaction (with SQLite it does not wait for writers). None: no such key."""
+        k, b, t = self.keys, self.blocks, self.controls.client_limits
         q = (
-            select(k, *(c.label(f"block_{c.name}") for c in b.columns))
-            .select_from(k.outerjoin(b, b.c.client_id == k.c.key_id))
+            select(
+                k,
+                *(c.label(f"block_{c.name}") for c in b.columns),
+                *(c.label(f"limit_{c.name}") for c in t.columns),
+            )
+            .select_from(
+                k.outerjoin(b, b.c.client_id == k.c.key_id).outerjoin(
+                    t, t.c.client_id == k.c.key_id
+                )
+            )
             .where(k.c.key_id == key_id)
         )
         with self.reading() as conn:
             joined = conn.execute(q).first()
         if joined is None:
-            return None, None
+            return None
         data = dict(joined._mapping)
-        row = _Row({c.name: data[c.name] for c in k.columns})
-        brow = None
+        krow = _Row({c.name: data[c.name] for c in k.columns})
+        key: KeyRecord = self._parse(KeyRecord, krow, "key")
+        block, limit = None, None
         if data["block_client_id"] is not None:
             brow = _Row({c.name: data[f"block_{c.name}"] for c in b.columns})
-        key = None if row is None else self._parse(KeyRecord, row, "key")
-        if brow is None:
-            return key, None
-        block: BlockRecord = self._parse(BlockRecord, brow, "block")
-        return key, block if block.active(now()) else None
+            block = self._parse(BlockRecord, brow, "block")
+        if data["limit_client_id"] is not None:
+            lrow = _Row({c.name: data[f"limit_{c.name}"] for c in t.columns})
+            limit = self._parse(ClientLimit, lrow, "client limit")
+        return ClientState(key, block, limit)
 
     def get_decision(self, decision_id: str) -> DecisionRecord | None:
         with self.engine.begin() as conn:

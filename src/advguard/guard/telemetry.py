@@ -213,9 +213,9 @@ class RequestObs:
             return
         self.finished = True
         ex = self.exemplar()
-        hist = self.telemetry.metrics.stage_latency
+        stage = self.telemetry.metrics.stage
         for name, dt in self.times.items():
-            hist.labels(self.model, name).observe(dt, ex)
+            stage(self.model, name).observe(dt, ex)
         if self.span is not None:
             if status is not None:
                 self.span.set_attribute("http.response.status_code", status)
