@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import lru_cache
 from collections.abc import Sequence
 
 import torch
@@ -119,6 +120,22 @@ class SampleRandom:
         z = splitmix64(per_sample[:, None] + j[None, :])
         return z.reshape(len(self), *shape)
 
+    def bits_many(self, draws: Sequence[tuple[Key, Sequence[int]]]) -> list[torch.Tensor]:
+        """``[self.bits(key, shape) for key, shape in draws]``, bit for bit, in one pass.
+
+        The per-sample hashes of all keys and the elements of all draws go through two
+        vectorised SplitMix64 calls instead of two per draw (an attack step's window
+        position, signs and sign resamples at the cost of one draw)."""
+        shapes = [tuple(int(s) for s in shape) for _, shape in draws]
+        sizes = tuple(math.prod(s) for s in shapes)
+        hashes = [key_hash("draw", self.stream, key) for key, _ in draws]
+        ks = torch.tensor(hashes, dtype=torch.int64, device=self.device)
+        per_sample = splitmix64(self.ids[:, None] * _ID_MUL + ks[None, :])  # (n, draws)
+        column, offset = _layout(sizes, self.device)
+        z = splitmix64(per_sample[:, column] + offset[None, :])
+        n = len(self)
+        return [part.reshape(n, *s) for part, s in zip(z.split(sizes, dim=1), shapes)]
+
     def uniform(
         self, key: Key, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
@@ -153,3 +170,12 @@ class SampleRandom:
     ) -> torch.Tensor:
         """-1 or +1 with probability 1/2 each."""
         return (_shr(self.bits(key, shape), 63).to(dtype)) * 2 - 1
+
+
+@lru_cache(maxsize=64)
+def _layout(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For draws of ``sizes`` elements laid side by side: each column's draw index and its
+    element offset ``j * golden`` (``j`` from 1 within each draw, as in :meth:`bits`)."""
+    column = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    j = torch.cat([torch.arange(1, m + 1, dtype=torch.int64) for m in sizes])
+    return column.to(device), (j * _GOLDEN).to(device)
