@@ -309,10 +309,10 @@ class SquareAttack(Attack):
         )
         iters = 0  # candidate queries so far for every sample still in the working set
         for i_iter in range(budget - 1):
-            if len(ws.idx) == 0:
+            if ws.idx.shape[0] == 0:
                 break
             s = _linf_side(self.p_init, i_iter, budget, h, w)
-            lin, wp, wm, wb, wnew = _linf_window(ws, s, c, h, w, ws.gen.fork("iter", i_iter))
+            lin, wb, wnew = _linf_window(ws, s, c, h, w, ws.gen.fork("iter", i_iter))
             cand = ws.xb.clone()
             cand.scatter_(1, lin, wnew)
             logits = model.logits(cand.view(-1, c, h, w))
@@ -485,42 +485,48 @@ def _window_offsets(c: int, h: int, w: int, s: int, dev: torch.device) -> torch.
 def _linf_window(ws: _LinfWork, s: int, c: int, h: int, w: int, gen: SampleRandom):
     """One random s x s window per sample and its new values.
 
-    Returns the window's flat indices ``lin`` (n, c*s*s), its values under ``+eps``,
-    ``-eps`` and in the current iterate, and the new values. As in the reference code,
+    Returns the window's flat indices ``lin`` (n, c*s*s), its values in the current
+    iterate and its new values. As in the reference code,
     the signs (one per channel) are redrawn while they would leave the iterate unchanged,
     up to ``_MAX_SIGN_RESAMPLES`` times: whether a sign vector changes the window is read
     from two per-channel tables (window equal to its ``+eps`` / ``-eps`` version), so the
     first ``_PRE_RESAMPLES`` redraws cost no image operation.
     """
-    n = len(gen)
-    shape = (c, 1, 1)
-    pre = [(("resample", t), shape) for t in range(_PRE_RESAMPLES)]
-    row, col, *signs = gen.bits_many([("row", (1,)), ("col", (1,)), ("signs", shape), *pre])
+    n = ws.xb.shape[0]
+    pre = _PRE_RESAMPLES
+    z = gen.bits_cat(_linf_draws(c, pre))  # row, col, signs, resamples (as SampleRandom)
     span = h - s + 1
-    base = (_shr1(row) % span) * w + _shr1(col) % span  # (n, 1): window's top-left pixel
+    base = (_shr1(z[:, :1]) % span) * w + _shr1(z[:, 1:2]) % span  # (n, 1): top-left pixel
     lin = base + _window_offsets(c, h, w, s, ws.xb.device)[None, :]
     wp, wm, wb = ws.xp.gather(1, lin), ws.xm.gather(1, lin), ws.xb.gather(1, lin)
     same_p = (wp == wb).view(n, c, -1).all(2)  # (n, c): channel unchanged by +eps
     same_m = (wm == wb).view(n, c, -1).all(2)
-    pos = torch.stack([z.view(n, c) < 0 for z in signs], 1)  # (n, 1 + pre, c): sign > 0
+    pos = (z[:, 2:] < 0).view(n, 1 + pre, c)  # sign > 0 (SampleRandom.sign)
     unchanged = torch.where(pos, same_p[:, None], same_m[:, None]).all(2)  # (n, 1 + pre)
     first = (~unchanged).to(torch.int8).argmax(1)  # first draw that changes the window
     chosen = pos[torch.arange(n, device=pos.device), first]  # (n, c)
     stuck = unchanged.all(1)
     if bool(stuck.any()):
-        chosen = _resample_more(gen, stuck, chosen, same_p, same_m)
+        chosen = _resample_more(gen, stuck, chosen, same_p, same_m, pre)
     wnew = torch.where(chosen[:, :, None], wp.view(n, c, -1), wm.view(n, c, -1)).view(n, -1)
-    return lin, wp, wm, wb, wnew
+    return lin, wb, wnew
 
 
-def _resample_more(gen, stuck, chosen, same_p, same_m) -> torch.Tensor:
+@lru_cache(maxsize=16)
+def _linf_draws(c: int, pre: int) -> tuple[tuple[Any, tuple[int, ...]], ...]:
+    """An iteration's draws: window row and column (randint), signs, first resamples."""
+    resample = tuple((("resample", t), (c, 1, 1)) for t in range(pre))
+    return (("row", (1,)), ("col", (1,)), ("signs", (c, 1, 1)), *resample)
+
+
+def _resample_more(gen, stuck, chosen, same_p, same_m, pre: int) -> torch.Tensor:
     """Further sign redraws (``_PRE_RESAMPLES`` up to ``_MAX_SIGN_RESAMPLES``) for the
     samples whose first draws all left the window unchanged; the last draw stands for a
     sample that never changes (its candidate is then the current iterate)."""
     c = chosen.shape[1]
     chosen = chosen.clone()
     need = stuck.nonzero().squeeze(1)
-    for t in range(_PRE_RESAMPLES, _MAX_SIGN_RESAMPLES):
+    for t in range(pre, _MAX_SIGN_RESAMPLES):
         pos = gen.subset(need).bits(("resample", t), (c, 1, 1)).view(-1, c) < 0
         chosen[need] = pos
         unchanged = torch.where(pos, same_p[need], same_m[need]).all(1)
