@@ -44,6 +44,7 @@ HopSkipJump (any shape) for tabular models, or give the adapter an image ``input
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -239,14 +240,12 @@ class SquareAttack(Attack):
 
     def _single_run(self, model, x, goal, targeted, eps, budget, gen):
         """One restart on ``x`` (N, C, H, W) with ``budget`` queries per sample."""
-        lo, hi = model.bounds
-        n, c, _, w = x.shape
-        dev = x.device
         if self.norm == "linf":
-            init = eps * _signs(gen, "init", (c, 1, w), dev, x.dtype)
-            x_best = (x + init).clamp(lo, hi)
-        else:
-            x_best = self._l2_init(x, eps, lo, hi, gen)
+            return self._linf_run(model, x, goal, targeted, eps, budget, gen)
+        lo, hi = model.bounds
+        n = len(x)
+        dev = x.device
+        x_best = self._l2_init(x, eps, lo, hi, gen)
         loss, fooled = self._objective(model.logits(x_best), goal, targeted)
         queries = torch.ones(n, dtype=torch.long, device=dev)
 
@@ -259,10 +258,7 @@ class SquareAttack(Attack):
                 break
             p = p_selection(self.p_init, i_iter, budget)
             g_it = gen.subset(a).fork("iter", i_iter)
-            if self.norm == "linf":
-                x_new = self._linf_candidate(xa, xba, p, eps, lo, hi, g_it)
-            else:
-                x_new = self._l2_candidate(xa, xba, p, eps, lo, hi, g_it)
+            x_new = self._l2_candidate(xa, xba, p, eps, lo, hi, g_it)
             loss_new, fool_new = self._objective(model.logits(x_new), ga, targeted)
             iters += 1
             improved = (loss_new < la) | fool_new
@@ -283,33 +279,60 @@ class SquareAttack(Attack):
         return x_best, loss, fooled, queries
 
     # -- Linf -----------------------------------------------------------------
-    @staticmethod
-    def _linf_candidate(x, x_best, p, eps, lo, hi, gen):
-        _, c, h, w = x.shape
-        s = round(math.sqrt(p * h * w))  # sqrt(p * n_features / c)
-        s = min(max(s, 1), min(h, w) - 1)
-        mask = _window_mask(h, w, s, gen, x.device)
-        out = torch.where(
-            mask,
-            (x + eps * _signs(gen, "signs", (c, 1, 1), x.device, x.dtype)).clamp(lo, hi),
-            x_best,
+    def _linf_run(self, model, x, goal, targeted, eps, budget, gen):
+        """One Linf restart: stripes, then one window of +-eps per sample and iteration.
+
+        Per iteration only the windows are touched: the window's pixels are gathered from
+        the two possible values ``clamp(x +- eps)`` (computed once), the candidate is the
+        current iterate with that window written in, and the iterate keeps the window if
+        the loss dropped. All of an iteration's draws (window position, signs, the first
+        sign resamples) come from one :meth:`SampleRandom.bits_many` call.
+        """
+        lo, hi = model.bounds
+        n, c, h, w = x.shape
+        dev = x.device
+        init = eps * _signs(gen, "init", (c, 1, w), dev, x.dtype)
+        x_best = (x + init).clamp(lo, hi)
+        loss, fooled = self._objective(model.logits(x_best), goal, targeted)
+        queries = torch.ones(n, dtype=torch.long, device=dev)
+        # bit for bit the old ``(x + eps * sign).clamp(lo, hi)`` for either sign
+        pm = eps * torch.tensor([1.0, -1.0], dtype=x.dtype, device=dev)
+        a = (~fooled).nonzero().squeeze(1)
+        ws = _LinfWork(
+            idx=a,
+            gen=gen.subset(a),
+            xp=(x[a] + pm[0]).clamp(lo, hi).reshape(len(a), -1),
+            xm=(x[a] + pm[1]).clamp(lo, hi).reshape(len(a), -1),
+            xb=x_best[a].reshape(len(a), -1),
+            goal=goal[a],
+            loss=loss[a],
         )
-        # reference: resample the signs while the window leaves the iterate unchanged
-        # (``out`` equals ``x_best`` outside the window by construction)
-        unchanged = ~(out != x_best).flatten(1).any(1)
-        if not unchanged.any():
-            return out
-        need = unchanged.nonzero().squeeze(1)
-        for t in range(_MAX_SIGN_RESAMPLES):
-            signs = _signs(gen.subset(need), ("resample", t), (c, 1, 1), x.device, x.dtype)
-            xb = x_best[need]
-            cand = torch.where(mask[need], (x[need] + eps * signs).clamp(lo, hi), xb)
-            out[need] = cand
-            unchanged = ~(cand != xb).flatten(1).any(1)
-            if not unchanged.any():
+        iters = 0  # candidate queries so far for every sample still in the working set
+        for i_iter in range(budget - 1):
+            if ws.idx.shape[0] == 0:
                 break
-            need = need[unchanged]
-        return out
+            s = _linf_side(self.p_init, i_iter, budget, h, w)
+            lin, wb, wnew = _linf_window(ws, s, c, h, w, ws.gen.fork("iter", i_iter))
+            cand = ws.xb.clone()
+            cand.scatter_(1, lin, wnew)
+            logits = model.logits(cand.view(-1, c, h, w))
+            loss_new, fool_new = self._objective(logits, ws.goal, targeted)
+            iters += 1
+            improved = (loss_new < ws.loss) | fool_new
+            ws.xb.scatter_(1, lin, torch.where(improved[:, None], wnew, wb))
+            ws.loss = torch.where(improved, loss_new, ws.loss)
+            if fool_new.any():
+                done = ws.idx[fool_new]
+                x_best[done] = ws.xb[fool_new].view(-1, c, h, w)
+                loss[done] = ws.loss[fool_new]
+                fooled[done] = True
+                queries[done] = 1 + iters
+                ws = ws.keep(~fool_new)
+        if len(ws.idx):
+            x_best[ws.idx] = ws.xb.view(-1, c, h, w)
+            loss[ws.idx] = ws.loss
+            queries[ws.idx] = 1 + iters
+        return x_best, loss, fooled, queries
 
     # -- L2 -------------------------------------------------------------------
     @staticmethod
@@ -414,16 +437,105 @@ def _coords_mask(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torc
     return (mh[:, :, None] & mw[:, None, :])[:, None]
 
 
-def _window_mask(h, w, s, gen: SampleRandom, dev) -> torch.Tensor:
-    """Boolean (n, 1, h, w) mask of one random s x s window per sample."""
-    vh = gen.randint("row", 0, h - s + 1, (1,)).to(dev)
-    vw = gen.randint("col", 0, w - s + 1, (1,)).to(dev)
-    rh, rw = _aranges(h, w, dev)
-    mh = (rh >= vh) & (rh < vh + s)
-    mw = (rw >= vw) & (rw < vw + s)
-    return (mh[:, :, None] & mw[:, None, :])[:, None]
+# ---------------------------------------------------------------------------
+# Linf iteration
+# ---------------------------------------------------------------------------
+_PRE_RESAMPLES = 12
+"""Sign resamples drawn up front with every iteration's window (see :func:`_linf_window`)."""
+
+
+@dataclass
+class _LinfWork:
+    """The samples of a Linf restart still to fool; images flattened to (n, c*h*w)."""
+
+    idx: torch.Tensor  # positions in the restart's batch
+    gen: SampleRandom  # their random streams
+    xp: torch.Tensor  # clamp(x + eps)
+    xm: torch.Tensor  # clamp(x - eps)
+    xb: torch.Tensor  # current iterate
+    goal: torch.Tensor
+    loss: torch.Tensor
+
+    def keep(self, mask: torch.Tensor) -> _LinfWork:
+        return _LinfWork(
+            idx=self.idx[mask],
+            gen=self.gen.subset(mask),
+            xp=self.xp[mask],
+            xm=self.xm[mask],
+            xb=self.xb[mask],
+            goal=self.goal[mask],
+            loss=self.loss[mask],
+        )
+
+
+def _linf_side(p_init: float, i_iter: int, budget: int, h: int, w: int) -> int:
+    """Window side ``round(sqrt(p * h * w))`` (= sqrt(p * n_features / c)) in [1, min(h, w) - 1]."""
+    s = round(math.sqrt(p_selection(p_init, i_iter, budget) * h * w))
+    return min(max(s, 1), min(h, w) - 1)
+
+
+@lru_cache(maxsize=64)
+def _window_offsets(c: int, h: int, w: int, s: int, dev: torch.device) -> torch.Tensor:
+    """Flat offsets (c*s*s,) of an s x s window at (0, 0) in a (c, h, w) image."""
+    ar = torch.arange(s)
+    offs = torch.arange(c)[:, None, None] * (h * w) + ar[:, None] * w + ar[None, :]
+    return offs.reshape(-1).to(dev)
+
+
+def _linf_window(ws: _LinfWork, s: int, c: int, h: int, w: int, gen: SampleRandom):
+    """One random s x s window per sample and its new values.
+
+    Returns the window's flat indices ``lin`` (n, c*s*s), its values in the current
+    iterate and its new values. As in the reference code,
+    the signs (one per channel) are redrawn while they would leave the iterate unchanged,
+    up to ``_MAX_SIGN_RESAMPLES`` times: whether a sign vector changes the window is read
+    from two per-channel tables (window equal to its ``+eps`` / ``-eps`` version), so the
+    first ``_PRE_RESAMPLES`` redraws cost no image operation.
+    """
+    n = ws.xb.shape[0]
+    pre = _PRE_RESAMPLES
+    z = gen.bits_cat(_linf_draws(c, pre))  # row, col, signs, resamples (as SampleRandom)
+    span = h - s + 1
+    base = (_shr1(z[:, :1]) % span) * w + _shr1(z[:, 1:2]) % span  # (n, 1): top-left pixel
+    lin = base + _window_offsets(c, h, w, s, ws.xb.device)[None, :]
+    wp, wm, wb = ws.xp.gather(1, lin), ws.xm.gather(1, lin), ws.xb.gather(1, lin)
+    same_p = (wp == wb).view(n, c, -1).all(2)  # (n, c): channel unchanged by +eps
+    same_m = (wm == wb).view(n, c, -1).all(2)
+    pos = (z[:, 2:] < 0).view(n, 1 + pre, c)  # sign > 0 (SampleRandom.sign)
+    unchanged = torch.where(pos, same_p[:, None], same_m[:, None]).all(2)  # (n, 1 + pre)
+    first = (~unchanged).to(torch.int8).argmax(1)  # first draw that changes the window
+    chosen = pos[torch.arange(n, device=pos.device), first]  # (n, c)
+    stuck = unchanged.all(1)
+    if bool(stuck.any()):
+        chosen = _resample_more(gen, stuck, chosen, same_p, same_m, pre)
+    wnew = torch.where(chosen[:, :, None], wp.view(n, c, -1), wm.view(n, c, -1)).view(n, -1)
+    return lin, wb, wnew
 
 
 @lru_cache(maxsize=16)
-def _aranges(h: int, w: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
+def _linf_draws(c: int, pre: int) -> tuple[tuple[Any, tuple[int, ...]], ...]:
+    """An iteration's draws: window row and column (randint), signs, first resamples."""
+    resample = tuple((("resample", t), (c, 1, 1)) for t in range(pre))
+    return (("row", (1,)), ("col", (1,)), ("signs", (c, 1, 1)), *resample)
+
+
+def _resample_more(gen, stuck, chosen, same_p, same_m, pre: int) -> torch.Tensor:
+    """Further sign redraws (``_PRE_RESAMPLES`` up to ``_MAX_SIGN_RESAMPLES``) for the
+    samples whose first draws all left the window unchanged; the last draw stands for a
+    sample that never changes (its candidate is then the current iterate)."""
+    c = chosen.shape[1]
+    chosen = chosen.clone()
+    need = stuck.nonzero().squeeze(1)
+    for t in range(pre, _MAX_SIGN_RESAMPLES):
+        pos = gen.subset(need).bits(("resample", t), (c, 1, 1)).view(-1, c) < 0
+        chosen[need] = pos
+        unchanged = torch.where(pos, same_p[need], same_m[need]).all(1)
+        if not bool(unchanged.any()):
+            break
+        need = need[unchanged]
+    return chosen
+
+
+def _shr1(z: torch.Tensor) -> torch.Tensor:
+    """Logical ``z >> 1`` of int64 bits: the 63 bits ``SampleRandom.randint`` reduces."""
+    return (z >> 1) & ((1 << 63) - 1)
