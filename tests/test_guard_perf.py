@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -258,6 +259,42 @@ def test_background_writer_queue_is_bounded():
     assert done.wait(10)
     t.join()
     assert w.flush(10) and sorted(i for g in sink.groups for i in g) == list(range(6))
+
+
+def test_background_writer_put_wakes_no_thread_and_idle_writer_still_writes():
+    """put() never notifies (the running writer polls every linger_s): a row queued while the
+    writer idles is still written without a flush, and the writer thread ends when idle."""
+    sink = _Sink()
+    w: BackgroundWriter[int] = BackgroundWriter(
+        sink.write, lambda *_: None, idle_s=0.5, linger_s=0.01
+    )
+    w.put(0)  # starts the writer thread
+    deadline = time.monotonic() + 10
+    while not sink.groups and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.groups == [[0]]
+    notified: list[str] = []  # notifications made by this (the producer's) thread
+    cond, me = w._cond, threading.current_thread()
+    real_notify_all = cond.notify_all
+
+    def counting_notify_all() -> None:
+        if threading.current_thread() is me:
+            notified.append("notify_all")
+        real_notify_all()
+
+    cond.notify_all = counting_notify_all  # type: ignore[method-assign]
+    for i in range(1, 4):
+        w.put(i)  # the writer is running and idle: it must find these by itself
+    assert notified == []
+    while sum(len(g) for g in sink.groups) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sorted(i for g in sink.groups for i in g) == [0, 1, 2, 3]
+    while w._running and time.monotonic() < deadline:  # idle_s without work: the thread ends
+        time.sleep(0.01)
+    assert not w._running
+    w.put(4)  # a new thread starts
+    assert w.flush(10) and sorted(i for g in sink.groups for i in g) == [0, 1, 2, 3, 4]
+    w.close()
 
 
 def test_forensic_records_are_committed_before_the_answer(tmp_path, module, x1):
