@@ -401,3 +401,48 @@ def test_server_shutdown_commits_the_queued_rows(tmp_path, module, x1):
         assert g.store.get_decision(r.headers["X-Decision-Id"]) is not None
     finally:
         g.close()
+
+
+# -- inline (no thread-pool hop) small requests -------------------------------------------
+def test_small_requests_run_inline_with_the_same_answer(tmp_path, module, x1, monkeypatch):
+    """With ``edge.inline_max_body_bytes`` a request whose body fits runs on the event loop
+    (no run_in_threadpool call) and is answered, recorded and refused exactly as with the hop;
+    a larger body still takes the hop."""
+    import advguard.guard.app as app_mod
+
+    hops: list[str] = []
+    real_hop = app_mod.run_in_threadpool
+
+    async def counting_hop(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_hop(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "run_in_threadpool", counting_hop)
+    body_len = len(json.dumps({"inputs": x1}))
+    answers = {}
+    for name, limit in (("hop", 0), ("inline", body_len + 100)):
+        (tmp_path / name).mkdir()
+        cfg = {"edge": {"inline_max_body_bytes": limit}}
+        g = make_guard(tmp_path / name, module, cfg=cfg, clock=FakeClock())
+        try:
+            client = TestClient(create_app(g))
+            key = create_key(g.store, "a").key
+            hops.clear()
+            r = _post(client, key, x1)
+            assert r.status_code == 200
+            answers[name] = (r.json(), list(hops))
+            assert g.background is not None and g.background.flush(10)
+            rec = g.store.get_decision(r.headers["X-Decision-Id"])
+            assert rec is not None and rec.action == "allow" and rec.n_rows == len(x1)
+            bad = _post(client, key, (np.asarray(x1) + 5.0).tolist())  # out of bounds
+            assert bad.status_code == 422  # validation refuses inline too
+            if name == "inline":
+                hops.clear()
+                big = _post(client, key, x1 + x1 + x1)  # over the limit: the hop
+                assert big.status_code == 200 and hops == ["admit_and_process"]
+        finally:
+            g.close()
+    (hop_body, hop_hops), (inline_body, inline_hops) = answers["hop"], answers["inline"]
+    assert hop_hops == ["admit_and_process"] and inline_hops == []
+    assert inline_body["labels"] == hop_body["labels"]
+    np.testing.assert_allclose(inline_body["probabilities"], hop_body["probabilities"], atol=1e-7)

@@ -232,7 +232,9 @@ async def serve_prediction(
             x, extra, budget = admit()
             return guard.process(key, model, x, started, obs), extra, budget
 
-        if guard.batcher is None:  # one thread-pool hop for all the blocking steps
+        if guard.runs_inline(len(body)):  # a small request: no thread-pool hop
+            outcome, extra, budget = admit_and_process()
+        elif guard.batcher is None:  # one thread-pool hop for all the blocking steps
             outcome, extra, budget = await run_in_threadpool(admit_and_process)
         else:
             x, extra, budget = await run_in_threadpool(admit)
