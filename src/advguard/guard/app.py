@@ -260,6 +260,8 @@ def request_obs(
 ) -> RequestObs:
     """Count the client's query and start the request's observer (and span, when tracing)."""
     guard.metrics.count_client(model.name, key.key_id)
+    if not guard.telemetry.tracing:  # the span's name and attributes are only for tracing
+        return guard.telemetry.request(model.name)
     route = request.scope.get("route")
     path = getattr(route, "path", endpoint)
     return guard.telemetry.request(
