@@ -446,3 +446,38 @@ def test_small_requests_run_inline_with_the_same_answer(tmp_path, module, x1, mo
     assert hop_hops == ["admit_and_process"] and inline_hops == []
     assert inline_body["labels"] == hop_body["labels"]
     np.testing.assert_allclose(inline_body["probabilities"], hop_body["probabilities"], atol=1e-7)
+
+
+def test_batched_small_requests_are_admitted_inline(tmp_path, module, x1, monkeypatch):
+    """With micro-batching and ``edge.inline_max_body_bytes`` a small request is parsed,
+    validated and charged on the event loop (no hop) and answered by the batch as without."""
+    import advguard.guard.app as app_mod
+
+    hops: list[str] = []
+    real_hop = app_mod.run_in_threadpool
+
+    async def counting_hop(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_hop(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "run_in_threadpool", counting_hop)
+    answers = {}
+    for name, limit in (("hop", 0), ("inline", 1 << 20)):
+        (tmp_path / name).mkdir()
+        cfg = {"edge": {"inline_max_body_bytes": limit}, "batching": {"max_batch": 4}}
+        g = make_guard(tmp_path / name, module, cfg=cfg, clock=FakeClock())
+        try:
+            with TestClient(create_app(g)) as client:
+                key = create_key(g.store, "a").key
+                hops.clear()
+                r = _post(client, key, x1)
+                assert r.status_code == 200
+                answers[name] = (r.json(), list(hops))
+                assert _post(client, key, (np.asarray(x1) + 5.0).tolist()).status_code == 422
+        finally:
+            g.close()
+    assert answers["hop"][1] == ["admit"] and answers["inline"][1] == []
+    assert answers["inline"][0]["labels"] == answers["hop"][0]["labels"]
+    np.testing.assert_allclose(
+        answers["inline"][0]["probabilities"], answers["hop"][0]["probabilities"], atol=1e-6
+    )

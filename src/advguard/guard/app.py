@@ -232,12 +232,14 @@ async def serve_prediction(
             x, extra, budget = admit()
             return guard.process(key, model, x, started, obs), extra, budget
 
-        if guard.runs_inline(len(body)):  # a small request: no thread-pool hop
-            outcome, extra, budget = admit_and_process()
-        elif guard.batcher is None:  # one thread-pool hop for all the blocking steps
-            outcome, extra, budget = await run_in_threadpool(admit_and_process)
-        else:
-            x, extra, budget = await run_in_threadpool(admit)
+        inline = guard.runs_inline(len(body))  # a small request: no thread-pool hop
+        if guard.batcher is None:  # at most one thread-pool hop for all the blocking steps
+            if inline:
+                outcome, extra, budget = admit_and_process()
+            else:
+                outcome, extra, budget = await run_in_threadpool(admit_and_process)
+        else:  # the batch runs in the batcher's thread
+            x, extra, budget = admit() if inline else await run_in_threadpool(admit)
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id

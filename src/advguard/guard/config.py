@@ -127,8 +127,9 @@ class EdgeConfig(_Strict):
     #: Requests whose body has at most this many bytes are parsed, validated and answered on
     #: the event loop, without the thread-pool hop (for small models, where the hop costs
     #: more than the work). The loop is blocked meanwhile, also by the commit of a flagged
-    #: request's forensic record. 0 (default): every request takes the hop. Not with
-    #: ``batching`` nor with Redis limits (their I/O never runs on the loop).
+    #: request's forensic record. 0 (default): every request takes the hop. With
+    #: ``batching`` only the admission (parse, validation, budget) runs on the loop; never
+    #: with Redis limits (their I/O does not run on the loop).
     inline_max_body_bytes: int = Field(default=0, ge=0, le=1 << 20)
 
 

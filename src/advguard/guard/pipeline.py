@@ -401,12 +401,9 @@ class Guard:
 
     def runs_inline(self, body_bytes: int) -> bool:
         """Whether a request of ``body_bytes`` runs on the event loop (no thread-pool hop):
-        ``edge.inline_max_body_bytes``, in-memory limits, no micro-batching."""
-        return (
-            body_bytes <= self.cfg.edge.inline_max_body_bytes
-            and not self.limiter.shared
-            and self.batcher is None
-        )
+        ``edge.inline_max_body_bytes`` and in-memory limits. With micro-batching only its
+        admission (parse, validation, budget) does; the batch runs in the batcher's thread."""
+        return body_bytes <= self.cfg.edge.inline_max_body_bytes and not self.limiter.shared
 
     def rate_is_local(self, key: KeyRecord) -> bool:
         """Whether :meth:`check_rate` does no I/O (memory limits, the client's rows cached)."""
