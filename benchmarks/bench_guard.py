@@ -14,6 +14,10 @@ same batch-1 JSON bodies to it:
   FPR on held-out MNIST) rejecting above its threshold: three model passes per request.
 * ``guard-batch`` / ``guard-fs-batch``: the two above with micro-batching
   (``batching: {max_batch: 32, max_wait_ms: 2}``).
+* ``guard-inline``: ``guard`` with ``edge: {inline_max_body_bytes: 65536}`` (every request of
+  the benchmark runs on the event loop, without the thread-pool hop); ``guard-batch-inline``:
+  ``guard-batch`` with the same (each request's admission on the loop, the batch in the
+  batcher's thread).
 
 Each configuration runs at 1 connection (latency) and at 32 connections (throughput), for
 ``--duration`` seconds per run, over ``--rounds`` rounds that interleave the configurations so
@@ -64,7 +68,15 @@ from bench_attacks import (  # noqa: E402  (data, cached model and environment h
 
 SCHEMA = "advguard-bench-guard/1"
 DATA_CANDIDATES = (DEFAULT_DATA, HERE.parents[2] / "shared" / "datasets" / "mnist.npz")
-CONFIGS = ("plain", "guard", "guard-fs", "guard-batch", "guard-fs-batch")
+CONFIGS = (
+    "plain",
+    "guard",
+    "guard-fs",
+    "guard-batch",
+    "guard-fs-batch",
+    "guard-inline",
+    "guard-batch-inline",
+)
 MODEL_PATH = "/v1/models/mnist/predict"
 FACTORY = "advguard.models.zoo:small_cnn"
 TARGETS_TEXT = (
@@ -198,8 +210,10 @@ def guard_yaml(name: str, db_dir: Path | None = None) -> str:
     ]
     if "-fs" in name:
         lines += ["detectors:", "  - {name: fs, path: fs}"]
-    if name.endswith("-batch"):
+    if "-batch" in name:
         lines += ["batching: {max_batch: 32, max_wait_ms: 2}"]
+    if name.endswith("-inline"):  # batch-1 bodies are ~5 KB: all run on the event loop
+        lines += ["edge: {inline_max_body_bytes: 65536}"]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,6 +261,42 @@ def test_background_writer_queue_is_bounded():
     assert w.flush(10) and sorted(i for g in sink.groups for i in g) == list(range(6))
 
 
+def test_background_writer_put_wakes_no_thread_and_idle_writer_still_writes():
+    """put() never notifies (the running writer polls every linger_s): a row queued while the
+    writer idles is still written without a flush, and the writer thread ends when idle."""
+    sink = _Sink()
+    w: BackgroundWriter[int] = BackgroundWriter(
+        sink.write, lambda *_: None, idle_s=0.5, linger_s=0.01
+    )
+    w.put(0)  # starts the writer thread
+    deadline = time.monotonic() + 10
+    while not sink.groups and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.groups == [[0]]
+    notified: list[str] = []  # notifications made by this (the producer's) thread
+    cond, me = w._cond, threading.current_thread()
+    real_notify_all = cond.notify_all
+
+    def counting_notify_all() -> None:
+        if threading.current_thread() is me:
+            notified.append("notify_all")
+        real_notify_all()
+
+    cond.notify_all = counting_notify_all  # type: ignore[method-assign]
+    for i in range(1, 4):
+        w.put(i)  # the writer is running and idle: it must find these by itself
+    assert notified == []
+    while sum(len(g) for g in sink.groups) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sorted(i for g in sink.groups for i in g) == [0, 1, 2, 3]
+    while w._running and time.monotonic() < deadline:  # idle_s without work: the thread ends
+        time.sleep(0.01)
+    assert not w._running
+    w.put(4)  # a new thread starts
+    assert w.flush(10) and sorted(i for g in sink.groups for i in g) == [0, 1, 2, 3, 4]
+    w.close()
+
+
 def test_forensic_records_are_committed_before_the_answer(tmp_path, module, x1):
     cfg = {"forensics": {"sample_rate": 1.0}}  # every request forensic
     g = make_guard(tmp_path, module, cfg=cfg, clock=FakeClock())
@@ -364,3 +401,83 @@ def test_server_shutdown_commits_the_queued_rows(tmp_path, module, x1):
         assert g.store.get_decision(r.headers["X-Decision-Id"]) is not None
     finally:
         g.close()
+
+
+# -- inline (no thread-pool hop) small requests -------------------------------------------
+def test_small_requests_run_inline_with_the_same_answer(tmp_path, module, x1, monkeypatch):
+    """With ``edge.inline_max_body_bytes`` a request whose body fits runs on the event loop
+    (no run_in_threadpool call) and is answered, recorded and refused exactly as with the hop;
+    a larger body still takes the hop."""
+    import advguard.guard.app as app_mod
+
+    hops: list[str] = []
+    real_hop = app_mod.run_in_threadpool
+
+    async def counting_hop(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_hop(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "run_in_threadpool", counting_hop)
+    body_len = len(json.dumps({"inputs": x1}))
+    answers = {}
+    for name, limit in (("hop", 0), ("inline", body_len + 100)):
+        (tmp_path / name).mkdir()
+        cfg = {"edge": {"inline_max_body_bytes": limit}}
+        g = make_guard(tmp_path / name, module, cfg=cfg, clock=FakeClock())
+        try:
+            client = TestClient(create_app(g))
+            key = create_key(g.store, "a").key
+            hops.clear()
+            r = _post(client, key, x1)
+            assert r.status_code == 200
+            answers[name] = (r.json(), list(hops))
+            assert g.background is not None and g.background.flush(10)
+            rec = g.store.get_decision(r.headers["X-Decision-Id"])
+            assert rec is not None and rec.action == "allow" and rec.n_rows == len(x1)
+            bad = _post(client, key, (np.asarray(x1) + 5.0).tolist())  # out of bounds
+            assert bad.status_code == 422  # validation refuses inline too
+            if name == "inline":
+                hops.clear()
+                big = _post(client, key, x1 + x1 + x1)  # over the limit: the hop
+                assert big.status_code == 200 and hops == ["admit_and_process"]
+        finally:
+            g.close()
+    (hop_body, hop_hops), (inline_body, inline_hops) = answers["hop"], answers["inline"]
+    assert hop_hops == ["admit_and_process"] and inline_hops == []
+    assert inline_body["labels"] == hop_body["labels"]
+    np.testing.assert_allclose(inline_body["probabilities"], hop_body["probabilities"], atol=1e-7)
+
+
+def test_batched_small_requests_are_admitted_inline(tmp_path, module, x1, monkeypatch):
+    """With micro-batching and ``edge.inline_max_body_bytes`` a small request is parsed,
+    validated and charged on the event loop (no hop) and answered by the batch as without."""
+    import advguard.guard.app as app_mod
+
+    hops: list[str] = []
+    real_hop = app_mod.run_in_threadpool
+
+    async def counting_hop(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_hop(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "run_in_threadpool", counting_hop)
+    answers = {}
+    for name, limit in (("hop", 0), ("inline", 1 << 20)):
+        (tmp_path / name).mkdir()
+        cfg = {"edge": {"inline_max_body_bytes": limit}, "batching": {"max_batch": 4}}
+        g = make_guard(tmp_path / name, module, cfg=cfg, clock=FakeClock())
+        try:
+            with TestClient(create_app(g)) as client:
+                key = create_key(g.store, "a").key
+                hops.clear()
+                r = _post(client, key, x1)
+                assert r.status_code == 200
+                answers[name] = (r.json(), list(hops))
+                assert _post(client, key, (np.asarray(x1) + 5.0).tolist()).status_code == 422
+        finally:
+            g.close()
+    assert answers["hop"][1] == ["admit"] and answers["inline"][1] == []
+    assert answers["inline"][0]["labels"] == answers["hop"][0]["labels"]
+    np.testing.assert_allclose(
+        answers["inline"][0]["probabilities"], answers["hop"][0]["probabilities"], atol=1e-6
+    )

@@ -232,10 +232,14 @@ async def serve_prediction(
             x, extra, budget = admit()
             return guard.process(key, model, x, started, obs), extra, budget
 
-        if guard.batcher is None:  # one thread-pool hop for all the blocking steps
-            outcome, extra, budget = await run_in_threadpool(admit_and_process)
-        else:
-            x, extra, budget = await run_in_threadpool(admit)
+        inline = guard.runs_inline(len(body))  # a small request: no thread-pool hop
+        if guard.batcher is None:  # at most one thread-pool hop for all the blocking steps
+            if inline:
+                outcome, extra, budget = admit_and_process()
+            else:
+                outcome, extra, budget = await run_in_threadpool(admit_and_process)
+        else:  # the batch runs in the batcher's thread
+            x, extra, budget = admit() if inline else await run_in_threadpool(admit)
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
@@ -258,6 +262,8 @@ def request_obs(
 ) -> RequestObs:
     """Count the client's query and start the request's observer (and span, when tracing)."""
     guard.metrics.count_client(model.name, key.key_id)
+    if not guard.telemetry.tracing:  # the span's name and attributes are only for tracing
+        return guard.telemetry.request(model.name)
     route = request.scope.get("route")
     path = getattr(route, "path", endpoint)
     return guard.telemetry.request(

@@ -160,8 +160,8 @@ class BackgroundWriter(Generic[T]):
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._run, name="decision-writer", daemon=True).start()
-            elif len(self._queue) == 1:  # wake the idle writer (a busy one looks again)
-                self._cond.notify_all()
+            # no wake-up: a running writer looks at the queue every linger_s (a notify per
+            # request cost more than the writer's polls, at most 1/linger_s a second)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every item queued so far is written (or failed); False on timeout."""
@@ -184,7 +184,7 @@ class BackgroundWriter(Generic[T]):
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed, self._idle_s)
+                self._wait_for_work()
                 if not self._queue:  # idle or closed: the next put starts a new thread
                     self._running = False
                     return
@@ -200,6 +200,17 @@ class BackgroundWriter(Generic[T]):
             with self._cond:
                 self._written += len(group)
                 self._cond.notify_all()
+
+    def _wait_for_work(self) -> None:
+        """Wait (holding the condition) until an item is queued, the writer is closed or
+        flushed, or ``idle_s`` passed: a check every ``linger_s``, since :meth:`put` does not
+        notify."""
+        deadline = time.monotonic() + self._idle_s
+        while not (self._queue or self._closed):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(self._linger_s, left))
 
     def _commit(self, group: list[T]) -> None:
         try:

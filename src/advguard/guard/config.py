@@ -124,6 +124,13 @@ class EdgeConfig(_Strict):
     out_of_bounds: Literal["reject", "clip"] = "reject"
     #: Longest text (characters) a text model accepts per input.
     max_text_chars: int = Field(default=10_000, ge=1, le=10_000_000)
+    #: Requests whose body has at most this many bytes are parsed, validated and answered on
+    #: the event loop, without the thread-pool hop (for small models, where the hop costs
+    #: more than the work). The loop is blocked meanwhile, also by the commit of a flagged
+    #: request's forensic record. 0 (default): every request takes the hop. With
+    #: ``batching`` only the admission (parse, validation, budget) runs on the loop; never
+    #: with Redis limits (their I/O does not run on the loop).
+    inline_max_body_bytes: int = Field(default=0, ge=0, le=1 << 20)
 
 
 class SanitizeConfig(_Strict):

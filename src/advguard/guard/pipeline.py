@@ -399,6 +399,12 @@ class Guard:
         kid = key_id_of(extract_key(authorization, x_api_key))
         return kid is None or self.controls.client_is_fresh(kid)
 
+    def runs_inline(self, body_bytes: int) -> bool:
+        """Whether a request of ``body_bytes`` runs on the event loop (no thread-pool hop):
+        ``edge.inline_max_body_bytes`` and in-memory limits. With micro-batching only its
+        admission (parse, validation, budget) does; the batch runs in the batcher's thread."""
+        return body_bytes <= self.cfg.edge.inline_max_body_bytes and not self.limiter.shared
+
     def rate_is_local(self, key: KeyRecord) -> bool:
         """Whether :meth:`check_rate` does no I/O (memory limits, the client's rows cached)."""
         return not self.limiter.shared and self.controls.client_is_fresh(key.key_id)
