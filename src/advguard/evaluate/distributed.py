@@ -190,9 +190,15 @@ class RayBackend:
                 ray.init(address=self.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError, OSError) as e:
             where = "a local Ray instance" if self.address is None else self.address
+            hint = ""
+            if self.address is not None and self.address.startswith("ray://"):
+                hint = (
+                    "; a cluster with token authentication needs RAY_AUTH_MODE=token and its "
+                    "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too"
+                )
             raise InputError(
                 f"cannot start or reach {where} ({type(e).__name__}: "
-                f"{' '.join(str(e).split())[:200]})"
+                f"{' '.join(str(e).split())[:200]}){hint}"
             ) from None
         return ray
 
