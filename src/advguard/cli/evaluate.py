@@ -128,7 +128,10 @@ def evaluate_cmd(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster: auto or ray://host:port (default: a local Ray)."),
+        typer.Option(
+            help="Ray cluster: auto (the cluster this machine runs, from `ray start`) or "
+            "ray://host:port (a head node's client server). Default: a private local Ray."
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
 ) -> None:
