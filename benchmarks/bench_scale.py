@@ -111,7 +111,7 @@ def child_eval(spec: dict[str, Any], config: str, out: Path) -> dict[str, Any]:
     ev = Evaluator(model, data.x, data.y, tm, model_info=info)
     t_load = time.perf_counter() - t0
     row: dict[str, Any] = {"config": config, "torch_threads": threads, "load_s": t_load}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if backend == "local":
         report = ev.run()
     else:
@@ -125,6 +125,7 @@ def child_eval(spec: dict[str, Any], config: str, out: Path) -> dict[str, Any]:
         row["shard_sizes"] = [len(s) for s in rb.submitted]
         row["worker_pids"] = len(set(rb.shard_pids))
     row["wall_s"] = time.perf_counter() - t0
+    row["cpu_s_this_process"] = time.process_time() - c0  # Ray: the driver's share only
     if backend == "ray":  # after the timed part: these probes start processes of their own
         row["ray_worker_threads"] = _ray_worker_threads()
     row["suite_s"] = report.timing.get("suite_seconds")

@@ -58,6 +58,12 @@ def numbers(doc: Any) -> dict[str, Any]:
     return {k: v for k, v in out.items() if not any(s in k for s in skip)}
 
 
+def server_logs(tmp: Path) -> str:
+    """The head node's client server logs (for a failure message)."""
+    logs = sorted(tmp.glob("session_*/logs/ray_client_server*.err"))
+    return "".join(f"\n--- {p.name}:\n{p.read_text()[-1500:]}" for p in logs)
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -78,6 +84,9 @@ def ray_env() -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=os.environ.get("ADVGUARD_TEST_RAY_TOKEN") or secrets.token_hex(32),
+        # the head starts one client server process per client and waits for it: give a
+        # loaded machine more than the default 30 s
+        RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="180",
     )
     return env
 
@@ -95,7 +104,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def head() -> Iterator[tuple[str, dict[str, str]]]:
+def head() -> Iterator[tuple[str, dict[str, str], Path]]:
     """A Ray head node with a client server, in its own process group (stopped by group)."""
     gcs, client, dash, agent, agent_grpc, env_agent, metrics = free_ports(7)
     tmp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Unix socket paths
@@ -114,7 +123,7 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
     )
     try:
         wait_for_port(client, proc, 120)
-        yield f"ray://127.0.0.1:{client}", env
+        yield f"ray://127.0.0.1:{client}", env, Path(tmp)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # ray start --block stops the node's processes
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -127,7 +136,7 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def test_cli_evaluate_through_a_ray_client_address(head, tmp_path):
-    address, env = head
+    address, env, tmp = head
     torch.manual_seed(0)
     clf = TorchClassifier(mlp((4,), 3, hidden=(8,)), input_shape=(4,), num_classes=3)
     model = save_torch(
@@ -152,7 +161,7 @@ def test_cli_evaluate_through_a_ray_client_address(head, tmp_path):
          "--workers", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert remote.returncode == local.exit_code, remote.stdout + remote.stderr
+    assert remote.returncode == local.exit_code, remote.stdout + remote.stderr + server_logs(tmp)
     a = json.loads((tmp_path / "local" / "report.json").read_text())
     b = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert numbers(a) == numbers(b)  # every number but timings, sanity checks included
