@@ -23,7 +23,7 @@ Targets (issue 16): Ray >= 1.6x faster than ``local-1t`` and no slower than ``lo
 overhead per shard < 0.5 s. On a machine shared with other work the numbers are noisy.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_scale.py \\
-        --samples 300 --out benchmarks/results/scale_cpu.json
+        --samples 120 --batch-size 60 --out benchmarks/results/scale_cpu.json
 """
 
 from __future__ import annotations
@@ -313,12 +313,12 @@ def _target(value: float | None, op: str, bound: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=300, help="samples evaluated (default 300)")
+    p.add_argument("--samples", type=int, default=120, help="samples evaluated (default 120)")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=150,
-        help="threat model batch size (default 150: 2 batches of 300 samples, one per worker; "
+        default=60,
+        help="threat model batch size (default 60: 2 batches of 120 samples, one per worker; "
         "Ray shards are whole batches)",
     )
     p.add_argument("--shards", type=int, default=8, help="Ray work units (default 4/worker)")
