@@ -158,7 +158,7 @@ def corrupt_checkpoint_batch(tmp: Path) -> list[str]:
     first = CliRunner().invoke(app, args)  # a real run leaves a real checkpoint
     assert first.exit_code in (0, 1), first.output
     ck = tmp / "out" / ".checkpoint"
-    batch = sorted(ck.glob("batch-*.npz"))[0]
+    batch = sorted(ck.glob("unit-*.npz"))[0]
     batch.write_bytes(b"PK\x03\x04 truncated")
     return [*args, "--resume"]
 
@@ -311,8 +311,8 @@ def address_without_ray(tmp: Path) -> list[str]:
     return [*_eval_args(tmp), "--address", "auto"]
 
 
-def ray_with_resume(tmp: Path) -> list[str]:
-    return [*_eval_args(tmp), "--backend", "ray", "--resume"]
+def ray_resume_corrupt_checkpoint(tmp: Path) -> list[str]:
+    return [*corrupt_checkpoint_state(tmp), "--backend", "ray"]
 
 
 def ray_bad_address(tmp: Path) -> list[str]:
@@ -328,7 +328,7 @@ CASES: dict[str, Builder] = {
     "evaluate: a goal's training data is missing": goal_data_missing,
     "evaluate --backend spark": backend_unknown,
     "evaluate --address without --backend ray": address_without_ray,
-    "evaluate --backend ray --resume": ray_with_resume,
+    "evaluate --backend ray --resume: corrupt state.json": ray_resume_corrupt_checkpoint,
     "evaluate --backend ray --address http://": ray_bad_address,
     "npz header claims a huge shape": huge_npz,
     "malformed input_shape metadata": bad_input_shape_meta,

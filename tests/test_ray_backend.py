@@ -134,7 +134,7 @@ def test_ray_report_equals_local_despite_killed_workers(job, ray_session):
     killed: list[int] = []
 
     def on_progress(stage: str, done: int, total: int) -> None:
-        if stage == "suite" and done == 0 and not killed:  # all shards submitted
+        if stage == "shards" and done == 0 and not killed:  # all shards submitted
             for pid in killer.worker_pids:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -60,6 +60,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 STAGE_LABELS = {
     "train": "Training CNN on digits",
     "suite": "Attack suite (batches)",
+    "shards": "Attack suite (Ray shards)",
     "sanity": "Sanity checks",
     "escalation": "Escalation (epsilons)",
     "selection": "Smoothing: selection (noise samples)",

@@ -79,7 +79,7 @@ def quickstart(
     render_summary(res.report, res.json_path, res.html_path)
 
 
-def _backend(name: str, address: str | None, workers: int, resume: bool) -> Any:
+def _backend(name: str, address: str | None, workers: int) -> Any:
     """The distributed backend the options ask for (None: run locally)."""
     if name == "local":
         if address is not None:
@@ -87,8 +87,6 @@ def _backend(name: str, address: str | None, workers: int, resume: bool) -> Any:
         return None
     if name != "ray":
         raise InputError(f"--backend must be local or ray, got {name!r}")
-    if resume:
-        raise InputError("--resume works with --backend local only")
     from advguard.evaluate.distributed import RayBackend, import_ray
 
     import_ray()  # without Ray: say which extra to install, before loading anything
@@ -118,7 +116,10 @@ def evaluate_cmd(
     baseline: Annotated[
         Path | None, typer.Option(help="Baseline report.json for drop SLOs.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue an interrupted run in --out (written by either backend)."),
+    ] = False,
     allow_large: Annotated[
         bool, typer.Option(help="Lift the limits on steps, restarts, queries and samples.")
     ] = False,
@@ -127,7 +128,10 @@ def evaluate_cmd(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster: auto or ray://host:port (default: a local Ray)."),
+        typer.Option(
+            help="Ray cluster: auto (the cluster this machine runs, from `ray start`) or "
+            "ray://host:port (a head node's client server). Default: a private local Ray."
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
 ) -> None:
@@ -136,7 +140,7 @@ def evaluate_cmd(
     A threat model with ``goals`` (poisoning, backdoor, membership-inference, extraction)
     runs them too, into the same report (docs/threat-models.md)."""
     check_out_dir(out)
-    runner = _backend(backend, address, workers, resume)
+    runner = _backend(backend, address, workers)
     from advguard.defenses.goals import run_threat_model
     from advguard.evaluate.job import load_model_and_data
     from advguard.evaluate.threat_model import load_threat_model

@@ -29,7 +29,7 @@ import numpy as np
 from advguard.errors import InputError, MissingDependencyError
 from advguard.evaluate.report import Example, Report
 from advguard.evaluate.runner import Evaluator
-from advguard.evaluate.state import STAGES, Records, Shard, StageStats
+from advguard.evaluate.state import STAGES, Records, RunState, Shard, StageStats, absorb_shard
 from advguard.evaluate.threat_model import ThreatModel
 
 
@@ -175,6 +175,9 @@ class RayBackend:
         """Processes that started a worker (after ``run``: the initial ones)."""
         self.shard_pids: list[int] = []
         """The process that returned each shard, in completion order."""
+        self.submitted: list[np.ndarray] = []
+        """The shards (data-set indices) sent to workers by the last ``run`` (a resumed run
+        sends only the samples its checkpoint lacks)."""
 
     def _ray(self) -> Any:
         ray = import_ray()
@@ -187,9 +190,15 @@ class RayBackend:
                 ray.init(address=self.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError, OSError) as e:
             where = "a local Ray instance" if self.address is None else self.address
+            hint = ""
+            if self.address is not None and self.address.startswith("ray://"):
+                hint = (
+                    "; a cluster with token authentication needs RAY_AUTH_MODE=token and its "
+                    "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too"
+                )
             raise InputError(
                 f"cannot start or reach {where} ({type(e).__name__}: "
-                f"{' '.join(str(e).split())[:200]})"
+                f"{' '.join(str(e).split())[:200]}){hint}"
             ) from None
         return ray
 
@@ -201,29 +210,60 @@ class RayBackend:
     ) -> Report:
         """The report of ``evaluator``'s run, its suite computed by workers built from
         ``spec`` (which must describe the same model, data and threat model).
-        ``on_shard(done, total)`` is called as shards arrive."""
+
+        With the evaluator's ``checkpoint_dir``, every finished shard is checkpointed as it
+        arrives (the format of a local run's batches), and ``resume`` restores the finished
+        samples of an interrupted run of either backend: only the rest is sent to workers.
+        ``on_shard(done, total)`` is called once all shards are submitted (``done`` = 0) and
+        after each shard is merged and checkpointed; an exception it raises stops the run
+        (the finished shards stay in the checkpoint)."""
         if ThreatModel.model_validate(spec.threat_model) != evaluator.tm:
             raise InputError("the work spec's threat model is not the evaluator's")
+        idx = evaluator.samples()
+        state = evaluator.new_state(idx)
+        done = evaluator.open_checkpoint(state, idx)
+        shards = [Shard.of(state, np.flatnonzero(done))] if done.any() else []
+        parts = evaluator.plan_shards(self.shards, done, at_least=self.workers)
+        self.submitted = [np.asarray(p) for p in parts]
+        if parts:
+            self._collect(evaluator, spec, state, parts, shards, on_shard)
+        elif on_shard is not None:
+            on_shard(0, 0)
+        return evaluator.finish(shards)
+
+    def _collect(
+        self,
+        evaluator: Evaluator,
+        spec: WorkSpec,
+        state: RunState,
+        parts: list[np.ndarray],
+        shards: list[Shard],
+        on_shard: Callable[[int, int], None] | None,
+    ) -> None:
+        """Run ``parts`` on the workers; merge each shard into ``state`` as it arrives,
+        checkpoint it and append it to ``shards``."""
         ray = self._ray()
         actor = ray.remote(max_restarts=self.max_retries, max_task_retries=self.max_retries)(
             ShardWorker
         )
-        actors = [actor.remote(spec) for _ in range(self.workers)]
+        actors = [actor.remote(spec) for _ in range(min(self.workers, len(parts)))]
+        idx = state.records.index
         try:
             self.worker_pids = list(ray.get([a.pid.remote() for a in actors]))
-            parts = evaluator.shard_indices(self.shards)
             pending = {actors[i % len(actors)].run.remote(p): i for i, p in enumerate(parts)}
-            shards: list[Shard] = []
             if on_shard is not None:  # every shard submitted, none collected yet
                 on_shard(0, len(parts))
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                pid, wire = ray.get(done[0])
-                pending.pop(done[0])
+            for n_done in range(1, len(parts) + 1):
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                pid, wire = ray.get(ready[0])
+                pending.pop(ready[0])
                 self.shard_pids.append(int(pid))
-                shards.append(shard_from_wire(wire))
+                shard = shard_from_wire(wire)
+                absorb_shard(state, shard, evaluator.keep_examples)
+                evaluator.save_checkpoint(state, idx, shard.positions)
+                shards.append(shard)
                 if on_shard is not None:
-                    on_shard(len(shards), len(parts))
+                    on_shard(n_done, len(parts))
         except ray.exceptions.RayError as e:
             raise InputError(
                 f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
@@ -231,4 +271,3 @@ class RayBackend:
         finally:
             for a in actors:
                 ray.kill(a)
-        return evaluator.finish(shards)

@@ -105,7 +105,8 @@ def run_evaluation(
 ) -> JobResult:
     """Evaluate ``model`` on a :class:`advguard.data.Dataset`; write report.json (+ .html).
 
-    Per-batch checkpoints go to ``out_dir/.checkpoint``; ``resume=True`` continues from them.
+    Checkpoints (per batch, or per shard with a Ray backend) go to ``out_dir/.checkpoint``;
+    ``resume=True`` continues from them, with either backend.
     ``backend``/``work``: run the suite on workers (see :func:`advguard.evaluate.evaluate`).
     """
     tm = threat_model if isinstance(threat_model, ThreatModel) else load_threat_model(threat_model)
@@ -131,7 +132,7 @@ def run_evaluation(
         feature_names=data.feature_names if data.modality == "tabular" else None,
         baseline=base,
         progress=progress,
-        checkpoint_dir=out / ".checkpoint" if backend is None else None,
+        checkpoint_dir=out / ".checkpoint",  # the same for both backends: resume across them
         resume=resume,
         backend=backend,
         work=work,

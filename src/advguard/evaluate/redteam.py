@@ -298,8 +298,8 @@ def _partial_report(
     batches = [
         np.arange(i, min(i + tm.batch_size, len(idx))) for i in range(0, len(idx), tm.batch_size)
     ]
-    done = ev.load_checkpoint(state, idx)
-    if not done:
+    done = ev.load_checkpoint(state, idx)  # mask of the finished sample positions
+    if not done.any():
         raise QueryBudgetExceeded(
             exc.budget,
             exc.used,
@@ -309,7 +309,8 @@ def _partial_report(
             "the query budget, or lower the threat model's samples, batch_size or attack "
             "query limits",
         ) from exc
-    keep = np.concatenate([batches[b] for b in sorted(done)])
+    keep = np.flatnonzero(done)
+    n_done = sum(bool(done[b].all()) for b in batches)
     sub = Records(**{k: v[keep] for k, v in state.records.as_dict().items()})
     part = RunState(
         state.epsilons,
@@ -320,7 +321,7 @@ def _partial_report(
         examples=state.examples,
     )
     n_req = len(idx)
-    check = _budget_check(exc, len(done), len(batches), len(keep), n_req)
+    check = _budget_check(exc, n_done, len(batches), len(keep), n_req)
     first_robust = [int(sub.robust_at(e).sum()) for e in range(len(state.epsilons))]
     report = ev.build_report(
         part,

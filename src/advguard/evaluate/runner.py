@@ -172,6 +172,7 @@ class Evaluator:
         self.resume = resume
         self.keep_examples = keep_examples
         self.clock = clock or time.perf_counter  # injectable for tests: every timing uses it
+        self._units: list[int] = []  # finished units in the checkpoint (first positions)
         self._validate()
         self.attack_model, self.judge_model, self.adaptive = adaptive_models(model, threat_model)
         if (  # probe local models only: a remote one's query budget is the user's
@@ -311,18 +312,13 @@ class Evaluator:
         idx = self.samples()
         state = self.new_state(idx)
         batches = self.batches(np.arange(len(idx)))
-        if self.resume:
-            done = self.load_checkpoint(state, idx)
-        else:
-            self.clear_checkpoint()
-            done = set()
+        done = self.open_checkpoint(state, idx)
         self.progress("suite", 0, len(batches))
         for b, pos in enumerate(batches):
-            if b in done:
-                self.progress("suite", b + 1, len(batches))
-                continue
-            self._run_batch(state, pos, stage="suite")
-            self.save_checkpoint(state, idx, b, pos)
+            todo = pos[~done[pos]]  # a batch a Ray shard finished is skipped whole
+            if len(todo):
+                self._run_batch(state, todo, stage="suite")
+                self.save_checkpoint(state, idx, todo)
             self.progress("suite", b + 1, len(batches))
         t_suite = self.clock() - t_start
         return self._conclude(state, idx, t_start, t_suite)
@@ -569,21 +565,60 @@ class Evaluator:
 
     # -- checkpoints ----------------------------------------------------------
     def clear_checkpoint(self) -> None:
-        """Drop an earlier run's checkpoint files (a fresh run must not list stale batches)."""
+        """Drop an earlier run's checkpoint files (a fresh run must not list stale units)."""
         clear_checkpoint(self.checkpoint_dir)
+        self._units = []
+
+    def open_checkpoint(self, state: RunState, idx: np.ndarray) -> np.ndarray:
+        """Start checkpointing: with ``resume``, restore the finished units into ``state``
+        (written by either backend) and return the mask of finished sample positions;
+        otherwise clear the directory (nothing finished)."""
+        if not self.resume:
+            self.clear_checkpoint()
+            return np.zeros(len(idx), dtype=bool)
+        return self.load_checkpoint(state, idx)
 
     def run_key(self, idx: np.ndarray) -> str:
         """The key a checkpoint of this run (samples ``idx``) is stored under."""
         return run_key(self.tm, self.model_info, self.x, self.y, idx)
 
-    def save_checkpoint(self, state: RunState, idx: np.ndarray, b: int, pos: np.ndarray) -> None:
-        """Write finished batch ``b`` (positions ``pos``) to the checkpoint directory, if any."""
-        save_checkpoint(self.checkpoint_dir, lambda: self.run_key(idx), state, b, pos)
+    def save_checkpoint(self, state: RunState, idx: np.ndarray, pos: np.ndarray) -> None:
+        """Write the finished unit of positions ``pos`` (``state`` holds the outcomes of it
+        and of every unit saved before, nothing else) to the checkpoint directory, if any."""
+        save_checkpoint(self.checkpoint_dir, lambda: self.run_key(idx), state, self._units, pos)
 
-    def load_checkpoint(self, state: RunState, idx: np.ndarray) -> set[int]:
-        """Restore finished batches into ``state``; returns their numbers (see
-        :func:`advguard.evaluate.checkpoint.load_checkpoint`)."""
-        return load_checkpoint(self.checkpoint_dir, lambda: self.run_key(idx), state, idx)
+    def load_checkpoint(self, state: RunState, idx: np.ndarray) -> np.ndarray:
+        """Restore finished units into ``state``; returns the mask of finished positions
+        (see :func:`advguard.evaluate.checkpoint.load_checkpoint`)."""
+        return load_checkpoint(
+            self.checkpoint_dir, lambda: self.run_key(idx), state, idx, self._units
+        )
+
+    def plan_shards(
+        self, count: int, done: np.ndarray | None = None, at_least: int = 1
+    ) -> list[np.ndarray]:
+        """The unfinished samples (data-set indices) as work units of whole batches.
+
+        Units are groups of consecutive batches of the run (``min(count, batches)`` of
+        them), so every sample is attacked in the batch it has in a local run and the
+        merged report is bit-identical to it. With fewer unfinished batches than
+        ``at_least`` (e.g. the number of workers) the samples are split into ``count``
+        units across batch boundaries instead: the same outcomes, float fields equal up to
+        the last bits of batch-size dependent kernels (docs/scale.md)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InputError(f"shard count must be an integer >= 1, got {count!r}")
+        idx = self.samples()
+        left = np.ones(len(idx), dtype=bool) if done is None else ~np.asarray(done, dtype=bool)
+        todo = [b[left[b]] for b in self.batches(np.arange(len(idx)))]
+        todo = [b for b in todo if len(b)]
+        if not todo:
+            return []
+        if len(todo) < at_least:
+            parts = np.array_split(np.concatenate(todo), count)
+        else:
+            groups = np.array_split(np.arange(len(todo)), min(count, len(todo)))
+            parts = [np.concatenate([todo[i] for i in g]) for g in groups]
+        return [idx[p] for p in parts if len(p)]
 
     # -- report ---------------------------------------------------------------
     def build_report(
@@ -639,7 +674,5 @@ def evaluate(
         return ev.run()
     if work is None:
         raise InputError("a distributed backend needs work=WorkSpec(model file, data spec, ...)")
-    if ev.resume:
-        raise InputError("resume is not supported with a distributed backend (shards are redone)")
     progress = ev.progress
-    return backend.run(ev, work, on_shard=lambda done, total: progress("suite", done, total))
+    return backend.run(ev, work, on_shard=lambda done, total: progress("shards", done, total))

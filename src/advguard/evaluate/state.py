@@ -192,8 +192,15 @@ def merge_shards(state: RunState, shards: list[Shard], keep: int) -> None:
             f"shards must cover every sample exactly once: {missing} missing, {twice} repeated"
         )
     for sh in sorted(shards, key=lambda s: int(s.positions[0]) if len(s.positions) else -1):
-        state.records.put(sh.positions, sh.records)
-        for key, st in sorted(sh.stats.items()):
-            state.stats.setdefault(key, StageStats()).add(vars(st))
-        for e, exs in sh.examples.items():
-            state.examples[e] = keep_examples(state.examples.get(e, []), exs, keep)
+        absorb_shard(state, sh, keep)
+
+
+def absorb_shard(state: RunState, shard: Shard, keep: int) -> None:
+    """Add one shard to ``state``: its records, its counters, its examples (the ``keep``
+    lowest-index ones per epsilon are kept). Positions are not checked here (see
+    :func:`merge_shards`)."""
+    state.records.put(shard.positions, shard.records)
+    for key, st in sorted(shard.stats.items()):
+        state.stats.setdefault(key, StageStats()).add(vars(st))
+    for e, exs in shard.examples.items():
+        state.examples[e] = keep_examples(state.examples.get(e, []), exs, keep)
