@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from advguard.attacks.evasion.apgd import APGD, _requeue
+from advguard.attacks.evasion import apgd
+from advguard.attacks.evasion.apgd import APGD, next_sweep_rows
 from advguard.attacks.randomness import SampleRandom
 from advguard.models import TorchClassifier
 from advguard.models.base import is_evasion, mask_reject
@@ -140,10 +141,29 @@ def test_concat_rows_draw_what_their_streams_draw():
         SampleRandom.concat([a, SampleRandom(4, torch.tensor([1]))])
 
 
-def test_requeue_reruns_rows_dropped_behind_a_rejected_success():
+def test_next_rows_rerun_rows_dropped_behind_a_rejected_success():
     # 3 ranks x 4 samples; rows are rank-major
     ok = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     complete = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     # sample 0: rank 1 failed, rank 2 (was dropped) must run: rows of ranks 2, 3
     # sample 1: rank 1 won; sample 2: all ran, none won; sample 3: rank 2 dropped, run it
-    assert _requeue(ok, complete).tolist() == [4, 7, 8]
+    assert next_sweep_rows(ok, complete, 100).tolist() == [4, 7, 8]
+    assert next_sweep_rows(ok, complete, 2).tolist() == [4, 7]  # one rank per sample
+    start = torch.zeros(3, 4, dtype=torch.bool)
+    assert next_sweep_rows(start, start, 8).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert next_sweep_rows(start, ~start, 8).tolist() == []
+
+
+@pytest.mark.parametrize("cap", [1, 9, 10**6])
+def test_sweep_result_does_not_depend_on_rows_per_batch(exact_net, digits_split, monkeypatch, cap):
+    _, _, x_te, y_te = digits_split
+    x, y = torch.tensor(x_te[:30]), torch.tensor(y_te[:30])
+    attack = APGD(norm="linf", steps=8, loss="dlr", seed=1)
+    ref_x, ref_ok, ref_ranks = sequential_sweep(
+        attack, _model(exact_net), x, y, 0.1, torch.arange(30)
+    )
+    monkeypatch.setattr(apgd, "SWEEP_ROWS", cap)
+    model = _model(exact_net)
+    res = attack.targeted_sweep(model, x, y, epsilon=0.1)
+    assert torch.equal(res.x_adv, ref_x) and torch.equal(res.success, ref_ok)
+    assert res.info["fooled_per_target_rank"] == ref_ranks
