@@ -151,8 +151,10 @@ def ratios(row: dict[str, Any]) -> dict[str, Any]:
             continue
         ratio = ag["seconds"] / p["seconds"] if p["seconds"] else None
         diff = 100 * (ag["robust_accuracy"] - p["robust_accuracy"])
+        cpu = [ag.get("cpu_seconds"), p.get("cpu_seconds")]
         out[peer] = {
             "time_ratio": None if ratio is None else round(ratio, 3),
+            "cpu_time_ratio": round(cpu[0] / cpu[1], 3) if cpu[0] and cpu[1] else None,
             "robust_accuracy_difference_points": round(diff, 2),
             "target_time_ratio": limit,
             "met": None
@@ -160,6 +162,32 @@ def ratios(row: dict[str, Any]) -> dict[str, Any]:
             else bool(ratio <= limit and diff <= 1e-9),
         }
     return out
+
+
+def combine(paths: list[Path], out: Path) -> int:
+    """Merge per-suite result files (suites run as separate processes) into one, with ratios."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    rows: dict[float, dict[str, Any]] = {}
+    for part in parts:
+        for row in part["rows"]:
+            merged = rows.setdefault(row["epsilon"], {"epsilon": row["epsilon"]})
+            merged.update({k: v for k, v in row.items() if k != "ratios"})
+    for row in rows.values():
+        row["ratios"] = ratios(row)
+    result = {
+        **parts[0],
+        "config": {
+            **parts[0]["config"],
+            "suites": [s for p in parts for s in p["config"]["suites"]],
+        },
+        "rows": list(rows.values()),
+        "parts": [str(p) for p in paths],
+        "notes": "suites ran as separate processes at the same time on a shared machine: "
+        "compare cpu_seconds (process CPU time, 1 thread), not seconds",
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps([r["ratios"] for r in result["rows"]], indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--data", type=Path, default=common.DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "autoattack_robust_cpu.json")
+    ap.add_argument("--combine", type=Path, nargs="+", help="merge these result files into --out")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     if not args.data.exists():
         print(f"error: MNIST not found at {args.data} (pass --data)", file=sys.stderr)
         return 2
@@ -191,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for eps in args.eps:
         row: dict[str, Any] = {"epsilon": eps, "clean_accuracy": clean}
         for suite in args.suites:
+            cpu0 = time.process_time()
             if suite == "advguard":
                 row[suite] = run_advguard(module, x, y, eps, args.batch_size)
             elif suite == "official":
@@ -199,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = 10 if suite == "torchattacks" else 100
                 row[suite] = run_torchattacks(module, x, y, eps, args.batch_size, steps)
             r = row[suite]
+            r["cpu_seconds"] = round(time.process_time() - cpu0, 2)
             print(f"eps {eps} {suite}: robust {r['robust_accuracy']:.3f}, {r['seconds']} s, "
                   f"max linf {r['max_linf']:.4f}", flush=True)  # fmt: skip
         row["ratios"] = ratios(row)
