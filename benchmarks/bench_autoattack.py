@@ -15,8 +15,9 @@ alone (one after the other in this process):
 * ``torchattacks100`` (optional): the same cascade with 100-step APGD/APGD-T.
 
 Targets (issue 17): advguard <= 0.5x the official AutoAttack's time and <= 0.8x torchattacks'
-reduced variant, at equal or lower robust accuracy. Full run (preliminary: about 13
-minutes on 2 busy cores, most of it the official AutoAttack)::
+reduced variant, at equal or lower robust accuracy. Full run (about 13 minutes on 2 quiet
+cores at the issue's timings, most of it the official AutoAttack; the first run also trains
+the model, about 15 minutes)::
 
     PYTHONPATH=src python benchmarks/bench_autoattack.py --data ../shared/datasets/mnist.npz \\
         --n 200 --eps 0.3 --threads 2 --out benchmarks/results/autoattack_robust_cpu.json
