@@ -79,6 +79,8 @@ class SampleRandom:
         *,
         device: torch.device | str | None = None,
         _stream: int | None = None,
+        _streams: tuple[int, ...] | None = None,
+        _group: torch.Tensor | None = None,
     ) -> None:
         ids = torch.as_tensor(sample_ids, dtype=torch.int64)
         if ids.ndim != 1:
@@ -86,6 +88,9 @@ class SampleRandom:
         self.ids = ids.to(device if device is not None else ids.device)
         self.seed = int(seed)
         self.stream = key_hash("seed", self.seed) if _stream is None else _stream
+        # rows drawn from several streams (see :meth:`concat`): row i uses streams[group[i]]
+        self.streams: tuple[int, ...] = (self.stream,) if _streams is None else _streams
+        self.group = None if _group is None else _group.to(self.ids.device)
 
     @property
     def device(self) -> torch.device:
@@ -95,27 +100,70 @@ class SampleRandom:
         return len(self.ids)
 
     def __repr__(self) -> str:
+        if self.group is not None:
+            return f"SampleRandom(seed={self.seed}, n={len(self)}, streams={len(self.streams)})"
         return f"SampleRandom(seed={self.seed}, n={len(self)}, stream={self.stream:#x})"
 
     # -- deriving streams ---------------------------------------------------------------
+    def _with(
+        self, ids: torch.Tensor, streams: tuple[int, ...], group: torch.Tensor | None
+    ) -> SampleRandom:
+        return SampleRandom(self.seed, ids, _stream=streams[0], _streams=streams, _group=group)
+
     def fork(self, *key: Key) -> SampleRandom:
         """An independent stream for the same samples, named by ``key``."""
-        return SampleRandom(self.seed, self.ids, _stream=key_hash("fork", self.stream, *key))
+        streams = tuple(key_hash("fork", s, *key) for s in self.streams)
+        return self._with(self.ids, streams, self.group)
 
     def subset(self, idx: torch.Tensor) -> SampleRandom:
         """The same stream for the samples ``idx`` (a mask or indices) of this batch."""
-        return SampleRandom(self.seed, self.ids[idx.to(self.device)], _stream=self.stream)
+        idx = idx.to(self.device)
+        group = None if self.group is None else self.group[idx]
+        return self._with(self.ids[idx], self.streams, group)
 
     def to(self, device: torch.device | str) -> SampleRandom:
-        return SampleRandom(self.seed, self.ids, device=device, _stream=self.stream)
+        group = None if self.group is None else self.group.to(device)
+        return self._with(self.ids.to(device), self.streams, group)
+
+    @staticmethod
+    def concat(parts: Sequence[SampleRandom]) -> SampleRandom:
+        """The rows of ``parts`` one after the other, each row keeping its own stream.
+
+        Every row draws exactly what it draws in its part (so a batch of rows from several
+        streams, e.g. one per target rank of a sweep, reproduces the separate calls).
+        """
+        if not parts:
+            raise ValueError("concat needs at least one SampleRandom")
+        streams: list[int] = []
+        groups: list[torch.Tensor] = []
+        for p in parts:
+            if p.seed != parts[0].seed:
+                raise ValueError("concat needs parts with the same seed")
+            where = []
+            for s in p.streams:
+                if s not in streams:
+                    streams.append(s)
+                where.append(streams.index(s))
+            table = torch.tensor(where, dtype=torch.int64, device=parts[0].device)
+            g = p.group.to(table.device) if p.group is not None else torch.zeros_like(p.ids)
+            groups.append(table[g.to(table.device)])
+        ids = torch.cat([p.ids.to(parts[0].device) for p in parts])
+        group = torch.cat(groups) if len(streams) > 1 else None
+        return parts[0]._with(ids, tuple(streams), group)
+
+    def _draw_key(self, key: Key) -> int | torch.Tensor:
+        """The draw's key hash: one int, or one per row for a multi-stream batch."""
+        if self.group is None:
+            return key_hash("draw", self.stream, key)
+        ks = [key_hash("draw", s, key) for s in self.streams]
+        return torch.tensor(ks, dtype=torch.int64, device=self.device)[self.group]
 
     # -- draws ----------------------------------------------------------------------------
     def bits(self, key: Key, shape: Sequence[int] = ()) -> torch.Tensor:
         """64 random bits (as int64) per sample and element: shape ``(n, *shape)``."""
         shape = tuple(int(s) for s in shape)
         m = math.prod(shape)
-        k = key_hash("draw", self.stream, key)
-        per_sample = splitmix64(self.ids * _ID_MUL + k)  # (n,)
+        per_sample = splitmix64(self.ids * _ID_MUL + self._draw_key(key))  # (n,)
         j = torch.arange(1, m + 1, dtype=torch.int64, device=self.device) * _GOLDEN
         z = splitmix64(per_sample[:, None] + j[None, :])
         return z.reshape(len(self), *shape)
