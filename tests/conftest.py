@@ -25,6 +25,10 @@ def _advguard_loggers_enabled() -> None:
     for name, lg in list(logging.root.manager.loggerDict.items()):
         if name.startswith("advguard") and isinstance(lg, logging.Logger):
             lg.disabled = False
+            # `advguard gameday` quiets advguard.guard for its process (level ERROR); a CLI
+            # test of it must not silence later tests in the worker. setLevel also clears
+            # every logger's cached level decisions.
+            lg.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

@@ -197,7 +197,10 @@ def test_a_flagging_canary_is_rolled_back_and_a_healthy_one_is_not(tmp_path, mon
     # and other tests may raise their levels: collect on the logger itself
     logger = logging.getLogger("advguard.guard")
     monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logger, "level", logging.WARNING)
+    # setLevel, not a plain attribute: it also clears the loggers' cached level decisions,
+    # which a test that raised a level earlier in the worker may have left behind
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test...
+    logger.setLevel(logging.WARNING)
     collect = _Collect()
     logger.addHandler(collect)
     try:
