@@ -252,21 +252,9 @@ def run_child(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
 
 def numbers(path: Path) -> dict[str, Any]:
     """report.json as flat path -> value, without timings and the environment."""
-    out: dict[str, Any] = {}
+    from advguard.evaluate.report import report_fields
 
-    def walk(o: Any, p: str) -> None:
-        if isinstance(o, dict):
-            for k, v in o.items():
-                walk(v, f"{p}.{k}")
-        elif isinstance(o, list):
-            for i, v in enumerate(o):
-                walk(v, f"{p}[{i}]")
-        else:
-            out[p] = o
-
-    walk(json.loads(path.read_text()), "")
-    skip = ("second", "created", "environment", "timing", "duration")
-    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
+    return report_fields(json.loads(path.read_text()))
 
 
 def compare(reports: dict[str, Path]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from advguard.errors import InputError, MissingDependencyError
 from advguard.evaluate import distributed
 from advguard.evaluate.distributed import RayBackend, WorkSpec, shard_from_wire, shard_to_wire
 from advguard.evaluate.job import load_model_and_data
+from advguard.evaluate.report import report_fields
 from advguard.evaluate.runner import Evaluator, evaluate
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models import TorchClassifier
@@ -28,21 +29,7 @@ def _numbers(report) -> dict[str, Any]:
 
 def _numbers_of(doc: Any) -> dict[str, Any]:
     """A report document as flat path -> value, without timings and the environment."""
-    out: dict[str, Any] = {}
-
-    def walk(o: Any, p: str) -> None:
-        if isinstance(o, dict):
-            for k, v in o.items():
-                walk(v, f"{p}.{k}")
-        elif isinstance(o, list):
-            for i, v in enumerate(o):
-                walk(v, f"{p}[{i}]")
-        else:
-            out[p] = o
-
-    walk(doc, "")
-    skip = ("second", "created", "environment", "timing", "duration")
-    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
+    return report_fields(doc)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import advguard
 from advguard.cli import app
+from advguard.evaluate.report import report_fields
 from advguard.models import TorchClassifier
 from advguard.models.io import save_torch
 from advguard.models.zoo import mlp
@@ -41,21 +42,7 @@ SRC = str(Path(advguard.__file__).resolve().parents[1])
 
 def numbers(doc: Any) -> dict[str, Any]:
     """A report document as flat path -> value, without timings and the environment."""
-    out: dict[str, Any] = {}
-
-    def walk(o: Any, p: str) -> None:
-        if isinstance(o, dict):
-            for k, v in o.items():
-                walk(v, f"{p}.{k}")
-        elif isinstance(o, list):
-            for i, v in enumerate(o):
-                walk(v, f"{p}[{i}]")
-        else:
-            out[p] = o
-
-    walk(doc, "")
-    skip = ("second", "created", "environment", "timing", "duration")
-    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
+    return report_fields(doc)
 
 
 def server_logs(tmp: Path) -> str:

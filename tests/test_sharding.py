@@ -16,7 +16,6 @@ nothing. Two models:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from advguard.attacks.randomness import SampleRandom
 from advguard.attacks.registry import build_attack
 from advguard.errors import InputError
+from advguard.evaluate.report import report_fields
 from advguard.evaluate.runner import Evaluator
 from advguard.evaluate.state import Records, merge_shards
 from advguard.evaluate.threat_model import ThreatModel
@@ -139,21 +139,7 @@ def _sharded(net, x, y, tm: ThreatModel, n_shards: int, reverse: bool):
 
 def _report_numbers(report) -> dict[str, Any]:
     """The report as flat path -> value, without timings, dates and the batch size."""
-    out: dict[str, Any] = {}
-
-    def walk(o: Any, p: str) -> None:
-        if isinstance(o, dict):
-            for k, v in o.items():
-                walk(v, f"{p}.{k}")
-        elif isinstance(o, list):
-            for i, v in enumerate(o):
-                walk(v, f"{p}[{i}]")
-        else:
-            out[p] = o
-
-    walk(json.loads(report.model_dump_json()), "")
-    skip = ("second", "created", "batch_size", "environment", "timing", "duration")
-    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
+    return report_fields(report, ignore=("batch_size",))
 
 
 _SETUPS = [(1, 1, False), (7, 2, True), (7, 3, False), (256, 1, False), (256, 3, True)]

@@ -6,6 +6,7 @@ and the JSON Schema is ``Report.model_json_schema()`` (see ``docs/report-schema.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -387,6 +388,33 @@ def _verdict_problems(report: Report) -> list[str]:
     if v.status != want_status:
         out.append(f"verdict is {v.status!r} but its SLO results make it {want_status!r}")
     return out
+
+
+RUN_DEPENDENT_FIELDS = ("second", "created", "environment", "timing", "duration")
+"""Path fragments of the report fields that differ between two runs of one evaluation."""
+
+
+def report_fields(report: Report | dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A report (model or JSON document) as flat ``path -> value``, without the fields that
+    depend on the run (timings, dates, the environment) nor paths containing ``ignore``:
+    what two runs of the same evaluation (batch sizes, shards, backends, a resume) must agree
+    on, field by field."""
+    doc = json.loads(report.model_dump_json()) if isinstance(report, Report) else report
+    out: dict[str, Any] = {}
+
+    def walk(o: Any, p: str) -> None:
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{p}.{k}")
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                walk(v, f"{p}[{i}]")
+        else:
+            out[p] = o
+
+    walk(doc, "")
+    skip = RUN_DEPENDENT_FIELDS + tuple(ignore)
+    return {k: v for k, v in out.items() if not any(s in k for s in skip)}
 
 
 def json_schema() -> dict[str, Any]:
