@@ -19,29 +19,13 @@ from advguard.attacks.evasion.apgd import APGD, next_sweep_rows
 from advguard.attacks.randomness import SampleRandom
 from advguard.models import TorchClassifier
 from advguard.models.base import is_evasion, mask_reject
-from advguard.models.fit import fit
-
-
-class _RowwiseMLP(nn.Module):
-    """64 -> 32 -> 10 MLP from element-wise products and row sums (no GEMM kernels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(32, 64) * 0.2)
-        self.b1 = nn.Parameter(torch.zeros(32))
-        self.w2 = nn.Parameter(torch.randn(10, 32) * 0.2)
-        self.b2 = nn.Parameter(torch.zeros(10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu((x.flatten(1)[:, None, :] * self.w1).sum(-1) + self.b1)
-        return (h[:, None, :] * self.w2).sum(-1) + self.b2
+from batch_exact import train_exact_net
 
 
 @pytest.fixture(scope="module")
 def exact_net(digits_split) -> nn.Module:
     x_tr, y_tr, _, _ = digits_split
-    torch.manual_seed(0)
-    return fit(_RowwiseMLP(), x_tr, y_tr, epochs=8, seed=0)
+    return train_exact_net(x_tr, y_tr)
 
 
 def _model(net: nn.Module) -> TorchClassifier:

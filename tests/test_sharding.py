@@ -31,7 +31,7 @@ from advguard.evaluate.runner import Evaluator
 from advguard.evaluate.state import Records, merge_shards
 from advguard.evaluate.threat_model import ThreatModel
 from advguard.models import TorchClassifier
-from advguard.models.fit import fit
+from batch_exact import train_exact_net
 
 # -- the counter-based generator ---------------------------------------------------------
 
@@ -78,26 +78,10 @@ def test_draw_distributions():
 # -- a model whose float results do not depend on the batch --------------------------------
 
 
-class _RowwiseMLP(nn.Module):
-    """64 -> 32 -> 10 MLP from element-wise products and row sums (no GEMM kernels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(32, 64) * 0.2)
-        self.b1 = nn.Parameter(torch.zeros(32))
-        self.w2 = nn.Parameter(torch.randn(10, 32) * 0.2)
-        self.b2 = nn.Parameter(torch.zeros(10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu((x.flatten(1)[:, None, :] * self.w1).sum(-1) + self.b1)
-        return (h[:, None, :] * self.w2).sum(-1) + self.b2
-
-
 @pytest.fixture(scope="module")
 def exact_net(digits_split) -> nn.Module:
     x_tr, y_tr, _, _ = digits_split
-    torch.manual_seed(0)
-    return fit(_RowwiseMLP(), x_tr, y_tr, epochs=8, seed=0)
+    return train_exact_net(x_tr, y_tr)
 
 
 def _model(net: nn.Module) -> TorchClassifier:
