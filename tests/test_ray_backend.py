@@ -100,6 +100,58 @@ def test_without_ray_the_backend_names_the_extra(monkeypatch):
         distributed.import_ray()
 
 
+class FlakyRay:
+    """A stand-in for the ray module whose ``init`` fails ``failures`` times with what a Ray
+    client gets when the head cannot start its server (a relayed traceback)."""
+
+    def __init__(self, failures: int, error: type[Exception] = ConnectionAbortedError) -> None:
+        self.failures, self.error = failures, error
+        self.inits: list[dict[str, Any]] = []
+        self.shutdowns = 0
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs: Any) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.failures:
+            raise self.error(
+                "Initialization failure from server:\nTraceback (most recent call last):\n"
+                '  File "proxier.py", line 765, in Datapath\n'
+                "psutil.NoSuchProcess: process no longer exists (pid=4242)"
+            )
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_ray_client_start_failure_is_retried(monkeypatch):
+    fake, waits = FlakyRay(failures=2), []
+    monkeypatch.setattr(distributed, "import_ray", lambda: fake)
+    got = distributed.connect_ray("ray://127.0.0.1:1", num_cpus=2, sleep=waits.append)
+    assert got is fake
+    assert [k["address"] for k in fake.inits] == ["ray://127.0.0.1:1"] * 3
+    assert waits == [1.0, 2.0] and fake.shutdowns == 2
+
+
+def test_ray_start_failures_are_one_line_with_ray_last_words(monkeypatch):
+    fake = FlakyRay(failures=3)
+    monkeypatch.setattr(distributed, "import_ray", lambda: fake)
+    with pytest.raises(InputError) as e:
+        distributed.connect_ray("ray://127.0.0.1:1", num_cpus=2, sleep=lambda s: None)
+    msg = str(e.value)
+    assert len(fake.inits) == 3 and "\n" not in msg
+    assert "NoSuchProcess: process no longer exists (pid=4242)" in msg
+    assert msg.startswith("cannot start or reach ray://127.0.0.1:1 (ConnectionAbortedError")
+    # a local instance or a refused connection is not retried
+    for address, error in ((None, ConnectionAbortedError), ("ray://h:1", ConnectionRefusedError)):
+        fake = FlakyRay(failures=1, error=error)
+        monkeypatch.setattr(distributed, "import_ray", lambda f=fake: f)
+        with pytest.raises(InputError, match="cannot start or reach"):
+            distributed.connect_ray(address, num_cpus=1, sleep=lambda s: None)
+        assert len(fake.inits) == 1
+
+
 ray = pytest.importorskip("ray", reason="the Ray backend tests need the 'ray' extra")
 
 

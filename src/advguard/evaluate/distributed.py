@@ -19,7 +19,10 @@ Ray is an optional dependency (``pip install 'advguard[ray]'``); without it the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +34,8 @@ from advguard.evaluate.report import Example, Report
 from advguard.evaluate.runner import Evaluator
 from advguard.evaluate.state import STAGES, Records, RunState, Shard, StageStats, absorb_shard
 from advguard.evaluate.threat_model import ThreatModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,69 @@ def import_ray() -> Any:
     return ray
 
 
+#: ``ray.init`` attempts for a ``ray://`` address: a loaded head node sometimes fails to start
+#: the per-client server it needs (an ``Initialization failure from server``), and a new
+#: attempt gets a new one.
+CLIENT_ATTEMPTS = 3
+
+
+def connect_ray(
+    address: str | None,
+    *,
+    num_cpus: int,
+    logging_level: int | None = None,
+    attempts: int = CLIENT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Ray, initialised: a local instance with ``num_cpus`` CPUs (``address`` None), the
+    cluster of this machine (``"auto"``) or a Ray client (``"ray://host:port"``, retried
+    ``attempts`` times, 1 s then 2 s apart, when the head fails to start the client's server).
+    Any failure is one :class:`InputError` line naming the address and Ray's own last words."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    if logging_level is not None:
+        kwargs["logging_level"] = logging_level
+    client = address is not None and address.startswith("ray://")
+    for attempt in range(1, attempts + 1):
+        try:
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+            return ray
+        except ConnectionAbortedError as e:
+            if not client or attempt == attempts:
+                raise _unreachable(address, e) from None
+            log.warning("Ray client start failed (%s); retrying", _last_words(e))
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            sleep(float(attempt))
+        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+            raise _unreachable(address, e) from None
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _last_words(e: BaseException) -> str:
+    """An exception's message for one line: a relayed traceback's last line (the error
+    itself), else the message, at most 300 characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[-1] if len(lines) > 1 and "Traceback" in str(e) else " ".join(lines)
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _unreachable(address: str | None, e: BaseException) -> InputError:
+    where = "a local Ray instance" if address is None else address
+    hint = ""
+    if address is not None and address.startswith("ray://"):
+        hint = (
+            "; a cluster with token authentication needs RAY_AUTH_MODE=token and its "
+            "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too"
+        )
+    return InputError(f"cannot start or reach {where} ({_last_words(e)}){hint}")
+
+
 class RayBackend:
     """Run the suite's shards on Ray workers and merge them (see the module docstring).
 
@@ -180,27 +248,7 @@ class RayBackend:
         sends only the samples its checkpoint lacks)."""
 
     def _ray(self) -> Any:
-        ray = import_ray()
-        if ray.is_initialized():
-            return ray
-        try:
-            if self.address is None:
-                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address=self.address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
-            where = "a local Ray instance" if self.address is None else self.address
-            hint = ""
-            if self.address is not None and self.address.startswith("ray://"):
-                hint = (
-                    "; a cluster with token authentication needs RAY_AUTH_MODE=token and its "
-                    "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too"
-                )
-            raise InputError(
-                f"cannot start or reach {where} ({type(e).__name__}: "
-                f"{' '.join(str(e).split())[:200]}){hint}"
-            ) from None
-        return ray
+        return connect_ray(self.address, num_cpus=self.workers)
 
     def run(
         self,

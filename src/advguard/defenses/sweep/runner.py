@@ -256,27 +256,13 @@ def result_from_wire(text: Any) -> dict[str, Any]:
 def _tune_init(address: str | None, cpus: float) -> Any:
     """Ray, connected; ``(ray, True)`` when this call started or joined it (and the caller
     shuts it down), ``(ray, False)`` when it was already initialised."""
-    from advguard.evaluate.distributed import import_ray
+    from advguard.evaluate.distributed import connect_ray, import_ray
 
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
-    try:
-        if address is None:
-            ray.init(
-                num_cpus=max(1, math.ceil(cpus)),
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
-        where = "a local Ray instance" if address is None else address
-        raise InputError(
-            f"cannot start or reach {where} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        ) from None
-    return ray, True
+    n = max(1, math.ceil(cpus))
+    return connect_ray(address, num_cpus=n, logging_level=logging.WARNING), True
 
 
 class _Listener:
