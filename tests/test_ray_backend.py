@@ -100,6 +100,31 @@ def test_without_ray_the_backend_names_the_extra(monkeypatch):
         distributed.import_ray()
 
 
+def test_attack_results_from_workers_are_checked_at_the_edge():
+    x = torch.rand(3, 1, 2, 2)
+    good = {
+        "x_adv": x.numpy().copy(),
+        "raw": x.numpy().copy(),
+        "success": np.array([True, False, True]),
+        "attacked": np.ones(3, dtype=bool),
+        "queries": np.array([1, 2, 3]),
+    }
+    got = distributed.attack_result_from_wire(good, x)
+    assert torch.equal(got["x_adv"], x) and got["success"].tolist() == [True, False, True]
+    nan = good["x_adv"].copy()
+    nan[0, 0, 0, 0] = np.nan
+    for bad in (
+        {**good, "x_adv": nan},
+        {**good, "raw": good["raw"][:2]},
+        {**good, "success": np.array([1, 0, 1])},
+        {**good, "queries": np.array([1, -2, 3])},
+        {k: v for k, v in good.items() if k != "attacked"},
+        "not a dict",
+    ):
+        with pytest.raises(InputError, match="malformed attack result"):
+            distributed.attack_result_from_wire(bad, x)
+
+
 class FlakyRay:
     """A stand-in for the ray module whose ``init`` fails ``failures`` times with what a Ray
     client gets when the head cannot start its server (a relayed traceback)."""
@@ -224,3 +249,25 @@ def test_cli_evaluate_backend_ray(tmp_path, ray_session):
     results_a = {k: v for k, v in _numbers_of(a).items() if k.startswith(".results")}
     assert results_a == {k: v for k, v in _numbers_of(b).items() if k.startswith(".results")}
     assert a["results"][0]["robust_accuracy"]["n"] == 20
+
+
+def test_sanity_checks_and_escalations_run_on_the_workers(job, ray_session):
+    """Once the shards are merged, the idle workers run the attack calls of the sanity checks
+    and escalations, half the rows each; the report is still the local run's."""
+    spec, tm, _ = job
+    # PGD with one step (of 0.1) is far from converged: doubling it fools more,
+    # so the convergence check escalates (re-runs every survivor with twice the steps)
+    attacks = [{"attack": "pgd", "steps": 1, "step_size": 0.1}, tm.attacks[1]]
+    tm = ThreatModel.model_validate(
+        {**tm.model_dump(), "attacks": attacks, "sanity_checks": True, "sanity_samples": 16}
+    )
+    spec = WorkSpec.of(spec.model, spec.data, tm)
+    m, data, _ = load_model_and_data(spec.model, spec.data)
+    local = Evaluator(m, data.x, data.y, tm).run()
+    backend = RayBackend(workers=2, shards=2)
+    remote = evaluate(m, data.x, data.y, tm, backend=backend, work=spec)
+    assert backend.pool is not None and backend.pool.calls >= 7
+    assert _numbers(remote) == _numbers(local)
+    doc = json.loads(remote.model_dump_json())
+    assert {c["id"] for c in doc["sanity_checks"]} >= {"monotonic", "large-epsilon", "convergence"}
+    assert [c["id"] for c in doc["sanity_checks"] if c.get("escalation")]  # one escalated

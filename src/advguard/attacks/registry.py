@@ -54,10 +54,19 @@ class RegisteredAttack:
 class SuiteAttack:
     """An attack configured for one suite entry: ``run(model, x, y, epsilon, targets)``."""
 
-    def __init__(self, entry: RegisteredAttack, attack: Attack, spec_params: dict[str, Any]):
+    def __init__(
+        self,
+        entry: RegisteredAttack,
+        attack: Attack,
+        spec_params: dict[str, Any],
+        recipe: dict[str, Any] | None = None,
+    ):
         self.entry = entry
         self.attack = attack
         self.spec_params = spec_params
+        self.recipe = recipe
+        """``build_attack``'s arguments (name, norm, seed, params: plain data), from which
+        another process rebuilds the same attack; None for an attack built otherwise."""
 
     @property
     def name(self) -> str:
@@ -284,4 +293,5 @@ def build_attack(name: str, *, norm: str, seed: int, **params: Any) -> SuiteAtta
         bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         msg = f"bad parameters for attack {name!r}: {e}"
         raise (ParameterError(bad[1], msg) if bad else InputError(msg)) from None
-    return SuiteAttack(entry, attack, params)
+    recipe = {"name": name, "norm": norm, "seed": seed, "params": dict(params)}
+    return SuiteAttack(entry, attack, params, recipe)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from advguard.attacks.base import AttackResult
     from advguard.attacks.registry import SuiteAttack
     from advguard.evaluate.report import Stage
     from advguard.evaluate.state import RunState
@@ -61,6 +62,22 @@ class EvaluationContext(Protocol):
         verify and record what it fools; returns the number newly fooled."""
         ...
 
+    def run_attack(
+        self,
+        attack: SuiteAttack,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        targets: torch.Tensor | None = None,
+        *,
+        sample_ids: torch.Tensor,
+        stream: tuple[Any, ...] = (),
+    ) -> AttackResult:
+        """One attack call on ``model`` (here, or on the workers of an :class:`AttackPool`),
+        its random draws keyed by ``sample_ids`` (data-set indices) and ``stream``."""
+        ...
+
     def verify(
         self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float
     ) -> torch.Tensor:
@@ -81,3 +98,25 @@ class EvaluationContext(Protocol):
     ) -> None:
         """Record verified adversarials ``x_adv`` of the samples at ``pos`` under row ``key``."""
         ...
+
+
+class AttackPool(Protocol):
+    """Workers that run attack calls for an evaluation's driver (e.g. the Ray backend's
+    actors during the sanity checks and escalations, once the shards are done).
+
+    ``run`` splits the rows of ``x`` among the workers, each rebuilding ``attack`` from its
+    :attr:`~advguard.attacks.registry.SuiteAttack.recipe` and running its rows on its own copy
+    of the evaluation's attack model; every draw is keyed by ``sample_ids``, so the joined
+    result is the one a local call returns. Returns ``(result, forward, gradient)``: the
+    queries the workers' models counted."""
+
+    def run(
+        self,
+        attack: SuiteAttack,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        targets: torch.Tensor | None,
+        sample_ids: torch.Tensor,
+        stream: tuple[Any, ...],
+    ) -> tuple[AttackResult, int, int]: ...

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from advguard.attacks.base import AttackResult
+from advguard.attacks.registry import SuiteAttack, build_attack
 from advguard.errors import InputError, MissingDependencyError
 from advguard.evaluate.report import Example, Report
 from advguard.evaluate.runner import Evaluator
@@ -122,6 +125,48 @@ def shard_from_wire(d: Any) -> Shard:
         raise InputError(f"a worker sent a malformed shard ({type(e).__name__}: {e})") from None
 
 
+# -- attack calls as plain data -----------------------------------------------------------------
+def attack_result_to_wire(res: AttackResult) -> dict[str, Any]:
+    """An attack call's result as numpy arrays (no objects of ours)."""
+    out = {
+        "x_adv": res.x_adv.detach().cpu().numpy(),
+        "raw": res.raw.detach().cpu().numpy(),
+        "success": res.success.cpu().numpy(),
+        "attacked": res.attacked.cpu().numpy(),
+    }
+    if res.queries is not None:
+        out["queries"] = res.queries.cpu().numpy()
+    return out
+
+
+def attack_result_from_wire(d: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Check the result a worker sent for the rows ``x`` (shapes, dtypes, finite inputs);
+    nothing is trusted further: the caller re-verifies every claimed adversarial."""
+    try:
+        n, shape = len(x), tuple(x.shape)
+        out: dict[str, torch.Tensor] = {}
+        for k in ("x_adv", "raw"):
+            a = np.asarray(d[k])
+            if a.shape != shape or a.dtype.kind != "f" or not np.isfinite(a).all():
+                raise ValueError(f"{k} is not a finite float array of shape {shape}")
+            out[k] = torch.tensor(a, dtype=x.dtype)  # a copy: Ray's arrays are read-only
+        for k in ("success", "attacked"):
+            a = np.asarray(d[k])
+            if a.shape != (n,) or a.dtype != np.bool_:
+                raise ValueError(f"{k} is not {n} booleans")
+            out[k] = torch.tensor(a)
+        if "queries" in d:
+            q = np.asarray(d["queries"])
+            if q.shape != (n,) or q.dtype.kind not in "iu" or (q < 0).any():
+                raise ValueError(f"queries is not {n} counts")
+            out["queries"] = torch.tensor(q, dtype=torch.int64)
+        return out
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(
+            f"a worker sent a malformed attack result ({type(e).__name__}: {e})"
+        ) from None
+
+
 # -- the Ray worker ----------------------------------------------------------------------------
 class ShardWorker:
     """One worker process: loads the model and data once, then runs shards on request."""
@@ -135,6 +180,101 @@ class ShardWorker:
     def run(self, indices: np.ndarray) -> tuple[int, dict[str, Any]]:
         """``(this process's id, the shard of data-set ``indices`` as plain data)``."""
         return os.getpid(), shard_to_wire(self.evaluator.run_shard(indices))
+
+    def attack(
+        self,
+        recipe: dict[str, Any],
+        x: np.ndarray,
+        y: np.ndarray,
+        eps: float,
+        targets: np.ndarray | None,
+        sample_ids: np.ndarray,
+        stream: tuple[Any, ...],
+    ) -> tuple[dict[str, Any], int, int]:
+        """One attack call on this worker's attack model (the attack rebuilt from its
+        recipe): ``(result as plain data, forward queries, gradient queries)``."""
+        ev = self.evaluator
+        attack = build_attack(
+            str(recipe["name"]),
+            norm=str(recipe["norm"]),
+            seed=int(recipe["seed"]),
+            **dict(recipe["params"]),
+        )
+        f0, g0 = ev.model.queries.snapshot()
+        res = ev.run_attack(  # copies: Ray hands read-only arrays over
+            attack,
+            ev.attack_model,
+            torch.tensor(x),
+            torch.tensor(y),
+            float(eps),
+            None if targets is None else torch.tensor(targets),
+            sample_ids=torch.tensor(sample_ids),
+            stream=tuple(stream),
+        )
+        f1, g1 = ev.model.queries.snapshot()
+        return attack_result_to_wire(res), f1 - f0, g1 - g0
+
+
+class RayAttackPool:
+    """The Ray backend's :class:`~advguard.evaluate.api.AttackPool`: an attack call's rows
+    split into one contiguous part per actor (every draw keyed by the rows' sample ids, so
+    the joined result is the local call's)."""
+
+    def __init__(self, ray: Any, actors: list[Any]) -> None:
+        self.ray, self.actors = ray, actors
+        self.calls = 0
+        """Attack calls run on the actors so far."""
+
+    def run(
+        self,
+        attack: SuiteAttack,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        targets: torch.Tensor | None,
+        sample_ids: torch.Tensor,
+        stream: tuple[Any, ...],
+    ) -> tuple[AttackResult, int, int]:
+        parts = [p for p in np.array_split(np.arange(len(x)), len(self.actors)) if len(p)]
+        xs, ys = x.detach().cpu(), y.cpu()
+        ts = None if targets is None else targets.cpu()
+        ids = torch.as_tensor(sample_ids).cpu()
+        refs = [
+            a.attack.remote(
+                attack.recipe,
+                xs[p].numpy(),
+                ys[p].numpy(),
+                float(eps),
+                None if ts is None else ts[p].numpy(),
+                ids[p].numpy(),
+                tuple(stream),
+            )
+            for a, p in zip(self.actors, parts, strict=False)
+        ]
+        try:
+            got = self.ray.get(refs)
+        except self.ray.exceptions.RayError as e:
+            raise InputError(
+                f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
+        self.calls += 1
+        outs = [attack_result_from_wire(w, xs[p]) for (w, _, _), p in zip(got, parts, strict=True)]
+
+        def cat(k: str) -> torch.Tensor:
+            return torch.cat([o[k] for o in outs])
+
+        queries = cat("queries") if all("queries" in o for o in outs) else None
+        forward, gradient = sum(int(f) for _, f, _ in got), sum(int(g) for _, _, g in got)
+        res = AttackResult(
+            x_adv=cat("x_adv"),
+            success=cat("success"),
+            raw=cat("raw"),
+            attacked=cat("attacked"),
+            forward_evals=forward,
+            gradient_evals=gradient,
+            queries=queries,
+        )
+        return res, forward, gradient
 
 
 def import_ray() -> Any:
@@ -243,6 +383,8 @@ class RayBackend:
         """Processes that started a worker (after ``run``: the initial ones)."""
         self.shard_pids: list[int] = []
         """The process that returned each shard, in completion order."""
+        self.pool: RayAttackPool | None = None
+        """The last ``run``'s pool of workers for the checks' attack calls."""
         self.submitted: list[np.ndarray] = []
         """The shards (data-set indices) sent to workers by the last ``run`` (a resumed run
         sends only the samples its checkpoint lacks)."""
@@ -262,9 +404,11 @@ class RayBackend:
         With the evaluator's ``checkpoint_dir``, every finished shard is checkpointed as it
         arrives (the format of a local run's batches), and ``resume`` restores the finished
         samples of an interrupted run of either backend: only the rest is sent to workers.
-        ``on_shard(done, total)`` is called once all shards are submitted (``done`` = 0) and
-        after each shard is merged and checkpointed; an exception it raises stops the run
-        (the finished shards stay in the checkpoint)."""
+        ``on_shard(done, total)`` is called once the first shards are submitted (``done`` =
+        0) and after each shard is merged and checkpointed; an exception it raises stops the
+        run (the finished shards stay in the checkpoint). Once the shards are merged, the
+        workers run the attack calls of the sanity checks and escalations
+        (:class:`RayAttackPool`)."""
         if ThreatModel.model_validate(spec.threat_model) != evaluator.tm:
             raise InputError("the work spec's threat model is not the evaluator's")
         idx = evaluator.samples()
@@ -273,38 +417,54 @@ class RayBackend:
         shards = [Shard.of(state, np.flatnonzero(done))] if done.any() else []
         parts = evaluator.plan_shards(self.shards, done, at_least=self.workers)
         self.submitted = [np.asarray(p) for p in parts]
-        if parts:
-            self._collect(evaluator, spec, state, parts, shards, on_shard)
-        elif on_shard is not None:
-            on_shard(0, 0)
-        return evaluator.finish(shards)
+        if not parts:  # all restored from the checkpoint: the checks run here
+            if on_shard is not None:
+                on_shard(0, 0)
+            return evaluator.finish(shards)
+        ray = self._ray()
+        actor = ray.remote(max_restarts=self.max_retries, max_task_retries=self.max_retries)(
+            ShardWorker
+        )
+        actors = [actor.remote(spec) for _ in range(self.workers)]
+        try:
+            self._collect(ray, actors, evaluator, state, parts, shards, on_shard)
+            # the workers, idle now, run the attack calls of the checks and escalations
+            self.pool = evaluator.pool = RayAttackPool(ray, actors)
+            try:
+                return evaluator.finish(shards)
+            finally:
+                evaluator.pool = None
+        finally:
+            for a in actors:
+                ray.kill(a)
 
     def _collect(
         self,
+        ray: Any,
+        actors: list[Any],
         evaluator: Evaluator,
-        spec: WorkSpec,
         state: RunState,
         parts: list[np.ndarray],
         shards: list[Shard],
         on_shard: Callable[[int, int], None] | None,
     ) -> None:
-        """Run ``parts`` on the workers; merge each shard into ``state`` as it arrives,
+        """Run ``parts`` on ``actors``; merge each shard into ``state`` as it arrives,
         checkpoint it and append it to ``shards``."""
-        ray = self._ray()
-        actor = ray.remote(max_restarts=self.max_retries, max_task_retries=self.max_retries)(
-            ShardWorker
-        )
-        actors = [actor.remote(spec) for _ in range(min(self.workers, len(parts)))]
         idx = state.records.index
         try:
             self.worker_pids = list(ray.get([a.pid.remote() for a in actors]))
-            pending = {actors[i % len(actors)].run.remote(p): i for i, p in enumerate(parts)}
-            if on_shard is not None:  # every shard submitted, none collected yet
+            # one shard in flight per actor; the next goes to the first actor free (shards of
+            # uneven cost, e.g. Square on a shard's survivors, do not leave an actor idle)
+            queue = list(range(len(parts)))
+            pending = {a.run.remote(parts[queue.pop(0)]): a for a in actors if queue}
+            if on_shard is not None:  # the first shards submitted, none collected yet
                 on_shard(0, len(parts))
             for n_done in range(1, len(parts) + 1):
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 pid, wire = ray.get(ready[0])
-                pending.pop(ready[0])
+                free = pending.pop(ready[0])
+                if queue:
+                    pending[free.run.remote(parts[queue.pop(0)])] = free
                 self.shard_pids.append(int(pid))
                 shard = shard_from_wire(wire)
                 absorb_shard(state, shard, evaluator.keep_examples)
@@ -316,6 +476,3 @@ class RayBackend:
             raise InputError(
                 f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             ) from None
-        finally:
-            for a in actors:
-                ray.kill(a)

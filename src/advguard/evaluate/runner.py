@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from advguard.attacks.base import AttackResult
 from advguard.attacks.norms import norm_of, parse_norm
 from advguard.attacks.registry import SuiteAttack, build_attack
 from advguard.errors import InputError
+from advguard.evaluate.api import AttackPool
 from advguard.evaluate.build_report import (
     build_report,
     declared_defense,
@@ -173,6 +175,9 @@ class Evaluator:
         self.keep_examples = keep_examples
         self.clock = clock or time.perf_counter  # injectable for tests: every timing uses it
         self._units: list[int] = []  # finished units in the checkpoint (first positions)
+        self.pool: AttackPool | None = None
+        """Workers for the attack calls of the sanity checks and escalations (set by a
+        distributed backend around :meth:`finish`); None runs them here."""
         self._validate()
         self.attack_model, self.judge_model, self.adaptive = adaptive_models(model, threat_model)
         if (  # probe local models only: a remote one's query budget is the user's
@@ -416,16 +421,16 @@ class Evaluator:
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            with torch.inference_mode() if query_only(attack) else nullcontext():
-                res = attack.run(
-                    model,
-                    xs[todo],
-                    ys[todo],
-                    eps,
-                    None if t is None else t[sel][todo],
-                    sample_ids=ids[todo],  # random draws keyed per sample, not by position
-                    stream=(label, stage, r),
-                )
+            res = self.run_attack(
+                attack,
+                model,
+                xs[todo],
+                ys[todo],
+                eps,
+                None if t is None else t[sel][todo],
+                sample_ids=ids[todo],  # random draws keyed per sample, not by position
+                stream=(label, stage, r),
+            )
             # success is re-verified below with the real model, bounds and ball
             ok = res.success.cpu()
             x_adv[todo[ok]] = res.x_adv.cpu()[ok]
@@ -456,6 +461,31 @@ class Evaluator:
                 state.key(e, label, stage),
             )
         return n_new
+
+    def run_attack(
+        self,
+        attack: SuiteAttack,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        targets: torch.Tensor | None = None,
+        *,
+        sample_ids: torch.Tensor,
+        stream: tuple[Any, ...] = (),
+    ) -> AttackResult:
+        """One attack call. With a :attr:`pool`, a call on the evaluation's own attack model
+        with an attack rebuildable from its recipe runs on the pool's workers (their query
+        counts are added to this model's counter); anything else runs here, a query-only
+        attack under ``torch.inference_mode``."""
+        pool = self.pool
+        if pool is not None and model is self.attack_model and attack.recipe is not None:
+            res, forward, gradient = pool.run(attack, x, y, eps, targets, sample_ids, stream)
+            self.model.queries.forward += forward
+            self.model.queries.gradient += gradient
+            return res
+        with torch.inference_mode() if query_only(attack) else nullcontext():
+            return attack.run(model, x, y, eps, targets, sample_ids=sample_ids, stream=stream)
 
     def reverify(
         self,

@@ -360,11 +360,12 @@ def _independent(
     """
     robust = []
     model = ev.attack_model
+    ids = torch.arange(len(subset))  # draws keyed by place in the subset (fixed by the run)
     for e, eps in enumerate(state.epsilons):
         t0 = ev.clock()
-        f0, g0 = model.queries.snapshot()
-        res = attack.run(model, x, y, eps)
-        f1, g1 = model.queries.snapshot()
+        f0, g0 = ev.model.queries.snapshot()
+        res = ev.run_attack(attack, model, x, y, eps, sample_ids=ids)
+        f1, g1 = ev.model.queries.snapshot()
         ok = res.success.cpu() & res.attacked.cpu()
         if eps > 0 and ok.any():
             fi = ok.nonzero().squeeze(1)
@@ -452,6 +453,7 @@ def _large_epsilon(
     span = hi - lo
     big = {"linf": span, "l2": span * d**0.5, "l1": span * d, "l0": float(d)}[norm]
     title = "Unbounded attack reaches ~0% robust accuracy"
+    ids = torch.arange(len(x))  # draws keyed by place in the subset (fixed by the run)
     candidates = [a.name for a in _white_attacks(state)] if is_white_box(ev.model) else []
     if not candidates:
         name, params = state.attacks[0].name, dict(state.attacks[0].spec_params)
@@ -465,7 +467,7 @@ def _large_epsilon(
         if name == "pgd":
             p.update(restarts=restarts, steps=100 * steps_mult)
         a = build_attack(name, norm=norm, seed=ev.tm.seed + 3, **p)
-        res = a.run(ev.attack_model, x, y, big)
+        res = ev.run_attack(a, ev.attack_model, x, y, big, sample_ids=ids)
         return 1.0 - float(res.success.float().mean())
 
     ra = measure(1, 1)
