@@ -152,7 +152,7 @@ def decision_view(rec: DecisionRecord, guard: Guard) -> dict[str, Any]:
 def summary(guard: Guard) -> dict[str, Any]:
     """Every sample of the guard's metrics registry (``_created`` left out), by family."""
     families: list[dict[str, Any]] = []
-    for fam in guard.metrics.registry.collect():
+    for fam in guard.metrics.collect():  # all workers' in multiprocess mode
         samples = [
             {"name": s.name, "labels": dict(s.labels), "value": s.value}
             for s in fam.samples

@@ -148,8 +148,6 @@ def add_incident_routes(
 def add_open_gauge(guard: Guard) -> None:
     """``advguard_guard_incidents_open``, counted in the guard database at each scrape (once
     per guard: several apps may serve one guard)."""
-    from prometheus_client import Gauge
-
     if getattr(guard.metrics, "incidents_open", None) is not None:
         return
 
@@ -159,12 +157,11 @@ def add_open_gauge(guard: Guard) -> None:
         except Exception:  # the database is down: no number rather than a failed scrape
             return float("nan")
 
-    gauge = Gauge(
+    gauge = guard.metrics.gauge(
         "advguard_guard_incidents_open",
         "Open incidents in the guard database (advguard incident open/close).",
-        registry=guard.metrics.registry,
     )
-    gauge.set_function(count)
+    guard.metrics.watch(gauge, count, per_worker=False)
     guard.metrics.incidents_open = gauge
 
 

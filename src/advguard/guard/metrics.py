@@ -6,28 +6,114 @@ is labelled with the first 12 hex digits of SHA-256(key id) for the top-N client
 space-saving sketch, :class:`TopClients`); every other client counts under ``other``, so the
 label has at most N + 1 values however many clients call. The metric names are a contract
 shared with dashboards, SLO rules and alerts (docs/operations.md lists them).
+
+With ``advguard guard serve --workers N`` each worker process writes its metrics to
+prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``, set by
+:func:`advguard.guard.server.serve` before the workers start) and ``/metrics`` answers the
+merge of every worker's files: counters and histograms are summed, each gauge is merged by its
+mode in :data:`GAUGE_MODES`. Gauges read at scrape time in one process (drift, open
+incidents) are written to the files instead: by the worker answering the scrape and, for
+drift, every :data:`REFRESH_S` seconds by each worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
+import math
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "GAUGE_MODES",
+    "MULTIPROC_ENV",
     "STAGES",
     "GuardMetrics",
     "TopClients",
     "client_label",
+    "multiprocess_dir",
+    "reap_dead_workers",
 ]
+
+#: The environment variable of prometheus_client's multiprocess mode (its directory).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: How each gauge is merged over the worker processes in multiprocess mode (prometheus_client's
+#: ``multiprocess_mode``; ``live*``: the files of a worker that exited are left out). The drift
+#: PSIs take the largest of the workers' windows (each worker sees its share of the traffic; an
+#: alert on a threshold fires when any window drifts); the confidence z-score, whose sign
+#: matters, is the most recently refreshed worker's; open incidents are counted in the shared
+#: database, so the value of the worker that answered the scrape (it refreshes it first).
+GAUGE_MODES = {
+    "advguard_guard_drift_input_psi": "livemax",
+    "advguard_guard_drift_prediction_psi": "livemax",
+    "advguard_guard_drift_confidence_zscore": "livemostrecent",
+    "advguard_guard_incidents_open": "livemostrecent",
+}
+#: Seconds between two writes of a worker's drift gauges to the multiprocess files.
+REFRESH_S = 5.0
+_MAX_MODES = ("max", "livemax")
+_MOSTRECENT_MODES = ("mostrecent", "livemostrecent")
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory this process writes its metrics to, or None when it keeps
+    them in memory (the variable was not set when prometheus_client was first imported)."""
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        return None
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_workers(path: str) -> list[int]:
+    """``mark_process_dead`` for every process with live-gauge files in ``path`` that no
+    longer runs (a worker killed without its shutdown hook); returns their pids."""
+    dead = set()
+    for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        tail = os.path.basename(f)[: -len(".db")].rsplit("_", 1)[-1]
+        if tail.isdigit() and not _alive(int(tail)):
+            dead.add(int(tail))
+    for pid in sorted(dead):
+        mark_process_dead(pid, path)
+    return sorted(dead)
+
+
+class _Merged:
+    """The merge of the workers' files; a ``max`` gauge no worker has a value for (each wrote
+    -inf, see :meth:`GuardMetrics.refresh`) reads NaN, as in one process."""
+
+    def __init__(self, path: str) -> None:
+        self.inner = MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.inner.collect():
+            if GAUGE_MODES.get(fam.name) in _MAX_MODES:
+                fam.samples = [
+                    s._replace(value=math.nan) if s.value == -math.inf else s for s in fam.samples
+                ]
+            yield fam
+
 
 #: The pipeline stages timed in ``advguard_guard_stage_latency_seconds``.
 STAGES = (
@@ -138,6 +224,11 @@ def _nth(fn: Callable[[], tuple[float, float, float]], i: int) -> Callable[[], f
 class GuardMetrics:
     def __init__(self, top_clients: int = 20) -> None:
         self.registry = CollectorRegistry()
+        #: prometheus_client's multiprocess directory when this is a worker of ``--workers N``.
+        self.multiproc = multiprocess_dir()
+        self._watched: list[tuple[Any, Callable[[], float], bool]] = []
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
         #: Registered by the incident routes (advguard.guard.incident_api), once per guard.
         self.incidents_open: Gauge | None = None
         self.requests = Counter(
@@ -236,27 +327,84 @@ class GuardMetrics:
         )
 
     def _add_drift_gauges(self) -> None:
-        self.drift_input_psi = Gauge(
+        self.drift_input_psi = self.gauge(
             "advguard_guard_drift_input_psi",
             "Mean population stability index of the input features over the sliding window "
             "against the reference profile (NaN until the window has enough rows).",
             ["model"],
-            registry=self.registry,
         )
-        self.drift_prediction_psi = Gauge(
+        self.drift_prediction_psi = self.gauge(
             "advguard_guard_drift_prediction_psi",
             "Population stability index of the predicted-class distribution over the sliding "
             "window against the reference profile.",
             ["model"],
-            registry=self.registry,
         )
-        self.drift_confidence_zscore = Gauge(
+        self.drift_confidence_zscore = self.gauge(
             "advguard_guard_drift_confidence_zscore",
             "z-score of the window's mean top-1 confidence against the reference mean "
             "(standard error of a window mean).",
             ["model"],
-            registry=self.registry,
         )
+
+    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
+        """A gauge on this guard's registry, merged over worker processes by its mode in
+        :data:`GAUGE_MODES` (the mode changes nothing in one process)."""
+        return Gauge(
+            name,
+            documentation,
+            list(labelnames),
+            registry=self.registry,
+            multiprocess_mode=GAUGE_MODES[name],  # type: ignore[arg-type]
+        )
+
+    def watch(self, gauge: Any, fn: Callable[[], float], *, per_worker: bool) -> None:
+        """Make ``gauge`` (unlabelled, or a child) read ``fn()`` at every scrape. In multiprocess
+        mode the value is written to this worker's file instead, when this worker answers a
+        scrape; ``per_worker`` values (this worker's own state, like its drift window) also
+        every :data:`REFRESH_S` seconds, and their NaN means "no value yet" (left out of the
+        merge), while a shared value (counted in the database) is written as it is."""
+        if self.multiproc is None:
+            gauge.set_function(fn)
+            return
+        self._watched.append((gauge, fn, per_worker))
+        if per_worker and self._refresher is None:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="advguard-metrics-refresh", daemon=True
+            )
+            self._refresher.start()
+
+    def refresh(self, *, per_worker_only: bool = False) -> None:
+        """Write the watched gauges' values to this worker's multiprocess file."""
+        for gauge, fn, per_worker in list(self._watched):
+            if per_worker_only and not per_worker:
+                continue
+            value = float(fn())
+            if per_worker and math.isnan(value):
+                mode = gauge._multiprocess_mode
+                if mode in _MOSTRECENT_MODES:
+                    continue  # keep the last value: another worker's may be the most recent
+                if mode in _MAX_MODES:
+                    value = -math.inf  # never the max; read back as NaN when no worker has one
+            gauge.set(value)
+
+    def _refresh_loop(self) -> None:
+        while True:
+            try:
+                self.refresh(per_worker_only=True)
+            except Exception as exc:  # a failed refresh must not end the loop
+                import logging
+
+                logging.getLogger("advguard.guard").warning(
+                    "metrics refresh failed (%s)", type(exc).__name__
+                )
+            if self._stop.wait(REFRESH_S):
+                return
+
+    def close(self) -> None:
+        """Stop the periodic refresh of the multiprocess gauges (if any)."""
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
 
     # -- recording helpers ---------------------------------------------------------------
     def stage(self, model: str, stage: str) -> Any:
@@ -297,7 +445,7 @@ class GuardMetrics:
         """Make the drift gauges of ``model`` read ``current()`` at every scrape."""
         gauges = (self.drift_input_psi, self.drift_prediction_psi, self.drift_confidence_zscore)
         for i, gauge in enumerate(gauges):
-            gauge.labels(model).set_function(_nth(current, i))
+            self.watch(gauge.labels(model), _nth(current, i), per_worker=True)
 
     def set_drift(self, model: str, values: Sequence[float]) -> None:
         psi_in, psi_pred, z = values
@@ -305,11 +453,28 @@ class GuardMetrics:
         self.drift_prediction_psi.labels(model).set(psi_pred)
         self.drift_confidence_zscore.labels(model).set(z)
 
+    def scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reads: this guard's registry in one process; in multiprocess mode a
+        fresh registry merging every worker's files (after this worker wrote its watched
+        gauges and the live gauges of workers that died were dropped)."""
+        if self.multiproc is None:
+            return self.registry
+        self.refresh()
+        reap_dead_workers(self.multiproc)
+        reg = CollectorRegistry()
+        reg.register(_Merged(self.multiproc))  # type: ignore[arg-type]
+        return reg
+
+    def collect(self) -> list[Metric]:
+        """The metric families a scrape would see (the admin summary reads them)."""
+        return list(self.scrape_registry().collect())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scrape_registry())
 
     def render_for(self, accept: str | None) -> tuple[bytes, str]:
-        """The exposition the scraper asked for: OpenMetrics (with exemplars) when its Accept
-        header names ``application/openmetrics-text``, else the Prometheus text format."""
+        """The exposition the scraper asked for: OpenMetrics (with exemplars; one process only,
+        prometheus_client's multiprocess files keep none) when its Accept header names
+        ``application/openmetrics-text``, else the Prometheus text format."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return encoder(self.scrape_registry()), content_type

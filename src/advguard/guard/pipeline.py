@@ -348,6 +348,7 @@ class Guard:
             self.background.close()
         self.store.close()
         self.telemetry.shutdown()
+        self.metrics.close()
 
     def get_model(self, name: str) -> ServedModel:
         if name != self.model.name:
