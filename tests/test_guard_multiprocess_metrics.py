@@ -169,7 +169,7 @@ def test_scrape_merges_the_workers_files(tmp_path, monkeypatch):
     finally:
         for m in (a, b, c):
             m.close()
-        values.MultiProcessValue().close_all_files()
+        values.close_all_multiprocess_files()
 
 
 def test_serve_prepares_a_private_directory(tmp_path, monkeypatch):
