@@ -95,7 +95,7 @@ def reap_dead_workers(path: str) -> list[int]:
         if tail.isdigit() and not _alive(int(tail)):
             dead.add(int(tail))
     for pid in sorted(dead):
-        mark_process_dead(pid, path)
+        mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
     return sorted(dead)
 
 
@@ -104,10 +104,10 @@ class _Merged:
     -inf, see :meth:`GuardMetrics.refresh`) reads NaN, as in one process."""
 
     def __init__(self, path: str) -> None:
-        self.inner = MultiProcessCollector(None, path=path)
+        self.inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Metric]:
-        for fam in self.inner.collect():
+        for fam in self.inner.collect():  # type: ignore[no-untyped-call]
             if GAUGE_MODES.get(fam.name) in _MAX_MODES:
                 fam.samples = [
                     s._replace(value=math.nan) if s.value == -math.inf else s for s in fam.samples
@@ -462,7 +462,7 @@ class GuardMetrics:
         self.refresh()
         reap_dead_workers(self.multiproc)
         reg = CollectorRegistry()
-        reg.register(_Merged(self.multiproc))  # type: ignore[arg-type]
+        reg.register(_Merged(self.multiproc))
         return reg
 
     def collect(self) -> list[Metric]:

@@ -65,7 +65,7 @@ class MarkDeadOnShutdown:
             if message["type"] == "lifespan.shutdown.complete":
                 from prometheus_client.multiprocess import mark_process_dead
 
-                mark_process_dead(os.getpid(), self.path)
+                mark_process_dead(os.getpid(), self.path)  # type: ignore[no-untyped-call]
             await send(message)
 
         await self.app(scope, receive, send_marking)
