@@ -226,6 +226,21 @@ class GuardMetrics:
             ["model", "detector", "action"],
             registry=self.registry,
         )
+        self.inline = Gauge(
+            "advguard_guard_inline",
+            "1 while the model's small requests run on the event loop, 0 while its inline "
+            "runs average over edge.inline_max_ms and they take the thread pool (absent until "
+            "the first switch: inline when edge.inline_max_body_bytes > 0).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.inline_switches = Counter(
+            "advguard_guard_inline_switches",
+            "Moves of a model's small requests between the event loop (to=loop) and the "
+            "thread pool (to=pool), by the inline rule (edge.inline_max_ms).",
+            ["model", "to"],
+            registry=self.registry,
+        )
         self.forensic_write_failures = Counter(
             "advguard_guard_forensic_write_failures",
             "Decision records that could not be written (the request failed with a 5xx; for "
