@@ -616,10 +616,12 @@ class Guard:
         obs: RequestObs | None = None,
     ) -> Outcome:
         """Record, count and answer a decided request (``probs``: its scores, None when
-        refused). With ``records`` the decision record is appended there for the caller to
-        commit (with others) before the answer leaves. Raises for reject/block."""
+        refused). With ``records`` a record to commit before the answer is appended there for
+        the caller to commit (with others) before the answer leaves and to count
+        (:meth:`count_committed`). Raises for reject/block."""
         latency_ms = (time.perf_counter() - p.started) * 1000.0
         model, key, action = p.model, p.key, p.action
+        deferred = False
         if p.forensic or self.cfg.forensics.record_all_decisions:
             rec = self.decision_record(p, latency_ms)
             if not p.forensic and self.background is not None:
@@ -628,9 +630,11 @@ class Guard:
             elif records is None:
                 with _stage(obs, "record"):
                     self.commit_record(rec, model)  # committed before the answer leaves
-            else:
+            else:  # its decision is counted once it is committed (:meth:`count_committed`)
                 records.append(rec)
-        self.metrics.child(self.metrics.decisions, model.name, model.version, action).inc()
+                deferred = True
+        if not deferred:
+            self.count_decision(model.name, model.version, action)
         self.observe(model, key, p.x, p.det, action, probs, obs)
         if obs is not None and obs.recording:
             obs.set({"advguard.decision.id": p.decision_id})
@@ -776,11 +780,26 @@ class Guard:
             review_status="pending" if p.action == "review" else None,
         )
 
+    def count_decision(self, model: str, version: str, action: str) -> None:
+        self.metrics.child(self.metrics.decisions, model, version, action).inc()
+
+    def count_committed(self, rec: DecisionRecord, error: BaseException | None) -> None:
+        """Count the decision of a record :meth:`conclude` left for its caller to commit:
+        its action, or ``error`` when the commit failed (and the request with it), as when
+        :meth:`conclude` commits it."""
+        self.count_decision(rec.model, rec.version, "error" if error is not None else rec.action)
+
     def commit_records(self, records: Sequence[DecisionRecord], model: ServedModel) -> None:
         """Commit the records :meth:`conclude` left in its ``records`` list (the inline path
-        does this in the thread pool, before the answer or the refusal leaves)."""
+        does this in the thread pool, before the answer or the refusal leaves), each counted
+        (:meth:`count_committed`); raises what :meth:`commit_record` raises."""
         for rec in records:
-            self.commit_record(rec, model)
+            try:
+                self.commit_record(rec, model)
+            except Exception as exc:
+                self.count_committed(rec, exc)
+                raise
+            self.count_committed(rec, None)
 
     def commit_record(self, rec: DecisionRecord, model: ServedModel) -> None:
         """Commit one decision record (in a group with concurrent ones); see
