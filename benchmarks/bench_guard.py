@@ -266,8 +266,9 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 120.
 
 
 def inline_switches(port: int) -> dict[str, float]:
-    """The guard's ``advguard_guard_inline_switches_total`` by ``to`` (loop, pool) and its
-    ``advguard_guard_inline`` gauge, from its /metrics (empty: never switched)."""
+    """The guard's ``advguard_guard_inline_switches_total`` by ``to`` (loop, pool), its
+    ``advguard_guard_inline`` gauge (absent: never switched) and the average inline run in ms
+    (``advguard_guard_inline_run_seconds``), from its /metrics."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             text = r.read().decode()
@@ -280,6 +281,8 @@ def inline_switches(port: int) -> dict[str, float]:
             out[f"to_{to}"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("advguard_guard_inline{"):
             out["inline_now"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("advguard_guard_inline_run_seconds{"):
+            out["inline_run_ms"] = round(float(line.rsplit(" ", 1)[1]) * 1000.0, 3)
     return out
 
 

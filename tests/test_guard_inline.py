@@ -117,6 +117,21 @@ def test_gate_first_slow_run_backoff_cap_other_models_and_off():
         InlineGate(0.002, clock=clock, probe_every=0)
 
 
+def test_a_run_counts_its_cpu_time_or_a_quarter_of_its_wall_time():
+    wall, cpu = FakeClock(), FakeClock()
+    gate = InlineGate(0.002, clock=wall, cpu_clock=cpu)
+    t0 = gate.start()
+    wall.advance(0.003)  # descheduled for 2 of 3 ms: counts its 1 ms of CPU
+    cpu.advance(0.001)
+    assert gate.sample(t0) == pytest.approx(0.001)
+    t0 = gate.start()
+    wall.advance(0.012)  # waited 11 ms on the loop (a lock, the GIL): a quarter counts
+    cpu.advance(0.001)
+    assert gate.sample(t0) == pytest.approx(0.003)
+    gate.record("m", t0)
+    assert gate.state("m").pooled  # first run over the bound
+
+
 # -- configuration -------------------------------------------------------------------------
 def test_inline_is_the_default_and_its_settings_are_validated(tmp_path):
     edge = GuardConfig().edge

@@ -17,6 +17,11 @@ One sample moves the average by at most ``alpha`` x (``clamp`` x the bound): a s
 half the bound to the pool, while a model that got slow is there within a few requests
 (from half the bound: 2 requests at 4x the bound or more, 4 at 2x; a first request over
 the bound at once).
+A run counts for the CPU time the loop's thread spent on it (``time.thread_time``), or a
+quarter (``wall_slack``) of its wall time when that is larger: other processes taking the
+CPU (the run waits, descheduled, and so would any other work) do not send a fast model to the
+pool, while a long wait on the loop (for a lock, the GIL, a full record queue) still does.
+
 The first request of a model runs inline (nothing is known yet); with a slow model that one
 request blocks the loop once.
 
@@ -59,22 +64,31 @@ class InlineGate:
         max_s: float,
         *,
         clock: Callable[[], float],
+        cpu_clock: Callable[[], float] | None = None,
+        wall_slack: float = 4.0,
         alpha: float = 0.1,
         clamp: float = 4.0,
         probe_every: int = 64,
         max_backoff: int = 16,
         on_switch: Callable[[str, bool], None] | None = None,
+        on_new: Callable[[str, InlineState], None] | None = None,
     ) -> None:
         if max_s < 0 or not 0 < alpha <= 1 or clamp < 1 or probe_every < 1 or max_backoff < 1:
             raise ValueError("InlineGate: bad parameters")
+        if wall_slack < 1:
+            raise ValueError("InlineGate: wall_slack must be at least 1")
         self.max_s = float(max_s)
         self.clock = clock
+        self.cpu_clock = clock if cpu_clock is None else cpu_clock
+        self.wall_slack = wall_slack
         self.alpha = alpha
         self.clamp = clamp
         self.probe_every = probe_every
         self.max_backoff = max_backoff
         #: Called with (model, inline) when a model moves to the pool (False) or back (True).
         self.on_switch = on_switch
+        #: Called with (model, state) when a model is first seen (the metrics' gauge).
+        self.on_new = on_new
         self._states: dict[str, InlineState] = {}
         self._lock = threading.Lock()
 
@@ -87,7 +101,12 @@ class InlineGate:
         st = self._states.get(model)
         if st is None:
             with self._lock:
-                st = self._states.setdefault(model, InlineState())
+                st = self._states.get(model)
+                new = st is None
+                if st is None:
+                    st = self._states[model] = InlineState()
+            if new and self.on_new is not None:
+                self.on_new(model, st)
         return st
 
     def admit(self, model: str) -> bool:
@@ -110,13 +129,20 @@ class InlineGate:
             st.pool += 1
             return False
 
-    def start(self) -> float:
-        """The clock's reading before an inline run (pass it to :meth:`record`)."""
-        return self.clock()
+    def start(self) -> tuple[float, float]:
+        """The clocks' readings before an inline run (pass them to :meth:`record`)."""
+        return self.clock(), self.cpu_clock()
 
-    def record(self, model: str, started: float) -> None:
+    def sample(self, started: tuple[float, float]) -> float:
+        """Seconds an inline run that began at ``started`` counts for: the CPU time of the
+        thread that ran it, or its wall time / ``wall_slack`` when that is larger."""
+        wall = self.clock() - started[0]
+        cpu = self.cpu_clock() - started[1]
+        return max(0.0, cpu, wall / self.wall_slack)
+
+    def record(self, model: str, started: tuple[float, float]) -> None:
         """An inline run of ``model`` that began at ``started`` (:meth:`start`) just ended."""
-        took = max(0.0, self.clock() - started)
+        took = self.sample(started)
         st = self.state(model)
         switched: bool | None = None
         with self._lock:

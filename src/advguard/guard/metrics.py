@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -234,6 +235,14 @@ class GuardMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.inline_run = Gauge(
+            "advguard_guard_inline_run_seconds",
+            "Moving average of the model's inline runs (event loop time per small request, "
+            "the measure the inline rule compares with edge.inline_max_ms; NaN before the "
+            "first).",
+            ["model"],
+            registry=self.registry,
+        )
         self.inline_switches = Counter(
             "advguard_guard_inline_switches",
             "Moves of a model's small requests between the event loop (to=loop) and the "
@@ -307,6 +316,13 @@ class GuardMetrics:
         h = self.child(self.top1_confidence, model, version)
         for c in probs.max(axis=1).tolist():
             h.observe(c)
+
+    def watch_inline(self, model: str, state: Any) -> None:
+        """Make ``advguard_guard_inline_run_seconds{model}`` read ``state.ewma_s`` (an
+        :class:`advguard.guard.inline.InlineState`) at every scrape."""
+        self.inline_run.labels(model).set_function(
+            lambda: math.nan if state.ewma_s is None else state.ewma_s
+        )
 
     def watch_drift(self, model: str, current: Callable[[], tuple[float, float, float]]) -> None:
         """Make the drift gauges of ``model`` read ``current()`` at every scrape."""

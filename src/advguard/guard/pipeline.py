@@ -243,11 +243,6 @@ class Guard:
         self.store = store
         #: Keys, blocks, throttles and isolations read by requests, kept auth.cache_ttl_s.
         self.controls = ControlCache(store, cfg.auth.cache_ttl_s, clock=clock or time.monotonic)
-        #: Which small requests run on the event loop (edge.inline_max_*; advguard.guard.inline).
-        inline_s = cfg.edge.inline_max_ms / 1000.0 if cfg.edge.inline_max_body_bytes else 0.0
-        self.inline = InlineGate(
-            inline_s, clock=clock or time.perf_counter, on_switch=self._inline_switched
-        )
         self.model = model
         self.fallback = fallback
         self.detectors = list(detectors)
@@ -258,6 +253,15 @@ class Guard:
         self.rng = rng or random.Random()
         self.metrics = GuardMetrics(cfg.telemetry.top_clients)
         self.telemetry = Telemetry(self.metrics, tracer_provider)
+        #: Which small requests run on the event loop (edge.inline_max_*; advguard.guard.inline).
+        inline_s = cfg.edge.inline_max_ms / 1000.0 if cfg.edge.inline_max_body_bytes else 0.0
+        self.inline = InlineGate(
+            inline_s,
+            clock=clock or time.perf_counter,
+            cpu_clock=clock or time.thread_time,
+            on_switch=self._inline_switched,
+            on_new=self.metrics.watch_inline,
+        )
         from advguard.defenses.transforms.text import TextNormalizer
 
         self.normalizer = TextNormalizer()
