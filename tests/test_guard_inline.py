@@ -82,8 +82,8 @@ def test_gate_sends_a_slow_model_to_the_pool_and_a_probe_brings_it_back():
     )
     assert all(_run(gate, clock, 1.0) for _ in range(20))
     assert gate.state("m").ewma_s == pytest.approx(0.001)
-    assert _run(gate, clock, 50.0)  # one long pause: clamped to 4x the bound, stays inline
-    assert not gate.state("m").pooled and gate.state("m").ewma_s == pytest.approx(0.0017)
+    assert _run(gate, clock, 50.0)  # one long pause: clamped to 2x the bound, stays inline
+    assert not gate.state("m").pooled and gate.state("m").ewma_s == pytest.approx(0.0013)
     for _ in range(30):
         assert _run(gate, clock, 1.0)
     # the model got slower (3 ms, 1.5x the bound): a few requests later it takes the pool
@@ -191,10 +191,12 @@ def test_a_slow_model_takes_the_thread_pool_until_a_probe_finds_it_fast(
 
         post()
         assert hops == []  # fast: inline
-        module.delay_s = 0.010  # 5x the bound: 3 inline runs send the model to the pool
-        for _ in range(3):
+        module.delay_s = 0.010  # 5x the bound: a few inline runs send the model to the pool
+        n = 0
+        while not g.inline.state("digits").pooled:
             post()
-        assert hops == [] and g.inline.state("digits").pooled
+            n += 1
+        assert n == 7 and hops == []  # 0.4, 0.76, ... 2.09 ms: each run counts 4 ms at most
         for _ in range(3):
             post()
         assert hops == ["admit_and_process"] * 3  # off the event loop

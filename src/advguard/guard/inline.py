@@ -15,8 +15,8 @@ blocks the loop ever more rarely.
 One sample moves the average by at most ``alpha`` x (``clamp`` x the bound): a single pause
 (a garbage collection, another thread holding the GIL) does not send a model that averages
 half the bound to the pool, while a model that got slow is there within a few requests
-(from half the bound: 2 requests at 4x the bound or more, 4 at 2x; a first request over
-the bound at once).
+(from half the bound: 4 requests at twice the bound or more; a first request over the bound
+at once).
 A run counts for the CPU time the loop's thread spent on it (``time.thread_time``), or a
 quarter (``wall_slack``) of its wall time when that is larger: other processes taking the
 CPU (the run waits, descheduled, and so would any other work) do not send a fast model to the
@@ -67,7 +67,7 @@ class InlineGate:
         cpu_clock: Callable[[], float] | None = None,
         wall_slack: float = 4.0,
         alpha: float = 0.1,
-        clamp: float = 4.0,
+        clamp: float = 2.0,
         probe_every: int = 64,
         max_backoff: int = 16,
         on_switch: Callable[[str, bool], None] | None = None,
