@@ -244,11 +244,7 @@ async def serve_prediction(
                 outcome, extra, budget = await run_in_threadpool(admit_and_process)
         else:  # the batch runs in the batcher's thread
             if inline:
-                t0 = guard.inline.start()
-                try:
-                    x, extra, budget = admit()
-                finally:
-                    guard.inline.record(model.name, t0)
+                x, extra, budget = timed_inline(guard, model, admit)
             else:
                 x, extra, budget = await run_in_threadpool(admit)
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
@@ -266,6 +262,16 @@ async def serve_prediction(
             time.perf_counter() - started, obs.exemplar()
         )
         obs.finish(status)
+
+
+def timed_inline(guard: Guard, model: ServedModel, work: Callable[[], T]) -> T:
+    """``work()`` on the event loop, timed for the inline gate (a batched request's
+    admission)."""
+    t0 = guard.inline.start()
+    try:
+        return work()
+    finally:
+        guard.inline.record(model.name, t0)
 
 
 async def run_inline(

@@ -254,14 +254,7 @@ class Guard:
         self.metrics = GuardMetrics(cfg.telemetry.top_clients)
         self.telemetry = Telemetry(self.metrics, tracer_provider)
         #: Which small requests run on the event loop (edge.inline_max_*; advguard.guard.inline).
-        inline_s = cfg.edge.inline_max_ms / 1000.0 if cfg.edge.inline_max_body_bytes else 0.0
-        self.inline = InlineGate(
-            inline_s,
-            clock=clock or time.perf_counter,
-            cpu_clock=clock or time.thread_time,
-            on_switch=self._inline_switched,
-            on_new=self.metrics.watch_inline,
-        )
+        self.inline = self._inline_gate(clock)
         from advguard.defenses.transforms.text import TextNormalizer
 
         self.normalizer = TextNormalizer()
@@ -433,6 +426,18 @@ class Guard:
             return  # (nothing is cached with auth.cache_ttl_s 0: every request reads)
         with contextlib.suppress(*DEPENDENCY_ERRORS):
             self.controls.isolation(model)
+
+    def _inline_gate(self, clock: Callable[[], float] | None) -> InlineGate:
+        """The inline gate of ``edge.inline_max_*`` on ``clock`` (wall and CPU time alike;
+        default: ``time.perf_counter`` and the thread's CPU time)."""
+        edge = self.cfg.edge
+        return InlineGate(
+            edge.inline_max_ms / 1000.0 if edge.inline_max_body_bytes else 0.0,
+            clock=clock or time.perf_counter,
+            cpu_clock=clock or time.thread_time,
+            on_switch=self._inline_switched,
+            on_new=self.metrics.watch_inline,
+        )
 
     def _inline_switched(self, model: str, inline: bool) -> None:
         """The inline gate moved ``model`` to the thread pool (False) or back (True)."""
