@@ -308,3 +308,40 @@ def test_bodies_over_the_limit_take_the_pool(tmp_path, digits_module, digits_spl
         assert hops == ["admit_and_process"]
     finally:
         g.close()
+
+
+def test_a_slow_batched_admission_takes_the_thread_pool(
+    tmp_path, digits_module, digits_split, hops
+):
+    """With micro-batching the admission (parse, validation, budget) runs on the loop under
+    the same rule: made slow, it moves to the thread pool; the batch answers the same."""
+    clock = FakeClock()
+    cfg = {"batching": {"max_batch": 4, "max_wait_ms": 0}}
+    g = make_guard(tmp_path, digits_module, cfg=cfg, clock=clock)
+    real_validate = g.validate
+    delay = {"s": 0.0}
+
+    def slow_validate(raw: Any, model: Any) -> np.ndarray:
+        clock.advance(delay["s"])
+        return real_validate(raw, model)
+
+    g.validate = slow_validate  # type: ignore[method-assign]
+    x = digits_split[2][:1].tolist()
+    try:
+        with TestClient(create_app(g)) as client:
+            key = create_key(g.store, "a").key
+            first = _post(client, key, x)
+            assert first.status_code == 200 and hops == []
+            delay["s"] = 0.050
+            n = 0
+            while not g.inline.state("digits").pooled:
+                assert _post(client, key, x).status_code == 200
+                n += 1
+            assert n == 7 and hops == []
+            r = _post(client, key, x)
+            assert r.status_code == 200 and hops == ["admit"]
+            np.testing.assert_allclose(
+                r.json()["probabilities"], first.json()["probabilities"], atol=1e-6
+            )
+    finally:
+        g.close()
