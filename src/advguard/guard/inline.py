@@ -5,22 +5,23 @@ validated, decided and answered on the event loop, without the thread-pool hop (
 model the hop costs more than the work: a third of the guard's CPU per request at 32
 connections). But the loop serves every connection: while one request's pipeline runs there,
 no other request is read or answered. So :class:`InlineGate` keeps, per model, a moving
-average of how long its inline pipelines took (an EWMA on an injected monotonic clock), and
-when it exceeds ``edge.inline_max_ms`` the model's requests take the thread pool. Every
-``probe_every``-th request of a model in the pool runs inline once more (a probe, measured
-like any inline run); a probe within the bound brings the model back inline, a slow one
-doubles the probe interval (up to ``max_backoff`` x ``probe_every``) so that a model that stays slow
-blocks the loop ever more rarely.
+average of how long its inline runs took (an EWMA on injected clocks), and when it exceeds
+``edge.inline_max_ms`` the model's requests take the thread pool. Every ``probe_every``-th
+request of a model in the pool runs inline once more (a probe, measured like any inline run);
+a probe within the bound brings the model back inline, a slow one doubles the probe interval
+(up to ``max_backoff`` x ``probe_every``) so that a model that stays slow blocks the loop
+ever more rarely.
 
-One sample moves the average by at most ``alpha`` x (``clamp`` x the bound): a single pause
-(a garbage collection, another thread holding the GIL) does not send a model that averages
-half the bound to the pool, while a model that got slow is there within a few requests
-(from half the bound: 4 requests at twice the bound or more; a first request over the bound
-at once).
 A run counts for the CPU time the loop's thread spent on it (``time.thread_time``), or a
 quarter (``wall_slack``) of its wall time when that is larger: other processes taking the
 CPU (the run waits, descheduled, and so would any other work) do not send a fast model to the
 pool, while a long wait on the loop (for a lock, the GIL, a full record queue) still does.
+
+One sample moves the average by at most ``alpha`` x (``clamp`` x the bound): a single pause
+(a garbage collection, another thread holding the GIL) does not send a model that averages
+half the bound to the pool, while a model that got slow is there within a few requests (from
+half the bound: 4 requests at twice the bound or more; a first request over the bound at
+once).
 
 The first request of a model runs inline (nothing is known yet); with a slow model that one
 request blocks the loop once.
