@@ -267,8 +267,8 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 120.
 
 def inline_switches(port: int) -> dict[str, float]:
     """The guard's ``advguard_guard_inline_switches_total`` by ``to`` (loop, pool), its
-    ``advguard_guard_inline`` gauge (absent: never switched) and the average inline run in ms
-    (``advguard_guard_inline_run_seconds``), from its /metrics."""
+    ``advguard_guard_inline`` gauge (1: on the loop, 0: in the pool) and the average inline
+    run in ms (``advguard_guard_inline_run_seconds``), from its /metrics."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             text = r.read().decode()

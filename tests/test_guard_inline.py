@@ -191,6 +191,8 @@ def test_a_slow_model_takes_the_thread_pool_until_a_probe_finds_it_fast(
 
         post()
         assert hops == []  # fast: inline
+        m = g.metrics.registry.get_sample_value
+        assert m("advguard_guard_inline", {"model": "digits"}) == 1.0
         module.delay_s = 0.010  # 5x the bound: a few inline runs send the model to the pool
         n = 0
         while not g.inline.state("digits").pooled:
@@ -200,11 +202,12 @@ def test_a_slow_model_takes_the_thread_pool_until_a_probe_finds_it_fast(
         for _ in range(3):
             post()
         assert hops == ["admit_and_process"] * 3  # off the event loop
+        assert m("advguard_guard_inline", {"model": "digits"}) == 0.0
+        assert m("advguard_guard_inline_run_seconds", {"model": "digits"}) > 0.002
         module.delay_s = 0.0  # fast again: the 4th request is a probe on the loop
         post()
         post()
         assert hops == ["admit_and_process"] * 3 and not g.inline.state("digits").pooled
-        m = g.metrics.registry.get_sample_value
         assert m("advguard_guard_inline", {"model": "digits"}) == 1.0
         assert m("advguard_guard_inline_switches_total", {"model": "digits", "to": "pool"}) == 1
         assert m("advguard_guard_inline_switches_total", {"model": "digits", "to": "loop"}) == 1

@@ -230,8 +230,8 @@ class GuardMetrics:
         self.inline = Gauge(
             "advguard_guard_inline",
             "1 while the model's small requests run on the event loop, 0 while its inline "
-            "runs average over edge.inline_max_ms and they take the thread pool (absent until "
-            "the first switch: inline when edge.inline_max_body_bytes > 0).",
+            "runs average over edge.inline_max_ms and they take the thread pool (from the "
+            "model's first small request on; absent while inline is off).",
             ["model"],
             registry=self.registry,
         )
@@ -318,8 +318,10 @@ class GuardMetrics:
             h.observe(c)
 
     def watch_inline(self, model: str, state: Any) -> None:
-        """Make ``advguard_guard_inline_run_seconds{model}`` read ``state.ewma_s`` (an
+        """A model the inline rule sees for the first time: ``advguard_guard_inline{model}``
+        is 1 and ``advguard_guard_inline_run_seconds{model}`` reads ``state.ewma_s`` (an
         :class:`advguard.guard.inline.InlineState`) at every scrape."""
+        self.inline.labels(model).set(1.0)
         self.inline_run.labels(model).set_function(
             lambda: math.nan if state.ewma_s is None else state.ewma_s
         )
