@@ -7,17 +7,25 @@ same batch-1 JSON bodies to it:
 
 * ``plain``: a minimal FastAPI endpoint: read the JSON, ``np.asarray``, the model's
   ``predict_proba`` in the thread pool, answer labels and probabilities. The floor.
-* ``guard``: ``advguard guard serve`` (``advguard.guard.server.serve``), detectors off: API
-  key, rate limit and budget, body and input validation, metrics, a decision record per
-  request (SQLite, the default ``record_all_decisions: true``).
+* ``guard``: ``advguard guard serve`` (``advguard.guard.server.serve``) with its defaults,
+  detectors off: API key, rate limit and budget, body and input validation, metrics, a
+  decision record per request (SQLite, the default ``record_all_decisions: true``); small
+  requests (the benchmark's ~5 KB bodies) run on the event loop while the model's inline runs
+  average under ``edge.inline_max_ms`` (2 ms; advguard.guard.inline), else in the thread pool.
+* ``guard-pool``: ``guard`` with ``edge: {inline_max_body_bytes: 0}``: every request takes
+  the thread-pool hop (the defaults before issue 13).
 * ``guard-fs``: the same with feature squeezing (1-bit depth + 2x2 median, calibrated at 5%
   FPR on held-out MNIST) rejecting above its threshold: three model passes per request.
 * ``guard-batch`` / ``guard-fs-batch``: the two above with micro-batching
   (``batching: {max_batch: 32, max_wait_ms: 2}``).
-* ``guard-inline``: ``guard`` with ``edge: {inline_max_body_bytes: 65536}`` (every request of
-  the benchmark runs on the event loop, without the thread-pool hop); ``guard-batch-inline``:
-  ``guard-batch`` with the same (each request's admission on the loop, the batch in the
-  batcher's thread).
+* ``guard-inline``: ``guard`` with ``edge: {inline_max_ms: 1000}``: every request of the
+  benchmark runs on the event loop whatever it takes (the opt-in setting before issue 13);
+  ``guard-batch-inline``: ``guard-batch`` with the same (each request's admission on the
+  loop, the batch in the batcher's thread; ``guard-batch``'s defaults admit on the loop too
+  while admission stays under the bound).
+
+After the runs the JSON's ``inline_switches`` gives, per guard configuration, how often the
+inline rule moved the model to the thread pool and back (``advguard_guard_inline_switches``).
 
 Each configuration runs at 1 connection (latency) and at 32 connections (throughput), for
 ``--duration`` seconds per run, over ``--rounds`` rounds that interleave the configurations so
@@ -71,6 +79,7 @@ DATA_CANDIDATES = (DEFAULT_DATA, HERE.parents[2] / "shared" / "datasets" / "mnis
 CONFIGS = (
     "plain",
     "guard",
+    "guard-pool",
     "guard-fs",
     "guard-batch",
     "guard-fs-batch",
@@ -212,8 +221,11 @@ def guard_yaml(name: str, db_dir: Path | None = None) -> str:
         lines += ["detectors:", "  - {name: fs, path: fs}"]
     if "-batch" in name:
         lines += ["batching: {max_batch: 32, max_wait_ms: 2}"]
-    if name.endswith("-inline"):  # batch-1 bodies are ~5 KB: all run on the event loop
-        lines += ["edge: {inline_max_body_bytes: 65536}"]
+    # batch-1 bodies are ~5 KB: under the default edge.inline_max_body_bytes (64 KiB)
+    if name.endswith("-pool"):  # every request takes the thread-pool hop
+        lines += ["edge: {inline_max_body_bytes: 0}"]
+    if name.endswith("-inline"):  # on the event loop whatever the inline runs take
+        lines += ["edge: {inline_max_ms: 1000}"]
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +263,27 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 120.
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"server on port {port} did not become ready")
+
+
+def inline_switches(port: int) -> dict[str, float]:
+    """The guard's ``advguard_guard_inline_switches_total`` by ``to`` (loop, pool), its
+    ``advguard_guard_inline`` gauge (1: on the loop, 0: in the pool) and the average inline
+    run in ms (``advguard_guard_inline_run_seconds``), from its /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("advguard_guard_inline_switches_total{"):
+            to = line.split('to="', 1)[1].split('"', 1)[0]
+            out[f"to_{to}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("advguard_guard_inline{"):
+            out["inline_now"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("advguard_guard_inline_run_seconds{"):
+            out["inline_run_ms"] = round(float(line.rsplit(" ", 1)[1]) * 1000.0, 3)
+    return out
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -441,6 +474,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 for name, (port, proc) in servers.items():
                     r = run_wrk(port, scripts[name], c, args.duration, proc.pid)
                     results[name].setdefault(c, []).append(r)
+        switches = {n: inline_switches(port) for n, (port, _) in servers.items() if n != "plain"}
     finally:
         for _port, proc in servers.values():
             proc.send_signal(signal.SIGINT)
@@ -476,6 +510,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": {k: v for k, v in meta.items() if k != "weights"},
         "detector": {"kind": "feature-squeezing", **prep["detector"]},
         "rows": {n: {str(c): r for c, r in by_c.items()} for n, by_c in rows.items()},
+        "inline_switches": switches,
         "targets_text": TARGETS_TEXT,
         "targets": targets,
         "targets_pass": bool(targets) and all(t["pass"] for t in targets),

@@ -177,6 +177,19 @@ def test_text_depth_equals_the_walk_on_random_documents():
     assert _text_depth(b"5") == _depth(5, 10) == 1
 
 
+def test_text_depth_of_long_documents_and_strings_with_brackets():
+    """Over 512 brackets the depth is summed with numpy; brackets inside strings never
+    count, however many."""
+    rng = random.Random(1)
+    for _ in range(200):
+        obj = [_random_json(rng, 1) for _ in range(rng.randrange(100, 400))]
+        body = json.dumps(obj).encode()
+        assert _text_depth(body) == _depth(obj, 10**6)
+    wide = {"inputs": [[[0.5] * 8] * 8] * 200, "note": "[[[[{{{{" * 100}
+    assert _text_depth(json.dumps(wide).encode()) == _depth(wide, 100) == 4
+    assert _text_depth(b"[" + b"[1]," * 20000 + b"[1]]") == 2
+
+
 def test_parse_json_still_refuses_deep_documents():
     deep = ("[" * 40 + "]" * 40).encode()
     with pytest.raises(Problem) as e:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -36,10 +36,11 @@ from advguard.guard.problems import MEDIA_TYPE, Problem, ProblemModel, openapi_r
 from advguard.guard.ratelimit import LimitResult
 from advguard.guard.rollout import add_rollout_routes
 from advguard.guard.serving import ServedModel
-from advguard.guard.storage import KeyRecord
+from advguard.guard.storage import DecisionRecord, KeyRecord
 from advguard.guard.telemetry import RequestObs
 
 log = logging.getLogger("advguard.guard")
+T = TypeVar("T")
 
 AUTH_ERRORS = (
     "unauthorized",
@@ -228,18 +229,24 @@ async def serve_prediction(
             with obs.stage("limit"):
                 return x, extra, guard.check_budget(key, model.name, len(x))
 
-        def admit_and_process() -> tuple[Outcome, Any, LimitResult | None]:
+        def admit_and_process(
+            records: list[DecisionRecord] | None = None,
+        ) -> tuple[Outcome, Any, LimitResult | None]:
             x, extra, budget = admit()
-            return guard.process(key, model, x, started, obs), extra, budget
+            return guard.process(key, model, x, started, obs, records), extra, budget
 
-        inline = guard.runs_inline(len(body))  # a small request: no thread-pool hop
+        # a small request of a fast model: no thread-pool hop (advguard.guard.inline)
+        inline = guard.runs_inline(len(body), model)
         if guard.batcher is None:  # at most one thread-pool hop for all the blocking steps
             if inline:
-                outcome, extra, budget = admit_and_process()
+                outcome, extra, budget = await run_inline(guard, model, obs, admit_and_process)
             else:
                 outcome, extra, budget = await run_in_threadpool(admit_and_process)
         else:  # the batch runs in the batcher's thread
-            x, extra, budget = admit() if inline else await run_in_threadpool(admit)
+            if inline:
+                x, extra, budget = timed_inline(guard, model, admit)
+            else:
+                x, extra, budget = await run_in_threadpool(admit)
             outcome = await guard.batcher.submit(BatchItem(key, model, x, started), len(x))
         headers = budget.headers() if budget is not None else {}
         headers["X-Decision-Id"] = outcome.decision_id
@@ -255,6 +262,43 @@ async def serve_prediction(
             time.perf_counter() - started, obs.exemplar()
         )
         obs.finish(status)
+
+
+def timed_inline(guard: Guard, model: ServedModel, work: Callable[[], T]) -> T:
+    """``work()`` on the event loop, timed for the inline gate (a batched request's
+    admission)."""
+    t0 = guard.inline.start()
+    try:
+        return work()
+    finally:
+        guard.inline.record(model.name, t0)
+
+
+async def run_inline(
+    guard: Guard,
+    model: ServedModel,
+    obs: RequestObs,
+    work: Callable[[list[DecisionRecord]], T],
+) -> T:
+    """``work(records)`` on the event loop, timed for the inline gate; the decision records
+    it leaves in ``records`` (those committed before the answer: forensic ones) are committed
+    in the thread pool, so that no database write blocks the loop. A refusal leaves after its
+    record too; a failed commit wins over it (as when the record is committed in the pool)."""
+    records: list[DecisionRecord] = []
+    refused: Problem | None = None
+    t0 = guard.inline.start()
+    try:
+        result = work(records)
+    except Problem as p:
+        refused = p
+    finally:
+        guard.inline.record(model.name, t0)
+    if records:
+        with obs.stage("record"):
+            await run_in_threadpool(guard.commit_records, records, model)
+    if refused is not None:
+        raise refused
+    return result
 
 
 def request_obs(
@@ -318,7 +362,7 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         openapi_extra={**PREDICT_BODY, "security": SECURITY},
     )
     async def predict(name: str, request: Request) -> JSONResponse:
-        key = await request_key(guard, request, "predict")
+        key = await request_key(guard, request, "predict", name)
         return await serve_prediction(guard, "v1-predict", name, key, request, parse_v1, render_v1)
 
     @app.post(
@@ -329,7 +373,7 @@ def add_prediction_routes(app: FastAPI, guard: Guard) -> None:
         openapi_extra={**V2_BODY, "security": SECURITY},
     )
     async def v2_infer(name: str, request: Request) -> JSONResponse:
-        key = await request_key(guard, request, "predict")
+        key = await request_key(guard, request, "predict", name)
         return await serve_prediction(guard, "v2-infer", name, key, request, parse_v2, render_v2)
 
     @app.get(

@@ -449,8 +449,10 @@ def _process_group(guard: Guard, items: list[BatchItem]) -> list[BatchResult]:
         owners.extend([len(results) - 1] * (len(records) - n))
     # every answer of the batch waits for its own record: one transaction for all of them
     for owner, rec, err in zip(owners, records, guard.recorder.add_many(records), strict=True):
+        failed = None
         if err is not None:
             failed = guard.record_failure(err, model, rec.id)  # None: forensics.fail_open
             if failed is not None:
                 results[owner] = BatchResult(error=failed)
+        guard.count_committed(rec, failed)
     return results

@@ -124,13 +124,20 @@ class EdgeConfig(_Strict):
     out_of_bounds: Literal["reject", "clip"] = "reject"
     #: Longest text (characters) a text model accepts per input.
     max_text_chars: int = Field(default=10_000, ge=1, le=10_000_000)
-    #: Requests whose body has at most this many bytes are parsed, validated and answered on
-    #: the event loop, without the thread-pool hop (for small models, where the hop costs
-    #: more than the work). The loop is blocked meanwhile, also by the commit of a flagged
-    #: request's forensic record. 0 (default): every request takes the hop. With
-    #: ``batching`` only the admission (parse, validation, budget) runs on the loop; never
-    #: with Redis limits (their I/O does not run on the loop).
-    inline_max_body_bytes: int = Field(default=0, ge=0, le=1 << 20)
+    #: Requests whose body has at most this many bytes are parsed, validated, decided and
+    #: answered on the event loop, without the thread-pool hop (for small models the hop
+    #: costs more than the work), as long as the model's inline runs take at most
+    #: ``inline_max_ms`` on average (advguard.guard.inline: a slower model's requests take
+    #: the pool, with a probe on the loop now and then). A decision record that must be
+    #: committed before the answer (forensic, or ``plain_records: before-answer``) is
+    #: committed in the thread pool. With ``batching`` only the admission (parse,
+    #: validation, budget) runs on the loop; never with Redis limits (their I/O does not
+    #: run on the loop). 0: every request takes the hop.
+    inline_max_body_bytes: int = Field(default=65536, ge=0, le=1 << 20)
+    #: Bound on the moving average of a model's inline run (milliseconds of event loop
+    #: blocked per request); over it, the model's requests take the thread pool. 0: no
+    #: request runs inline.
+    inline_max_ms: float = Field(default=2.0, ge=0, le=1000)
 
 
 class SanitizeConfig(_Strict):

@@ -68,6 +68,10 @@ class ControlCache:
         """Whether :meth:`client` answers ``key_id`` without reading the database."""
         return self._clients.fresh(key_id, self.clock(), self.store.generation)[0]
 
+    def isolation_is_fresh(self, model: str) -> bool:
+        """Whether :meth:`isolation` answers ``model`` without reading the database."""
+        return self._isolation.fresh(model, self.clock(), self.store.generation)[0]
+
     def client(self, key_id: str) -> ClientState | None:
         """The client's key, block and throttle (None: no such key; never cached)."""
         gen = self.store.generation

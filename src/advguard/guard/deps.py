@@ -44,13 +44,25 @@ SECURITY: list[dict[str, list[str]]] = [
 ]
 
 
-async def request_key(guard: Guard, request: Request, scope: str) -> KeyRecord:
+async def request_key(
+    guard: Guard, request: Request, scope: str, model: str | None = None
+) -> KeyRecord:
     """What :func:`key_dependency` does, for the hot prediction routes, without FastAPI's
     dependency resolution (a sixth of the guard's CPU per request in a profile): the key from
     ``Authorization: Bearer`` or ``X-API-Key``, authenticated for ``scope``. Those routes
-    declare :data:`SECURITY` in their OpenAPI operation themselves."""
+    declare :data:`SECURITY` in their OpenAPI operation themselves. When the key's rows must
+    be read (in the thread pool), ``model``'s isolation is read there too if it is not cached
+    (:meth:`Guard.warm_isolation`), so that the request's pipeline may run on the event loop."""
     headers = request.headers
     auth, x_api_key = headers.get("authorization"), headers.get("x-api-key")
     if guard.auth_is_local(auth, x_api_key):
         return guard.authenticate(auth, x_api_key, scope)
-    return await run_in_threadpool(guard.authenticate, auth, x_api_key, scope)
+    if model is None:
+        return await run_in_threadpool(guard.authenticate, auth, x_api_key, scope)
+
+    def authenticate_and_warm() -> KeyRecord:
+        key = guard.authenticate(auth, x_api_key, scope)
+        guard.warm_isolation(model)
+        return key
+
+    return await run_in_threadpool(authenticate_and_warm)

@@ -59,6 +59,10 @@ GAUGE_MODES = {
     "advguard_guard_drift_prediction_psi": "livemax",
     "advguard_guard_drift_confidence_zscore": "livemostrecent",
     "advguard_guard_incidents_open": "livemostrecent",
+    # 0 as soon as one worker has moved the model's small requests to the thread pool
+    "advguard_guard_inline": "livemin",
+    # the slowest worker's moving average (the one nearest the edge.inline_max_ms bound)
+    "advguard_guard_inline_run_seconds": "livemax",
 }
 #: Seconds between two writes of a worker's drift gauges to the multiprocess files.
 REFRESH_S = 5.0
@@ -317,6 +321,27 @@ class GuardMetrics:
             ["model", "detector", "action"],
             registry=self.registry,
         )
+        self.inline = self.gauge(
+            "advguard_guard_inline",
+            "1 while the model's small requests run on the event loop, 0 while its inline "
+            "runs average over edge.inline_max_ms and they take the thread pool (from the "
+            "model's first small request on; absent while inline is off).",
+            ["model"],
+        )
+        self.inline_run = self.gauge(
+            "advguard_guard_inline_run_seconds",
+            "Moving average of the model's inline runs (event loop time per small request, "
+            "the measure the inline rule compares with edge.inline_max_ms; NaN before the "
+            "first).",
+            ["model"],
+        )
+        self.inline_switches = Counter(
+            "advguard_guard_inline_switches",
+            "Moves of a model's small requests between the event loop (to=loop) and the "
+            "thread pool (to=pool), by the inline rule (edge.inline_max_ms).",
+            ["model", "to"],
+            registry=self.registry,
+        )
         self.forensic_write_failures = Counter(
             "advguard_guard_forensic_write_failures",
             "Decision records that could not be written (the request failed with a 5xx; for "
@@ -440,6 +465,17 @@ class GuardMetrics:
         h = self.child(self.top1_confidence, model, version)
         for c in probs.max(axis=1).tolist():
             h.observe(c)
+
+    def watch_inline(self, model: str, state: Any) -> None:
+        """A model the inline rule sees for the first time: ``advguard_guard_inline{model}``
+        is 1 and ``advguard_guard_inline_run_seconds{model}`` reads ``state.ewma_s`` (an
+        :class:`advguard.guard.inline.InlineState`) at every scrape."""
+        self.inline.labels(model).set(1.0)
+        self.watch(
+            self.inline_run.labels(model),
+            lambda: math.nan if state.ewma_s is None else state.ewma_s,
+            per_worker=True,
+        )
 
     def watch_drift(self, model: str, current: Callable[[], tuple[float, float, float]]) -> None:
         """Make the drift gauges of ``model`` read ``current()`` at every scrape."""

@@ -11,6 +11,7 @@ flags clients, not rows. The YAML sections ``detectors:`` and ``stateful:`` conf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -34,6 +35,7 @@ from advguard.guard.drift import DriftMonitor, load_profile
 from advguard.guard.edge import as_float_array, check_batch
 from advguard.guard.failsafe import DEPENDENCY_ERRORS, note_fail_open, unavailable
 from advguard.guard.forensics import encode_payload, fingerprint, load_fernet
+from advguard.guard.inline import InlineGate
 from advguard.guard.metrics import GuardMetrics
 from advguard.guard.modalities import tabular_batch, text_batch
 from advguard.guard.problems import Problem
@@ -251,6 +253,8 @@ class Guard:
         self.rng = rng or random.Random()
         self.metrics = GuardMetrics(cfg.telemetry.top_clients)
         self.telemetry = Telemetry(self.metrics, tracer_provider)
+        #: Which small requests run on the event loop (edge.inline_max_*; advguard.guard.inline).
+        self.inline = self._inline_gate(clock)
         from advguard.defenses.transforms.text import TextNormalizer
 
         self.normalizer = TextNormalizer()
@@ -400,11 +404,57 @@ class Guard:
         kid = key_id_of(extract_key(authorization, x_api_key))
         return kid is None or self.controls.client_is_fresh(kid)
 
-    def runs_inline(self, body_bytes: int) -> bool:
-        """Whether a request of ``body_bytes`` runs on the event loop (no thread-pool hop):
-        ``edge.inline_max_body_bytes`` and in-memory limits. With micro-batching only its
-        admission (parse, validation, budget) does; the batch runs in the batcher's thread."""
-        return body_bytes <= self.cfg.edge.inline_max_body_bytes and not self.limiter.shared
+    def runs_inline(self, body_bytes: int, model: ServedModel) -> bool:
+        """Whether a request of ``body_bytes`` for ``model`` runs on the event loop (no
+        thread-pool hop): ``edge.inline_max_body_bytes``, in-memory limits, the model's
+        isolation cached (no database read) and the inline gate (``edge.inline_max_ms``). With
+        micro-batching only its admission (parse, validation, budget) does; the batch runs in
+        the batcher's thread. A True answer must be followed by ``inline.record``."""
+        return (
+            body_bytes <= self.cfg.edge.inline_max_body_bytes
+            and not self.limiter.shared
+            and self.controls.isolation_is_fresh(model.name)
+            and self.inline.admit(model.name)
+        )
+
+    def warm_isolation(self, model: str) -> None:
+        """Read the isolation of ``model`` (if served here) into the control cache unless it
+        is cached: done in a thread-pool hop a request takes anyway (authentication), so that
+        its pipeline then reads no database on the event loop. A failed read is left to the
+        request's own (which fails closed)."""
+        cache = self.controls
+        if model != self.model.name or cache.ttl_s <= 0 or cache.isolation_is_fresh(model):
+            return  # (nothing is cached with auth.cache_ttl_s 0: every request reads)
+        with contextlib.suppress(*DEPENDENCY_ERRORS):
+            self.controls.isolation(model)
+
+    def _inline_gate(self, clock: Callable[[], float] | None) -> InlineGate:
+        """The inline gate of ``edge.inline_max_*`` on ``clock`` (wall and CPU time alike;
+        default: ``time.perf_counter`` and the thread's CPU time)."""
+        edge = self.cfg.edge
+        return InlineGate(
+            edge.inline_max_ms / 1000.0 if edge.inline_max_body_bytes else 0.0,
+            clock=clock or time.perf_counter,
+            cpu_clock=clock or time.thread_time,
+            on_switch=self._inline_switched,
+            on_new=self.metrics.watch_inline,
+        )
+
+    def _inline_switched(self, model: str, inline: bool) -> None:
+        """The inline gate moved ``model`` to the thread pool (False) or back (True)."""
+        self.metrics.inline.labels(model).set(1.0 if inline else 0.0)
+        self.metrics.inline_switches.labels(model, "loop" if inline else "pool").inc()
+        st = self.inline.state(model)
+        ms = (st.ewma_s or 0.0) * 1000.0
+        if inline:
+            log.info("model %s runs inline again (probe took %.2f ms)", model, ms)
+        else:
+            log.info(
+                "model %s takes the thread pool: its inline runs average %.2f ms (bound %.2f)",
+                model,
+                ms,
+                self.cfg.edge.inline_max_ms,
+            )
 
     def rate_is_local(self, key: KeyRecord) -> bool:
         """Whether :meth:`check_rate` does no I/O (memory limits, the client's rows cached)."""
@@ -497,10 +547,12 @@ class Guard:
         x: np.ndarray,
         started: float,
         obs: RequestObs | None = None,
+        records: list[DecisionRecord] | None = None,
     ) -> Outcome:
         """Route the request (production or canary, a shadow copy; :mod:`.rollout`), then run
-        :meth:`run_stages` on the chosen model and its detectors."""
-        return self.rollout.process(key, model, x, started, obs)
+        :meth:`run_stages` on the chosen model and its detectors (``records``: see
+        :meth:`conclude`)."""
+        return self.rollout.process(key, model, x, started, obs, records)
 
     def run_stages(
         self,
@@ -510,10 +562,13 @@ class Guard:
         started: float,
         obs: RequestObs | None = None,
         detectors: Sequence[DetectorSlot] | None = None,
+        records: list[DecisionRecord] | None = None,
     ) -> Outcome:
         """Run sanitize -> detect -> decide -> answer -> record on a validated batch whose
         rate and budget were already taken. Raises :class:`Problem` for reject/block. Each
-        stage is timed (and traced) through ``obs`` (default: a fresh one, finished here)."""
+        stage is timed (and traced) through ``obs`` (default: a fresh one, finished here).
+        With ``records`` a record to commit before the answer is left there (:meth:`conclude`).
+        """
         own = obs is None
         run = self.telemetry.request(model.name) if obs is None else obs
         try:
@@ -522,7 +577,7 @@ class Guard:
             if not pending.refused:
                 with run.stage("predict"):
                     probs = self.answer(model, pending.xs, pending.row_actions)
-            return self.conclude(pending, probs, obs=run)
+            return self.conclude(pending, probs, records, obs=run)
         except Problem as p:
             if p.slug == "dependency-unavailable":  # the decision store failed: an error
                 self.metrics.decisions.labels(model.name, model.version, "error").inc()
@@ -571,10 +626,12 @@ class Guard:
         obs: RequestObs | None = None,
     ) -> Outcome:
         """Record, count and answer a decided request (``probs``: its scores, None when
-        refused). With ``records`` the decision record is appended there for the caller to
-        commit (with others) before the answer leaves. Raises for reject/block."""
+        refused). With ``records`` a record to commit before the answer is appended there for
+        the caller to commit (with others) before the answer leaves and to count
+        (:meth:`count_committed`). Raises for reject/block."""
         latency_ms = (time.perf_counter() - p.started) * 1000.0
         model, key, action = p.model, p.key, p.action
+        deferred = False
         if p.forensic or self.cfg.forensics.record_all_decisions:
             rec = self.decision_record(p, latency_ms)
             if not p.forensic and self.background is not None:
@@ -583,9 +640,11 @@ class Guard:
             elif records is None:
                 with _stage(obs, "record"):
                     self.commit_record(rec, model)  # committed before the answer leaves
-            else:
+            else:  # its decision is counted once it is committed (:meth:`count_committed`)
                 records.append(rec)
-        self.metrics.child(self.metrics.decisions, model.name, model.version, action).inc()
+                deferred = True
+        if not deferred:
+            self.count_decision(model.name, model.version, action)
         self.observe(model, key, p.x, p.det, action, probs, obs)
         if obs is not None and obs.recording:
             obs.set({"advguard.decision.id": p.decision_id})
@@ -730,6 +789,27 @@ class Guard:
             payload_encrypted=payload is not None,
             review_status="pending" if p.action == "review" else None,
         )
+
+    def count_decision(self, model: str, version: str, action: str) -> None:
+        self.metrics.child(self.metrics.decisions, model, version, action).inc()
+
+    def count_committed(self, rec: DecisionRecord, error: BaseException | None) -> None:
+        """Count the decision of a record :meth:`conclude` left for its caller to commit:
+        its action, or ``error`` when the commit failed (and the request with it), as when
+        :meth:`conclude` commits it."""
+        self.count_decision(rec.model, rec.version, "error" if error is not None else rec.action)
+
+    def commit_records(self, records: Sequence[DecisionRecord], model: ServedModel) -> None:
+        """Commit the records :meth:`conclude` left in its ``records`` list (the inline path
+        does this in the thread pool, before the answer or the refusal leaves), each counted
+        (:meth:`count_committed`); raises what :meth:`commit_record` raises."""
+        for rec in records:
+            try:
+                self.commit_record(rec, model)
+            except Exception as exc:
+                self.count_committed(rec, exc)
+                raise
+            self.count_committed(rec, None)
 
     def commit_record(self, rec: DecisionRecord, model: ServedModel) -> None:
         """Commit one decision record (in a group with concurrent ones); see

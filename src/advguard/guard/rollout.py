@@ -49,7 +49,7 @@ from advguard.errors import AdvguardError, InputError
 from advguard.guard.config import RolloutConfig
 from advguard.guard.problems import Problem
 from advguard.guard.serving import ServedModel, load_served_model
-from advguard.guard.storage import GuardStore, KeyRecord, StoreCorrupt, now
+from advguard.guard.storage import DecisionRecord, GuardStore, KeyRecord, StoreCorrupt, now
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -328,14 +328,18 @@ class Rollout:
         x: np.ndarray,
         started: float,
         obs: RequestObs | None = None,
+        records: list[DecisionRecord] | None = None,
     ) -> Outcome:
         """Route the request, run the guard's stages on the chosen variant, feed the rollback
-        window and (shadow mode) hand a copy to the canary."""
+        window and (shadow mode) hand a copy to the canary (``records``: see
+        :meth:`~advguard.guard.pipeline.Guard.conclude`)."""
         route = self.route(key, model)
         v = route.variant
         self.guard.metrics.child(self.routed, v.model.name, v.model.version, route.role).inc()
         try:
-            out = self.guard.run_stages(key, v.model, x, started, obs, detectors=v.detectors)
+            out = self.guard.run_stages(
+                key, v.model, x, started, obs, detectors=v.detectors, records=records
+            )
         except Problem as p:
             p.model_version = p.model_version or v.model.version
             self.observe(route.role, p.slug in FLAG_SLUGS, p.status >= 500)

@@ -47,6 +47,12 @@ GUARD_METRICS: dict[str, MetricType] = {
     "advguard_guard_stateful_alerts_total": "counter",
     # {model}
     "advguard_guard_forensic_write_failures_total": "counter",
+    # {model}: 1 small requests on the event loop, 0 in the thread pool (the inline rule)
+    "advguard_guard_inline": "gauge",
+    # {model}: moving average of the model's inline runs, seconds
+    "advguard_guard_inline_run_seconds": "gauge",
+    # {model, to}: moves between the event loop (to=loop) and the thread pool (to=pool)
+    "advguard_guard_inline_switches_total": "counter",
     # {model}
     "advguard_guard_drift_input_psi": "gauge",
     "advguard_guard_drift_prediction_psi": "gauge",
