@@ -11,7 +11,7 @@ same batch-1 JSON bodies to it:
   detectors off: API key, rate limit and budget, body and input validation, metrics, a
   decision record per request (SQLite, the default ``record_all_decisions: true``); small
   requests (the benchmark's ~5 KB bodies) run on the event loop while the model's inline runs
-  average under ``edge.inline_max_ms`` (2 ms; advguard.guard.inline), else in the thread pool.
+  average under ``edge.inline_max_ms`` (5 ms; advguard.guard.inline), else in the thread pool.
 * ``guard-pool``: ``guard`` with ``edge: {inline_max_body_bytes: 0}``: every request takes
   the thread-pool hop (the defaults before issue 13).
 * ``guard-fs``: the same with feature squeezing (1-bit depth + 2x2 median, calibrated at 5%

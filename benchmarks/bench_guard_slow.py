@@ -5,7 +5,7 @@ random weights: ~10-20 ms a forward pass on one torch thread) is served by the g
 configurations, each in its own uvicorn process (one worker, one torch thread):
 
 * ``slow-defaults``: the defaults (small requests inline while the model's inline runs
-  average under ``edge.inline_max_ms``, 2 ms);
+  average under ``edge.inline_max_ms``, 5 ms);
 * ``slow-inline``: ``edge: {inline_max_ms: 1000}``: every request on the event loop;
 * ``slow-pool``: ``edge: {inline_max_body_bytes: 0}``: every request in the thread pool.
 

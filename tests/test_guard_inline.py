@@ -135,7 +135,7 @@ def test_a_run_counts_its_cpu_time_or_a_quarter_of_its_wall_time():
 # -- configuration -------------------------------------------------------------------------
 def test_inline_is_the_default_and_its_settings_are_validated(tmp_path):
     edge = GuardConfig().edge
-    assert edge.inline_max_body_bytes == 65536 and edge.inline_max_ms == 2.0
+    assert edge.inline_max_body_bytes == 65536 and edge.inline_max_ms == 5.0
     cfg = parse_config("edge: {inline_max_ms: 0.5, inline_max_body_bytes: 1024}\n")
     assert cfg.edge.inline_max_ms == 0.5
     for text, field in (
