@@ -107,7 +107,7 @@ class AttackPool(Protocol):
     ``run`` splits the rows of ``x`` among the workers, each rebuilding ``attack`` from its
     :attr:`~advguard.attacks.registry.SuiteAttack.recipe` and running its rows on its own copy
     of the evaluation's attack model; every draw is keyed by ``sample_ids``, so the joined
-    result is the one a local call returns. Returns ``(result, forward, gradient)``: the
+    result is the one a local call returns. Its ``forward_evals``/``gradient_evals`` are the
     queries the workers' models counted."""
 
     def run(
@@ -119,4 +119,4 @@ class AttackPool(Protocol):
         targets: torch.Tensor | None,
         sample_ids: torch.Tensor,
         stream: tuple[Any, ...],
-    ) -> tuple[AttackResult, int, int]: ...
+    ) -> AttackResult: ...

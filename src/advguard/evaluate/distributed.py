@@ -234,7 +234,7 @@ class RayAttackPool:
         targets: torch.Tensor | None,
         sample_ids: torch.Tensor,
         stream: tuple[Any, ...],
-    ) -> tuple[AttackResult, int, int]:
+    ) -> AttackResult:
         parts = [p for p in np.array_split(np.arange(len(x)), len(self.actors)) if len(p)]
         xs, ys = x.detach().cpu(), y.cpu()
         ts = None if targets is None else targets.cpu()
@@ -254,9 +254,7 @@ class RayAttackPool:
         try:
             got = self.ray.get(refs)
         except self.ray.exceptions.RayError as e:
-            raise InputError(
-                f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-            ) from None
+            raise _workers_failed(e) from None
         self.calls += 1
         outs = [attack_result_from_wire(w, xs[p]) for (w, _, _), p in zip(got, parts, strict=True)]
 
@@ -264,17 +262,21 @@ class RayAttackPool:
             return torch.cat([o[k] for o in outs])
 
         queries = cat("queries") if all("queries" in o for o in outs) else None
-        forward, gradient = sum(int(f) for _, f, _ in got), sum(int(g) for _, _, g in got)
-        res = AttackResult(
+        return AttackResult(
             x_adv=cat("x_adv"),
             success=cat("success"),
             raw=cat("raw"),
             attacked=cat("attacked"),
-            forward_evals=forward,
-            gradient_evals=gradient,
+            forward_evals=sum(int(f) for _, f, _ in got),
+            gradient_evals=sum(int(g) for _, _, g in got),
             queries=queries,
         )
-        return res, forward, gradient
+
+
+def _workers_failed(e: BaseException) -> InputError:
+    return InputError(
+        f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    )
 
 
 def import_ray() -> Any:
@@ -473,6 +475,4 @@ class RayBackend:
                 if on_shard is not None:
                     on_shard(n_done, len(parts))
         except ray.exceptions.RayError as e:
-            raise InputError(
-                f"the Ray workers failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-            ) from None
+            raise _workers_failed(e) from None

@@ -480,9 +480,9 @@ class Evaluator:
         attack under ``torch.inference_mode``."""
         pool = self.pool
         if pool is not None and model is self.attack_model and attack.recipe is not None:
-            res, forward, gradient = pool.run(attack, x, y, eps, targets, sample_ids, stream)
-            self.model.queries.forward += forward
-            self.model.queries.gradient += gradient
+            res = pool.run(attack, x, y, eps, targets, sample_ids, stream)
+            self.model.queries.forward += res.forward_evals
+            self.model.queries.gradient += res.gradient_evals
             return res
         with torch.inference_mode() if query_only(attack) else nullcontext():
             return attack.run(model, x, y, eps, targets, sample_ids=sample_ids, stream=stream)

@@ -286,13 +286,10 @@ async def run_inline(
     record too; a failed commit wins over it (as when the record is committed in the pool)."""
     records: list[DecisionRecord] = []
     refused: Problem | None = None
-    t0 = guard.inline.start()
     try:
-        result = work(records)
+        result = timed_inline(guard, model, lambda: work(records))
     except Problem as p:
         refused = p
-    finally:
-        guard.inline.record(model.name, t0)
     if records:
         with obs.stage("record"):
             await run_in_threadpool(guard.commit_records, records, model)

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import glob
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -33,6 +34,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+log = logging.getLogger("advguard.guard")
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -417,11 +420,7 @@ class GuardMetrics:
             try:
                 self.refresh(per_worker_only=True)
             except Exception as exc:  # a failed refresh must not end the loop
-                import logging
-
-                logging.getLogger("advguard.guard").warning(
-                    "metrics refresh failed (%s)", type(exc).__name__
-                )
+                log.warning("metrics refresh failed (%s)", type(exc).__name__)
             if self._stop.wait(REFRESH_S):
                 return
 
