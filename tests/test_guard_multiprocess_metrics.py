@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,9 +30,8 @@ from advguard.errors import InputError
 from advguard.guard import server
 from advguard.guard.config import GuardConfig
 from advguard.guard.metrics import GuardMetrics, reap_dead_workers
-from advguard.models.io import save_torch
-from advguard.models.zoo import mlp
 from guard_helpers import free_port
+from model_files import mlp_file
 
 FACTORY_KW = {"input_shape": [1, 8, 8], "num_classes": 10, "hidden": [16]}
 N_REQUESTS = 40
@@ -221,18 +219,7 @@ def _redis_or_skip() -> None:
 
 
 def _model(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "digits.safetensors"
-    save_torch(
-        mlp(**FACTORY_KW),
-        path,
-        factory="advguard.models.zoo:mlp",
-        factory_kwargs=FACTORY_KW,
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        bounds=(0.0, 1.0),
-    )
-    return path
+    return mlp_file(tmp_path / "digits.safetensors", **FACTORY_KW)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, deadline_s: float = 120.0) -> None:

@@ -19,8 +19,7 @@ from advguard.evaluate.job import load_model_and_data
 from advguard.evaluate.report import report_fields
 from advguard.evaluate.runner import Evaluator, evaluate
 from advguard.evaluate.threat_model import ThreatModel
-from advguard.models import TorchClassifier
-from advguard.models.io import save_torch
+from model_files import digits_cnn_file, tiny_job
 
 
 def _numbers(report) -> dict[str, Any]:
@@ -37,16 +36,7 @@ def job(digits_module, digits_split, tmp_path_factory):
     """Model file, data file and threat model; shards of 6 samples = batches of 6."""
     _, _, x_te, y_te = digits_split
     d = tmp_path_factory.mktemp("ray")
-    model = TorchClassifier(digits_module, input_shape=(1, 8, 8), num_classes=10)
-    path = save_torch(
-        model,
-        d / "model.safetensors",
-        factory="advguard.models.zoo:small_cnn",
-        factory_kwargs={"input_shape": [1, 8, 8], "num_classes": 10},
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        bounds=(0.0, 1.0),
-    )
+    path = digits_cnn_file(digits_module, d / "model.safetensors")
     np.savez(d / "data.npz", x=x_te[:120], y=y_te[:120])
     tm = ThreatModel.model_validate(
         dict(
@@ -213,18 +203,8 @@ def test_cli_evaluate_backend_ray(tmp_path, ray_session):
     from typer.testing import CliRunner
 
     from advguard.cli import app
-    from advguard.models.zoo import mlp
 
-    torch.manual_seed(0)
-    clf = TorchClassifier(mlp((4,), 3, hidden=(8,)), input_shape=(4,), num_classes=3)
-    model = save_torch(
-        clf,
-        tmp_path / "m.safetensors",
-        factory="advguard.models.zoo:mlp",
-        factory_kwargs={"input_shape": [4], "num_classes": 3, "hidden": [8]},
-    )
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.random((40, 4), dtype=np.float32), y=rng.integers(0, 3, 40))
+    model, _ = tiny_job(tmp_path)
     (tmp_path / "tm.yaml").write_text(
         "name: t\nnorm: linf\nepsilons: [0.1, 0.3]\nsamples: 20\nbatch_size: 5\n"
         "attacks: [{attack: pgd, steps: 3}]\nsanity_checks: false\n"

@@ -19,17 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import advguard
 from advguard.cli import app
 from advguard.evaluate.report import report_fields
-from advguard.models import TorchClassifier
-from advguard.models.io import save_torch
-from advguard.models.zoo import mlp
+from model_files import tiny_job
 
 pytest.importorskip("ray", reason="ray:// needs the 'ray' extra (pip install 'advguard[ray]')")
 pytest.importorskip("grpc", reason="ray:// needs ray[client] (grpcio): pip install 'advguard[ray]'")
@@ -124,16 +120,7 @@ def head() -> Iterator[tuple[str, dict[str, str], Path]]:
 
 def test_cli_evaluate_through_a_ray_client_address(head, tmp_path):
     address, env, tmp = head
-    torch.manual_seed(0)
-    clf = TorchClassifier(mlp((4,), 3, hidden=(8,)), input_shape=(4,), num_classes=3)
-    model = save_torch(
-        clf,
-        tmp_path / "m.safetensors",
-        factory="advguard.models.zoo:mlp",
-        factory_kwargs={"input_shape": [4], "num_classes": 3, "hidden": [8]},
-    )
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.random((40, 4), dtype=np.float32), y=rng.integers(0, 3, 40))
+    model, _ = tiny_job(tmp_path)
     (tmp_path / "tm.yaml").write_text(
         "name: t\nnorm: linf\nepsilons: [0.1, 0.3]\nsamples: 24\nbatch_size: 6\n"
         "attacks: [{attack: pgd, steps: 3}, {attack: fgsm}]\n"

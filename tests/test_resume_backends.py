@@ -19,8 +19,7 @@ from advguard.evaluate.job import load_model_and_data
 from advguard.evaluate.report import report_fields
 from advguard.evaluate.runner import Evaluator, evaluate
 from advguard.evaluate.threat_model import ThreatModel
-from advguard.models import TorchClassifier
-from advguard.models.io import save_torch
+from model_files import digits_cnn_file
 
 
 class Stop(Exception):
@@ -45,16 +44,7 @@ def job(digits_module, digits_split, tmp_path_factory):
     """Model and data files, a threat model with 4 batches of 6, the uninterrupted local run."""
     _, _, x_te, y_te = digits_split
     d = tmp_path_factory.mktemp("resume")
-    model = TorchClassifier(digits_module, input_shape=(1, 8, 8), num_classes=10)
-    path = save_torch(
-        model,
-        d / "model.safetensors",
-        factory="advguard.models.zoo:small_cnn",
-        factory_kwargs={"input_shape": [1, 8, 8], "num_classes": 10},
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        bounds=(0.0, 1.0),
-    )
+    path = digits_cnn_file(digits_module, d / "model.safetensors")
     np.savez(d / "data.npz", x=x_te[:120], y=y_te[:120])
     tm = ThreatModel.model_validate(
         dict(
