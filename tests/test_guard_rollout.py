@@ -612,3 +612,116 @@ def test_canary_from_the_config_file_and_its_reload(tmp_path):
                input_shape=(1, 4, 4), num_classes=10, bounds=(0.0, 1.0))  # fmt: skip
     with pytest.raises(InputError, match="restart"):
         Guard.from_config(parse_config(text, "g.yaml", tmp_path)).close()
+
+
+# -- micro-batching with a canary ---------------------------------------------------------------
+def _batch(g: Guard, key: Any, n: int, seed: int = 0) -> list[Any]:
+    """``n`` one-row requests through one micro-batch (what the batcher runs): each result's
+    value (an outcome) or error."""
+    from advguard.guard.batching import BatchItem, process_batch
+
+    items = [BatchItem(key, g.model, xs(1, seed=seed + i), time.perf_counter()) for i in range(n)]
+    return [r.error if r.error is not None else r.value for r in process_batch(g, items)]
+
+
+class CountingModel:
+    """Wraps a served model's classifier: records the size of each predict call."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.inner = model.classifier
+        self.input_shape, self.num_classes = (1, 8, 8), 10
+        self.bounds = model.classifier.bounds
+        self.calls: list[int] = []
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append(len(x))
+        return self.inner.predict_proba(x)
+
+
+def test_batching_routes_each_request_and_runs_each_version_as_one_group(tmp_path):
+    cfg = {"batching": {"max_batch": 64}, "rollout": {"weight": 0.25, "seed": 7}}
+    prod, canary = linear(0, "digits:1"), linear(1, "digits:2")
+    prod.classifier = CountingModel(prod)  # type: ignore[assignment]
+    canary.classifier = CountingModel(canary)  # type: ignore[assignment]
+    config = GuardConfig.model_validate({"limits": NO_LIMITS, **cfg})
+    store = GuardStore(f"sqlite:///{tmp_path / 'guard.db'}")
+    g = Guard(config, store=store, model=prod, canary=canary)
+    key = create_key(g.store, "a").record
+    out = _batch(g, key, 40)
+    draws = random.Random(7)
+    want = ["digits:2" if draws.random() < 0.25 else "digits:1" for _ in range(40)]
+    assert [o.model.version for o in out] == want and want.count("digits:2") == 15
+    # one model call per version for the whole batch; each answer is its version's
+    assert prod.classifier.calls == [25] and canary.classifier.calls == [15]  # type: ignore[attr-defined]
+    for i, o in enumerate(out):
+        ref = linear(1 if o.model.version == "digits:2" else 0, "r")
+        np.testing.assert_allclose(o.probabilities, ref.predict_proba(xs(1, seed=i)), atol=1e-6)
+    assert metric(g, "advguard_guard_routed_requests_total", model="digits",
+                  version="digits:2", role="canary") == 15  # fmt: skip
+    assert g.rollout.status()["canary"]["window"]["requests"] == 15
+    g.close()
+
+
+def test_batching_uses_the_canarys_detectors_and_rolls_a_flagging_canary_back(tmp_path):
+    flagger = [DetectorSlot("always", AlwaysFlags(), [(0.5, "reject")])]
+    cfg = {
+        "batching": {"max_batch": 64},
+        "rollout": {
+            "weight": 0.5,
+            "seed": 11,
+            "rollback": {"window_requests": 50, "min_requests": 10, "max_flag_rate": 0.2},
+        },
+    }
+    g = build(tmp_path, cfg, canary=linear(1, "digits:2"), canary_detectors=flagger)
+    key = create_key(g.store, "a").record
+    out = _batch(g, key, 40)
+    draws = random.Random(11)
+    to_canary = [draws.random() < 0.5 for _ in range(40)]
+    # the canary's rows were rejected by its own detector, production's were answered
+    for hit, o in zip(to_canary, out, strict=True):
+        if hit:
+            assert isinstance(o, Problem) and o.slug == "rejected"
+            assert o.model_version == "digits:2"
+        else:
+            assert o.model.version == "digits:1" and o.action == "allow"
+    st = g.rollout.status()
+    assert sum(to_canary) >= 10 and st["weight"] == 0.0 and st["rolled_back"] == "flag_rate"
+    # after the rollback every request of the next batch goes to production
+    assert all(o.model.version == "digits:1" for o in _batch(g, key, 20, seed=100))
+    g.close()
+
+
+def test_batching_in_shadow_mode_answers_from_production_and_mirrors(tmp_path):
+    canary = nudged(0.1, "digits:2")
+    cfg = {"batching": {"max_batch": 64}, "rollout": {"weight": 1.0, "mode": "shadow"}}
+    g = build(tmp_path, cfg, canary=canary)
+    key = create_key(g.store, "a").record
+    out = _batch(g, key, 30)
+    prod = linear(0, "p")
+    assert all(o.model.version == "digits:1" for o in out)
+    for i, o in enumerate(out):
+        np.testing.assert_allclose(o.probabilities, prod.predict_proba(xs(1, seed=i)), atol=1e-6)
+    g.rollout.drain()
+    st = g.rollout.status()["shadow"]
+    x = np.concatenate([xs(1, seed=i) for i in range(30)])
+    agree = int((prod.predict_proba(x).argmax(1) == canary.predict_proba(x).argmax(1)).sum())
+    assert st["requests"] == 30 and st["rows"] == 30 and st["rows_agree"] == agree < 30
+    g.close()
+
+
+def test_batching_with_a_canary_through_the_http_api(tmp_path):
+    cfg = {"batching": {"max_batch": 8, "max_wait_ms": 1}, "rollout": {"weight": 0.5, "seed": 5}}
+    g = build(tmp_path, cfg, canary=linear(1, "digits:2"))
+    key = create_key(g.store, "a").key
+    with TestClient(create_app(g)) as client:
+        got = set()
+        for i in range(20):
+            r = client.post(
+                "/v1/models/digits/predict",
+                json={"inputs": xs(1, seed=i).tolist()},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert r.status_code == 200
+            got.add(r.json()["model_version"])
+    assert got == {"digits:1", "digits:2"}
+    g.close()

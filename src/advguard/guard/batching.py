@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:
-    from advguard.guard.pipeline import Guard, Outcome, Pending
+    from advguard.guard.pipeline import DetectorSlot, Guard, Outcome, Pending
+    from advguard.guard.rollout import Variant
     from advguard.guard.serving import ServedModel
     from advguard.guard.storage import DecisionRecord, KeyRecord
 
@@ -370,24 +371,34 @@ class BatchItem:
 
 def process_batch(guard: Guard, items: Sequence[BatchItem]) -> list[BatchResult]:
     """:meth:`Guard.process` for several requests at once (see the module docstring); the
-    result of each is its :class:`Outcome` or the exception it raised."""
+    result of each is its :class:`Outcome` or the exception it raised. Each request is routed
+    first (production or canary, a shadow copy: :mod:`advguard.guard.rollout`); the requests
+    routed to one model version run as one group, with that version's detectors."""
+    rollout = guard.rollout
+    routes = [rollout.begin(it.key, it.model) for it in items]
     results = [BatchResult() for _ in items]
     groups: dict[int, list[int]] = {}
-    for i, it in enumerate(items):  # one group per served model
-        groups.setdefault(id(it.model), []).append(i)
+    for i, r in enumerate(routes):  # one group per served model version
+        groups.setdefault(id(r.variant.model), []).append(i)
     for idx in groups.values():
-        for i, res in zip(idx, _process_group(guard, [items[i] for i in idx]), strict=True):
+        variant = routes[idx[0]].variant
+        group = [items[i] for i in idx]
+        for i, res in zip(idx, _process_group(guard, group, variant), strict=True):
             results[i] = res
+    for it, route, res in zip(items, routes, results, strict=True):
+        rollout.settle(route, it.x, res.error if res.error is not None else res.value)
     return results
 
 
-def _scores(guard: Guard, xs: list[np.ndarray]) -> list[list[np.ndarray] | None]:
+def _scores(
+    guard: Guard, xs: list[np.ndarray], detectors: Sequence[DetectorSlot]
+) -> list[list[np.ndarray] | None]:
     """Each request's detector scores from one call on the concatenated batch (None for
     every request when that call fails: each is then scored alone, inside its own steps)."""
-    if not guard.detectors or len(xs) == 1:
+    if not detectors or len(xs) == 1:
         return [None] * len(xs)
     try:
-        allscores = guard.score_inputs(np.concatenate(xs))
+        allscores = guard.score_inputs(np.concatenate(xs), detectors)
     except Exception:
         return [None] * len(xs)
     ends = np.cumsum([len(x) for x in xs])
@@ -418,13 +429,15 @@ def _answer(guard: Guard, model: ServedModel, live: list[Pending]) -> list[Any]:
     return out
 
 
-def _process_group(guard: Guard, items: list[BatchItem]) -> list[BatchResult]:
-    model = items[0].model
+def _process_group(guard: Guard, items: list[BatchItem], variant: Variant) -> list[BatchResult]:
+    model, detectors = variant.model, variant.detectors
     decided: list[Pending | BaseException] = []
     xs = [guard.sanitize(it.x, model) for it in items]
-    for it, sc in zip(items, _scores(guard, xs), strict=True):
+    for it, sc in zip(items, _scores(guard, xs, detectors), strict=True):
         try:
-            decided.append(guard.decide(it.key, model, it.x, it.started, scores=sc))
+            decided.append(
+                guard.decide(it.key, model, it.x, it.started, None, detectors, scores=sc)
+            )
         except Exception as exc:
             decided.append(exc)
     live = [p for p in decided if not isinstance(p, BaseException) and not p.refused]

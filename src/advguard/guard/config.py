@@ -302,15 +302,6 @@ class GuardConfig(_Strict):
         self._base_dir = Path(path)
 
     @model_validator(mode="after")
-    def _batching_without_canary(self) -> GuardConfig:
-        if self.batching is not None and self.rollout.canary is not None:
-            raise ValueError(
-                "batching serves the production model only; it cannot be combined with a "
-                "rollout canary yet"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _fallback_needed(self) -> GuardConfig:
         names = [d.name for d in self.detectors] + [s.name for s in self.stateful]
         if len(set(names)) != len(names):

@@ -333,27 +333,41 @@ class Rollout:
         """Route the request, run the guard's stages on the chosen variant, feed the rollback
         window and (shadow mode) hand a copy to the canary (``records``: see
         :meth:`~advguard.guard.pipeline.Guard.conclude`)."""
-        route = self.route(key, model)
+        route = self.begin(key, model)
         v = route.variant
-        self.guard.metrics.child(self.routed, v.model.name, v.model.version, route.role).inc()
         try:
             out = self.guard.run_stages(
                 key, v.model, x, started, obs, detectors=v.detectors, records=records
             )
-        except Problem as p:
-            p.model_version = p.model_version or v.model.version
-            self.observe(route.role, p.slug in FLAG_SLUGS, p.status >= 500)
-            if route.shadow and p.slug in FLAG_SLUGS:
-                action = "block" if p.slug == "client-blocked" else "reject"
-                self._submit_shadow(route, x, action, None)
+        except Exception as exc:
+            self.settle(route, x, exc)
             raise
-        except Exception:
-            self.observe(route.role, False, True)
-            raise
-        self.observe(route.role, out.action != "allow", False)
-        if route.shadow:
-            self._submit_shadow(route, x, out.action, out.probabilities.argmax(1))
+        self.settle(route, x, out)
         return out
+
+    def begin(self, key: KeyRecord, model: ServedModel) -> Route:
+        """:meth:`route` one request and count it for its variant (then :meth:`settle` it)."""
+        route = self.route(key, model)
+        v = route.variant
+        self.guard.metrics.child(self.routed, v.model.name, v.model.version, route.role).inc()
+        return route
+
+    def settle(self, route: Route, x: np.ndarray, result: Outcome | BaseException) -> None:
+        """A routed request's result (its outcome, or what it raised) into its variant's
+        rollback window, and (shadow mode) a copy of the request to the canary. A refusal
+        names the version that refused it."""
+        if isinstance(result, Problem):
+            result.model_version = result.model_version or route.variant.model.version
+            self.observe(route.role, result.slug in FLAG_SLUGS, result.status >= 500)
+            if route.shadow and result.slug in FLAG_SLUGS:
+                action = "block" if result.slug == "client-blocked" else "reject"
+                self._submit_shadow(route, x, action, None)
+        elif isinstance(result, BaseException):
+            self.observe(route.role, False, True)
+        else:
+            self.observe(route.role, result.action != "allow", False)
+            if route.shadow:
+                self._submit_shadow(route, x, result.action, result.probabilities.argmax(1))
 
     def observe(self, role: str, flagged: bool, error: bool) -> None:
         """One request's result for ``role`` (production, canary or shadow); a canary or
