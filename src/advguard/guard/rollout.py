@@ -139,8 +139,9 @@ class RolloutEvent(BaseModel):
 
 
 class RolloutEvents:
-    """The ``<prefix>rollout_events`` table, added to the guard store's metadata (so
-    :meth:`GuardStore.drop_all` drops it too)."""
+    """The ``<prefix>rollout_events`` table: one of the guard store's tables (created by its
+    migrations) when ``prefix`` is the store's; for another prefix it is added to the store's
+    metadata (so :meth:`GuardStore.drop_all` drops it too) and created here."""
 
     def __init__(self, store: GuardStore, prefix: str) -> None:
         self.store = store
@@ -160,8 +161,8 @@ class RolloutEvents:
                 Column("canary_version", String(200), nullable=True),
                 Column("detail", JSON, nullable=False),
             )
+            table.create(store.engine, checkfirst=True)
         self.table: Table = table
-        self.table.create(store.engine, checkfirst=True)
 
     def add(self, **values: Any) -> None:
         values["reason"] = str(values["reason"])[:200]

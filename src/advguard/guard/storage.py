@@ -3,8 +3,11 @@
 SQLAlchemy Core on an embedded SQLite file by default (WAL, ``synchronous=FULL``, every
 transaction ``BEGIN IMMEDIATE``; the engine set-up is the registry's), or PostgreSQL through a
 ``postgresql+psycopg://`` URL. Every table name starts with ``table_prefix`` so several guards
-(or tests) can share one database. Rows read back are validated like any other input: a row
-that breaks the schema raises :class:`StoreCorrupt` instead of being trusted.
+(or tests) can share one database. The tables are created and upgraded by the Alembic scripts
+in ``migrations/`` (:func:`migrate`, on every open; one version table per prefix), and a
+database created by an earlier advguard without them is checked and adopted. Rows read back
+are validated like any other input: a row that breaks the schema raises :class:`StoreCorrupt`
+instead of being trusted.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import (
@@ -29,6 +33,7 @@ from sqlalchemy import (
     Table,
     delete,
     event,
+    inspect,
     or_,
     select,
     update,
@@ -38,6 +43,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from advguard.errors import AdvguardError, InputError
 from advguard.guard.controls import control_tables
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 SCOPES = ("predict", "admin")
 KEY_ID_RE = r"^[0-9a-f]{16}$"
@@ -224,7 +232,113 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
         Column("reviewed_at", DateTime(timezone=True), nullable=True),
         Column("review_note", String(500), nullable=True),
     )
+    # rollout events (read and written by advguard.guard.rollout.RolloutEvents)
+    Table(
+        f"{prefix}rollout_events",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("ts", DateTime(timezone=True), nullable=False, index=True),
+        Column("model", String(100), nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("reason", String(200), nullable=False),
+        Column("production_version", String(200), nullable=False),
+        Column("canary_version", String(200), nullable=True),
+        Column("detail", JSON, nullable=False),
+    )
     return md, keys, blocks, decisions
+
+
+def guard_metadata(prefix: str) -> MetaData:
+    """Every guard table for ``prefix``, as this code defines it (what the migrations must
+    produce; the test suite compares the two)."""
+    md = _tables(prefix)[0]
+    control_tables(prefix, md)
+    return md
+
+
+#: The guard's Alembic migration scripts (shipped inside the package).
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+#: PostgreSQL advisory lock id that serialises concurrent first opens of a guard database.
+GUARD_LOCK_ID = 7324013
+#: The revision a database created by an earlier advguard (``create_all``, no version table)
+#: is stamped at once its tables are checked.
+ADOPTED_REVISION = "0001"
+#: Tables every earlier advguard created together on first open. The others came later
+#: (incident response) or were created on first use (rollout events), so adoption creates
+#: them when they are absent.
+_CORE_TABLES = ("keys", "blocks", "decisions")
+
+
+def version_table(prefix: str) -> str:
+    """The table recording the guard schema's Alembic revision for ``prefix`` (one per prefix,
+    so guards sharing a database, and the registry's ``alembic_version``, never collide)."""
+    return f"{prefix}alembic_version"
+
+
+def migrate(engine: Engine, prefix: str) -> None:
+    """Bring the guard tables for ``prefix`` to the newest schema (Alembic ``upgrade head``),
+    adopting a database created by an earlier advguard first (see :func:`_adopt`)."""
+    from advguard.registry.db import run_migrations
+
+    def adopt(conn: Connection, scripts: ScriptDirectory) -> str | None:
+        return _adopt(conn, scripts, prefix)
+
+    run_migrations(
+        engine,
+        MIGRATIONS_DIR,
+        lock_id=GUARD_LOCK_ID,
+        what="guard database",
+        attributes={"table_prefix": prefix},
+        version_table=version_table(prefix),
+        adopt=adopt,
+    )
+
+
+def _adopt(conn: Connection, scripts: ScriptDirectory, prefix: str) -> str | None:
+    """A database without a version table: None when it holds none of this prefix's guard
+    tables (a fresh one: upgrade from scratch); otherwise one that an earlier advguard created
+    with ``create_all``. Its tables are checked against revision :data:`ADOPTED_REVISION`'s
+    (a missing core table, or a column that differs, raises a one-line :class:`InputError`),
+    tables added since are created, and it is stamped at that revision."""
+    frozen: MetaData = scripts.get_revision(ADOPTED_REVISION).module.tables(prefix)
+    present = set(inspect(conn).get_table_names())
+    if not present & set(frozen.tables):
+        return None
+    where = f"the guard database {conn.engine.url!r} (created by an earlier advguard)"
+    for name in _CORE_TABLES:
+        if f"{prefix}{name}" not in present:
+            raise InputError(f"{where} has no table {prefix}{name}; cannot adopt it")
+    problems = _differences(conn, frozen)
+    if problems:
+        raise InputError(f"{where}: {problems[0]}; cannot adopt it")
+    frozen.create_all(conn, tables=[t for t in frozen.sorted_tables if t.name not in present])
+    return ADOPTED_REVISION
+
+
+def _differences(conn: Connection, frozen: MetaData) -> list[str]:
+    """The column differences between the database's tables and ``frozen``'s (only tables
+    both have; indexes and defaults are not compared, as ``create_all`` never changed them)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    def include(name: str | None, type_: str, _parents: Any) -> bool:
+        return type_ != "table" or name in frozen.tables
+
+    mc = MigrationContext.configure(conn, opts={"include_name": include, "compare_type": True})
+    out = []
+    for diff in compare_metadata(mc, frozen):
+        for op in diff if isinstance(diff, list) else [diff]:
+            kind = op[0]
+            if kind == "add_column":
+                out.append(f"table {op[2]} has no column {op[3].name}")
+            elif kind == "remove_column":
+                out.append(f"table {op[2]} has a column {op[3].name} this advguard does not know")
+            elif kind == "modify_type":
+                out.append(f"column {op[2]}.{op[3]} is {op[5]}, not {op[6]}")
+            elif kind == "modify_nullable":
+                allowed = "allows" if op[5] else "does not allow"
+                out.append(f"column {op[2]}.{op[3]} {allowed} NULL, unlike this advguard's")
+    return out
 
 
 class _Row:
@@ -254,10 +368,10 @@ class GuardStore:
         self.table_prefix = table_prefix
         self.controls = control_tables(table_prefix, self.metadata)  # incident response
         try:
-            with self.engine.begin() as conn:
-                if conn.dialect.name == "postgresql":  # serialise concurrent first opens
-                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7324013)")
-                self.metadata.create_all(conn)
+            migrate(self.engine, table_prefix)
+        except InputError:
+            self.engine.dispose()
+            raise
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise InputError(
@@ -276,8 +390,12 @@ class GuardStore:
             self.generation += 1
 
     def drop_all(self) -> None:
-        """Drop this guard's tables (tests and ``purge --all``)."""
-        self.metadata.drop_all(self.engine)
+        """Drop this guard's tables and its migration version table (tests and
+        ``purge --all``)."""
+        with self.engine.begin() as conn:
+            self.metadata.drop_all(conn)
+            version = Table(version_table(self.table_prefix), MetaData(), Column("v", String(32)))
+            version.drop(conn, checkfirst=True)
 
     # -- validation of rows read back -------------------------------------------------
     @staticmethod

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -29,7 +30,10 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 from advguard.errors import InputError, MissingDependencyError
 
@@ -200,28 +204,64 @@ def make_engine(url: str) -> Engine:
         raise InputError(f"cannot use registry database URL {url!r}: {exc}") from exc
 
 
+#: PostgreSQL advisory lock id that serialises concurrent first opens of a registry database.
+REGISTRY_LOCK_ID = 7324001
+
+
 def upgrade(engine: Engine) -> None:
     """Run Alembic ``upgrade head`` on ``engine`` with the packaged migration scripts.
 
     A database stamped with a revision these scripts do not know (written by a newer
     advguard, or edited) raises :class:`InputError` instead of being touched.
     """
+    run_migrations(engine, MIGRATIONS_DIR, lock_id=REGISTRY_LOCK_ID, what="registry database")
+
+
+def run_migrations(
+    engine: Engine,
+    script_dir: Path,
+    *,
+    lock_id: int,
+    what: str,
+    attributes: dict[str, Any] | None = None,
+    version_table: str = "alembic_version",
+    adopt: Callable[[Connection, ScriptDirectory], str | None] | None = None,
+) -> None:
+    """Run Alembic ``upgrade head`` with the migration scripts in ``script_dir`` (shared by
+    the registry and the guard), in one transaction.
+
+    On PostgreSQL the transaction first takes advisory lock ``lock_id`` so concurrent first
+    opens queue (SQLite's ``BEGIN IMMEDIATE`` does the same). ``attributes`` reach the
+    scripts' ``env.py`` through ``config.attributes`` (with ``connection`` and
+    ``version_table``, the table that records the revision). When that table does not exist
+    yet, ``adopt(connection, scripts)`` may return a revision to stamp first: a database
+    created before it used migrations. A database stamped with a revision these scripts do
+    not know raises a one-line :class:`InputError` naming ``what``.
+    """
     from alembic import command
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
     from alembic.util.exc import CommandError
+    from sqlalchemy import inspect
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(script_dir))
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # serialise concurrent first opens (advisory lock, released at commit)
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7324001)")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(lock_id)})")
+        cfg.attributes.update(attributes or {})
         cfg.attributes["connection"] = conn
+        cfg.attributes["version_table"] = version_table
         try:
+            if adopt is not None and not inspect(conn).has_table(version_table):
+                revision = adopt(conn, ScriptDirectory.from_config(cfg))
+                if revision is not None:
+                    command.stamp(cfg, revision)
             command.upgrade(cfg, "head")
         except CommandError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(
-                f"the registry database {engine.url!r} has a schema revision this advguard "
+                f"the {what} {engine.url!r} has a schema revision this advguard "
                 f"does not know ({first}); was it written by a newer advguard?"
             ) from None

@@ -10,6 +10,10 @@ connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only via advguard.registry.db.upgrade
     raise RuntimeError("run migrations through advguard.registry.db.upgrade(engine)")
 
-context.configure(connection=connection, target_metadata=metadata)
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    version_table=context.config.attributes.get("version_table", "alembic_version"),
+)
 with context.begin_transaction():
     context.run_migrations()
