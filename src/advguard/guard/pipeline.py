@@ -270,7 +270,11 @@ class Guard:
         #: Records that need not precede the answer (forensics.plain_records: background).
         self.background: BackgroundWriter[DecisionRecord] | None = None
         if cfg.forensics.plain_records == "background" and cfg.forensics.record_all_decisions:
-            self.background = BackgroundWriter(store.add_decisions, self._background_failed)
+            self.background = BackgroundWriter(
+                store.add_decisions,
+                self._background_failed,
+                linger_s=cfg.forensics.plain_records_linger_ms / 1000.0,
+            )
         #: The micro-batcher (``batching:`` in the config; None: every request alone).
         self.batcher: MicroBatcher | None = None
         if cfg.batching is not None:
