@@ -140,8 +140,10 @@ def test_text_model_refuses_numeric_detectors(tmp_path, text_model_file):
     path, _ = text_model_file
     with pytest.raises(InputError, match="text model"):
         _text_guard(tmp_path, path, "sanitize: {quantize_bits: 4}\n")
+    with pytest.raises(InputError, match="text model"):  # text features only (the default)
+        _text_guard(tmp_path, path, "stateful: [{name: knn, spec: {kind: knn, features: input}}]\n")
     with pytest.raises(InputError, match="text model"):
-        _text_guard(tmp_path, path, "stateful: [{name: knn, spec: {kind: knn}}]\n")
+        _text_guard(tmp_path, path, "detectors: [{name: d, path: det}]\n")
 
 
 # -- tabular ----------------------------------------------------------------------------

@@ -911,13 +911,44 @@ def check_modality(
     detectors: Sequence[DetectorSlot],
     stateful: Sequence[StatefulSlot],
 ) -> None:
-    """Refuse settings that do not apply to the model's kind of input."""
-    if model.kind != "text":
+    """Refuse settings that do not apply to the model's kind of input.
+
+    A text model takes stateful detectors on text features (``features: text-ngrams``, the
+    default for it) but no input detectors (they score numeric tensors), no bit-depth
+    reduction and no drift profile; a numeric model takes no text features.
+    """
+    from advguard.guard.stateful import spec_features
+
+    text = model.kind == "text"
+    for s in cfg.stateful:
+        spec = dict(s.spec)
+        if text:
+            spec.setdefault("features", "text-ngrams")
+        feats = spec_features(spec)
+        if text and feats == "input":
+            raise InputError(
+                f"stateful detector {s.name!r}: model {model.name} is a text model; its "
+                "queries are strings, use features: text-ngrams (the default for text)"
+            )
+        if not text and feats == "text-ngrams":
+            raise InputError(
+                f"stateful detector {s.name!r}: features: text-ngrams embed strings; model "
+                f"{model.name} takes numeric inputs"
+            )
+    for slot in stateful:
+        takes_text = getattr(slot.detector, "takes_text", None)  # None: a detector of code
+        if takes_text is not None and bool(takes_text) != text:
+            what = "strings" if text else "numeric inputs"
+            raise InputError(
+                f"stateful detector {slot.name!r} does not take {what} (model {model.name} is "
+                f"a {model.kind} model)"
+            )
+    if not text:
         return
-    if detectors or stateful or cfg.detectors or cfg.stateful:
+    if detectors or cfg.detectors:
         raise InputError(
-            "input and stateful detectors take numeric inputs; a text model takes neither yet "
-            "(use sanitize.text_normalize and the limits)"
+            "input detectors (detectors:) score numeric inputs; a text model takes none yet "
+            "(use the stateful k-NN detector, sanitize.text_normalize and the limits)"
         )
     if cfg.sanitize.quantize_bits:
         raise InputError("sanitize.quantize_bits applies to numeric inputs, not a text model")
@@ -961,15 +992,26 @@ def resolve_bands(name: str, bands: Sequence[Any], det: Any) -> list[tuple[float
 
 def build_stateful_detectors(cfg: GuardConfig, model: ServedModel) -> list[StatefulSlot]:
     """Build the ``stateful:`` of ``cfg`` with ``advguard.guard.stateful.build_stateful``
-    (PRADA keeps its per-class sets by the served model's predictions)."""
+    (PRADA keeps its per-class sets by the served model's predictions). A text model's
+    detectors embed its strings with ``features: text-ngrams`` unless the spec says otherwise
+    (:func:`check_modality` refuses ``features: input`` for text)."""
     if not cfg.stateful:
         return []
     from advguard.guard.stateful import build_stateful
 
-    predict = model.tensor_classifier.predict
+    predict: Callable[[Any], np.ndarray]
+    if model.kind == "text":
+
+        def predict(x: Any) -> np.ndarray:
+            return np.asarray(model.predict_proba(x).argmax(1), dtype=np.int64)
+
+        specs = [{"features": "text-ngrams", **dict(s.spec)} for s in cfg.stateful]
+    else:
+        predict = model.tensor_classifier.predict
+        specs = [dict(s.spec) for s in cfg.stateful]
     return [
-        StatefulSlot(s.name, build_stateful(dict(s.spec), predict=predict), s.action)
-        for s in cfg.stateful
+        StatefulSlot(s.name, build_stateful(spec, predict=predict), s.action)
+        for s, spec in zip(cfg.stateful, specs, strict=True)
     ]
 
 

@@ -25,8 +25,18 @@ Black-box attacks need many queries, and those queries are unlike benign traffic
   normal ``d_min``; synthetic ones give a few tight clusters (small steps around seeds) and
   large jumps between them.
 
+Text models: queries are strings, which have no input space to measure distances in. The
+built-in :class:`TextNgramEncoder` (spec key ``features: text-ngrams``; the guard picks it for
+a text model) maps each string to L2-normalised counts of its hashed character 2-4-grams
+(``char_wb``, scikit-learn's ``HashingVectorizer``: deterministic, nothing fitted), a fixed
+``feature_dim`` (default 1024) float vector. A word or character edit of a text moves it a
+short way in this space; unrelated messages lie far apart (on the 343 spamham texts every
+nearest neighbour is at distance >= 0.77 with 1024 dimensions), so word and character attacks,
+which query many near-copies of one text, are what Chen et al.'s detector catches.
+
 Both implement :class:`StatefulDetector`: ``observe(client_id, x)`` with a batch
-``(n, *input_shape)`` in raw input space (rows processed in order) returns a
+``(n, *input_shape)`` in raw input space (for text features: a 1-D batch of ``str``; rows
+processed in order) returns a
 :class:`StatefulVerdict` reflecting the client's state after the batch; flags are sticky
 until ``reset(client_id)``. State is bounded: at most ``window`` stored queries per client
 and ``max_clients`` clients (least recently seen evicted). A lock makes ``observe`` and
@@ -44,7 +54,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -52,7 +62,8 @@ import numpy as np
 
 from advguard.errors import InputError
 
-Encoder = Callable[[np.ndarray], np.ndarray]
+#: A feature map: a numeric batch (or, with ``takes_text``, a list of strings) -> ``(n, d)``.
+Encoder = Callable[[Any], np.ndarray]
 Predict = Callable[[np.ndarray], np.ndarray]
 
 MAX_CLIENT_ID = 256
@@ -60,6 +71,10 @@ MAX_BATCH = 10_000
 MAX_WINDOW = 100_000
 MAX_CLIENTS = 10_000_000
 MAX_FEATURES = 1 << 20
+MAX_TEXT_CHARS = 1 << 20
+
+#: ``features`` values a spec may name (a fixed allow-list; code is never named by a spec).
+FEATURES = ("input", "text-ngrams")
 
 
 @dataclass(frozen=True)
@@ -131,13 +146,77 @@ def _check_client(client_id: object) -> str:
     return client_id
 
 
+class TextNgramEncoder:
+    """Strings -> L2-normalised hashed character n-gram counts, ``(n, feature_dim)`` float32.
+
+    scikit-learn's ``HashingVectorizer`` with ``analyzer="char_wb"`` (n-grams inside word
+    boundaries, padded with a space), ``ngram_range=(2, 4)``, lower-cased, non-negative counts
+    (``alternate_sign=False``) hashed (MurmurHash3, fixed seed) into ``feature_dim`` buckets,
+    then L2-normalised: deterministic across processes, nothing to fit. The L2 distance of two
+    rows is in ``[0, sqrt(2)]``; 0 for texts with the same n-grams (the empty text is the zero
+    vector). ``takes_text`` tells :class:`KNNStatefulDetector` / :class:`PRADADetector` that
+    queries are strings.
+    """
+
+    takes_text = True
+    ngram_range = (2, 4)
+
+    def __init__(self, feature_dim: int = 1024) -> None:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.feature_dim = _check_int("feature_dim", feature_dim, 16, 65_536)
+        self._vec = HashingVectorizer(
+            analyzer="char_wb",
+            ngram_range=self.ngram_range,
+            n_features=self.feature_dim,
+            alternate_sign=False,
+            norm="l2",
+            lowercase=True,
+            dtype=np.float32,
+        )
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._vec.transform(list(texts)).toarray(), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"TextNgramEncoder(feature_dim={self.feature_dim})"
+
+
+def _text_items(x: Any) -> list[str]:
+    """A batch of strings (list, tuple or 1-D str/object array) as a checked list."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1 or x.dtype.kind not in "OU":
+            raise InputError(
+                f"these features (text-ngrams) take a 1-D batch of strings, got an array of "
+                f"shape {x.shape} and dtype {x.dtype}"
+            )
+        x = x.tolist()
+    if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple)):
+        raise InputError(
+            f"these features (text-ngrams) take a batch of strings, got {type(x).__name__}"
+        )
+    if len(x) > MAX_BATCH:
+        raise InputError(f"at most {MAX_BATCH} queries per batch, got {len(x)}")
+    for i, t in enumerate(x):
+        if not isinstance(t, str):
+            raise InputError(f"queries[{i}] is a {type(t).__name__}; text features take strings")
+        if len(t) > MAX_TEXT_CHARS:
+            raise InputError(f"queries[{i}] has {len(t)} characters; at most {MAX_TEXT_CHARS}")
+    return list(x)
+
+
 class _Features:
-    """Raw batch -> float32 feature rows: encoder (or flatten), then optional projection."""
+    """Raw batch -> float32 feature rows: encoder (or flatten), then optional projection.
+
+    With an encoder that ``takes_text`` (:class:`TextNgramEncoder`) the batch is a sequence of
+    strings; otherwise a numeric array ``(n, *input_shape)``.
+    """
 
     def __init__(self, encoder: Encoder | None, projection_dim: int | None, seed: int) -> None:
         if encoder is not None and not callable(encoder):
             raise InputError(f"encoder must be callable, got {type(encoder).__name__}")
         self.encoder = encoder
+        self.text = bool(getattr(encoder, "takes_text", False))
         self.projection_dim = projection_dim
         self.seed = seed
         self.input_shape: tuple[int, ...] | None = None
@@ -145,12 +224,20 @@ class _Features:
         self._proj: np.ndarray | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, x: Any) -> np.ndarray:
+    def prepare(self, x: Any) -> Any:
+        """The checked batch: a list of ``str`` (text features) or a float32 array."""
+        if self.text:
+            return _text_items(x)
         if not isinstance(x, np.ndarray):
             try:
                 x = np.asarray(x)
             except Exception:
                 raise InputError("queries must be an array (n, *input_shape)") from None
+        if x.dtype.kind in "OUS":
+            raise InputError(
+                "queries are strings but this detector's features are numeric (a text model's "
+                "stateful detectors use features: text-ngrams)"
+            )
         if x.ndim < 2 or x.dtype.kind not in "fiu":
             raise InputError(f"queries must be a numeric batch (n, ...), got shape {x.shape}")
         if len(x) > MAX_BATCH:
@@ -166,6 +253,13 @@ class _Features:
                 f"queries must have shape (n, {', '.join(map(str, self.input_shape))}), got "
                 f"{x.shape}"
             )
+        return x
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.encode(self.prepare(x))
+
+    def encode(self, x: Any) -> np.ndarray:
+        """Feature rows of a batch checked by :meth:`prepare`."""
         if self.encoder is not None:
             f = np.asarray(self.encoder(x), dtype=np.float32)
             if f.ndim < 1 or len(f) != len(x) or not np.isfinite(f).all():
@@ -186,6 +280,15 @@ class _Features:
                 raise InputError("feature dimension changed between queries")
             f = f @ self._proj
         return np.ascontiguousarray(f, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """``features`` (``input``, ``text-ngrams`` or ``encoder``: code given by the caller)
+        and, for text n-grams, ``feature_dim``."""
+        if self.encoder is None:
+            return {"features": "input"}
+        if isinstance(self.encoder, TextNgramEncoder):
+            return {"features": "text-ngrams", "feature_dim": self.encoder.feature_dim}
+        return {"features": "encoder"}
 
 
 class _Clients:
@@ -234,6 +337,12 @@ class _PerClientDetector:
     name: str
     _clients: _Clients
     _lock: threading.Lock
+    _features: _Features
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether queries are strings (text features) rather than numeric arrays."""
+        return self._features.text
 
     def reset(self, client_id: str) -> None:
         with self._lock:
@@ -268,7 +377,9 @@ class KNNStatefulDetector(_PerClientDetector):
         Flag when the mean k-NN distance is strictly below it; ``None`` until
         :meth:`calibrate` sets it (``observe`` refuses to run uncalibrated).
     encoder:
-        Callable ``(n, *input_shape) float32 -> (n, d)``; default the flattened input.
+        Callable ``(n, *input_shape) float32 -> (n, d)``; default the flattened input. A
+        :class:`TextNgramEncoder` (or any encoder with ``takes_text = True``) takes a batch
+        of strings instead.
     projection_dim:
         Optional fixed Gaussian random projection (Johnson-Lindenstrauss) of the features to
         this many dimensions, drawn once from ``seed``; bounds memory for large inputs.
@@ -334,12 +445,18 @@ class KNNStatefulDetector(_PerClientDetector):
         flagged with probability up to about ``N * fpr``; choose ``fpr`` accordingly).
         Needs ``n >= 1 / fpr - 1`` scored queries (``len(benign_x) - k``). Use benign data
         at least as dense as real clients' streams (a longer stream gives closer neighbours
-        and a more conservative threshold).
+        and a more conservative threshold). With text features ``benign_x`` is a list of
+        strings, as the guard sees them (after ``sanitize.text_normalize``).
         """
         fpr = _check_float("fpr", fpr, 1e-9, 0.5)
-        x = np.asarray(benign_x)
-        if x.ndim < 2:
-            raise InputError("benign_x must be a batch (n, *input_shape)")
+        if self._features.text:  # a batch of strings, kept as str objects
+            items = _text_items(benign_x)
+            x = np.empty(len(items), dtype=object)
+            x[:] = items
+        else:
+            x = np.asarray(benign_x)
+            if x.ndim < 2:
+                raise InputError("benign_x must be a batch (n, *input_shape)")
         order = np.random.default_rng(seed).permutation(len(x))
         s = self.stream_scores(x[order])
         s = np.sort(s[~np.isnan(s)])
@@ -395,6 +512,7 @@ class KNNStatefulDetector(_PerClientDetector):
             "k": self.k,
             "window": self.window,
             "threshold": self.threshold,
+            **self._features.describe(),
             "projection_dim": self._features.projection_dim,
             "max_clients": self.max_clients,
             "clear_on_detect": self.clear_on_detect,
@@ -437,7 +555,8 @@ class PRADADetector(_PerClientDetector):
     max_distances:
         Most recent minimum distances tested (Shapiro-Wilk is accurate up to 5000).
     encoder:
-        Optional feature map (default: the input itself, as in the paper).
+        Optional feature map (default: the input itself, as in the paper); a
+        :class:`TextNgramEncoder` for strings.
     """
 
     name = "prada"
@@ -467,7 +586,7 @@ class PRADADetector(_PerClientDetector):
         )
         self._lock = threading.Lock()
 
-    def _labels(self, x: np.ndarray, n: int) -> np.ndarray:
+    def _labels(self, x: Any, n: int) -> np.ndarray:
         if self.predict is None:
             return np.zeros(n, dtype=np.int64)
         y = np.asarray(self.predict(x)).reshape(-1)
@@ -491,8 +610,9 @@ class PRADADetector(_PerClientDetector):
 
     def observe(self, client_id: str, x: np.ndarray) -> StatefulVerdict:
         client_id = _check_client(client_id)
-        f = self._features(x)
-        labels = self._labels(np.asarray(x, dtype=np.float32), len(f))
+        batch = self._features.prepare(x)
+        f = self._features.encode(batch)
+        labels = self._labels(batch, len(f))
         best = math.inf
         with self._lock:
             st: _PRADAState = self._clients.get(client_id)
@@ -527,6 +647,7 @@ class PRADADetector(_PerClientDetector):
     def params(self) -> dict[str, Any]:
         return {
             "kind": "prada",
+            **self._features.describe(),
             "delta": self.delta,
             "min_queries": self.min_queries,
             "window": self.window,
@@ -541,10 +662,27 @@ class PRADADetector(_PerClientDetector):
 _SPEC_KEYS: dict[str, set[str]] = {
     "knn": {
         "kind", "k", "window", "threshold", "projection_dim", "max_clients",
-        "clear_on_detect", "seed",
+        "clear_on_detect", "seed", "features", "feature_dim",
     },
-    "prada": {"kind", "delta", "min_queries", "window", "max_distances", "max_clients"},
+    "prada": {
+        "kind", "delta", "min_queries", "window", "max_distances", "max_clients", "features",
+        "feature_dim",
+    },
 }  # fmt: skip
+
+
+def spec_features(spec: dict[str, Any]) -> str | None:
+    """The spec's ``features`` (None when absent), checked against :data:`FEATURES`, with
+    ``feature_dim`` allowed only for ``text-ngrams``."""
+    feats = spec.get("features")
+    if feats is not None and (not isinstance(feats, str) or feats not in FEATURES):
+        raise InputError(
+            f"unknown features {str(feats)[:40]!r} for a stateful detector; use one of "
+            f"{', '.join(FEATURES)}"
+        )
+    if "feature_dim" in spec and feats != "text-ngrams":
+        raise InputError("feature_dim applies to features: text-ngrams only")
+    return feats
 
 
 def build_stateful(
@@ -556,7 +694,11 @@ def build_stateful(
     ``{"kind": "prada", "delta": 0.95, "min_queries": 100}``; other keys are refused, every
     value is type- and range-checked. Code never comes from the spec: the optional
     ``encoder`` (k-NN and PRADA features) and ``predict`` (PRADA's per-class sets; the
-    guard passes the protected model's ``predict``) are given by the caller.
+    guard passes the protected model's ``predict``) are given by the caller. The spec may
+    select built-in features from :data:`FEATURES`: ``features: input`` (the default: the
+    input itself, or the caller's ``encoder``) or ``features: text-ngrams`` (a
+    :class:`TextNgramEncoder` of ``feature_dim`` dimensions, default 1024, for text models;
+    then no ``encoder`` may be given).
     """
     if not isinstance(spec, dict):
         raise InputError(f"a stateful detector spec must be a mapping, got {type(spec).__name__}")
@@ -568,18 +710,28 @@ def build_stateful(
     extra = sorted(str(k)[:40] for k in set(spec) - _SPEC_KEYS[kind])
     if extra:
         raise InputError(f"unknown key(s) for a {kind} detector: {', '.join(extra)}")
-    args = {k: v for k, v in spec.items() if k != "kind"}
+    feats = spec_features(spec)
+    args = {k: v for k, v in spec.items() if k not in ("kind", "features", "feature_dim")}
     if "clear_on_detect" in args and not isinstance(args["clear_on_detect"], bool):
         raise InputError("clear_on_detect must be true or false")
+    if feats == "text-ngrams":
+        if encoder is not None:
+            raise InputError(
+                "features: text-ngrams and an encoder given by code exclude each other"
+            )
+        encoder = TextNgramEncoder(spec.get("feature_dim", 1024))
     if kind == "knn":
         return KNNStatefulDetector(**args, encoder=encoder)
     return PRADADetector(**args, encoder=encoder, predict=predict)
 
 
 __all__ = [
+    "FEATURES",
     "KNNStatefulDetector",
     "PRADADetector",
     "StatefulDetector",
     "StatefulVerdict",
+    "TextNgramEncoder",
     "build_stateful",
+    "spec_features",
 ]
