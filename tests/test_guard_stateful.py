@@ -301,3 +301,22 @@ def test_knn_calibration_rule(digits_split):
     assert thr == pytest.approx(s[3])
     with pytest.raises(InputError, match="needs at least"):
         det.calibrate(x_tr[:100], fpr=0.001)
+
+
+def test_a_knn_detector_without_threshold_is_refused_when_the_guard_is_built():
+    from advguard.guard.config import GuardConfig
+    from advguard.guard.pipeline import build_stateful_detectors
+    from advguard.guard.serving import ServedModel
+    from advguard.models import TorchClassifier
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    clf = TorchClassifier(module, input_shape=(1, 8, 8), num_classes=10)
+    model = ServedModel("digits", "1", clf)
+    cfg = GuardConfig.model_validate({"stateful": [{"name": "q", "spec": {"kind": "knn"}}]})
+    with pytest.raises(InputError, match="needs a 'threshold'") as e:
+        build_stateful_detectors(cfg, model)
+    assert "\n" not in str(e.value)
+    ok = GuardConfig.model_validate(
+        {"stateful": [{"name": "q", "spec": {"kind": "knn", "threshold": 0.5}}]}
+    )
+    assert len(build_stateful_detectors(ok, model)) == 1

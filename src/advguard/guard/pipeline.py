@@ -712,7 +712,7 @@ class Guard:
             det.flagged = True
             det.flagged_by.append(st.name)
             det.reasons.append(
-                f"{st.name}:{st.action} (score {float(v.score):.4g} > "
+                f"{st.name}:{st.action} (score {float(v.score):.4g} < "
                 f"{float(v.threshold):.4g} after {int(v.queries_seen)} queries)"
             )
             if st.action == "block":
@@ -1009,10 +1009,15 @@ def build_stateful_detectors(cfg: GuardConfig, model: ServedModel) -> list[State
     else:
         predict = model.tensor_classifier.predict
         specs = [dict(s.spec) for s in cfg.stateful]
-    return [
-        StatefulSlot(s.name, build_stateful(spec, predict=predict), s.action)
-        for s, spec in zip(cfg.stateful, specs, strict=True)
-    ]
+    slots = []
+    for s, spec in zip(cfg.stateful, specs, strict=True):
+        if spec.get("kind") == "knn" and spec.get("threshold") is None:
+            raise InputError(
+                f"stateful detector {s.name!r}: a knn detector in the guard needs a "
+                "'threshold' (calibrate one on benign traffic: KNNStatefulDetector.calibrate)"
+            )
+        slots.append(StatefulSlot(s.name, build_stateful(spec, predict=predict), s.action))
+    return slots
 
 
 def block_client(store: GuardStore, client_id: str, reason: str, ttl_s: int | None) -> Any:
