@@ -202,8 +202,9 @@ class ForensicsConfig(_Strict):
     #: How long the background writer waits after the first queued row so that the rows of
     #: the next milliseconds share its commit (at most one commit per linger; each commit
     #: costs the guard about 0.2 ms of CPU with SQLite, a row about 0.02 ms). A kill -9 loses
-    #: at most the rows of the last linger. ``GET /v1/decisions/{id}`` flushes first.
-    plain_records_linger_ms: float = Field(default=50.0, ge=0.0, le=1000.0)
+    #: at most the rows of the last linger. ``GET /v1/decisions/{id}`` flushes this process's
+    #: writer first and waits up to two lingers for another replica's.
+    plain_records_linger_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     #: When a decision record cannot be written: refuse with 503 (false, the default) or send
     #: the answer without its record (true; logged). See guard/failsafe.py.
     fail_open: bool = False

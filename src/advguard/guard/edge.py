@@ -60,24 +60,20 @@ async def read_capped(
 
     deadline = clock() + timeout_s
     buf = bytearray()
-    it = chunks.__aiter__()
-    while True:
-        left = deadline - clock()
-        if left <= 0:
-            raise Problem("request-timeout", f"the body must arrive within {timeout_s:g} s")
-        try:
-            chunk = await asyncio.wait_for(it.__anext__(), timeout=left)
-        except StopAsyncIteration:
-            break
-        except ClientDisconnect:  # nobody is left to answer; not an internal error
-            raise Problem("bad-request", "the client closed the connection mid-body") from None
-        except TimeoutError:
-            raise Problem(
-                "request-timeout", f"the body must arrive within {timeout_s:g} s"
-            ) from None
-        buf.extend(chunk)
-        if len(buf) > max_bytes:
-            raise Problem("body-too-large", f"the body may be at most {max_bytes} bytes")
+    late = Problem("request-timeout", f"the body must arrive within {timeout_s:g} s")
+    try:
+        # one timeout for the whole body (asyncio.wait_for per chunk made a task per chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in chunks:
+                if clock() > deadline:
+                    raise late
+                buf.extend(chunk)
+                if len(buf) > max_bytes:
+                    raise Problem("body-too-large", f"the body may be at most {max_bytes} bytes")
+    except ClientDisconnect:  # nobody is left to answer; not an internal error
+        raise Problem("bad-request", "the client closed the connection mid-body") from None
+    except TimeoutError:
+        raise late from None
     return bytes(buf)
 
 

@@ -896,13 +896,31 @@ class Guard:
             raise Problem("decision-not-found", "no decision with this id")
         try:
             rec = self.store.get_decision(decision_id)  # a malformed row raises StoreCorrupt
-            if rec is None and self.background is not None and self.background.flush(5.0):
-                rec = self.store.get_decision(decision_id)  # it may have been queued
+            if rec is None and self.background is not None:
+                rec = self._queued_decision(decision_id)
         except DEPENDENCY_ERRORS:
             raise unavailable("database") from None
         if rec is None:
             raise Problem("decision-not-found", "no decision with this id")
         return rec.public()
+
+    def _queued_decision(self, decision_id: str) -> DecisionRecord | None:
+        """A decision not found yet may wait in this process's background writer (flushed
+        now) or in another replica's, which commits it within one linger: read again for up
+        to two lingers (a 404 for an unknown id waits that long)."""
+        assert self.background is not None
+        if self.background.flush(5.0):
+            rec = self.store.get_decision(decision_id)
+            if rec is not None:
+                return rec
+        linger = self.cfg.forensics.plain_records_linger_ms / 1000.0
+        deadline = time.monotonic() + 2 * linger
+        while time.monotonic() < deadline:
+            time.sleep(min(0.005, linger))
+            rec = self.store.get_decision(decision_id)
+            if rec is not None:
+                return rec
+        return None
 
 
 def check_modality(
