@@ -142,6 +142,16 @@ def test_text_model_refuses_numeric_detectors(tmp_path, text_model_file):
         _text_guard(tmp_path, path, "sanitize: {quantize_bits: 4}\n")
     with pytest.raises(InputError, match="text model"):  # text features only (the default)
         _text_guard(tmp_path, path, "stateful: [{name: knn, spec: {kind: knn, features: input}}]\n")
+    # a detector calibrated on a numeric model (a text one: tests/test_guard_text_input_detectors)
+    import torch
+
+    from advguard.defenses.detectors import ConfidenceDetector, save_detector
+    from advguard.models import TorchClassifier
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    det = ConfidenceDetector(TorchClassifier(module, input_shape=(4,), num_classes=2))
+    det.calibrate(torch.rand(40, 4), 0.05)
+    save_detector(det, tmp_path / "det")
     with pytest.raises(InputError, match="text model"):
         _text_guard(tmp_path, path, "detectors: [{name: d, path: det}]\n")
 

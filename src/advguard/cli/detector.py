@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -30,8 +30,12 @@ def calibrate_cmd(
     model: ModelOpt,
     data: DataOpt,
     kind: Annotated[
-        str, typer.Option(help="squeeze | mahalanobis | entropy | max-prob")
-    ] = "squeeze",
+        str,
+        typer.Option(
+            help="squeeze | mahalanobis | entropy | max-prob (a text model: entropy or "
+            "max-prob; default entropy)"
+        ),
+    ] = "",
     fpr: Annotated[float, typer.Option(help="Target false-positive rate on benign data.")] = 0.01,
     out: Annotated[Path, typer.Option(help="Output directory for the saved detector.")] = Path(
         "advguard-detector"
@@ -60,25 +64,19 @@ def calibrate_cmd(
     """Fit (where needed) and calibrate a detector on benign data, then save it to --out.
 
     Use data the model was not trained on: the threshold is the split-conformal quantile of
-    benign scores, so the FPR guarantee holds for inputs like the calibration data.
+    benign scores, so the FPR guarantee holds for inputs like the calibration data. A text
+    model (*.textmodel.json) with text data (e.g. spamham) takes a confidence detector
+    (entropy, max-prob) only.
     """
-    import numpy as np
-
     from advguard.defenses.detectors import calibrate_detector, model_digest, save_detector
     from advguard.defenses.detectors.persist import parse_squeezers
     from advguard.evaluate.job import load_model_and_data
 
     mkw = model_options(factory, None, None, None, False, device)
     m, d, info = load_model_and_data(model, data, model_kwargs=mkw)
-    if tuple(d.input_shape) != tuple(m.input_shape):
-        raise AdvguardError(
-            f"data samples have shape {tuple(d.input_shape)} but the model expects "
-            f"{tuple(m.input_shape)}"
-        )
-    x, y = d.x, d.y
-    if samples is not None and samples < len(x):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:samples])
-        x, y = x[idx], y[idx]
+    text = d.modality == "text"
+    kind = kind or ("entropy" if text else "squeeze")
+    x, y = _samples(m, d, samples, seed)
     det, summary = calibrate_detector(
         m,
         x,
@@ -94,12 +92,39 @@ def calibrate_cmd(
     if digest is None and info.get("sha256"):
         digest = "file-sha256:" + str(info["sha256"])
     path = save_detector(det, out, digest=digest)
-    summary = {**summary, "out": str(path), "model_digest": digest}
+    summary = {
+        **summary,
+        "input": "text" if text else "numeric",
+        "out": str(path),
+        "model_digest": digest,
+    }
     if json_out:
         print_json(summary)
         return
     _render(summary, f"Detector {summary['kind']} calibrated at FPR {fpr:g}")
     console.print(f"Saved: [bold]{path}[/]")
+
+
+def _samples(m: Any, d: Any, samples: int | None, seed: int) -> tuple[Any, Any]:
+    """The data's inputs (a 1-D object array of strings for text) and labels, checked against
+    the model, at most ``samples`` of them (seeded)."""
+    import numpy as np
+
+    if d.modality == "text":
+        x = np.empty(len(d.texts), dtype=object)
+        x[:] = list(d.texts)
+    elif tuple(d.input_shape) != tuple(m.input_shape):
+        raise AdvguardError(
+            f"data samples have shape {tuple(d.input_shape)} but the model expects "
+            f"{tuple(m.input_shape)}"
+        )
+    else:
+        x = d.x
+    y = d.y
+    if samples is not None and samples < len(x):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:samples])
+        x, y = x[idx], y[idx]
+    return x, y
 
 
 @commands.command(name="show")

@@ -932,8 +932,10 @@ def check_modality(
     """Refuse settings that do not apply to the model's kind of input.
 
     A text model takes stateful detectors on text features (``features: text-ngrams``, the
-    default for it) but no input detectors (they score numeric tensors), no bit-depth
-    reduction and no drift profile; a numeric model takes no text features.
+    default for it) and input detectors that score strings (a confidence detector calibrated
+    on it: ``takes_text``), but no numeric input detectors (feature squeezing, Mahalanobis,
+    a confidence detector calibrated on a numeric model), no bit-depth reduction and no drift
+    profile; a numeric model takes no text features and no text detectors.
     """
     from advguard.guard.stateful import spec_features
 
@@ -961,13 +963,17 @@ def check_modality(
                 f"stateful detector {slot.name!r} does not take {what} (model {model.name} is "
                 f"a {model.kind} model)"
             )
+    for d in detectors:
+        takes_text = getattr(d.detector, "takes_text", None)  # None: a detector of code
+        if takes_text is not None and bool(takes_text) != text:
+            what = "strings" if text else "numeric inputs"
+            hint = " (only a confidence detector calibrated on it scores strings)" if text else ""
+            raise InputError(
+                f"input detector {d.name!r} does not take {what} (model {model.name} is a "
+                f"{model.kind} model){hint}"
+            )
     if not text:
         return
-    if detectors or cfg.detectors:
-        raise InputError(
-            "input detectors (detectors:) score numeric inputs; a text model takes none yet "
-            "(use the stateful k-NN detector, sanitize.text_normalize and the limits)"
-        )
     if cfg.sanitize.quantize_bits:
         raise InputError("sanitize.quantize_bits applies to numeric inputs, not a text model")
     if cfg.drift.profile is not None:

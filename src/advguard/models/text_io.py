@@ -17,6 +17,7 @@ been fitted on labels ``0 .. K-1``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,23 @@ def save_text_model(
     pipeline: Any, path: str | Path, *, class_names: list[str] | None = None
 ) -> Path:
     """Write a fitted ``[Tfidf|Count]Vectorizer -> LogisticRegression`` pipeline as JSON."""
+    return atomic_write_text(Path(path), json.dumps(_document(pipeline, class_names)))
+
+
+def text_model_digest(pipeline: Any) -> str | None:
+    """``text-model-sha256:<hex>`` over what :func:`save_text_model` stores of ``pipeline``
+    (vectorizer options, vocabulary, IDF weights, coefficients; not the class names): the same
+    for a pipeline and its saved and reloaded copy. None for a pipeline that cannot be saved."""
+    try:
+        doc = _document(pipeline, None)
+    except InputError:
+        return None
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return "text-model-sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _document(pipeline: Any, class_names: list[str] | None) -> dict[str, Any]:
+    """The JSON document of a fitted pipeline (see :func:`save_text_model`)."""
     from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -93,7 +111,7 @@ def save_text_model(
         raise InputError(f"the classifier must be fitted on labels 0..K-1, got {classes.tolist()}")
     if class_names is not None and len(class_names) != k:
         raise InputError(f"{len(class_names)} class_names for {k} classes")
-    doc = {
+    return {
         "format": TEXT_MODEL_FORMAT,
         "version": TEXT_MODEL_VERSION,
         "num_classes": k,
@@ -110,7 +128,6 @@ def save_text_model(
             "intercept": np.asarray(clf.intercept_, dtype=np.float64).tolist(),
         },
     }
-    return atomic_write_text(Path(path), json.dumps(doc))
 
 
 def _floats(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -252,4 +269,5 @@ __all__ = [
     "is_text_model_file",
     "load_text_model",
     "save_text_model",
+    "text_model_digest",
 ]

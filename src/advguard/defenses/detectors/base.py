@@ -59,25 +59,48 @@ def conformal_threshold(scores: np.ndarray, fpr: float) -> float:
     return float(s[k - 1])
 
 
+def is_text_model(model: Any) -> bool:
+    """True for a classifier of strings: ``predict_proba(list[str])`` and ``num_classes``, no
+    numeric ``input_shape`` (:class:`~advguard.attacks.text.TextClassifier`, a guard's text
+    model, :class:`~advguard.models.HttpTextClassifier`)."""
+    return (
+        not hasattr(model, "input_shape")
+        and callable(getattr(model, "predict_proba", None))
+        and hasattr(model, "num_classes")
+    )
+
+
 class Detector:
     """Base class. Subclasses set ``name`` / ``needs_fit`` and implement ``_score``.
 
     ``model`` (any adapter) defines the expected input shape and bounds; inputs are checked
-    against them (:class:`InputError` otherwise).
+    against them (:class:`InputError` otherwise). A detector that needs only the model's
+    probabilities sets ``text_capable`` and implements ``_score_texts``: given a text model
+    (:func:`is_text_model`) it scores lists of strings (``takes_text`` is then True).
     """
 
     name: str = "detector"
     needs_fit: bool = False
     batch_size: int = 512
     differentiable: bool = False  # True: ``_score(x, grad=True)`` keeps the autograd graph
+    text_capable: bool = False  # True: can score a text model's strings (``_score_texts``)
 
     def __init__(self, model: Any) -> None:
-        for attr in ("input_shape", "bounds", "num_classes", "logits"):
-            if not hasattr(model, attr):
-                raise InputError(
-                    f"{type(self).__name__} needs a classifier adapter (e.g. TorchClassifier), "
-                    f"got {type(model).__name__}"
-                )
+        #: True when the detector scores strings through a text model's ``predict_proba``.
+        self.takes_text = is_text_model(model)
+        if self.takes_text and not self.text_capable:
+            raise InputError(
+                f"{type(self).__name__} scores numeric inputs; {type(model).__name__} is a text "
+                "model (it takes strings): use ConfidenceDetector, which needs only its "
+                "probabilities"
+            )
+        if not self.takes_text:
+            for attr in ("input_shape", "bounds", "num_classes", "logits"):
+                if not hasattr(model, attr):
+                    raise InputError(
+                        f"{type(self).__name__} needs a classifier adapter (e.g. "
+                        f"TorchClassifier), got {type(model).__name__}"
+                    )
         self.model = model
         self.threshold: float | None = None
         self.calibration: dict[str, Any] | None = None
@@ -95,6 +118,14 @@ class Detector:
             raise InputError(f"{type(self).__name__}: {what}: {e}") from None
         return t
 
+    def _texts(self, x: Any, what: str = "inputs") -> list[str]:
+        from advguard.attacks.text.model import check_texts
+
+        try:
+            return check_texts(x, what)
+        except InputError as e:
+            raise InputError(f"{type(self).__name__}: {e}") from None
+
     # -- to implement -------------------------------------------------------------
     def _fit(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Estimate what the score needs from benign data (default: nothing)."""
@@ -102,11 +133,19 @@ class Detector:
     def _score(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _score_texts(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        """Scores of a batch of strings (``text_capable`` detectors on a text model)."""
+        raise NotImplementedError
+
     def score_tensor(self, x: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """Scores of a checked tensor batch; ``grad=True`` gives a differentiable score
         (white-box models, BPDA through non-differentiable squeezers) for adaptive attacks."""
         if not self.fitted:
             raise InputError(f"{type(self).__name__} is not fitted; call fit(x_benign) first")
+        if self.takes_text:
+            raise InputError(
+                f"{type(self).__name__} scores a text model's strings, not tensors; use score()"
+            )
         if not grad:
             with torch.no_grad():
                 return self._score(x)
@@ -120,6 +159,15 @@ class Detector:
     # -- public API -----------------------------------------------------------------
     def fit(self, x_benign: ArrayLike, y_benign: ArrayLike | None = None) -> Self:
         """Fit on benign training data (labels where the detector uses them). Returns self."""
+        if self.takes_text:  # text-capable detectors need no statistics: check, reset
+            texts = self._texts(x_benign, "x_benign")
+            if y_benign is not None:
+                from advguard.attacks.text.model import check_text_labels
+
+                check_text_labels(y_benign, len(texts), int(self.model.num_classes), "y_benign")
+            self.threshold = None
+            self.calibration = None
+            return self
         x = self._batch(x_benign, "x_benign")
         if len(x) == 0:
             raise InputError(f"{type(self).__name__}.fit needs at least one benign sample")
@@ -138,8 +186,13 @@ class Detector:
         """Suspicion score per sample (float64, higher = more likely adversarial)."""
         if not self.fitted:
             raise InputError(f"{type(self).__name__} is not fitted; call fit(x_benign) first")
-        t = self._batch(x)
-        out = [self._score(t[i : i + self.batch_size]) for i in range(0, len(t), self.batch_size)]
+        bs = self.batch_size
+        if self.takes_text:
+            texts = self._texts(x)
+            out = [self._score_texts(texts[i : i + bs]) for i in range(0, len(texts), bs)]
+        else:
+            t = self._batch(x)
+            out = [self._score(t[i : i + bs]) for i in range(0, len(t), bs)]
         if not out:
             return np.zeros(0, dtype=np.float64)
         return torch.cat(out).detach().double().cpu().numpy()

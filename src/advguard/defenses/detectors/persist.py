@@ -4,7 +4,9 @@ A saved detector is a directory::
 
     det/detector.json          kind, format version, parameters, threshold, target FPR,
                                FPR achieved on the calibration data, digest of the model it was
-                               calibrated for, input shape, sha256 of the arrays file
+                               calibrated for, input shape (``input_shape``; a detector for a
+                               text model has ``"input": {"kind": "text"}`` instead), sha256
+                               of the arrays file
     det/detector.safetensors   arrays (Mahalanobis class means, precision matrix, classes)
 
 :func:`load_detector` treats both files as untrusted data: sizes are capped before reading,
@@ -19,6 +21,13 @@ Persistable kinds: ``feature-squeezing`` (squeezers from the deterministic allow
 ``bit-depth``, ``median``, ``jpeg``), ``mahalanobis`` (hooked layer by name or the default
 penultimate features; a ``features=`` callable is code and cannot be saved) and
 ``confidence``. ``disagreement`` needs its ensemble of models and is not persisted.
+
+Text models: a ``confidence`` detector calibrated on a text model (strings in,
+``predict_proba`` out) records ``"input": {"kind": "text"}`` in place of ``input_shape``
+(format version 1 either way: a numeric detector's file is written exactly as before, and an
+advguard without text detectors refuses a text one as an unknown field). It loads only for a
+text model, and a numeric detector only for a numeric model. The digest of a text model is
+:func:`advguard.models.text_io.text_model_digest` (its vocabulary, weights and options).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import numpy as np
 import torch
 
 from advguard.atomic import atomic_path, atomic_write_text
-from advguard.defenses.detectors.base import Detector, check_fpr
+from advguard.defenses.detectors.base import Detector, check_fpr, is_text_model
 from advguard.defenses.detectors.mahalanobis import MahalanobisDetector
 from advguard.defenses.detectors.scores import ConfidenceDetector, FeatureSqueezingDetector
 from advguard.defenses.transforms.base import InputTransform
@@ -78,10 +87,14 @@ _TOP_KEYS = {
     "fpr_calibration",
     "n_calibration",
     "model_digest",
-    "input_shape",
     "num_classes",
     "arrays_sha256",
 }
+#: Exactly one of these says what the detector scores: ``input_shape`` (numeric inputs) or
+#: ``input`` (``{"kind": "text"}``: a text model's strings).
+_INPUT_KEYS = ("input_shape", "input")
+#: Kinds that can score a text model (they need only its probabilities).
+TEXT_KINDS = ("confidence",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +102,14 @@ _TOP_KEYS = {
 # ---------------------------------------------------------------------------------------------
 def model_digest(model: Any) -> str | None:
     """``torch-weights-sha256:<hex>`` over a torch model's state dict (names, dtypes, shapes,
-    values, sorted by name); None for adapters without a torch module (give a digest, e.g.
-    the model file's sha256, explicitly then)."""
+    values, sorted by name); for a text model whose pipeline :mod:`advguard.models.text_io`
+    can save, ``text-model-sha256:<hex>`` (:func:`~advguard.models.text_io.text_model_digest`);
+    None for other adapters (give a digest, e.g. the model file's sha256, explicitly then)."""
+    if is_text_model(model):
+        from advguard.models.text_io import text_model_digest
+
+        pipeline = getattr(model, "model", None)
+        return text_model_digest(pipeline) if pipeline is not None else None
     module = getattr(model, "module", None)
     if not isinstance(module, torch.nn.Module):
         return None
@@ -187,7 +206,11 @@ def save_detector(det: Detector, path: str | Path, *, digest: str | None = None)
         "fpr_calibration": float(det.calibration["fpr_on_calibration_set"]),
         "n_calibration": int(det.calibration["n"]),
         "model_digest": digest,
-        "input_shape": [int(d) for d in det.model.input_shape],
+        **(
+            {"input": {"kind": "text"}}
+            if det.takes_text
+            else {"input_shape": [int(d) for d in det.model.input_shape]}
+        ),
         "num_classes": int(det.model.num_classes),
         "arrays_sha256": _file_sha256(out / ARRAYS_NAME),
     }
@@ -231,12 +254,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_top(p: Path, doc: dict[str, Any]) -> None:
-    unknown = sorted(set(doc) - _TOP_KEYS)
+    unknown = sorted(set(doc) - _TOP_KEYS - set(_INPUT_KEYS))
     missing = sorted(_TOP_KEYS - set(doc))
     if unknown:
         raise _bad(p, f"unknown field(s) {', '.join(map(repr, unknown[:5]))}")
     if missing:
         raise _bad(p, f"missing field(s) {', '.join(missing)}")
+    if sum(k in doc for k in _INPUT_KEYS) != 1:
+        raise _bad(p, "give exactly one of input_shape (numeric inputs) and input (text)")
     if doc["format"] != FORMAT:
         raise _bad(p, f"format must be {FORMAT!r}, got {str(doc['format'])[:40]!r}")
     if doc["version"] != FORMAT_VERSION or not _is_int(doc["version"]):
@@ -259,7 +284,23 @@ def _check_top(p: Path, doc: dict[str, Any]) -> None:
     dg = doc["model_digest"]
     if dg is not None and (not isinstance(dg, str) or not 0 < len(dg) <= 200):
         raise _bad(p, "model_digest must be a string of at most 200 characters or null")
-    shape = doc["input_shape"]
+    if "input" in doc:
+        inp = doc["input"]
+        if not isinstance(inp, dict) or set(inp) != {"kind"} or inp["kind"] != "text":
+            raise _bad(p, 'input must be {"kind": "text"} (numeric detectors record input_shape)')
+        if kind not in TEXT_KINDS:
+            raise _bad(p, f"a {kind} detector scores numeric inputs; it cannot be for text")
+    else:
+        _check_shape(p, doc["input_shape"])
+    k = doc["num_classes"]
+    if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
+        raise _bad(p, f"num_classes must be an integer in [2, {MAX_CLASSES}]")
+    sha = doc["arrays_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _bad(p, "arrays_sha256 must be 64 lowercase hex digits")
+
+
+def _check_shape(p: Path, shape: object) -> None:
     if (
         not isinstance(shape, list)
         or not 1 <= len(shape) <= MAX_INPUT_DIMS
@@ -267,12 +308,6 @@ def _check_top(p: Path, doc: dict[str, Any]) -> None:
         or math.prod(shape) > MAX_INPUT_SIZE
     ):
         raise _bad(p, f"input_shape must be 1-{MAX_INPUT_DIMS} positive integers")
-    k = doc["num_classes"]
-    if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
-        raise _bad(p, f"num_classes must be an integer in [2, {MAX_CLASSES}]")
-    sha = doc["arrays_sha256"]
-    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise _bad(p, "arrays_sha256 must be 64 lowercase hex digits")
 
 
 def _check_keys(p: Path, params: dict[str, Any], allowed: set[str]) -> None:
@@ -382,6 +417,38 @@ def _restore_mahalanobis(
     det.fitted = True
 
 
+def _check_input(pj: Path, doc: dict[str, Any], model: Any) -> None:
+    """The model takes what the file's detector scores: strings or numeric inputs of its shape."""
+    text_model = is_text_model(model)
+    if not text_model:
+        for attr in ("input_shape", "num_classes", "bounds", "logits"):
+            if not hasattr(model, attr):
+                raise InputError(
+                    f"load_detector needs a classifier adapter, got {type(model).__name__}"
+                )
+    if "input" in doc:  # a detector for a text model
+        if not text_model:
+            raise _bad(
+                pj,
+                "calibrated for a text model (it scores strings); this model takes numeric "
+                f"inputs of shape {tuple(model.input_shape)}",
+            )
+        return
+    if text_model:
+        raise _bad(
+            pj,
+            f"calibrated for numeric inputs of shape {tuple(doc['input_shape'])}; this is a text "
+            "model (it takes strings): calibrate a confidence detector on it "
+            "(advguard detector calibrate --kind entropy)",
+        )
+    if tuple(doc["input_shape"]) != tuple(model.input_shape):
+        raise _bad(
+            pj,
+            f"calibrated for inputs {tuple(doc['input_shape'])}, the model takes "
+            f"{tuple(model.input_shape)}",
+        )
+
+
 def load_detector(path: str | Path, model: Any, *, digest: str | None = None) -> Detector:
     """Load a detector saved by :func:`save_detector` for ``model`` (validated; see module doc).
 
@@ -394,17 +461,7 @@ def load_detector(path: str | Path, model: Any, *, digest: str | None = None) ->
     doc = _read_json(path)
     pj = path / JSON_NAME
     _check_top(pj, doc)
-    for attr in ("input_shape", "num_classes", "bounds", "logits"):
-        if not hasattr(model, attr):
-            raise InputError(
-                f"load_detector needs a classifier adapter, got {type(model).__name__}"
-            )
-    if tuple(doc["input_shape"]) != tuple(model.input_shape):
-        raise _bad(
-            pj,
-            f"calibrated for inputs {tuple(doc['input_shape'])}, the model takes "
-            f"{tuple(model.input_shape)}",
-        )
+    _check_input(pj, doc, model)
     if doc["num_classes"] != int(model.num_classes):
         raise _bad(
             pj, f"calibrated for {doc['num_classes']} classes, model has {model.num_classes}"
@@ -429,7 +486,7 @@ def load_detector(path: str | Path, model: Any, *, digest: str | None = None) ->
                 model, [_build_squeezer(pj, s, model.bounds) for s in sq]
             )
             _read_arrays(path, doc, {})
-        elif kind == "confidence":
+        elif kind == "confidence":  # numeric or text (_check_input matched the model)
             _check_keys(pj, params, {"kind"})
             if params["kind"] not in ConfidenceDetector.KINDS:
                 raise _bad(pj, f"confidence kind must be one of {ConfidenceDetector.KINDS}")
@@ -502,6 +559,29 @@ def parse_squeezers(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def _calibration_arrays(
+    model: Any, x: Any, y: Any, kind: str, real: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as arrays: float32 inputs, or a 1-D object array of strings for a text model."""
+    if is_text_model(model):
+        if real not in TEXT_KINDS:
+            raise InputError(
+                f"detector kind {kind!r} scores numeric inputs; a text model takes "
+                f"{' or '.join(k for k, (r, _) in CALIBRATION_KINDS.items() if r in TEXT_KINDS)}"
+            )
+        from advguard.attacks.text.model import check_text_labels, check_texts
+
+        texts = check_texts(x, "x")
+        xa = np.empty(len(texts), dtype=object)
+        xa[:] = texts
+        return xa, check_text_labels(y, len(texts), int(model.num_classes), "y")
+    xa = np.asarray(torch.as_tensor(x).detach().cpu(), dtype=np.float32)
+    ya = np.asarray(torch.as_tensor(y).detach().cpu()).astype(np.int64)
+    if len(xa) != len(ya):
+        raise InputError(f"{len(xa)} inputs but {len(ya)} labels")
+    return xa, ya
+
+
 def calibrate_detector(
     model: Any,
     x: Any,
@@ -523,8 +603,9 @@ def calibrate_detector(
     rest, detectors that need fitting (Mahalanobis) are fitted on a ``fit_fraction`` share and
     calibrated on the remainder (never the same samples); others calibrate on all of it.
     ``x`` should not be the model's training data (the model is over-confident there).
-    Returns the calibrated detector and a summary (split sizes, FPR on calibration and
-    held-out data).
+    For a text model (``x`` a list of strings) only the confidence kinds (``entropy``,
+    ``max-prob``) apply. Returns the calibrated detector and a summary (split sizes, FPR on
+    calibration and held-out data).
     """
     if kind not in CALIBRATION_KINDS:
         raise InputError(
@@ -537,14 +618,11 @@ def calibrate_detector(
     ):
         if not _finite_number(v) or not lo <= float(v) <= hi:
             raise InputError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
-    xa = np.asarray(torch.as_tensor(x).detach().cpu(), dtype=np.float32)
-    ya = np.asarray(torch.as_tensor(y).detach().cpu()).astype(np.int64)
-    if len(xa) != len(ya):
-        raise InputError(f"{len(xa)} inputs but {len(ya)} labels")
+    real, fixed = CALIBRATION_KINDS[kind]
+    xa, ya = _calibration_arrays(model, x, y, kind, real)
     perm = np.random.default_rng(seed).permutation(len(xa))
     n_hold = round(holdout * len(xa))
     hold, rest = perm[:n_hold], perm[n_hold:]
-    real, fixed = CALIBRATION_KINDS[kind]
     det: Detector
     fit_idx: np.ndarray = rest[:0]
     if real == "feature-squeezing":

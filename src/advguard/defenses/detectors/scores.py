@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from advguard.defenses.detectors.base import Detector
@@ -122,10 +123,17 @@ class ConfidenceDetector(Detector):
     Catches minimum-norm attacks (CW, DeepFool) that stop just past the decision boundary;
     blind to high-confidence adversarial examples (CW with a large ``confidence``, PGD run to
     convergence), which it scores as very benign.
+
+    It needs only the model's probabilities, so it also scores a text model's strings
+    (:func:`~advguard.defenses.detectors.base.is_text_model`: ``predict_proba(list[str])``,
+    e.g. a :class:`~advguard.attacks.text.TextClassifier`); ``score`` then takes a list (or
+    1-D object array) of strings. A numeric model's probabilities are ``softmax(logits)`` in
+    float64 (differentiable); a text model's are its ``predict_proba``, in float64.
     """
 
     name = "confidence"
     differentiable = True
+    text_capable = True
     KINDS = ("entropy", "max_prob")
 
     def __init__(self, model: Any, kind: str = "entropy") -> None:
@@ -136,7 +144,19 @@ class ConfidenceDetector(Detector):
         self.name = f"confidence-{kind}"
 
     def _score(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        p = _proba(self.model, x, grad)
+        return self._from_proba(_proba(self.model, x, grad))
+
+    def _score_texts(self, texts: list[str]) -> torch.Tensor:
+        p = np.asarray(self.model.predict_proba(texts), dtype=np.float64)
+        k = int(self.model.num_classes)
+        if p.shape != (len(texts), k) or not np.isfinite(p).all():
+            raise InputError(
+                f"{type(self.model).__name__}.predict_proba answered shape {p.shape} (expected "
+                f"{(len(texts), k)}) or non-finite values"
+            )
+        return self._from_proba(torch.from_numpy(p))
+
+    def _from_proba(self, p: torch.Tensor) -> torch.Tensor:
         if self.kind == "entropy":
             return -(p * torch.log(p.clamp_min(1e-300))).sum(1)
         return 1.0 - p.amax(1)
