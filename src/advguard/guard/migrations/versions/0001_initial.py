@@ -25,6 +25,13 @@ TZ = sa.DateTime(timezone=True)
 def tables(prefix: str) -> sa.MetaData:
     """This revision's tables for ``prefix``."""
     md = sa.MetaData()
+    _guard_tables(prefix, md)
+    _incident_tables(prefix, md)
+    return md
+
+
+def _guard_tables(prefix: str, md: sa.MetaData) -> None:
+    """Keys, blocks, decisions and rollout events."""
     sa.Table(
         f"{prefix}keys",
         md,
@@ -79,6 +86,10 @@ def tables(prefix: str) -> sa.MetaData:
         sa.Column("canary_version", sa.String(200), nullable=True),
         sa.Column("detail", sa.JSON, nullable=False),
     )
+
+
+def _incident_tables(prefix: str, md: sa.MetaData) -> None:
+    """The incident-response tables."""
     sa.Table(
         f"{prefix}incidents",
         md,
@@ -131,7 +142,6 @@ def tables(prefix: str) -> sa.MetaData:
         sa.Column("reason", sa.String(500), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
     )
-    return md
 
 
 def _prefix() -> str:
