@@ -57,6 +57,7 @@ from advguard.attacks.base import Attack, RunResult
 from advguard.attacks.randomness import SampleRandom
 from advguard.errors import InputError
 from advguard.models.base import Classifier
+from advguard.models.local import LocalForward
 
 _LOSSES = ("margin", "ce")
 _P_INIT_DEFAULT = {"linf": 0.8, "l2": 0.1}
@@ -135,6 +136,12 @@ class SquareAttack(Attack):
         targeted attacks, as in the paper.
     seed:
         Seed of the attack's random draws (keyed per sample).
+    incremental:
+        Linf: once the window is at most a quarter of the image side, compute each
+        candidate's logits from cached feature maps, recomputing only the regions its
+        window can change (:class:`advguard.models.local.LocalForward`; a plain
+        ``TorchClassifier`` over a sequential CNN only, else the full forward pass). The
+        logits equal the full pass's up to float rounding; ``False``: always the full pass.
 
     ``result.queries`` holds the per-sample queries the attack used. Unfooled samples
     return the iterate with the lowest loss (best over restarts).
@@ -157,8 +164,12 @@ class SquareAttack(Attack):
         loss: str | None = None,
         seed: int = 0,
         allow_large: bool = False,
+        incremental: bool = True,
     ) -> None:
         super().__init__(norm=norm, seed=seed, allow_large=allow_large)
+        if not isinstance(incremental, bool):
+            raise InputError(f"incremental must be true or false, got {incremental!r}")
+        self.incremental = incremental
         check.queries("max_queries", max_queries, allow_large=allow_large)
         check.restarts("restarts", restarts, allow_large=allow_large)
         if restarts > max_queries:
@@ -308,17 +319,32 @@ class SquareAttack(Attack):
             loss=loss[a],
         )
         iters = 0  # candidate queries so far for every sample still in the working set
+        local = LocalForward.build(model, (c, h, w)) if self.incremental else None
+        cached = False  # local holds the feature maps of ws.xb
         for i_iter in range(budget - 1):
             if ws.idx.shape[0] == 0:
                 break
             s = _linf_side(self.p_init, i_iter, budget, h, w)
             lin, wb, wnew = _linf_window(ws, s, c, h, w, ws.gen.fork("iter", i_iter))
-            cand = ws.xb.clone()
-            cand.scatter_(1, lin, wnew)
-            logits = model.logits(cand.view(-1, c, h, w))
+            use_local = local is not None and 4 * s <= min(h, w)
+            if use_local:
+                assert local is not None
+                if not cached:
+                    local.reset(ws.xb.view(-1, c, h, w))
+                    cached = True
+                top = lin[:, 0]  # channel 0, window row 0, column 0
+                logits = local.propose(top // w, top % w, wnew.view(-1, c, s, s))
+            else:
+                cached = False
+                cand = ws.xb.clone()
+                cand.scatter_(1, lin, wnew)
+                logits = model.logits(cand.view(-1, c, h, w))
             loss_new, fool_new = self._objective(logits, ws.goal, targeted)
             iters += 1
             improved = (loss_new < ws.loss) | fool_new
+            if use_local:
+                assert local is not None
+                local.settle(improved)
             ws.xb.scatter_(1, lin, torch.where(improved[:, None], wnew, wb))
             ws.loss = torch.where(improved, loss_new, ws.loss)
             if fool_new.any():
@@ -328,6 +354,9 @@ class SquareAttack(Attack):
                 fooled[done] = True
                 queries[done] = 1 + iters
                 ws = ws.keep(~fool_new)
+                if cached:
+                    assert local is not None
+                    local.subset(~fool_new)
         if len(ws.idx):
             x_best[ws.idx] = ws.xb.view(-1, c, h, w)
             loss[ws.idx] = ws.loss
