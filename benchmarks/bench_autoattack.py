@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 import bench_attacks as common  # noqa: E402  (data, environment)
 import robust_model  # noqa: E402  (the cached PGD-AT model)
 
-SUITES = ("advguard", "official", "torchattacks", "torchattacks100")
+SUITES = ("advguard", "official", "torchattacks", "torchattacks100", "advguard-full-forward")
 DEFAULT_SUITES = ("advguard", "official", "torchattacks")
 
 
@@ -52,9 +52,12 @@ def predict(module, x):
         return torch.cat([module(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
 
 
-def run_advguard(module, x, y, eps: float, bs: int) -> dict[str, Any]:
+def run_advguard(module, x, y, eps: float, bs: int, incremental: bool = True) -> dict[str, Any]:
+    import functools
+
     import numpy as np
 
+    from advguard.attacks import SquareAttack
     from advguard.evaluate import load_threat_model
     from advguard.evaluate.runner import Evaluator
     from advguard.models import TorchClassifier
@@ -63,10 +66,16 @@ def run_advguard(module, x, y, eps: float, bs: int) -> dict[str, Any]:
         epsilons=[eps], samples=len(x), batch_size=bs, sanity_checks=False
     )
     model = TorchClassifier(module, input_shape=(1, 28, 28), num_classes=10)
+    init = SquareAttack.__init__
+    if not incremental:  # every Square query through the full forward pass
+        SquareAttack.__init__ = functools.partialmethod(init, incremental=False)  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    ev = Evaluator(model, x.numpy(), y.numpy(), tm)
-    shard = ev.run_shard()
-    rep = ev.finish([shard])
+    try:
+        ev = Evaluator(model, x.numpy(), y.numpy(), tm)
+        shard = ev.run_shard()
+        rep = ev.finish([shard])
+    finally:
+        SquareAttack.__init__ = init  # type: ignore[method-assign]
     seconds = time.perf_counter() - t0
     r = rep.results[0]
     linf = shard.records.linf[np.isfinite(shard.records.linf)]
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = common.load_data(args.data)
     meta = robust_model.robust_model(data, threads=1)
+    # training (when the model is not cached) sets 1 thread: the suites run with --threads
+    torch.set_num_threads(args.threads)
     module = robust_model.load_robust(meta["weights"], meta["train_config"]["arch"])
     x = torch.from_numpy(data["x_test"][: args.n])
     y = torch.from_numpy(data["y_test"][: args.n])
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu0 = time.process_time()
             if suite == "advguard":
                 row[suite] = run_advguard(module, x, y, eps, args.batch_size)
+            elif suite == "advguard-full-forward":  # Square without local logits (the change)
+                row[suite] = run_advguard(module, x, y, eps, args.batch_size, incremental=False)
             elif suite == "official":
                 row[suite] = run_official(module, x, y, eps, args.batch_size)
             else:
