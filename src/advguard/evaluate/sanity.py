@@ -624,17 +624,39 @@ def _black_vs_white(ev: EvaluationContext, state: RunState) -> SanityCheck:
             "Black-box attacks found nothing the white-box attacks missed.",
             **details,
         )
-    status: Status = "fail" if worst > 0.05 else "warn"
+    counts = [(d["newly_fooled"], d["attacked"]) for d in details.values()]
+    status = black_box_status(counts)
+    evidence = (
+        "their gradients are probably masked"
+        if status == "fail"
+        else "too few samples to tell chance from masked gradients (no epsilon's share is above "
+        "5% with 95% confidence)"
+    )
     return _check(
         "black-box-vs-white-box",
         title,
         status,
         f"Black-box attacks fooled up to {worst:.1%} of the samples that survived the white-box "
-        "attacks. With full gradient access the white-box attacks should find at least as much: "
-        "their gradients are probably masked.",
+        f"attacks. With full gradient access the white-box attacks should find at least as much: "
+        f"{evidence}.",
         "Investigate gradient masking (BPDA/EOT) before trusting the white-box numbers.",
         **details,
     )
+
+
+def black_box_status(counts: list[tuple[int, int]], share: float = 0.05) -> Status:
+    """``fail`` when, at some epsilon, black-box attacks fooled more than ``share`` of the
+    white-box survivors with 95% confidence (one-sided Clopper-Pearson lower bound of
+    ``newly_fooled / attacked``), ``warn`` when they fooled any, else ``pass``. One survivor
+    of one fooled at one epsilon is a warning, two of two already a failure."""
+    from scipy.stats import beta
+
+    if not any(k for k, _ in counts):
+        return "pass"
+    for k, n in counts:
+        if k > 0 and float(beta.ppf(0.05, k, n - k + 1)) > share:
+            return "fail"
+    return "warn"
 
 
 def _adaptive(ev: EvaluationContext) -> SanityCheck:
