@@ -118,6 +118,25 @@ def head() -> Iterator[tuple[str, dict[str, str], Path]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_remote(
+    args: list[str], address: str, env: dict[str, str], attempts: int = 3
+) -> subprocess.CompletedProcess[str]:
+    """``advguard evaluate ... --backend ray --address ADDRESS`` in a fresh process, again (up to
+    ``attempts`` times) when one hangs: when a loaded head fails to start a client's server,
+    Ray's client can hang while it tears the failed connection down (in
+    ``LogstreamClient.close``, joining a log thread whose stream never ends), out of reach of
+    advguard's own retry. A hung process is killed; a finished one is returned."""
+    cmd = [sys.executable, "-c", "from advguard.cli import main; main()", *args]
+    cmd += ["--backend", "ray", "--address", address, "--workers", "2"]
+    for attempt in range(1, attempts + 1):
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_cli_evaluate_through_a_ray_client_address(head, tmp_path):
     address, env, tmp = head
     model, _ = tiny_job(tmp_path)
@@ -129,12 +148,7 @@ def test_cli_evaluate_through_a_ray_client_address(head, tmp_path):
     args += ["-t", str(tmp_path / "tm.yaml")]
     local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
     assert local.exit_code in (0, 1), local.output
-    remote = subprocess.run(
-        [sys.executable, "-c", "from advguard.cli import main; main()", *args,
-         "--out", str(tmp_path / "ray"), "--backend", "ray", "--address", address,
-         "--workers", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    remote = run_remote([*args, "--out", str(tmp_path / "ray")], address, env)
     assert remote.returncode == local.exit_code, remote.stdout + remote.stderr + server_logs(tmp)
     a = json.loads((tmp_path / "local" / "report.json").read_text())
     b = json.loads((tmp_path / "ray" / "report.json").read_text())
