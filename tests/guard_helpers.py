@@ -3,6 +3,7 @@ protocols, a uvicorn server in a thread on a free 127.0.0.1 port, and guard buil
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -237,3 +238,29 @@ def _fuzz(
 
         one()
     return dict(counts), failures
+
+
+class TickClock:
+    """A thread-safe clock that advances one tick per reading (no wall-clock time)."""
+
+    def __init__(self) -> None:
+        self._n = itertools.count()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return float(next(self._n))
+
+
+def pg_url() -> str | None:
+    """The project's PostgreSQL server (127.0.0.1:5432, trust auth, database ``test``) as a
+    SQLAlchemy URL, or None when it does not answer."""
+    try:
+        import psycopg
+
+        psycopg.connect(
+            "host=127.0.0.1 port=5432 dbname=test user=postgres", connect_timeout=2
+        ).close()
+    except Exception:
+        return None
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -34,6 +34,7 @@ from guard_helpers import (
     MeanDetector,
     ServerThread,
     make_guard,
+    pg_url,
 )
 
 PREDICT = "/v1/models/digits/predict"
@@ -205,20 +206,8 @@ def test_rows_read_back_are_validated(guard):
         guard.store.get_key(c.record.key_id)
 
 
-def _pg_url() -> str | None:
-    try:
-        import psycopg
-
-        psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres", connect_timeout=2
-        ).close()
-    except Exception:
-        return None
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
 def test_postgresql_store(tmp_path, digits_module, x_digits):
-    url = _pg_url()
+    url = pg_url()
     if url is None:
         pytest.skip("PostgreSQL at 127.0.0.1:5432 (db test, user postgres) is not reachable")
     prefix = f"gt{random.randrange(16**8):08x}_"

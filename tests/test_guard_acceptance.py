@@ -15,9 +15,7 @@ clients flagged. Measured numbers are in docs/guard-stateful.md.
 
 from __future__ import annotations
 
-import itertools
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -26,18 +24,7 @@ from advguard.guard.drill import DetectionLog, earliest
 from advguard.guard.gameday import GamedayConfig, GamedayData, run_gameday, seed_set
 from advguard.models import HttpClassifier
 from advguard.models.http_model import EndpointResponseError
-
-
-class TickClock:
-    """A thread-safe clock that advances one tick per reading (no wall-clock time)."""
-
-    def __init__(self) -> None:
-        self._n = itertools.count()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return float(next(self._n))
+from guard_helpers import TickClock
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,9 @@ from advguard.guard.storage import (
     version_table,
 )
 from advguard.registry import db as registry_db
+from guard_helpers import pg_url
 
 HEAD = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
-
-
-def _pg_url() -> str | None:
-    try:
-        import psycopg
-
-        psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres", connect_timeout=2
-        ).close()
-    except Exception:
-        return None
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def _revision(engine: sa.Engine, prefix: str) -> str | None:
@@ -260,7 +249,7 @@ def test_unknown_revision_is_a_one_line_input_error(tmp_path):
 
 
 def test_postgresql_migrations_prefixes_adoption_and_unknown_revision():
-    url = _pg_url()
+    url = pg_url()
     if url is None:
         pytest.skip("PostgreSQL at 127.0.0.1:5432 (db test, user postgres) is not reachable")
     tag = f"{random.randrange(16**8):08x}"

@@ -11,9 +11,7 @@ Measured numbers are in docs/guard.md ("Detection for text models").
 
 from __future__ import annotations
 
-import itertools
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -41,7 +39,7 @@ from advguard.guard.stateful import (
 from advguard.models import HttpTextClassifier
 from advguard.models.http_model import EndpointError
 from advguard.models.text_io import save_text_model
-from guard_helpers import ServerThread
+from guard_helpers import ServerThread, TickClock
 
 pytest.importorskip("skops.io")
 
@@ -50,18 +48,6 @@ N_CAL = 143
 CLIENTS, PER_CLIENT = 10, 20
 FPR = 0.01
 KNN_SPEC = {"kind": "knn", "k": K, "window": 1000, "features": "text-ngrams"}
-
-
-class TickClock:
-    """A thread-safe clock that advances one tick per reading (no wall-clock time)."""
-
-    def __init__(self) -> None:
-        self._n = itertools.count()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return float(next(self._n))
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +131,7 @@ def test_word_attack_is_flagged_and_blocked(tmp_path, data, model_file, threshol
     key = create_key(g.store, "attacker")
     try:
         with ServerThread(create_app(g)) as srv:
-            http = HttpTextClassifier(
-                f"{srv.url}/v1/models/spam/predict",
-                num_classes=2,
-                api_key=key.key,
-                retries=0,
-                proxies={},
-            )
+            http = _client(srv.url, key.key)
             with pytest.raises(EndpointError, match="client-blocked") as err:
                 attack(http, spam, [1] * len(spam))
             assert err.value.status == 403
@@ -168,6 +148,13 @@ def test_word_attack_is_flagged_and_blocked(tmp_path, data, model_file, threshol
     assert int(offline.queries.sum()) > 20 * first.query  # what it would have spent
 
 
+def _client(url: str, key: str) -> HttpTextClassifier:
+    """The attacker's view of the guarded spam model (no retries, no proxies)."""
+    return HttpTextClassifier(
+        f"{url}/v1/models/spam/predict", num_classes=2, api_key=key, retries=0, proxies={}
+    )
+
+
 def test_char_attack_is_flagged_and_rejected(tmp_path, data, model_file, threshold):
     """CharAttack (typos, leetspeak) with the action 'reject': from the flag on, every
     request of the client is answered 422 rejected (with a decision id), none blocked."""
@@ -180,13 +167,7 @@ def test_char_attack_is_flagged_and_rejected(tmp_path, data, model_file, thresho
     key = create_key(g.store, "attacker")
     try:
         with ServerThread(create_app(g)) as srv:
-            http = HttpTextClassifier(
-                f"{srv.url}/v1/models/spam/predict",
-                num_classes=2,
-                api_key=key.key,
-                retries=0,
-                proxies={},
-            )
+            http = _client(srv.url, key.key)
             attack = CharAttack(ops=("typo", "leet"), max_char_edits=8, seed=0)
             with pytest.raises(EndpointError, match="rejected") as err:
                 attack(http, spam, [1] * len(spam))

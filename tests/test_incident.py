@@ -26,7 +26,7 @@ from advguard.guard.auth import create_key
 from advguard.guard.forensics import fingerprint, purge
 from advguard.guard.preserve import hold_records, load_folder, release_holds, verify_folder
 from advguard.guard.storage import DecisionRecord, GuardStore, now
-from guard_helpers import make_guard
+from guard_helpers import make_guard, pg_url
 
 cryptography = pytest.importorskip("cryptography")
 from cryptography.fernet import Fernet  # noqa: E402
@@ -585,22 +585,10 @@ def test_runbook_has_the_real_commands_and_matches_alert_links(tmp_path):
     assert page[first:].startswith("### SLO `digits_flag_rate`")
 
 
-def _pg_url() -> str | None:
-    try:
-        import psycopg
-
-        psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres", connect_timeout=2
-        ).close()
-    except Exception:
-        return None
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
 def test_postgresql_incident_tables():
     import random
 
-    url = _pg_url()
+    url = pg_url()
     if url is None:
         pytest.skip("PostgreSQL at 127.0.0.1:5432 (db test, user postgres) is not reachable")
     s = GuardStore(url, table_prefix=f"gi{random.randrange(16**8):08x}_")

@@ -955,22 +955,15 @@ def check_modality(
                 f"stateful detector {s.name!r}: features: text-ngrams embed strings; model "
                 f"{model.name} takes numeric inputs"
             )
-    for slot in stateful:
+    hint = " (only a confidence detector calibrated on it scores strings)" if text else ""
+    slots = [("stateful", sl, "") for sl in stateful] + [("input", d, hint) for d in detectors]
+    for kind, slot, why in slots:
         takes_text = getattr(slot.detector, "takes_text", None)  # None: a detector of code
         if takes_text is not None and bool(takes_text) != text:
             what = "strings" if text else "numeric inputs"
             raise InputError(
-                f"stateful detector {slot.name!r} does not take {what} (model {model.name} is "
-                f"a {model.kind} model)"
-            )
-    for d in detectors:
-        takes_text = getattr(d.detector, "takes_text", None)  # None: a detector of code
-        if takes_text is not None and bool(takes_text) != text:
-            what = "strings" if text else "numeric inputs"
-            hint = " (only a confidence detector calibrated on it scores strings)" if text else ""
-            raise InputError(
-                f"input detector {d.name!r} does not take {what} (model {model.name} is a "
-                f"{model.kind} model){hint}"
+                f"{kind} detector {slot.name!r} does not take {what} (model {model.name} is a "
+                f"{model.kind} model){why}"
             )
     if not text:
         return

@@ -43,13 +43,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import JSON, Column, DateTime, Integer, String, Table, select
+from sqlalchemy import Table, select
 
 from advguard.errors import AdvguardError, InputError
 from advguard.guard.config import RolloutConfig
 from advguard.guard.problems import Problem
 from advguard.guard.serving import ServedModel, load_served_model
-from advguard.guard.storage import DecisionRecord, GuardStore, KeyRecord, StoreCorrupt, now
+from advguard.guard.storage import (
+    DecisionRecord,
+    GuardStore,
+    KeyRecord,
+    StoreCorrupt,
+    now,
+    rollout_events_table,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -149,18 +156,7 @@ class RolloutEvents:
         md = store.metadata
         table = md.tables.get(name)
         if table is None:
-            table = Table(
-                name,
-                md,
-                Column("id", Integer, primary_key=True, autoincrement=True),
-                Column("ts", DateTime(timezone=True), nullable=False, index=True),
-                Column("model", String(100), nullable=False),
-                Column("kind", String(16), nullable=False),
-                Column("reason", String(200), nullable=False),
-                Column("production_version", String(200), nullable=False),
-                Column("canary_version", String(200), nullable=True),
-                Column("detail", JSON, nullable=False),
-            )
+            table = rollout_events_table(prefix, md)
             table.create(store.engine, checkfirst=True)
         self.table: Table = table
 

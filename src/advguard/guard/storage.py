@@ -232,8 +232,14 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
         Column("reviewed_at", DateTime(timezone=True), nullable=True),
         Column("review_note", String(500), nullable=True),
     )
-    # rollout events (read and written by advguard.guard.rollout.RolloutEvents)
-    Table(
+    rollout_events_table(prefix, md)
+    return md, keys, blocks, decisions
+
+
+def rollout_events_table(prefix: str, md: MetaData) -> Table:
+    """The rollout events table (read and written by advguard.guard.rollout.RolloutEvents),
+    added to ``md``."""
+    return Table(
         f"{prefix}rollout_events",
         md,
         Column("id", Integer, primary_key=True, autoincrement=True),
@@ -245,7 +251,6 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
         Column("canary_version", String(200), nullable=True),
         Column("detail", JSON, nullable=False),
     )
-    return md, keys, blocks, decisions
 
 
 def guard_metadata(prefix: str) -> MetaData:
